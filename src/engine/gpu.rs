@@ -1,0 +1,672 @@
+//! The wgpu side of the engine: adapter and device, pipeline cache, buffer pool and the
+//! command recorder that batches every dispatch of a step into one encoder.
+//!
+//! Hazard rule (SPEC section 2): `queue.write_buffer` executes before every command of the next
+//! submit, so it is only used on buffers no pending command can touch (uniforms recycled after
+//! a submit). Storage uploads go through a fresh staging buffer and an in-order copy.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::error::{EngineError, Result};
+
+/// Functions every shader may use; prepended to each WGSL file.
+const PRELUDE: &str = include_str!("../../shaders/prelude.wgsl");
+
+/// Workgroup counts above this are folded into a second grid dimension.
+pub const MAX_GRID_DIM: u32 = 65_535;
+
+/// How a kernel uses one of its storage bindings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    ReadWrite,
+}
+
+/// A compute entry point and the layout of its storage bindings. Binding 0 is always the
+/// uniform parameter block; storage bindings follow from binding 1 in the order given here.
+#[derive(Clone, Copy, Debug)]
+pub struct Kernel {
+    /// File name in `shaders/`, used as the cache key of the shader module.
+    pub file: &'static str,
+    pub source: &'static str,
+    pub entry: &'static str,
+    pub bindings: &'static [Access],
+}
+
+/// Declares a [`Kernel`] from a file in `shaders/`.
+#[macro_export]
+macro_rules! kernel {
+    ($file:literal, $entry:literal, [$($acc:ident),* $(,)?]) => {
+        $crate::engine::gpu::Kernel {
+            file: $file,
+            source: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/shaders/", $file)),
+            entry: $entry,
+            bindings: &[$($crate::engine::gpu::Access::$acc),*],
+        }
+    };
+}
+
+struct Pipeline {
+    pipeline: wgpu::ComputePipeline,
+    layout: wgpu::BindGroupLayout,
+}
+
+/// Buffers are recycled by size bucket so that a steady-state training step allocates nothing.
+#[derive(Default)]
+struct BufferPool {
+    free: HashMap<u64, Vec<wgpu::Buffer>>,
+    free_bytes: u64,
+    live_bytes: u64,
+}
+
+/// Free buffers kept for reuse beyond this many bytes are destroyed instead.
+const POOL_KEEP_BYTES: u64 = 2 << 30;
+
+fn bucket_size(bytes: u64) -> u64 {
+    // Sizes are rounded to 2^k or 1.5 * 2^k, bounding waste at 33% while keeping few buckets.
+    let bytes = bytes.max(16);
+    let p = bytes.next_power_of_two();
+    let three_quarters = p / 4 * 3;
+    if bytes <= three_quarters && three_quarters % 4 == 0 {
+        three_quarters
+    } else {
+        p
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    encoder: Option<wgpu::CommandEncoder>,
+    dispatches: usize,
+    /// Uniform buffers used since the last submit; they are reusable only after it.
+    uniforms_used: Vec<wgpu::Buffer>,
+    uniforms_free: Vec<wgpu::Buffer>,
+}
+
+/// Dispatches recorded before a submit is forced, bounding the memory held by pending work.
+const MAX_PENDING_DISPATCHES: usize = 4096;
+const UNIFORM_SIZE: u64 = 256;
+
+pub struct GpuContext {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: wgpu::Limits,
+    pub features: wgpu::Features,
+    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
+    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>,
+    pool: Mutex<BufferPool>,
+    rec: Mutex<Recorder>,
+}
+
+impl std::fmt::Debug for GpuContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Gpu({} / {:?})", self.info.name, self.info.backend)
+    }
+}
+
+/// A pooled storage buffer holding `len` f32 values. Returns to the pool when dropped.
+pub struct GpuBuffer {
+    buffer: Option<wgpu::Buffer>,
+    len: usize,
+    ctx: Arc<GpuContext>,
+}
+
+impl GpuBuffer {
+    pub fn raw(&self) -> &wgpu::Buffer {
+        self.buffer.as_ref().expect("buffer present until drop")
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn ctx(&self) -> &Arc<GpuContext> {
+        &self.ctx
+    }
+    /// Bytes that a binding of this buffer covers (the logical length, at least 4).
+    fn binding_bytes(&self) -> u64 {
+        (self.len as u64 * 4).max(4)
+    }
+}
+
+impl Drop for GpuBuffer {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buffer.take() {
+            self.ctx.release(buf);
+        }
+    }
+}
+
+static SHARED: OnceLock<std::result::Result<Arc<GpuContext>, String>> = OnceLock::new();
+
+/// How the user asked for a device through `ROBUST_DML_DEVICE`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceRequest {
+    Cpu,
+    /// High-performance adapter.
+    Gpu,
+    /// Adapter whose name contains this text (case-insensitive).
+    Named(String),
+}
+
+impl DeviceRequest {
+    pub fn from_env() -> Self {
+        match std::env::var("ROBUST_DML_DEVICE") {
+            Ok(v) if v.eq_ignore_ascii_case("cpu") => DeviceRequest::Cpu,
+            Ok(v) if v.is_empty() || v.eq_ignore_ascii_case("gpu") => DeviceRequest::Gpu,
+            Ok(v) => DeviceRequest::Named(v),
+            Err(_) => DeviceRequest::Gpu,
+        }
+    }
+}
+
+impl GpuContext {
+    /// The process-wide GPU context (created once; tests and the program share it).
+    pub fn shared() -> Result<Arc<GpuContext>> {
+        SHARED
+            .get_or_init(|| {
+                let req = match DeviceRequest::from_env() {
+                    DeviceRequest::Named(n) => Some(n),
+                    _ => None,
+                };
+                pollster::block_on(Self::create(req.as_deref()))
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(EngineError::NoAdapter)
+    }
+
+    async fn create(name_filter: Option<&str>) -> Result<GpuContext> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::PRIMARY,
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        let adapter = match name_filter {
+            Some(name) => {
+                let want = name.to_lowercase();
+                let adapters = instance.enumerate_adapters(wgpu::Backends::PRIMARY).await;
+                let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&want))
+                    .ok_or_else(|| {
+                        EngineError::NoAdapter(format!(
+                            "no adapter name contains '{name}'; available: {names:?}"
+                        ))
+                    })?
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: wgpu::PowerPreference::HighPerformance,
+                    force_fallback_adapter: false,
+                    compatible_surface: None,
+                    apply_limit_buckets: false,
+                })
+                .await
+                .map_err(|e| EngineError::NoAdapter(e.to_string()))?,
+        };
+        let info = adapter.get_info();
+        let limits = adapter.limits();
+        let wanted = wgpu::Features::TIMESTAMP_QUERY
+            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
+            | wgpu::Features::SHADER_F16;
+        let features = adapter.features() & wanted;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("robust-dml"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| EngineError::DeviceRequest {
+                adapter: info.name.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(GpuContext {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            modules: Mutex::default(),
+            pipelines: Mutex::default(),
+            pool: Mutex::default(),
+            rec: Mutex::default(),
+        })
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({:?}, {:?}, driver {} {})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info
+        )
+    }
+
+    pub fn max_binding_bytes(&self) -> u64 {
+        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// Fails with a message naming `what` when `elems` f32 values cannot sit in one binding.
+    pub fn check_binding(&self, what: &str, elems: usize) -> Result<()> {
+        let bytes = elems as u64 * 4;
+        let limit = self.max_binding_bytes();
+        if bytes > limit {
+            return Err(EngineError::BindingTooLarge {
+                name: what.to_string(),
+                bytes,
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- buffers
+
+    /// An uninitialised pooled buffer of `len` f32 values. Kernels must write every element.
+    pub fn alloc(self: &Arc<Self>, len: usize) -> Result<GpuBuffer> {
+        self.check_binding("new tensor", len)?;
+        let size = bucket_size(len as u64 * 4);
+        let reused = {
+            let mut pool = self.pool.lock().unwrap();
+            let b = pool.free.get_mut(&size).and_then(|v| v.pop());
+            if b.is_some() {
+                pool.free_bytes -= size;
+            }
+            pool.live_bytes += size;
+            b
+        };
+        let buffer = reused.unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        Ok(GpuBuffer {
+            buffer: Some(buffer),
+            len,
+            ctx: self.clone(),
+        })
+    }
+
+    fn release(&self, buf: wgpu::Buffer) {
+        let size = buf.size();
+        let mut pool = self.pool.lock().unwrap();
+        pool.live_bytes = pool.live_bytes.saturating_sub(size);
+        if pool.free_bytes + size > POOL_KEEP_BYTES {
+            return; // dropped: wgpu frees it once pending commands are done with it
+        }
+        pool.free_bytes += size;
+        pool.free.entry(size).or_default().push(buf);
+    }
+
+    /// Bytes held by live tensors and by the free pool.
+    pub fn memory_stats(&self) -> (u64, u64) {
+        let pool = self.pool.lock().unwrap();
+        (pool.live_bytes, pool.free_bytes)
+    }
+
+    /// A buffer filled with zeros (the clear is recorded in order with the dispatches).
+    pub fn zeros(self: &Arc<Self>, len: usize) -> Result<GpuBuffer> {
+        let buf = self.alloc(len)?;
+        let mut rec = self.rec.lock().unwrap();
+        let enc = self.encoder(&mut rec);
+        enc.clear_buffer(buf.raw(), 0, None);
+        Ok(buf)
+    }
+
+    /// Uploads host data through a fresh staging buffer and an in-order copy.
+    pub fn upload(self: &Arc<Self>, data: &[f32]) -> Result<GpuBuffer> {
+        let buf = self.alloc(data.len())?;
+        if data.is_empty() {
+            return Ok(buf);
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("upload"),
+            size: bytes.len() as u64,
+            usage: wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: true,
+        });
+        staging
+            .slice(..)
+            .get_mapped_range_mut()
+            .map_err(|e| EngineError::Gpu(format!("mapping an upload buffer: {e}")))?
+            .copy_from_slice(bytes);
+        staging.unmap();
+        let mut rec = self.rec.lock().unwrap();
+        let enc = self.encoder(&mut rec);
+        enc.copy_buffer_to_buffer(&staging, 0, buf.raw(), 0, bytes.len() as u64);
+        Ok(buf)
+    }
+
+    /// Copies `len` values from `src[src_off..]` to `dst[dst_off..]`, in order with dispatches.
+    pub fn copy(&self, src: &GpuBuffer, src_off: usize, dst: &GpuBuffer, dst_off: usize, len: usize) {
+        if len == 0 {
+            return;
+        }
+        let mut rec = self.rec.lock().unwrap();
+        let enc = self.encoder(&mut rec);
+        enc.copy_buffer_to_buffer(
+            src.raw(),
+            src_off as u64 * 4,
+            dst.raw(),
+            dst_off as u64 * 4,
+            len as u64 * 4,
+        );
+    }
+
+    /// Reads a buffer back to the host; submits pending work and waits for it.
+    pub fn download(&self, buf: &GpuBuffer) -> Result<Vec<f32>> {
+        let bytes = buf.len as u64 * 4;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("download"),
+            size: bytes,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        {
+            let mut rec = self.rec.lock().unwrap();
+            let enc = self.encoder(&mut rec);
+            enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, bytes);
+            self.submit(&mut rec);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
+        rx.recv()
+            .map_err(|e| EngineError::Gpu(e.to_string()))?
+            .map_err(|e| EngineError::Gpu(format!("mapping a buffer for readback: {e}")))?;
+        let out = {
+            let view = staging
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| EngineError::Gpu(format!("reading a mapped buffer: {e}")))?;
+            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        };
+        staging.unmap();
+        Ok(out)
+    }
+
+    // ------------------------------------------------------------- recording
+
+    fn encoder<'a>(&self, rec: &'a mut Recorder) -> &'a mut wgpu::CommandEncoder {
+        rec.encoder.get_or_insert_with(|| {
+            self.device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+        })
+    }
+
+    fn submit(&self, rec: &mut Recorder) {
+        if let Some(enc) = rec.encoder.take() {
+            self.queue.submit(Some(enc.finish()));
+        }
+        rec.dispatches = 0;
+        let used = std::mem::take(&mut rec.uniforms_used);
+        rec.uniforms_free.extend(used);
+    }
+
+    /// Submits everything recorded so far (without waiting).
+    pub fn flush(&self) {
+        let mut rec = self.rec.lock().unwrap();
+        self.submit(&mut rec);
+    }
+
+    /// Submits and waits until the device is idle.
+    pub fn sync(&self) -> Result<()> {
+        self.flush();
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))
+    }
+
+    fn module(&self, k: &Kernel) -> Arc<wgpu::ShaderModule> {
+        let mut modules = self.modules.lock().unwrap();
+        modules
+            .entry(k.file)
+            .or_insert_with(|| {
+                let src = format!("{PRELUDE}\n{}", k.source);
+                Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(k.file),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                }))
+            })
+            .clone()
+    }
+
+    fn pipeline(&self, k: &Kernel) -> Arc<Pipeline> {
+        if let Some(p) = self.pipelines.lock().unwrap().get(&(k.file, k.entry)) {
+            return p.clone();
+        }
+        let module = self.module(k);
+        let mut entries = vec![wgpu::BindGroupLayoutEntry {
+            binding: 0,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty: wgpu::BufferBindingType::Uniform,
+                has_dynamic_offset: false,
+                min_binding_size: None,
+            },
+            count: None,
+        }];
+        for (i, acc) in k.bindings.iter().enumerate() {
+            entries.push(wgpu::BindGroupLayoutEntry {
+                binding: i as u32 + 1,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty: wgpu::BufferBindingType::Storage {
+                        read_only: *acc == Access::Read,
+                    },
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            });
+        }
+        let layout = self
+            .device
+            .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some(k.entry),
+                entries: &entries,
+            });
+        let pl = self
+            .device
+            .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some(k.entry),
+                bind_group_layouts: &[Some(&layout)],
+                immediate_size: 0,
+            });
+        let pipeline = self
+            .device
+            .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                label: Some(k.entry),
+                layout: Some(&pl),
+                module: &module,
+                entry_point: Some(k.entry),
+                compilation_options: Default::default(),
+                cache: None,
+            });
+        let p = Arc::new(Pipeline { pipeline, layout });
+        self.pipelines
+            .lock()
+            .unwrap()
+            .insert((k.file, k.entry), p.clone());
+        p
+    }
+
+    fn uniform(&self, rec: &mut Recorder, params: &[u32]) -> wgpu::Buffer {
+        assert!(params.len() * 4 <= UNIFORM_SIZE as usize, "parameter block too large");
+        let buf = rec.uniforms_free.pop().unwrap_or_else(|| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size: UNIFORM_SIZE,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        });
+        let mut words = params.to_vec();
+        words.resize(4.max(params.len().div_ceil(4) * 4), 0);
+        self.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+        rec.uniforms_used.push(buf.clone());
+        buf
+    }
+
+    /// Records one dispatch of `k` over a grid of `groups` workgroups in x, y, z.
+    pub fn dispatch3(
+        &self,
+        k: &Kernel,
+        params: &[u32],
+        buffers: &[&GpuBuffer],
+        groups: [u32; 3],
+    ) -> Result<()> {
+        if buffers.len() != k.bindings.len() {
+            return Err(EngineError::Gpu(format!(
+                "kernel {}::{} takes {} buffers, got {}",
+                k.file,
+                k.entry,
+                k.bindings.len(),
+                buffers.len()
+            )));
+        }
+        if groups.iter().any(|&g| g > self.limits.max_compute_workgroups_per_dimension) {
+            return Err(EngineError::Gpu(format!(
+                "kernel {}::{}: grid {groups:?} exceeds the adapter's {} workgroups per dimension",
+                k.file, k.entry, self.limits.max_compute_workgroups_per_dimension
+            )));
+        }
+        if groups.contains(&0) {
+            return Ok(());
+        }
+        for b in buffers {
+            if b.binding_bytes() > self.max_binding_bytes() {
+                return Err(EngineError::BindingTooLarge {
+                    name: format!("binding of {}::{}", k.file, k.entry),
+                    bytes: b.binding_bytes(),
+                    limit: self.max_binding_bytes(),
+                });
+            }
+        }
+        let pipe = self.pipeline(k);
+        let mut rec = self.rec.lock().unwrap();
+        let ubuf = self.uniform(&mut rec, params);
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: ubuf.as_entire_binding(),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer: b.raw(),
+                    offset: 0,
+                    size: wgpu::BufferSize::new(b.binding_bytes()),
+                }),
+            });
+        }
+        let bg = self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: None,
+            layout: &pipe.layout,
+            entries: &entries,
+        });
+        {
+            let enc = self.encoder(&mut rec);
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: None,
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&pipe.pipeline);
+            pass.set_bind_group(0, &bg, &[]);
+            pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+        }
+        rec.dispatches += 1;
+        if rec.dispatches >= MAX_PENDING_DISPATCHES {
+            self.submit(&mut rec);
+        }
+        Ok(())
+    }
+
+    /// Records a dispatch of `workgroups` workgroups, folded into 2-D past 65,535. Kernels
+    /// recover the linear workgroup index with the prelude's `wg_linear`.
+    pub fn dispatch(
+        &self,
+        k: &Kernel,
+        params: &[u32],
+        buffers: &[&GpuBuffer],
+        workgroups: u32,
+    ) -> Result<()> {
+        self.dispatch3(k, params, buffers, fold_grid(workgroups))
+    }
+
+    /// Records `count` timestamp-free dispatches' worth of nothing: a marker used by benches to
+    /// make sure all work so far is submitted and finished before the clock is read.
+    pub fn wait_idle(&self) -> Result<()> {
+        self.sync()
+    }
+}
+
+/// Folds a 1-D workgroup count into x/y so that neither exceeds 65,535.
+pub fn fold_grid(workgroups: u32) -> [u32; 3] {
+    if workgroups <= MAX_GRID_DIM {
+        [workgroups, 1, 1]
+    } else {
+        let y = workgroups.div_ceil(MAX_GRID_DIM);
+        let x = workgroups.div_ceil(y);
+        [x, y, 1]
+    }
+}
+
+/// Workgroups needed to cover `n` items with `per_group` items each.
+pub fn groups_for(n: usize, per_group: usize) -> u32 {
+    n.div_ceil(per_group) as u32
+}
+
+/// Packs an f32 into a parameter word.
+pub fn f(v: f32) -> u32 {
+    v.to_bits()
+}
+
+/// Packs a usize into a parameter word.
+pub fn u(v: usize) -> u32 {
+    v as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn buckets_cover_request() {
+        for b in [1u64, 4, 16, 17, 100, 1000, 4096, 5000, 6145, 1 << 20] {
+            let s = bucket_size(b);
+            assert!(s >= b && s % 4 == 0, "{b} -> {s}");
+            assert!(s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16, "{b} -> {s} wastes too much");
+        }
+    }
+    #[test]
+    fn grid_folding() {
+        assert_eq!(fold_grid(10), [10, 1, 1]);
+        let g = fold_grid(200_000);
+        assert!(g[0] <= MAX_GRID_DIM && g[0] * g[1] >= 200_000);
+    }
+}

@@ -1,0 +1,16 @@
+//! The compute engine: devices, tensors, the autograd tape and the ops.
+
+pub mod device;
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod rng;
+pub mod tape;
+pub mod tensor;
+pub mod testing;
+
+pub use device::Device;
+pub use error::{EngineError, Result};
+pub use rng::Rng;
+pub use tape::{no_grad, Gradients};
+pub use tensor::Tensor;
