@@ -619,10 +619,73 @@ impl GpuContext {
         self.dispatch3(k, params, buffers, fold_grid(workgroups))
     }
 
-    /// Records `count` timestamp-free dispatches' worth of nothing: a marker used by benches to
-    /// make sure all work so far is submitted and finished before the clock is read.
-    pub fn wait_idle(&self) -> Result<()> {
-        self.sync()
+    /// Whether [`Self::time_device`] measures with timestamp queries.
+    pub fn has_timestamps(&self) -> bool {
+        self.features
+            .contains(wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS)
+    }
+
+    /// Runs `work` (which records GPU commands) and returns the device time between its first
+    /// and last command in milliseconds, from timestamp queries; `None` when the adapter has
+    /// no timestamps (callers then fall back to synchronised wall time). Waits for completion.
+    pub fn time_device(&self, work: impl FnOnce() -> Result<()>) -> Result<Option<f64>> {
+        if !self.has_timestamps() {
+            work()?;
+            self.sync()?;
+            return Ok(None);
+        }
+        self.sync()?;
+        let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps read"),
+            size: 16,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        {
+            let mut rec = self.rec.lock().unwrap();
+            self.encoder(&mut rec).write_timestamp(&qs, 0);
+        }
+        work()?;
+        {
+            let mut rec = self.rec.lock().unwrap();
+            let enc = self.encoder(&mut rec);
+            enc.write_timestamp(&qs, 1);
+            enc.resolve_query_set(&qs, 0..2, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, 16);
+            self.submit(&mut rec);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
+        rx.recv()
+            .map_err(|e| EngineError::Gpu(e.to_string()))?
+            .map_err(|e| EngineError::Gpu(format!("reading timestamps: {e}")))?;
+        let ticks: [u64; 2] = {
+            let view = readback
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| EngineError::Gpu(format!("reading timestamps: {e}")))?;
+            let v: &[u64] = bytemuck::cast_slice(&view);
+            [v[0], v[1]]
+        };
+        readback.unmap();
+        let ns = ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
+        Ok(Some(ns / 1e6))
     }
 }
 
