@@ -26,13 +26,20 @@ fn main() {
     let d = b.device.clone();
 
     let (a, m) = (randn(&[1024, 1024], 1, &d), randn(&[1024, 1024], 2, &d));
-    b.case("matmul_1024", Work::Flops(2.0 * 1024f64.powi(3)), || matmul(&a, &m).map(|_| ()));
+    b.case("matmul_1024", Work::Flops(2.0 * 1024f64.powi(3)), || {
+        matmul(&a, &m).map(|_| ())
+    });
 
     let x = randn(&[8, 32, 56, 56], 3, &d);
     let w = Tensor::randn(&[32, 32, 3, 3], 0.1, &mut Rng::new(4), &d).unwrap();
-    let p = Conv2dParams { padding: (1, 1), ..Default::default() };
+    let p = Conv2dParams {
+        padding: (1, 1),
+        ..Default::default()
+    };
     let conv_flops = 2.0 * 8.0 * 32.0 * 56.0 * 56.0 * 32.0 * 9.0;
-    b.case("conv3x3_fwd", Work::Flops(conv_flops), || conv2d(&x, &w, None, p).map(|_| ()));
+    b.case("conv3x3_fwd", Work::Flops(conv_flops), || {
+        conv2d(&x, &w, None, p).map(|_| ())
+    });
     let (xv, wv) = (x.var(), w.var());
     b.case("conv3x3_fwd_bwd", Work::Flops(3.0 * conv_flops), || {
         fwd_bwd(|| conv2d(&xv, &wv, None, p))
@@ -40,9 +47,15 @@ fn main() {
 
     let x = randn(&[8, 96, 56, 56], 5, &d);
     let w = Tensor::randn(&[96, 1, 3, 3], 0.3, &mut Rng::new(6), &d).unwrap();
-    let p = Conv2dParams { padding: (1, 1), groups: 96, ..Default::default() };
+    let p = Conv2dParams {
+        padding: (1, 1),
+        groups: 96,
+        ..Default::default()
+    };
     let dw_flops = 2.0 * 8.0 * 96.0 * 56.0 * 56.0 * 9.0;
-    b.case("depthwise3x3_fwd", Work::Flops(dw_flops), || conv2d(&x, &w, None, p).map(|_| ()));
+    b.case("depthwise3x3_fwd", Work::Flops(dw_flops), || {
+        conv2d(&x, &w, None, p).map(|_| ())
+    });
     let (xv, wv) = (x.var(), w.var());
     b.case("depthwise3x3_fwd_bwd", Work::Flops(3.0 * dw_flops), || {
         fwd_bwd(|| conv2d(&xv, &wv, None, p))
@@ -50,7 +63,10 @@ fn main() {
 
     let gamma = Tensor::full(1.0, &[96], &d).unwrap().var();
     let beta = Tensor::zeros(&[96], &d).unwrap().var();
-    let (rm, rv) = (Tensor::zeros(&[96], &d).unwrap(), Tensor::full(1.0, &[96], &d).unwrap());
+    let (rm, rv) = (
+        Tensor::zeros(&[96], &d).unwrap(),
+        Tensor::full(1.0, &[96], &d).unwrap(),
+    );
     // Forward reads x twice and writes y; backward reads x and g twice and writes dx.
     let bn_bytes = 8.0 * 96.0 * 56.0 * 56.0 * 4.0 * 8.0;
     b.case("batchnorm_train_fwd_bwd", Work::Bytes(bn_bytes), || {

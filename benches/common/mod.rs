@@ -26,7 +26,11 @@ impl Bench {
             eprintln!("{e}; benchmarking the CPU backend");
             Device::Cpu
         });
-        let runs = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(5);
+        let runs = std::env::var("BENCH_RUNS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(5)
+            .max(5);
         // `cargo bench --bench kernels -- matmul` runs only the cases whose name contains "matmul".
         let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
         let timing = match &device {
@@ -35,7 +39,11 @@ impl Bench {
             Device::Cpu => "wall time",
         };
         println!("adapter: {} (timing: {timing})", device.name());
-        Bench { device, runs, filter }
+        Bench {
+            device,
+            runs,
+            filter,
+        }
     }
 
     fn time_once(&self, f: &mut impl FnMut() -> Result<()>) -> Result<f64> {
@@ -56,7 +64,11 @@ impl Bench {
 
     /// Times `f` and prints `bench <case> median_ms=.. min_ms=.. max_ms=.. [gflops=..|gbps=..]`.
     pub fn case(&self, name: &str, work: Work, mut f: impl FnMut() -> Result<()>) {
-        if self.filter.as_deref().is_some_and(|flt| !name.contains(flt)) {
+        if self
+            .filter
+            .as_deref()
+            .is_some_and(|flt| !name.contains(flt))
+        {
             return;
         }
         let mut times = Vec::new();
