@@ -1,7 +1,8 @@
 // Batched GEMM: out[b] = A[b] (M x K) * B[b] (K x N), with A and B read through arbitrary
-// strides, so transposed operands cost nothing extra. 64x64 output tile per workgroup of
-// 16x16 invocations, each accumulating a 4x4 block in registers; K is staged through
-// workgroup memory 16 at a time.
+// strides, so transposed operands cost nothing extra. A 64x64 output tile per workgroup of
+// 16x16 invocations, each accumulating a 4x4 block in four vec4 registers; K is staged
+// through workgroup memory 16 at a time. Accumulators are named vectors rather than an
+// indexed array: dynamically indexed private arrays spill to memory on CPU-based drivers.
 
 struct Params {
     m: u32, n: u32, k: u32, batch: u32,
@@ -18,8 +19,30 @@ struct Params {
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
 
-var<workgroup> a_tile: array<f32, 1024>; // [BK][TILE], indexed k * TILE + m
-var<workgroup> b_tile: array<f32, 1024>; // [BK][TILE], indexed k * TILE + n
+// [BK][TILE / 4] vectors: element (k, m) lives in a_tile[k * 16 + m / 4][m % 4].
+var<workgroup> a_tile: array<vec4<f32>, 256>;
+var<workgroup> b_tile: array<vec4<f32>, 256>;
+
+fn load_a(bat: u32, gm: u32, gk: u32) -> f32 {
+    if (gm < p.m && gk < p.k) { return a[bat * p.sa_b + gm * p.sa_m + gk * p.sa_k]; }
+    return 0.0;
+}
+
+fn load_b(bat: u32, gk: u32, gn: u32) -> f32 {
+    if (gn < p.n && gk < p.k) { return b[bat * p.sb_b + gk * p.sb_k + gn * p.sb_n]; }
+    return 0.0;
+}
+
+fn store(o_base: u32, gm: u32, col: u32, v: vec4<f32>) {
+    if (gm >= p.m) { return; }
+    for (var j = 0u; j < 4u; j++) {
+        let gn = col + j;
+        if (gn < p.n) {
+            let o = o_base + gm * p.n + gn;
+            if (p.accumulate == 1u) { out[o] += v[j]; } else { out[o] = v[j]; }
+        }
+    }
+}
 
 @compute @workgroup_size(16, 16, 1)
 fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
@@ -27,59 +50,38 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     let row0 = wid.y * TILE;
     let col0 = wid.x * TILE;
     let tid = lid.y * 16u + lid.x;
-    let a_base = bat * p.sa_b;
-    let b_base = bat * p.sb_b;
-    var acc: array<f32, 16>;
-    for (var i = 0u; i < 16u; i++) { acc[i] = 0.0; }
+    var acc0 = vec4<f32>(0.0);
+    var acc1 = vec4<f32>(0.0);
+    var acc2 = vec4<f32>(0.0);
+    var acc3 = vec4<f32>(0.0);
 
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        // Stage A: walk the operand along its contiguous dimension.
-        for (var r = 0u; r < 4u; r++) {
-            let e = tid + r * 256u;
-            var m: u32; var kk: u32;
-            if (p.sa_k == 1u) { m = e / BK; kk = e % BK; } else { kk = e / TILE; m = e % TILE; }
-            let gm = row0 + m;
-            let gk = k0 + kk;
-            var v = 0.0;
-            if (gm < p.m && gk < p.k) { v = a[a_base + gm * p.sa_m + gk * p.sa_k]; }
-            a_tile[kk * TILE + m] = v;
-        }
-        for (var r = 0u; r < 4u; r++) {
-            let e = tid + r * 256u;
-            var n: u32; var kk: u32;
-            if (p.sb_n == 1u) { kk = e / TILE; n = e % TILE; } else { n = e / BK; kk = e % BK; }
-            let gn = col0 + n;
-            let gk = k0 + kk;
-            var v = 0.0;
-            if (gn < p.n && gk < p.k) { v = b[b_base + gk * p.sb_k + gn * p.sb_n]; }
-            b_tile[kk * TILE + n] = v;
+        // Each invocation stages one vec4 of A and one of B. A: 4 consecutive rows m at one k.
+        {
+            let kk = tid / 16u;
+            let m4 = (tid % 16u) * 4u;
+            a_tile[tid] = vec4<f32>(load_a(bat, row0 + m4, k0 + kk), load_a(bat, row0 + m4 + 1u, k0 + kk),
+                                    load_a(bat, row0 + m4 + 2u, k0 + kk), load_a(bat, row0 + m4 + 3u, k0 + kk));
+            b_tile[tid] = vec4<f32>(load_b(bat, k0 + kk, col0 + m4), load_b(bat, k0 + kk, col0 + m4 + 1u),
+                                    load_b(bat, k0 + kk, col0 + m4 + 2u), load_b(bat, k0 + kk, col0 + m4 + 3u));
         }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
-            let av = vec4<f32>(a_tile[kk * TILE + lid.y * 4u], a_tile[kk * TILE + lid.y * 4u + 1u],
-                               a_tile[kk * TILE + lid.y * 4u + 2u], a_tile[kk * TILE + lid.y * 4u + 3u]);
-            let bv = vec4<f32>(b_tile[kk * TILE + lid.x * 4u], b_tile[kk * TILE + lid.x * 4u + 1u],
-                               b_tile[kk * TILE + lid.x * 4u + 2u], b_tile[kk * TILE + lid.x * 4u + 3u]);
-            for (var i = 0u; i < 4u; i++) {
-                acc[i * 4u + 0u] += av[i] * bv.x;
-                acc[i * 4u + 1u] += av[i] * bv.y;
-                acc[i * 4u + 2u] += av[i] * bv.z;
-                acc[i * 4u + 3u] += av[i] * bv.w;
-            }
+            let av = a_tile[kk * 16u + lid.y];
+            let bv = b_tile[kk * 16u + lid.x];
+            acc0 += av.x * bv;
+            acc1 += av.y * bv;
+            acc2 += av.z * bv;
+            acc3 += av.w * bv;
         }
         workgroupBarrier();
     }
 
     let o_base = bat * p.m * p.n;
-    for (var i = 0u; i < 4u; i++) {
-        let gm = row0 + lid.y * 4u + i;
-        if (gm >= p.m) { continue; }
-        for (var j = 0u; j < 4u; j++) {
-            let gn = col0 + lid.x * 4u + j;
-            if (gn < p.n) {
-                let o = o_base + gm * p.n + gn;
-                if (p.accumulate == 1u) { out[o] += acc[i * 4u + j]; } else { out[o] = acc[i * 4u + j]; }
-            }
-        }
-    }
+    let row = row0 + lid.y * 4u;
+    let col = col0 + lid.x * 4u;
+    store(o_base, row, col, acc0);
+    store(o_base, row + 1u, col, acc1);
+    store(o_base, row + 2u, col, acc2);
+    store(o_base, row + 3u, col, acc3);
 }

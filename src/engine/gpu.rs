@@ -355,7 +355,14 @@ impl GpuContext {
     }
 
     /// Copies `len` values from `src[src_off..]` to `dst[dst_off..]`, in order with dispatches.
-    pub fn copy(&self, src: &GpuBuffer, src_off: usize, dst: &GpuBuffer, dst_off: usize, len: usize) {
+    pub fn copy(
+        &self,
+        src: &GpuBuffer,
+        src_off: usize,
+        dst: &GpuBuffer,
+        dst_off: usize,
+        len: usize,
+    ) {
         if len == 0 {
             return;
         }
@@ -414,7 +421,9 @@ impl GpuContext {
     fn encoder<'a>(&self, rec: &'a mut Recorder) -> &'a mut wgpu::CommandEncoder {
         rec.encoder.get_or_insert_with(|| {
             self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
         })
     }
 
@@ -448,10 +457,13 @@ impl GpuContext {
             .entry(k.file)
             .or_insert_with(|| {
                 let src = format!("{PRELUDE}\n{}", k.source);
-                Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(k.file),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
-                }))
+                Arc::new(
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(k.file),
+                            source: wgpu::ShaderSource::Wgsl(src.into()),
+                        }),
+                )
             })
             .clone()
     }
@@ -517,7 +529,10 @@ impl GpuContext {
     }
 
     fn uniform(&self, rec: &mut Recorder, params: &[u32]) -> wgpu::Buffer {
-        assert!(params.len() * 4 <= UNIFORM_SIZE as usize, "parameter block too large");
+        assert!(
+            params.len() * 4 <= UNIFORM_SIZE as usize,
+            "parameter block too large"
+        );
         let buf = rec.uniforms_free.pop().unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("params"),
@@ -528,7 +543,8 @@ impl GpuContext {
         });
         let mut words = params.to_vec();
         words.resize(4.max(params.len().div_ceil(4) * 4), 0);
-        self.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+        self.queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(&words));
         rec.uniforms_used.push(buf.clone());
         buf
     }
@@ -550,7 +566,10 @@ impl GpuContext {
                 buffers.len()
             )));
         }
-        if groups.iter().any(|&g| g > self.limits.max_compute_workgroups_per_dimension) {
+        if groups
+            .iter()
+            .any(|&g| g > self.limits.max_compute_workgroups_per_dimension)
+        {
             return Err(EngineError::Gpu(format!(
                 "kernel {}::{}: grid {groups:?} exceeds the adapter's {} workgroups per dimension",
                 k.file, k.entry, self.limits.max_compute_workgroups_per_dimension
@@ -619,10 +638,75 @@ impl GpuContext {
         self.dispatch3(k, params, buffers, fold_grid(workgroups))
     }
 
-    /// Records `count` timestamp-free dispatches' worth of nothing: a marker used by benches to
-    /// make sure all work so far is submitted and finished before the clock is read.
-    pub fn wait_idle(&self) -> Result<()> {
-        self.sync()
+    /// Whether [`Self::time_device`] measures with timestamp queries.
+    pub fn has_timestamps(&self) -> bool {
+        self.features.contains(
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS,
+        )
+    }
+
+    /// Runs `work` (which records GPU commands) and returns the device time between its first
+    /// and last command in milliseconds, from timestamp queries; `None` when the adapter has
+    /// no timestamps (callers then fall back to synchronised wall time). Waits for completion.
+    pub fn time_device(&self, work: impl FnOnce() -> Result<()>) -> Result<Option<f64>> {
+        if !self.has_timestamps() {
+            work()?;
+            self.sync()?;
+            return Ok(None);
+        }
+        self.sync()?;
+        let qs = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps"),
+            size: 16,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let readback = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("timestamps read"),
+            size: 16,
+            usage: wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::MAP_READ,
+            mapped_at_creation: false,
+        });
+        {
+            let mut rec = self.rec.lock().unwrap();
+            self.encoder(&mut rec).write_timestamp(&qs, 0);
+        }
+        work()?;
+        {
+            let mut rec = self.rec.lock().unwrap();
+            let enc = self.encoder(&mut rec);
+            enc.write_timestamp(&qs, 1);
+            enc.resolve_query_set(&qs, 0..2, &resolve, 0);
+            enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, 16);
+            self.submit(&mut rec);
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
+        rx.recv()
+            .map_err(|e| EngineError::Gpu(e.to_string()))?
+            .map_err(|e| EngineError::Gpu(format!("reading timestamps: {e}")))?;
+        let ticks: [u64; 2] = {
+            let view = readback
+                .slice(..)
+                .get_mapped_range()
+                .map_err(|e| EngineError::Gpu(format!("reading timestamps: {e}")))?;
+            let v: &[u64] = bytemuck::cast_slice(&view);
+            [v[0], v[1]]
+        };
+        readback.unmap();
+        let ns =
+            ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
+        Ok(Some(ns / 1e6))
     }
 }
 
@@ -660,7 +744,10 @@ mod tests {
         for b in [1u64, 4, 16, 17, 100, 1000, 4096, 5000, 6145, 1 << 20] {
             let s = bucket_size(b);
             assert!(s >= b && s % 4 == 0, "{b} -> {s}");
-            assert!(s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16, "{b} -> {s} wastes too much");
+            assert!(
+                s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16,
+                "{b} -> {s} wastes too much"
+            );
         }
     }
     #[test]

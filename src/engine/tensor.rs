@@ -134,7 +134,9 @@ impl Tensor {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<Tensor> {
-        let data = (0..numel(shape)).map(|_| rng.uniform_range(lo, hi)).collect();
+        let data = (0..numel(shape))
+            .map(|_| rng.uniform_range(lo, hi))
+            .collect();
         Self::from_vec(data, shape, device)
     }
 
@@ -336,13 +338,37 @@ impl Tensor {
         Arc::ptr_eq(&self.0.storage, &other.0.storage)
     }
 
+    /// Rows `start..start + len` along the first dimension, copied (not recorded: for
+    /// evaluation and batching, not for training graphs).
+    pub fn rows(&self, start: usize, len: usize) -> Result<Tensor> {
+        let n = self.shape().first().copied().unwrap_or(0);
+        if start + len > n {
+            return shape_err(
+                "rows",
+                format!("rows {start}..{} of {:?}", start + len, self.shape()),
+            );
+        }
+        let row = self.numel() / n.max(1);
+        let mut shape = self.shape().to_vec();
+        shape[0] = len;
+        match &*self.0.storage {
+            Storage::Cpu(v) => {
+                let v = v.read().unwrap();
+                Tensor::from_cpu(v[start * row..(start + len) * row].to_vec(), &shape)
+            }
+            Storage::Gpu(b) => {
+                let ctx = b.ctx();
+                let out = ctx.alloc(len * row)?;
+                ctx.copy(b, start * row, &out, 0, len * row);
+                Tensor::from_gpu(out, &shape)
+            }
+        }
+    }
+
     /// Same storage under another shape of equal size. Recorded by autograd.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
-            return shape_err(
-                "reshape",
-                format!("{:?} to {shape:?}", self.shape()),
-            );
+            return shape_err("reshape", format!("{:?} to {shape:?}", self.shape()));
         }
         let out = Self::from_storage(self.0.storage.clone(), shape);
         Ok(out.record(ReshapeBack, &[self]))
@@ -354,7 +380,12 @@ impl Backward for ReshapeBack {
     fn name(&self) -> &'static str {
         "reshape"
     }
-    fn backward(&self, inputs: &[Tensor], _out: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.reshape(inputs[0].shape())?)])
     }
 }
