@@ -851,3 +851,76 @@ fn gradients_reach_every_trainable_parameter() {
         }
     }
 }
+
+#[test]
+fn deep_clone_is_independent() {
+    let model = EmbeddingNet::new(
+        Backbone::C2f2 { input_size: (8, 8) },
+        4,
+        &Device::Cpu,
+        &mut Rng::new(1),
+    )
+    .unwrap();
+    let copy = model.deep_clone().unwrap();
+    let w = model.params().by_name("embedding.bias").unwrap().clone();
+    copy.params()
+        .assign(
+            "embedding.bias",
+            &Tensor::full(3.0, w.shape(), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    assert!(
+        w.to_vec().unwrap().iter().all(|&v| v == 0.0),
+        "the original moved with its copy"
+    );
+    assert!(copy
+        .params()
+        .by_name("embedding.bias")
+        .unwrap()
+        .to_vec()
+        .unwrap()
+        .iter()
+        .all(|&v| v == 3.0));
+    // A leaf held elsewhere (e.g. by an optimizer) sees in-place assignments to its store.
+    model
+        .params()
+        .assign(
+            "embedding.bias",
+            &Tensor::full(2.0, w.shape(), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+    assert!(w.to_vec().unwrap().iter().all(|&v| v == 2.0));
+}
+
+#[test]
+fn to_device_gives_the_same_embeddings_gpu() {
+    let Some(gpu) = gpu_or_skip("to_device_gives_the_same_embeddings_gpu") else {
+        return;
+    };
+    let model = EmbeddingNet::new(
+        Backbone::C2f2 {
+            input_size: (12, 8),
+        },
+        16,
+        &Device::Cpu,
+        &mut Rng::new(1),
+    )
+    .unwrap();
+    let x = Tensor::rand_uniform(&[3, 3, 12, 8], 0.0, 1.0, &mut Rng::new(2), &Device::Cpu).unwrap();
+    let want = model
+        .forward(&x, ForwardMode::Eval)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    let on_gpu = model.to_device(&gpu).unwrap();
+    assert!(on_gpu
+        .parameters()
+        .iter()
+        .all(|(_, t)| t.is_gpu() && t.requires_grad()));
+    let got = on_gpu
+        .forward(&x.to_device(&gpu).unwrap(), ForwardMode::Eval)
+        .unwrap()
+        .to_vec()
+        .unwrap();
+    robust_dml::engine::testing::assert_close("c2f2 on gpu vs cpu", &got, &want, 1e-4, 1e-3);
+}
