@@ -1,2 +1,3 @@
 pub mod dml;
 pub mod engine;
+pub mod config;
