@@ -1,1 +1,2 @@
+pub mod dml;
 pub mod engine;
