@@ -68,25 +68,25 @@ fn logsumexp_is_stable() {
 fn reduction_gradients() {
     let o = GradCheck::default();
     let x = randn(&[2, 3, 4], 1);
-    assert_grad("sum", |t| rd::sum(&t[0]), &[x.clone()], o);
-    assert_grad("mean", |t| rd::mean(&t[0]), &[x.clone()], o);
+    assert_grad("sum", |t| rd::sum(&t[0]), std::slice::from_ref(&x), o);
+    assert_grad("mean", |t| rd::mean(&t[0]), std::slice::from_ref(&x), o);
     for dim in 0..3 {
         assert_grad(
             &format!("sum_dim {dim}"),
             |t| rd::sum_dim(&t[0], dim),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             o,
         );
         assert_grad(
             &format!("mean_dim {dim}"),
             |t| rd::mean_dim(&t[0], dim),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             o,
         );
         assert_grad(
             &format!("logsumexp_dim {dim}"),
             |t| rd::logsumexp_dim(&t[0], dim),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             o,
         );
     }
@@ -98,14 +98,28 @@ fn reductions_gpu_match_cpu() {
         return;
     };
     let x = randn(&ODD, 2);
-    assert_parity("sum", &gpu, |t| rd::sum(&t[0]), &[x.clone()], 1e-4, 1e-5);
-    assert_parity("mean", &gpu, |t| rd::mean(&t[0]), &[x.clone()], 1e-5, 1e-5);
+    assert_parity(
+        "sum",
+        &gpu,
+        |t| rd::sum(&t[0]),
+        std::slice::from_ref(&x),
+        1e-4,
+        1e-5,
+    );
+    assert_parity(
+        "mean",
+        &gpu,
+        |t| rd::mean(&t[0]),
+        std::slice::from_ref(&x),
+        1e-5,
+        1e-5,
+    );
     for dim in 0..4 {
         assert_parity(
             &format!("sum_dim {dim}"),
             &gpu,
             |t| rd::sum_dim(&t[0], dim),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             1e-5,
             1e-5,
         );
@@ -113,7 +127,7 @@ fn reductions_gpu_match_cpu() {
             &format!("mean_dim {dim}"),
             &gpu,
             |t| rd::mean_dim(&t[0], dim),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             1e-5,
             1e-5,
         );
@@ -121,7 +135,7 @@ fn reductions_gpu_match_cpu() {
             &format!("logsumexp_dim {dim}"),
             &gpu,
             |t| rd::logsumexp_dim(&t[0], dim),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             1e-5,
             1e-5,
         );
@@ -132,7 +146,7 @@ fn reductions_gpu_match_cpu() {
         "sum_dim long",
         &gpu,
         |t| rd::sum_dim(&t[0], 1),
-        &[long.clone()],
+        std::slice::from_ref(&long),
         1e-4,
         1e-5,
     );
@@ -198,7 +212,7 @@ fn normalize_gradients() {
         assert_grad(
             &format!("l2_normalize dim {dim}"),
             |t| l2_normalize(&t[0], dim, 1e-12),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             o,
         );
     }
@@ -252,7 +266,7 @@ fn normalize_gpu_matches_cpu() {
             &format!("l2_normalize dim {dim}"),
             &gpu,
             |t| l2_normalize(&t[0], dim, 1e-12),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             1e-5,
             1e-4,
         );
@@ -330,11 +344,11 @@ fn channel_gradients() {
         let p = ch::split_channels(&t[0], &[1, 1, 1])?;
         ch::concat_channels(&[&p[2], &p[0]])
     };
-    assert_grad("split", split_then_concat, &[x.clone()], o);
+    assert_grad("split", split_then_concat, std::slice::from_ref(&x), o);
     assert_grad(
         "permute",
         |t| ch::permute_channels(&t[0], &[2, 0, 1]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         o,
     );
     assert_grad(
@@ -364,12 +378,12 @@ fn channel_ops_gpu_match_cpu() {
         let p = ch::split_channels(&t[0], &[2, 1])?;
         ch::concat_channels(&[&p[1], &p[0], &p[1]])
     };
-    assert_parity("split", &gpu, split, &[x.clone()], 1e-6, 0.0);
+    assert_parity("split", &gpu, split, std::slice::from_ref(&x), 1e-6, 0.0);
     assert_parity(
         "permute",
         &gpu,
         |t| ch::permute_channels(&t[0], &[2, 1, 0]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         0.0,
         0.0,
     );

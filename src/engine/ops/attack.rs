@@ -29,7 +29,8 @@ pub fn pgd_step(
     alpha: f32,
     eps: f32,
 ) -> Result<Tensor> {
-    if !(eps >= 0.0) || !alpha.is_finite() {
+    // Written so that a NaN eps is rejected too.
+    if eps.is_nan() || eps < 0.0 || !alpha.is_finite() {
         return invalid(
             "pgd_step",
             format!("alpha {alpha} and eps {eps} (eps must be >= 0)"),

@@ -123,7 +123,7 @@ fn global_norm(grads: &[Tensor]) -> Result<f32> {
 /// multiplied by max_norm / (norm + 1e-6). Returns the (possibly) clipped gradients and the
 /// norm before clipping. Not recorded.
 pub fn clip_grad_norm(grads: &[Tensor], max_norm: f32) -> Result<(Vec<Tensor>, f32)> {
-    if !(max_norm > 0.0) {
+    if max_norm.is_nan() || max_norm <= 0.0 {
         return invalid(
             "clip_grad_norm",
             format!("max_norm must be positive, got {max_norm}"),
