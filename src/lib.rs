@@ -1,3 +1,10 @@
+//! robust-dml: adversarially robust deep metric learning on a from-scratch wgpu engine.
+//!
+//! - [`engine`]: devices, tensors, autograd and the ops (WGSL kernels + CPU reference).
+//! - [`dml`]: the Proxy Anchor loss, device evaluation and metrics.
+//! - [`config`]: every hyper-parameter default.
+
+pub mod config;
 pub mod dml;
 pub mod engine;
 pub mod nn;

@@ -1,26 +1,392 @@
 //! Channel ops on NCHW tensors: concat and split along channels, channel permutation (RGB to
 //! BGR), per-channel affine (input normalisation); forward and backward on both devices.
 //! GPU: `shaders/channels.wgsl`.
+//!
+//! Every op accepts any tensor of rank >= 2 read as [N, C, spatial...]; the spatial
+//! dimensions are flattened into one (HW).
 
-use crate::engine::error::{invalid, Result};
-use crate::engine::tensor::Tensor;
+use crate::engine::error::{invalid, shape_err, Result};
+use crate::engine::gpu::{groups_for, u, GpuContext, Kernel};
+use crate::engine::tape::Backward;
+use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::Device;
+use crate::kernel;
+
+const COPY: Kernel = kernel!(
+    "channels.wgsl",
+    "copy_channels",
+    [Read, Read, Read, ReadWrite]
+);
+const GATHER: Kernel = kernel!(
+    "channels.wgsl",
+    "gather_channels",
+    [Read, Read, Read, ReadWrite]
+);
+const AFFINE: Kernel = kernel!(
+    "channels.wgsl",
+    "channel_affine",
+    [Read, Read, Read, ReadWrite]
+);
+
+/// (N, C, HW) of a tensor read as [N, C, spatial...].
+fn n_c_hw(t: &Tensor, op: &'static str) -> Result<(usize, usize, usize)> {
+    match t.shape() {
+        [n, c, rest @ ..] => Ok((*n, *c, rest.iter().product())),
+        s => shape_err(op, format!("expected an [N, C, ...] tensor, got {s:?}")),
+    }
+}
+
+/// `shape` with its channel count replaced.
+fn with_channels(shape: &[usize], c: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s[1] = c;
+    s
+}
+
+/// Where a channel-slice copy reads from and writes to.
+#[derive(Clone, Copy)]
+struct Slice {
+    batch: usize,
+    hw: usize,
+    src_c: usize,
+    src_off: usize,
+    dst_c: usize,
+    dst_off: usize,
+    count: usize,
+}
+
+impl Slice {
+    /// out[n, dst_off + c, s] = src[n, src_off + c, s] on the host.
+    fn copy_cpu(&self, src: &[f32], out: &mut [f32]) {
+        for n in 0..self.batch {
+            for c in 0..self.count {
+                let from = (n * self.src_c + self.src_off + c) * self.hw;
+                let to = (n * self.dst_c + self.dst_off + c) * self.hw;
+                out[to..to + self.hw].copy_from_slice(&src[from..from + self.hw]);
+            }
+        }
+    }
+
+    /// The same copy recorded as one dispatch.
+    fn copy_gpu(
+        &self,
+        ctx: &GpuContext,
+        src: &Tensor,
+        out: &crate::engine::gpu::GpuBuffer,
+    ) -> Result<()> {
+        let sb = src.gpu()?;
+        let params = [
+            u(self.batch),
+            u(self.hw),
+            u(self.src_c),
+            u(self.src_off),
+            u(self.dst_c),
+            u(self.dst_off),
+            u(self.count),
+        ];
+        let total = self.batch * self.count * self.hw;
+        ctx.dispatch(&COPY, &params, &[sb, sb, sb, out], groups_for(total, 256))
+    }
+}
+
+/// Concatenation along C, not recorded.
+fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
+    let Some(first) = xs.first() else {
+        return invalid("concat_channels", "no tensors to concatenate");
+    };
+    let device = same_device("concat_channels", xs)?;
+    let (batch, _, hw) = n_c_hw(first, "concat_channels")?;
+    let mut total_c = 0;
+    for x in xs {
+        n_c_hw(x, "concat_channels")?;
+        if x.shape()[0] != batch || x.shape()[2..] != first.shape()[2..] {
+            return shape_err(
+                "concat_channels",
+                format!(
+                    "{:?} and {:?} differ outside the channel dimension",
+                    first.shape(),
+                    x.shape()
+                ),
+            );
+        }
+        total_c += x.shape()[1];
+    }
+    let out_shape = with_channels(first.shape(), total_c);
+    let slices: Vec<Slice> = xs
+        .iter()
+        .scan(0, |off, x| {
+            let count = x.shape()[1];
+            let s = Slice {
+                batch,
+                hw,
+                src_c: count,
+                src_off: 0,
+                dst_c: total_c,
+                dst_off: *off,
+                count,
+            };
+            *off += count;
+            Some(s)
+        })
+        .collect();
+    match device {
+        Device::Cpu => {
+            let mut out = vec![0.0f32; batch * total_c * hw];
+            for (x, s) in xs.iter().zip(&slices) {
+                s.copy_cpu(&x.cpu()?, &mut out);
+            }
+            Tensor::from_cpu(out, &out_shape)
+        }
+        Device::Gpu(ctx) => {
+            // The slices are disjoint and cover the output, so every element gets written.
+            let out = ctx.alloc(batch * total_c * hw)?;
+            for (x, s) in xs.iter().zip(&slices) {
+                s.copy_gpu(&ctx, x, &out)?;
+            }
+            Tensor::from_gpu(out, &out_shape)
+        }
+    }
+}
+
+/// Channels [off, off + count) of `x`, not recorded.
+fn slice_raw(x: &Tensor, off: usize, count: usize) -> Result<Tensor> {
+    let (batch, c, hw) = n_c_hw(x, "split_channels")?;
+    let s = Slice {
+        batch,
+        hw,
+        src_c: c,
+        src_off: off,
+        dst_c: count,
+        dst_off: 0,
+        count,
+    };
+    let shape = with_channels(x.shape(), count);
+    match x.device() {
+        Device::Cpu => {
+            let mut out = vec![0.0f32; batch * count * hw];
+            s.copy_cpu(&x.cpu()?, &mut out);
+            Tensor::from_cpu(out, &shape)
+        }
+        Device::Gpu(ctx) => {
+            let out = ctx.alloc(batch * count * hw)?;
+            s.copy_gpu(&ctx, x, &out)?;
+            Tensor::from_gpu(out, &shape)
+        }
+    }
+}
+
+/// `g` placed at channels [off, off + g's C) of a zero tensor with `total_c` channels.
+fn pad_raw(g: &Tensor, off: usize, total_c: usize) -> Result<Tensor> {
+    let (batch, count, hw) = n_c_hw(g, "split_channels backward")?;
+    let s = Slice {
+        batch,
+        hw,
+        src_c: count,
+        src_off: 0,
+        dst_c: total_c,
+        dst_off: off,
+        count,
+    };
+    let shape = with_channels(g.shape(), total_c);
+    match g.device() {
+        Device::Cpu => {
+            let mut out = vec![0.0f32; batch * total_c * hw];
+            s.copy_cpu(&g.cpu()?, &mut out);
+            Tensor::from_cpu(out, &shape)
+        }
+        Device::Gpu(ctx) => {
+            let out = ctx.zeros(batch * total_c * hw)?;
+            s.copy_gpu(&ctx, g, &out)?;
+            Tensor::from_gpu(out, &shape)
+        }
+    }
+}
+
+/// out[:, i] = x[:, index[i]], not recorded.
+fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
+    let (batch, c, hw) = n_c_hw(x, "permute_channels")?;
+    let out_c = index.len();
+    let shape = with_channels(x.shape(), out_c);
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let mut out = vec![0.0f32; batch * out_c * hw];
+            for n in 0..batch {
+                for (i, &from) in index.iter().enumerate() {
+                    let src = &xv[(n * c + from) * hw..(n * c + from + 1) * hw];
+                    out[(n * out_c + i) * hw..(n * out_c + i + 1) * hw].copy_from_slice(src);
+                }
+            }
+            Tensor::from_cpu(out, &shape)
+        }
+        Device::Gpu(ctx) => {
+            // Channel indices travel as f32, exact far beyond any channel count.
+            let idx = ctx.upload(&index.iter().map(|&i| i as f32).collect::<Vec<_>>())?;
+            let out = ctx.alloc(batch * out_c * hw)?;
+            let params = [u(batch), u(hw), u(c), 0, u(out_c), 0, 0];
+            let xb = x.gpu()?;
+            let total = batch * out_c * hw;
+            ctx.dispatch(
+                &GATHER,
+                &params,
+                &[xb, &idx, &idx, &out],
+                groups_for(total, 256),
+            )?;
+            Tensor::from_gpu(out, &shape)
+        }
+    }
+}
+
+/// out[:, c] = x[:, c] * scale[c] + shift[c], not recorded.
+fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
+    let (batch, c, hw) = n_c_hw(x, "channel_affine")?;
+    if scale.len() != c || shift.len() != c {
+        return shape_err(
+            "channel_affine",
+            format!(
+                "{} scales and {} shifts for {c} channels",
+                scale.len(),
+                shift.len()
+            ),
+        );
+    }
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let out = xv
+                .iter()
+                .enumerate()
+                .map(|(i, &v)| {
+                    let ch = (i / hw) % c;
+                    v * scale[ch] + shift[ch]
+                })
+                .collect();
+            Tensor::from_cpu(out, x.shape())
+        }
+        Device::Gpu(ctx) => {
+            let (sb, tb) = (ctx.upload(scale)?, ctx.upload(shift)?);
+            let out = ctx.alloc(x.numel())?;
+            let params = [u(batch), u(hw), u(c), 0, u(c), 0, 0];
+            let bufs = [x.gpu()?, &sb, &tb, &out];
+            ctx.dispatch(&AFFINE, &params, &bufs, groups_for(x.numel(), 256))?;
+            Tensor::from_gpu(out, x.shape())
+        }
+    }
+}
+
+// ------------------------------------------------------------------ recorded ops
+
+/// Concat's backward is a split of the gradient into the inputs' channel counts.
+struct ConcatBack;
+impl Backward for ConcatBack {
+    fn name(&self) -> &'static str {
+        "concat_channels"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut off = 0;
+        let mut grads = Vec::with_capacity(i.len());
+        for x in i {
+            let count = x.shape()[1];
+            grads.push(Some(slice_raw(g, off, count)?));
+            off += count;
+        }
+        Ok(grads)
+    }
+}
 
 /// Concatenates NCHW tensors along C.
-pub fn concat_channels(_xs: &[&Tensor]) -> Result<Tensor> {
-    invalid("concat_channels", "not implemented yet")
+pub fn concat_channels(xs: &[&Tensor]) -> Result<Tensor> {
+    Ok(concat_raw(xs)?.record(ConcatBack, xs))
+}
+
+/// One piece of a split: its backward places the gradient at the piece's channels of a zero
+/// tensor (the concat of the piece's gradient with zeros for the other pieces).
+struct SplitPieceBack {
+    offset: usize,
+}
+impl Backward for SplitPieceBack {
+    fn name(&self) -> &'static str {
+        "split_channels"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(pad_raw(g, self.offset, i[0].shape()[1])?)])
+    }
 }
 
 /// Splits along C into pieces of the given channel counts (summing to C).
-pub fn split_channels(_x: &Tensor, _sizes: &[usize]) -> Result<Vec<Tensor>> {
-    invalid("split_channels", "not implemented yet")
+pub fn split_channels(x: &Tensor, sizes: &[usize]) -> Result<Vec<Tensor>> {
+    let (_, c, _) = n_c_hw(x, "split_channels")?;
+    if sizes.iter().sum::<usize>() != c {
+        return shape_err(
+            "split_channels",
+            format!("sizes {sizes:?} for {c} channels"),
+        );
+    }
+    let mut off = 0;
+    let mut pieces = Vec::with_capacity(sizes.len());
+    for &count in sizes {
+        pieces.push(slice_raw(x, off, count)?.record(SplitPieceBack { offset: off }, &[x]));
+        off += count;
+    }
+    Ok(pieces)
+}
+
+/// The backward of a permutation gathers with the inverse permutation.
+struct PermuteBack {
+    inverse: Vec<usize>,
+}
+impl Backward for PermuteBack {
+    fn name(&self) -> &'static str {
+        "permute_channels"
+    }
+    fn backward(&self, _i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(gather_raw(g, &self.inverse)?)])
+    }
 }
 
 /// out[:, i] = x[:, perm[i]] (e.g. [2, 1, 0] turns RGB into BGR).
-pub fn permute_channels(_x: &Tensor, _perm: &[usize]) -> Result<Tensor> {
-    invalid("permute_channels", "not implemented yet")
+pub fn permute_channels(x: &Tensor, perm: &[usize]) -> Result<Tensor> {
+    let (_, c, _) = n_c_hw(x, "permute_channels")?;
+    let mut inverse = vec![usize::MAX; c];
+    if perm.len() != c {
+        return shape_err(
+            "permute_channels",
+            format!("permutation {perm:?} for {c} channels"),
+        );
+    }
+    for (i, &p) in perm.iter().enumerate() {
+        if p >= c || inverse[p] != usize::MAX {
+            return invalid(
+                "permute_channels",
+                format!("{perm:?} is not a permutation of 0..{c}"),
+            );
+        }
+        inverse[p] = i;
+    }
+    Ok(gather_raw(x, perm)?.record(PermuteBack { inverse }, &[x]))
+}
+
+/// The gradient of a per-channel affine map is g * scale[c].
+struct ChannelAffineBack {
+    scale: Vec<f32>,
+}
+impl Backward for ChannelAffineBack {
+    fn name(&self) -> &'static str {
+        "channel_affine"
+    }
+    fn backward(&self, _i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let zeros = vec![0.0; self.scale.len()];
+        Ok(vec![Some(affine_raw(g, &self.scale, &zeros)?)])
+    }
 }
 
 /// out[:, c] = x[:, c] * scale[c] + shift[c], constants per channel (input normalisation).
-pub fn channel_affine(_x: &Tensor, _scale: &[f32], _shift: &[f32]) -> Result<Tensor> {
-    invalid("channel_affine", "not implemented yet")
+pub fn channel_affine(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
+    let out = affine_raw(x, scale, shift)?;
+    Ok(out.record(
+        ChannelAffineBack {
+            scale: scale.to_vec(),
+        },
+        &[x],
+    ))
 }

@@ -1,5 +1,6 @@
 //! Ops, one file per op family; each holds its forward and backward for both devices.
 
+pub mod attack;
 pub mod batchnorm;
 pub mod channels;
 pub mod conv;

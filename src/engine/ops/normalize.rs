@@ -1,15 +1,129 @@
 //! L2 normalisation along a dimension and the cosine similarity matrix; forward and backward
 //! on both devices. GPU: `shaders/normalize.wgsl` (+ the GEMM for the similarity matrix).
 
-use crate::engine::error::{invalid, Result};
-use crate::engine::tensor::Tensor;
+use crate::engine::error::{invalid, shape_err, Result};
+use crate::engine::gpu::{f, u, Kernel};
+use crate::engine::ops::matmul;
+use crate::engine::ops::reduce::outer_n_inner;
+use crate::engine::tape::Backward;
+use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::Device;
+use crate::kernel;
 
-/// x / max(||x||_2, eps) along `dim` (PyTorch's `F.normalize`).
-pub fn l2_normalize(_x: &Tensor, _dim: usize, _eps: f32) -> Result<Tensor> {
-    invalid("l2_normalize", "not implemented yet")
+const FORWARD: Kernel = kernel!("normalize.wgsl", "l2n_forward", [Read, Read, ReadWrite]);
+const BACKWARD: Kernel = kernel!("normalize.wgsl", "l2n_backward", [Read, Read, ReadWrite]);
+
+/// PyTorch's default `eps` of `F.normalize`, used by [`cosine_similarity`].
+pub const DEFAULT_EPS: f32 = 1e-12;
+
+fn check_eps(op: &'static str, eps: f32) -> Result<()> {
+    if !(eps > 0.0 && eps.is_finite()) {
+        return invalid(op, format!("eps must be positive and finite, got {eps}"));
+    }
+    Ok(())
 }
 
-/// cos(a_i, b_j) for a [N, D], b [M, D] -> [N, M].
-pub fn cosine_similarity(_a: &Tensor, _b: &Tensor) -> Result<Tensor> {
-    invalid("cosine_similarity", "not implemented yet")
+/// x / max(||x||, eps) along `dim`, not recorded.
+fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
+    let (outer, n, inner) = outer_n_inner(x.shape(), dim, "l2_normalize")?;
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let mut out = vec![0.0f32; xv.len()];
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    let norm = (0..n).map(|k| xv[at(k)] * xv[at(k)]).sum::<f32>().sqrt();
+                    let denom = norm.max(eps);
+                    for k in 0..n {
+                        out[at(k)] = xv[at(k)] / denom;
+                    }
+                }
+            }
+            Tensor::from_cpu(out, x.shape())
+        }
+        Device::Gpu(ctx) => {
+            let out = ctx.alloc(x.numel())?;
+            let xb = x.gpu()?;
+            let params = [u(outer), u(n), u(inner), f(eps)];
+            ctx.dispatch(&FORWARD, &params, &[xb, xb, &out], (outer * inner) as u32)?;
+            Tensor::from_gpu(out, x.shape())
+        }
+    }
+}
+
+/// The exact gradient of [`l2_normalize_raw`] at `x` for output gradient `g`: with r = ||x||,
+/// (g - y (g . y)) / r where r > eps, and g / eps where the norm was clamped.
+fn l2_normalize_backward_raw(x: &Tensor, g: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
+    let (outer, n, inner) = outer_n_inner(x.shape(), dim, "l2_normalize backward")?;
+    match same_device("l2_normalize backward", &[x, g])? {
+        Device::Cpu => {
+            let (xv, gv) = (x.cpu()?, g.cpu()?);
+            let mut out = vec![0.0f32; xv.len()];
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    let r = (0..n).map(|k| xv[at(k)] * xv[at(k)]).sum::<f32>().sqrt();
+                    let g_dot_x: f32 = (0..n).map(|k| gv[at(k)] * xv[at(k)]).sum();
+                    for k in 0..n {
+                        out[at(k)] = if r > eps {
+                            (gv[at(k)] - (xv[at(k)] / r) * (g_dot_x / r)) / r
+                        } else {
+                            gv[at(k)] / eps
+                        };
+                    }
+                }
+            }
+            Tensor::from_cpu(out, x.shape())
+        }
+        Device::Gpu(ctx) => {
+            let out = ctx.alloc(x.numel())?;
+            let params = [u(outer), u(n), u(inner), f(eps)];
+            let bufs = [x.gpu()?, g.gpu()?, &out];
+            ctx.dispatch(&BACKWARD, &params, &bufs, (outer * inner) as u32)?;
+            Tensor::from_gpu(out, x.shape())
+        }
+    }
+}
+
+struct L2NormalizeBack {
+    dim: usize,
+    eps: f32,
+}
+impl Backward for L2NormalizeBack {
+    fn name(&self) -> &'static str {
+        "l2_normalize"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(l2_normalize_backward_raw(
+            &i[0], g, self.dim, self.eps,
+        )?)])
+    }
+}
+
+/// x / max(||x||_2, eps) along `dim` (PyTorch's `F.normalize`).
+pub fn l2_normalize(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
+    check_eps("l2_normalize", eps)?;
+    Ok(l2_normalize_raw(x, dim, eps)?.record(L2NormalizeBack { dim, eps }, &[x]))
+}
+
+/// cos(a_i, b_j) for a [N, D], b [M, D] -> [N, M]: rows normalised (eps 1e-12), then one GEMM.
+/// Recorded: gradients flow to both `a` and `b`.
+pub fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (_, da) = a.dims2("cosine_similarity")?;
+    let (_, db) = b.dims2("cosine_similarity")?;
+    if da != db {
+        return shape_err(
+            "cosine_similarity",
+            format!(
+                "rows of different lengths: {:?} and {:?}",
+                a.shape(),
+                b.shape()
+            ),
+        );
+    }
+    same_device("cosine_similarity", &[a, b])?;
+    let an = l2_normalize(a, 1, DEFAULT_EPS)?;
+    let bn = l2_normalize(b, 1, DEFAULT_EPS)?;
+    matmul::matmul_t(&an, &bn, false, true)
 }

@@ -1,30 +1,285 @@
 //! Reductions: sum and mean (whole tensor and along a dimension), log-sum-exp along a
 //! dimension; forward and backward on both devices. GPU: `shaders/reduce.wgsl`.
+//!
+//! A reduction along `dim` views the tensor as [outer, n, inner] (n = the size of `dim`), so
+//! one implementation serves every rank and dimension.
 
-use crate::engine::error::{invalid, Result};
+use crate::engine::error::{invalid, shape_err, Result};
+use crate::engine::gpu::{f, groups_for, u, GpuBuffer, Kernel};
+use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
+use crate::engine::Device;
+use crate::kernel;
+
+const REDUCE_DIM: Kernel = kernel!("reduce.wgsl", "reduce_dim", [Read, Read, Read, ReadWrite]);
+const SUM_PARTIAL: Kernel = kernel!("reduce.wgsl", "sum_partial", [Read, Read, Read, ReadWrite]);
+const EXPAND_DIM: Kernel = kernel!("reduce.wgsl", "expand_dim", [Read, Read, Read, ReadWrite]);
+
+/// Values summed by one workgroup in one pass of a whole-tensor sum (`CHUNK` in the shader).
+const CHUNK: usize = 2048;
+
+/// What a reduction along a dimension computes; the discriminant is the shader's op code.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum DimOp {
+    /// Sum times a constant (1 for sum, 1/n for mean).
+    ScaledSum(f32),
+    LogSumExp,
+}
+
+/// (outer, n, inner) of `shape` around `dim`.
+pub(crate) fn outer_n_inner(
+    shape: &[usize],
+    dim: usize,
+    op: &'static str,
+) -> Result<(usize, usize, usize)> {
+    if dim >= shape.len() {
+        return shape_err(
+            op,
+            format!("dimension {dim} of a tensor of shape {shape:?}"),
+        );
+    }
+    let outer = shape[..dim].iter().product();
+    let inner = shape[dim + 1..].iter().product();
+    Ok((outer, shape[dim], inner))
+}
+
+/// `shape` without `dim`; a vector reduces to shape [1] rather than a rank-0 tensor.
+fn reduced_shape(shape: &[usize], dim: usize) -> Vec<usize> {
+    let mut s: Vec<usize> = shape.to_vec();
+    s.remove(dim);
+    if s.is_empty() {
+        s.push(1);
+    }
+    s
+}
+
+/// Stable log(sum(exp(v))): shifted by the maximum (no shift when every value is -inf).
+pub fn logsumexp_slice(v: impl Iterator<Item = f32> + Clone) -> f32 {
+    let m = v.clone().fold(f32::NEG_INFINITY, f32::max);
+    let shift = if m.is_finite() { m } else { 0.0 };
+    shift + v.map(|x| (x - shift).exp()).sum::<f32>().ln()
+}
+
+/// Reduces along `dim` without recording.
+fn reduce_dim_raw(x: &Tensor, dim: usize, op: DimOp, name: &'static str) -> Result<Tensor> {
+    let (outer, n, inner) = outer_n_inner(x.shape(), dim, name)?;
+    if op == DimOp::LogSumExp && n == 0 {
+        return shape_err(
+            name,
+            format!("logsumexp over an empty dimension of {:?}", x.shape()),
+        );
+    }
+    let out_shape = reduced_shape(x.shape(), dim);
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let mut out = vec![0.0f32; outer * inner];
+            for o in 0..outer {
+                for i in 0..inner {
+                    let column = (0..n).map(|k| xv[(o * n + k) * inner + i]);
+                    out[o * inner + i] = match op {
+                        DimOp::ScaledSum(s) => column.sum::<f32>() * s,
+                        DimOp::LogSumExp => logsumexp_slice(column),
+                    };
+                }
+            }
+            Tensor::from_cpu(out, &out_shape)
+        }
+        Device::Gpu(ctx) => {
+            let cols = outer * inner;
+            let out = ctx.alloc(cols)?;
+            let (code, scale) = match op {
+                DimOp::ScaledSum(s) => (0, s),
+                DimOp::LogSumExp => (1, 1.0),
+            };
+            let xb = x.gpu()?;
+            let params = [u(outer), u(n), u(inner), code, f(scale)];
+            ctx.dispatch(&REDUCE_DIM, &params, &[xb, xb, xb, &out], cols as u32)?;
+            Tensor::from_gpu(out, &out_shape)
+        }
+    }
+}
+
+/// scale * sum of all values (of their squares when `squares`), shape [1], without recording.
+/// GPU: passes of CHUNK-to-one partial sums until one value is left.
+fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            // f64 accumulation keeps the reference accurate for large tensors.
+            let s: f64 = xv
+                .iter()
+                .map(|&v| {
+                    if squares {
+                        v as f64 * v as f64
+                    } else {
+                        v as f64
+                    }
+                })
+                .sum();
+            Tensor::from_cpu(vec![(s * scale as f64) as f32], &[1])
+        }
+        Device::Gpu(ctx) => {
+            let mut n = x.numel();
+            if n == 0 {
+                return Tensor::zeros(&[1], &x.device());
+            }
+            let mut first = true;
+            let mut current: Option<GpuBuffer> = None;
+            loop {
+                let parts = n.div_ceil(CHUNK);
+                let last = parts == 1;
+                let out = ctx.alloc(parts)?;
+                let src = current.as_ref().map_or_else(|| x.gpu(), Ok)?;
+                // Laid out as the shader's [outer, n, inner, op, scale]; only n is read.
+                let params = [
+                    1,
+                    u(n),
+                    1,
+                    u((first && squares) as usize),
+                    f(if last { scale } else { 1.0 }),
+                ];
+                ctx.dispatch(&SUM_PARTIAL, &params, &[src, src, src, &out], parts as u32)?;
+                if last {
+                    return Tensor::from_gpu(out, &[1]);
+                }
+                current = Some(out);
+                n = parts;
+                first = false;
+            }
+        }
+    }
+}
+
+/// Sum of the squares of all values, shape [1], not recorded (gradient norms).
+pub fn sum_squares_raw(x: &Tensor) -> Result<Tensor> {
+    sum_all_raw(x, 1.0, true)
+}
+
+/// Broadcasts `g` (shape of the reduction's output) back over `dim` of `like`'s shape:
+/// g * scale for sums, g * exp(x - y) for logsumexp (x = `like`, y = the forward output).
+fn expand_raw(
+    g: &Tensor,
+    like: &Tensor,
+    y: Option<&Tensor>,
+    dim: usize,
+    scale: f32,
+) -> Result<Tensor> {
+    let (outer, n, inner) = outer_n_inner(like.shape(), dim, "reduce backward")?;
+    match g.device() {
+        Device::Cpu => {
+            let gv = g.cpu()?;
+            let mut out = vec![0.0f32; outer * n * inner];
+            let xy = match y {
+                Some(y) => Some((like.cpu()?, y.cpu()?)),
+                None => None,
+            };
+            for o in 0..outer {
+                for k in 0..n {
+                    for i in 0..inner {
+                        let idx = (o * n + k) * inner + i;
+                        let col = o * inner + i;
+                        out[idx] = match &xy {
+                            Some((xv, yv)) => gv[col] * (xv[idx] - yv[col]).exp(),
+                            None => gv[col] * scale,
+                        };
+                    }
+                }
+            }
+            Tensor::from_cpu(out, like.shape())
+        }
+        Device::Gpu(ctx) => {
+            let total = outer * n * inner;
+            let out = ctx.alloc(total)?;
+            let gb = g.gpu()?;
+            let (code, xb, yb) = match y {
+                Some(y) => (1, like.gpu()?, y.gpu()?),
+                None => (0, gb, gb),
+            };
+            let params = [u(outer), u(n), u(inner), code, f(scale)];
+            ctx.dispatch(
+                &EXPAND_DIM,
+                &params,
+                &[xb, yb, gb, &out],
+                groups_for(total, 256),
+            )?;
+            Tensor::from_gpu(out, like.shape())
+        }
+    }
+}
+
+// ------------------------------------------------------------------ recorded ops
+
+/// Backward of a whole-tensor sum times `scale`: every input element gets g * scale.
+struct SumAllBack(f32);
+impl Backward for SumAllBack {
+    fn name(&self) -> &'static str {
+        "sum"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let flat = i[0].detach().reshape(&[i[0].numel()])?;
+        let gx = expand_raw(g, &flat, None, 0, self.0)?;
+        Ok(vec![Some(gx.reshape(i[0].shape())?)])
+    }
+}
 
 /// Sum of all elements, shape [1].
-pub fn sum(_x: &Tensor) -> Result<Tensor> {
-    invalid("sum", "not implemented yet")
+pub fn sum(x: &Tensor) -> Result<Tensor> {
+    Ok(sum_all_raw(x, 1.0, false)?.record(SumAllBack(1.0), &[x]))
 }
 
 /// Mean of all elements, shape [1].
-pub fn mean(_x: &Tensor) -> Result<Tensor> {
-    invalid("mean", "not implemented yet")
+pub fn mean(x: &Tensor) -> Result<Tensor> {
+    if x.numel() == 0 {
+        return invalid("mean", "mean of an empty tensor");
+    }
+    let s = 1.0 / x.numel() as f32;
+    Ok(sum_all_raw(x, s, false)?.record(SumAllBack(s), &[x]))
 }
 
-/// Sum along `dim` (removed from the shape).
-pub fn sum_dim(_x: &Tensor, _dim: usize) -> Result<Tensor> {
-    invalid("sum_dim", "not implemented yet")
+struct DimBack {
+    dim: usize,
+    op: DimOp,
+}
+impl Backward for DimBack {
+    fn name(&self) -> &'static str {
+        match self.op {
+            DimOp::ScaledSum(_) => "sum_dim",
+            DimOp::LogSumExp => "logsumexp_dim",
+        }
+    }
+    fn backward(&self, i: &[Tensor], out: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let gx = match self.op {
+            DimOp::ScaledSum(s) => expand_raw(g, &i[0], None, self.dim, s)?,
+            // d/dx logsumexp = softmax = exp(x - lse).
+            DimOp::LogSumExp => expand_raw(g, &i[0], Some(out), self.dim, 1.0)?,
+        };
+        Ok(vec![Some(gx)])
+    }
 }
 
-/// Mean along `dim` (removed from the shape).
-pub fn mean_dim(_x: &Tensor, _dim: usize) -> Result<Tensor> {
-    invalid("mean_dim", "not implemented yet")
+fn reduce_dim(x: &Tensor, dim: usize, op: DimOp, name: &'static str) -> Result<Tensor> {
+    Ok(reduce_dim_raw(x, dim, op, name)?.record(DimBack { dim, op }, &[x]))
+}
+
+/// Sum along `dim` (removed from the shape; a 1-D input gives shape [1]).
+pub fn sum_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
+    reduce_dim(x, dim, DimOp::ScaledSum(1.0), "sum_dim")
+}
+
+/// Mean along `dim` (removed from the shape; a 1-D input gives shape [1]).
+pub fn mean_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
+    let (_, n, _) = outer_n_inner(x.shape(), dim, "mean_dim")?;
+    if n == 0 {
+        return invalid(
+            "mean_dim",
+            format!("mean over an empty dimension of {:?}", x.shape()),
+        );
+    }
+    reduce_dim(x, dim, DimOp::ScaledSum(1.0 / n as f32), "mean_dim")
 }
 
 /// log(sum(exp(x))) along `dim` (removed from the shape), computed stably.
-pub fn logsumexp_dim(_x: &Tensor, _dim: usize) -> Result<Tensor> {
-    invalid("logsumexp_dim", "not implemented yet")
+pub fn logsumexp_dim(x: &Tensor, dim: usize) -> Result<Tensor> {
+    reduce_dim(x, dim, DimOp::LogSumExp, "logsumexp_dim")
 }

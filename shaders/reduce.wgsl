@@ -1,0 +1,138 @@
+// Reductions. A tensor reduced along one dimension is viewed as [outer, n, inner]; one
+// workgroup of 256 threads reduces one (outer, inner) column with a tree in workgroup memory.
+// Whole-tensor sums run in passes: every pass turns CHUNK values into one partial sum, until
+// one value is left (no float atomics).
+
+struct Params {
+    outer: u32,
+    n: u32,
+    inner: u32,
+    op: u32,
+    scale: f32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> x: array<f32>;
+// Forward output (logsumexp backward only).
+@group(0) @binding(2) var<storage, read> y: array<f32>;
+// Output gradient (backward entries only).
+@group(0) @binding(3) var<storage, read> g: array<f32>;
+@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+
+const WG: u32 = 256u;
+// Values folded into one partial sum by one workgroup of `sum_partial` (8 per thread).
+const CHUNK: u32 = 2048u;
+
+var<workgroup> sh: array<f32, 256>;
+
+// Tree sum of sh[0..256] into sh[0]; every thread of the workgroup must call it.
+fn tree_sum(lid: u32) -> f32 {
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        workgroupBarrier();
+        if (lid < s) {
+            sh[lid] = sh[lid] + sh[lid + s];
+        }
+    }
+    workgroupBarrier();
+    let r = sh[0];
+    workgroupBarrier();
+    return r;
+}
+
+fn tree_max(lid: u32) -> f32 {
+    for (var s = WG / 2u; s > 0u; s = s / 2u) {
+        workgroupBarrier();
+        if (lid < s) {
+            sh[lid] = max(sh[lid], sh[lid + s]);
+        }
+    }
+    workgroupBarrier();
+    let r = sh[0];
+    workgroupBarrier();
+    return r;
+}
+
+// op 0: sum * scale (sum, mean); op 1: logsumexp, shifted by the column maximum.
+@compute @workgroup_size(256)
+fn reduce_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let col = wg_linear(wid, nwg);
+    if (col >= p.outer * p.inner) {
+        return;
+    }
+    let o = col / p.inner;
+    let i = col % p.inner;
+    let base = o * p.n * p.inner + i;
+    if (p.op == 0u) {
+        var acc = 0.0;
+        for (var k = lid; k < p.n; k = k + WG) {
+            acc = acc + x[base + k * p.inner];
+        }
+        sh[lid] = acc;
+        let total = tree_sum(lid);
+        if (lid == 0u) {
+            out[col] = total * p.scale;
+        }
+    } else {
+        var m = -3.4028235e38;
+        for (var k = lid; k < p.n; k = k + WG) {
+            m = max(m, x[base + k * p.inner]);
+        }
+        sh[lid] = m;
+        let col_max = tree_max(lid);
+        var acc = 0.0;
+        for (var k = lid; k < p.n; k = k + WG) {
+            acc = acc + exp(x[base + k * p.inner] - col_max);
+        }
+        sh[lid] = acc;
+        let total = tree_sum(lid);
+        if (lid == 0u) {
+            out[col] = col_max + log(total);
+        }
+    }
+}
+
+// One pass of a whole-tensor sum: out[w] = scale * sum of x[w*CHUNK .. (w+1)*CHUNK), with
+// each value squared first when op == 1 (sum of squares, for gradient norms).
+@compute @workgroup_size(256)
+fn sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32) {
+    let w = wg_linear(wid, nwg);
+    let start = w * CHUNK;
+    if (start >= p.n) {
+        return;
+    }
+    var acc = 0.0;
+    // Consecutive threads read consecutive values on every step (coalesced).
+    for (var k = 0u; k < CHUNK / WG; k = k + 1u) {
+        let idx = start + k * WG + lid;
+        if (idx < p.n) {
+            let v = x[idx];
+            acc = acc + select(v, v * v, p.op == 1u);
+        }
+    }
+    sh[lid] = acc;
+    let total = tree_sum(lid);
+    if (lid == 0u) {
+        out[w] = total * p.scale;
+    }
+}
+
+// Backward of the reductions along a dimension, one thread per input element:
+// op 0: g[col] * scale (sum, mean); op 1: g[col] * exp(x - y[col]) (logsumexp).
+@compute @workgroup_size(256)
+fn expand_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32) {
+    let idx = wg_linear(wid, nwg) * WG + lid;
+    if (idx >= p.outer * p.n * p.inner) {
+        return;
+    }
+    let o = idx / (p.n * p.inner);
+    let i = idx % p.inner;
+    let col = o * p.inner + i;
+    if (p.op == 0u) {
+        out[idx] = g[col] * p.scale;
+    } else {
+        out[idx] = g[col] * exp(x[idx] - y[col]);
+    }
+}

@@ -1,0 +1,260 @@
+//! Proxy Anchor loss (Kim et al. 2020), as in the official code (SPEC section 4):
+//!
+//! ```text
+//! L = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x,p) - delta)))
+//!   + 1/|P|  sum_{p in P}  log(1 + sum_{x in X_p-} exp( alpha (s(x,p) + delta)))
+//! ```
+//!
+//! s is the cosine of the L2-normalised embedding and proxy. The cosine matrix comes from the
+//! engine's normalisation and GEMM (so their backward passes carry the gradient on to the
+//! embeddings and proxies); the per-proxy terms and d loss / d cos have their own kernels
+//! (`shaders/proxy_anchor.wgsl`).
+
+use crate::engine::error::{invalid, shape_err, Result};
+use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::ops::normalize::cosine_similarity;
+use crate::engine::tape::Backward;
+use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::{Device, Rng};
+use crate::kernel;
+
+const FORWARD: Kernel = kernel!(
+    "proxy_anchor.wgsl",
+    "pa_forward",
+    [Read, Read, Read, Read, ReadWrite]
+);
+const TOTAL: Kernel = kernel!(
+    "proxy_anchor.wgsl",
+    "pa_total",
+    [Read, Read, Read, Read, ReadWrite]
+);
+const BACKWARD: Kernel = kernel!(
+    "proxy_anchor.wgsl",
+    "pa_backward",
+    [Read, Read, Read, Read, ReadWrite]
+);
+
+/// The loss's hyper-parameters (the official defaults: alpha 32, margin delta 0.1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProxyAnchorConfig {
+    pub alpha: f32,
+    pub delta: f32,
+}
+
+impl Default for ProxyAnchorConfig {
+    fn default() -> Self {
+        ProxyAnchorConfig {
+            alpha: 32.0,
+            delta: 0.1,
+        }
+    }
+}
+
+/// Proxies [classes, dim] drawn Kaiming-normal in fan_out mode, as the official code's
+/// `torch.nn.init.kaiming_normal_(proxies, mode='fan_out')`: for a [C, D] tensor fan_out = C,
+/// so std = sqrt(2) / sqrt(C). Returned as a tracked leaf (a trainable parameter).
+pub fn init_proxies(classes: usize, dim: usize, rng: &mut Rng, device: &Device) -> Result<Tensor> {
+    if classes == 0 || dim == 0 {
+        return invalid(
+            "init_proxies",
+            format!("{classes} classes of dimension {dim}"),
+        );
+    }
+    let std = (2.0 / classes as f32).sqrt();
+    Ok(Tensor::randn(&[classes, dim], std, rng, device)?.var())
+}
+
+/// What the backward needs besides the cosine matrix.
+struct Terms {
+    alpha: f32,
+    delta: f32,
+    /// 1 / |P+|.
+    inv_pos: f32,
+    /// 1 / C.
+    inv_c: f32,
+}
+
+/// Stable log(1 + sum e^z): a log-sum-exp over {0, z...}.
+fn log1p_sum_exp(z: &[f32]) -> f32 {
+    let m = z.iter().fold(0.0f32, |m, &v| m.max(v));
+    m + ((-m).exp() + z.iter().map(|&v| (v - m).exp()).sum::<f32>()).ln()
+}
+
+/// The exponent of one cosine: -alpha (s - delta) for a positive pair, alpha (s + delta) else.
+fn exponent(s: f32, positive: bool, t: &Terms) -> f32 {
+    if positive {
+        -t.alpha * (s - t.delta)
+    } else {
+        t.alpha * (s + t.delta)
+    }
+}
+
+/// The per-proxy log-sum-exps [2C] (positive terms, then negative terms) and the loss [1].
+fn forward_raw(
+    cos: &Tensor,
+    labels: &Tensor,
+    label_idx: &[usize],
+    t: &Terms,
+) -> Result<(Tensor, Tensor)> {
+    let (b, c) = cos.dims2("proxy_anchor_loss")?;
+    match cos.device() {
+        Device::Cpu => {
+            let cv = cos.cpu()?;
+            let mut lse = vec![0.0f32; 2 * c];
+            for p in 0..c {
+                let (mut pos, mut neg) = (Vec::new(), Vec::new());
+                for x in 0..b {
+                    let positive = label_idx[x] == p;
+                    let z = exponent(cv[x * c + p], positive, t);
+                    if positive {
+                        pos.push(z)
+                    } else {
+                        neg.push(z)
+                    }
+                }
+                lse[p] = log1p_sum_exp(&pos);
+                lse[c + p] = log1p_sum_exp(&neg);
+            }
+            // Proxies without positives contribute log(1) = 0 to the positive sum.
+            let loss =
+                lse[..c].iter().sum::<f32>() * t.inv_pos + lse[c..].iter().sum::<f32>() * t.inv_c;
+            Ok((
+                Tensor::from_cpu(lse, &[2 * c])?,
+                Tensor::from_cpu(vec![loss], &[1])?,
+            ))
+        }
+        Device::Gpu(ctx) => {
+            let params = [u(b), u(c), f(t.alpha), f(t.delta), f(t.inv_pos), f(t.inv_c)];
+            let (cb, lb) = (cos.gpu()?, labels.gpu()?);
+            let lse = ctx.alloc(2 * c)?;
+            ctx.dispatch(&FORWARD, &params, &[cb, lb, cb, cb, &lse], c as u32)?;
+            let loss = ctx.alloc(1)?;
+            ctx.dispatch(&TOTAL, &params, &[&lse, lb, &lse, &lse, &loss], 1)?;
+            Ok((
+                Tensor::from_gpu(lse, &[2 * c])?,
+                Tensor::from_gpu(loss, &[1])?,
+            ))
+        }
+    }
+}
+
+/// d loss / d cos [B, C] for the loss gradient `g` [1].
+fn backward_raw(
+    cos: &Tensor,
+    labels: &Tensor,
+    label_idx: &[usize],
+    lse: &Tensor,
+    g: &Tensor,
+    t: &Terms,
+) -> Result<Tensor> {
+    let (b, c) = cos.dims2("proxy_anchor_loss backward")?;
+    match same_device("proxy_anchor_loss backward", &[cos, lse, g])? {
+        Device::Cpu => {
+            let (cv, lv, gv) = (cos.cpu()?, lse.cpu()?, g.cpu()?);
+            let mut out = vec![0.0f32; b * c];
+            for x in 0..b {
+                for p in 0..c {
+                    let positive = label_idx[x] == p;
+                    let z = exponent(cv[x * c + p], positive, t);
+                    // The softmax weight of z within its log-sum-exp, times dz/ds and 1/|P+| or 1/C.
+                    out[x * c + p] = gv[0]
+                        * if positive {
+                            -t.alpha * t.inv_pos * (z - lv[p]).exp()
+                        } else {
+                            t.alpha * t.inv_c * (z - lv[c + p]).exp()
+                        };
+                }
+            }
+            Tensor::from_cpu(out, &[b, c])
+        }
+        Device::Gpu(ctx) => {
+            let params = [u(b), u(c), f(t.alpha), f(t.delta), f(t.inv_pos), f(t.inv_c)];
+            let out = ctx.alloc(b * c)?;
+            let bufs = [cos.gpu()?, labels.gpu()?, lse.gpu()?, g.gpu()?, &out];
+            ctx.dispatch(&BACKWARD, &params, &bufs, groups_for(b * c, 256))?;
+            Tensor::from_gpu(out, &[b, c])
+        }
+    }
+}
+
+struct ProxyAnchorBack {
+    labels: Tensor,
+    label_idx: Vec<usize>,
+    lse: Tensor,
+    terms: Terms,
+}
+impl Backward for ProxyAnchorBack {
+    fn name(&self) -> &'static str {
+        "proxy_anchor_loss"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let d = backward_raw(
+            &i[0],
+            &self.labels,
+            &self.label_idx,
+            &self.lse,
+            g,
+            &self.terms,
+        )?;
+        Ok(vec![Some(d)])
+    }
+}
+
+/// The Proxy Anchor loss of `embeddings` [B, D] (not necessarily normalised) against
+/// `proxies` [C, D] with class `labels` (one per row, each < C), shape [1]. Recorded:
+/// gradients flow to both the embeddings and the proxies.
+pub fn proxy_anchor_loss(
+    embeddings: &Tensor,
+    proxies: &Tensor,
+    labels: &[usize],
+    alpha: f32,
+    delta: f32,
+) -> Result<Tensor> {
+    let (b, _) = embeddings.dims2("proxy_anchor_loss")?;
+    let (c, _) = proxies.dims2("proxy_anchor_loss")?;
+    if b == 0 || c == 0 {
+        return shape_err(
+            "proxy_anchor_loss",
+            format!("{b} embeddings and {c} proxies"),
+        );
+    }
+    if labels.len() != b {
+        return shape_err(
+            "proxy_anchor_loss",
+            format!("{} labels for {b} embeddings", labels.len()),
+        );
+    }
+    if let Some(&bad) = labels.iter().find(|&&l| l >= c) {
+        return invalid(
+            "proxy_anchor_loss",
+            format!("label {bad} with only {c} proxies"),
+        );
+    }
+    if !alpha.is_finite() || !delta.is_finite() {
+        return invalid("proxy_anchor_loss", format!("alpha {alpha}, delta {delta}"));
+    }
+    let device = same_device("proxy_anchor_loss", &[embeddings, proxies])?;
+    let mut has_positive = vec![false; c];
+    for &l in labels {
+        has_positive[l] = true;
+    }
+    let num_pos = has_positive.iter().filter(|&&h| h).count();
+    let terms = Terms {
+        alpha,
+        delta,
+        inv_pos: 1.0 / num_pos as f32,
+        inv_c: 1.0 / c as f32,
+    };
+    let cos = cosine_similarity(embeddings, proxies)?;
+    // Class indices travel as f32, exact below 2^24 classes.
+    let label_values: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
+    let label_tensor = Tensor::from_vec(label_values, &[b], &device)?;
+    let (lse, loss) = forward_raw(&cos, &label_tensor, labels, &terms)?;
+    let back = ProxyAnchorBack {
+        labels: label_tensor,
+        label_idx: labels.to_vec(),
+        lse,
+        terms,
+    };
+    Ok(loss.record(back, &[&cos]))
+}

@@ -1,0 +1,70 @@
+//! The fused PGD update: one step along the sign of the gradient, projected onto the
+//! L-infinity ball around the clean input and clipped to [0, 1] (SPEC section 7).
+//! GPU: `shaders/pgd.wgsl`.
+
+use crate::engine::error::{invalid, shape_err, Result};
+use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::Device;
+use crate::kernel;
+
+const PGD: Kernel = kernel!("pgd.wgsl", "pgd_step", [Read, Read, Read, ReadWrite]);
+
+/// sign with sign(0) = 0 (WGSL's convention; Rust's `signum` gives 1 for +0).
+fn sign0(v: f32) -> f32 {
+    if v > 0.0 {
+        1.0
+    } else if v < 0.0 {
+        -1.0
+    } else {
+        0.0
+    }
+}
+
+/// clamp(clamp(x_adv + alpha * sign(grad), x_orig - eps, x_orig + eps), 0, 1), not recorded.
+pub fn pgd_step(
+    x_adv: &Tensor,
+    grad: &Tensor,
+    x_orig: &Tensor,
+    alpha: f32,
+    eps: f32,
+) -> Result<Tensor> {
+    // Written so that a NaN eps is rejected too.
+    if eps.is_nan() || eps < 0.0 || !alpha.is_finite() {
+        return invalid(
+            "pgd_step",
+            format!("alpha {alpha} and eps {eps} (eps must be >= 0)"),
+        );
+    }
+    for (name, t) in [("grad", grad), ("x_orig", x_orig)] {
+        if t.shape() != x_adv.shape() {
+            return shape_err(
+                "pgd_step",
+                format!(
+                    "{name} of shape {:?} for x_adv of shape {:?}",
+                    t.shape(),
+                    x_adv.shape()
+                ),
+            );
+        }
+    }
+    match same_device("pgd_step", &[x_adv, grad, x_orig])? {
+        Device::Cpu => {
+            let (xa, g, x0) = (x_adv.cpu()?, grad.cpu()?, x_orig.cpu()?);
+            let out = (0..xa.len())
+                .map(|i| {
+                    let stepped = xa[i] + alpha * sign0(g[i]);
+                    stepped.max(x0[i] - eps).min(x0[i] + eps).clamp(0.0, 1.0)
+                })
+                .collect();
+            Tensor::from_cpu(out, x_adv.shape())
+        }
+        Device::Gpu(ctx) => {
+            let n = x_adv.numel();
+            let out = ctx.alloc(n)?;
+            let bufs = [x_adv.gpu()?, grad.gpu()?, x_orig.gpu()?, &out];
+            ctx.dispatch(&PGD, &[u(n), f(alpha), f(eps)], &bufs, groups_for(n, 256))?;
+            Tensor::from_gpu(out, x_adv.shape())
+        }
+    }
+}
