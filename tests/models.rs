@@ -65,7 +65,7 @@ fn synthetic_uniform(key: &str, shape: &[usize]) -> Vec<f32> {
 fn synthetic_generator_matches_python() {
     // Printed by the Python generator for synthetic_uniform('a.weight', (2, 3)).
     let want = [
-        0.482_336_79,
+        0.482_336_8,
         -0.766_024_5,
         1.140_800_4,
         1.349_950_6,
@@ -721,6 +721,27 @@ fn checkpoint_round_trip() {
     for (name, t, _) in model.params().iter() {
         assert_eq!(
             other.params().by_name(name).unwrap().to_vec().unwrap(),
+            t.to_vec().unwrap(),
+            "{name}"
+        );
+    }
+    // The single-network helpers.
+    let single = dir.join("single.safetensors");
+    model.save(&single).unwrap();
+    let mut third = EmbeddingNet::new(
+        Backbone::C2f2 {
+            input_size: (12, 8),
+        },
+        16,
+        &Device::Cpu,
+        &mut Rng::new(5),
+    )
+    .unwrap();
+    let meta = third.load(&single).unwrap();
+    assert_eq!(meta.meta("embedding_dim"), Some("16"));
+    for (name, t, _) in model.params().iter() {
+        assert_eq!(
+            third.params().by_name(name).unwrap().to_vec().unwrap(),
             t.to_vec().unwrap(),
             "{name}"
         );

@@ -26,6 +26,8 @@ pub const HEAD_PREFIX: &str = "embedding.";
 /// `F.normalize`'s default eps.
 pub const L2_EPS: f32 = 1e-12;
 pub const DEFAULT_EMBEDDING_DIM: usize = 512;
+/// Group name of a single network in a checkpoint written by [`EmbeddingNet::save`].
+pub const SINGLE_MODEL_PREFIX: &str = "model";
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Backbone {
@@ -214,6 +216,23 @@ impl EmbeddingNet {
             ckpt.insert(&format!("{prefix}/{name}"), t)?;
         }
         Ok(())
+    }
+
+    /// Saves this network alone to a checkpoint file (keys `model/<key>`, metadata `backbone`
+    /// and `embedding_dim`), atomically.
+    pub fn save(&self, path: impl AsRef<Path>) -> NnResult<()> {
+        let mut ck = Checkpoint::new();
+        self.save_to(&mut ck, SINGLE_MODEL_PREFIX)?;
+        ck.set_meta("backbone", self.backbone.name());
+        ck.set_meta("embedding_dim", self.embedding_dim.to_string());
+        ck.save(path)
+    }
+
+    /// Restores a network saved with [`EmbeddingNet::save`]; returns the checkpoint (metadata).
+    pub fn load(&mut self, path: impl AsRef<Path>) -> NnResult<Checkpoint> {
+        let ck = Checkpoint::load(path)?;
+        self.load_from(&ck, SINGLE_MODEL_PREFIX)?;
+        Ok(ck)
     }
 
     /// Restores every parameter and buffer from `ckpt` (`<prefix>/<key>`); all must be present
