@@ -347,3 +347,225 @@ fn bias_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     }
     if (lid.x == 0u) { out[ch] = red[0]; }
 }
+
+// ---------------------------------------------------------------------------------------
+// Register-blocked direct kernels. On SIMD-on-CPU adapters (llvmpipe) every non-constant
+// load costs a per-lane scalar loop whether it hits workgroup or storage memory, so what
+// counts is multiply-adds per value loaded: each invocation keeps RB x 8 accumulators and
+// loads RB + 8 values per reduction step (workgroup staging would only add loads). On
+// discrete GPUs the weight loads are uniform across a subgroup (broadcast) and the pixel
+// loads coalesce, so the same kernels stay reasonable there.
+
+const RB: u32 = 16u;   // rows (channels) per invocation
+const CB: u32 = 8u;    // consecutive pixels of one row per invocation
+
+// Forward: invocation = (group, block of RB output channels, 8 pixels of one output row).
+// tiles_m = channel blocks, tiles_n = pixel groups (n * oh * ceil(ow / 8)).
+@compute @workgroup_size(64, 1, 1)
+fn conv_forward_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_id) lid: vec3<u32>) {
+    let gid = wg_linear(wid, nwg) * 64u + lid.x;
+    let pg = gid % p.tiles_n;
+    let rest = gid / p.tiles_n;
+    let cb = rest % p.tiles_m;
+    let g = rest / p.tiles_m;
+    if (g >= p.groups) { return; }
+    let owb = (p.ow + CB - 1u) / CB;
+    let ox0 = (pg % owb) * CB;
+    let r1 = pg / owb;
+    let oy = r1 % p.oh;
+    let img = r1 / p.oh;
+    let khkw = p.kh * p.kw;
+    let hw = p.h * p.w;
+    let co0 = cb * RB;
+    let w_stride = p.cin_g * khkw;
+    // Rows past the group's channels read the last valid row; their results are never stored.
+    var w_row: array<u32, 16>;
+    for (var r = 0u; r < RB; r++) {
+        w_row[r] = (g * p.cout_g + min(co0 + r, p.cout_g - 1u)) * w_stride;
+    }
+    var acc: array<vec4<f32>, 32>;
+    for (var i = 0u; i < 32u; i++) { acc[i] = vec4<f32>(0.0); }
+    let x_img = (img * p.cin + g * p.cin_g) * hw;
+    let iy0 = i32(oy * p.sh) - i32(p.ph);
+    for (var ci = 0u; ci < p.cin_g; ci++) {
+        let x_ch = x_img + ci * hw;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let iy = iy0 + i32(ky * p.dh);
+            let row_ok = iy >= 0 && iy < i32(p.h);
+            let x_row = x_ch + u32(max(iy, 0)) * p.w;
+            for (var kx = 0u; kx < p.kw; kx++) {
+                var xv: array<f32, 8>;
+                for (var c = 0u; c < CB; c++) {
+                    let ix = i32((ox0 + c) * p.sw + kx * p.dw) - i32(p.pw);
+                    let ok = row_ok && ix >= 0 && ix < i32(p.w);
+                    xv[c] = select(0.0, a[select(0u, x_row + u32(ix), ok)], ok);
+                }
+                let x0 = vec4<f32>(xv[0], xv[1], xv[2], xv[3]);
+                let x1 = vec4<f32>(xv[4], xv[5], xv[6], xv[7]);
+                let tap = (ci * p.kh + ky) * p.kw + kx;
+                for (var r = 0u; r < RB; r++) {
+                    let wv = b[w_row[r] + tap];
+                    acc[2u * r] += wv * x0;
+                    acc[2u * r + 1u] += wv * x1;
+                }
+            }
+        }
+    }
+    let ohw = p.oh * p.ow;
+    for (var r = 0u; r < RB; r++) {
+        let co = co0 + r;
+        if (co >= p.cout_g) { break; }
+        let och = g * p.cout_g + co;
+        var bias = 0.0;
+        if (p.has_bias == 1u) { bias = c[och]; }
+        let o_row = (img * p.cout + och) * ohw + oy * p.ow;
+        for (var cc = 0u; cc < CB; cc++) {
+            if (ox0 + cc < p.ow) { out[o_row + ox0 + cc] = acc[2u * r + cc / 4u][cc % 4u] + bias; }
+        }
+    }
+}
+
+// Input gradient: invocation = (group, block of RB input channels, 8 pixels of one input row),
+// gathering for each (co, ky, kx) the dy pixel that tap read from (when the stride hits it).
+// tiles_m = channel blocks, tiles_n = pixel groups (n * h * ceil(w / 8)).
+@compute @workgroup_size(64, 1, 1)
+fn conv_input_grad_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_id) lid: vec3<u32>) {
+    let gid = wg_linear(wid, nwg) * 64u + lid.x;
+    let pg = gid % p.tiles_n;
+    let rest = gid / p.tiles_n;
+    let cb = rest % p.tiles_m;
+    let g = rest / p.tiles_m;
+    if (g >= p.groups) { return; }
+    let wb = (p.w + CB - 1u) / CB;
+    let ix0 = (pg % wb) * CB;
+    let r1 = pg / wb;
+    let iy = r1 % p.h;
+    let img = r1 / p.h;
+    let khkw = p.kh * p.kw;
+    let ohw = p.oh * p.ow;
+    let ci0 = cb * RB;
+    var w_col: array<u32, 16>;
+    for (var r = 0u; r < RB; r++) { w_col[r] = min(ci0 + r, p.cin_g - 1u) * khkw; }
+    var acc: array<vec4<f32>, 32>;
+    for (var i = 0u; i < 32u; i++) { acc[i] = vec4<f32>(0.0); }
+    let dy_img = (img * p.cout + g * p.cout_g) * ohw;
+    for (var co = 0u; co < p.cout_g; co++) {
+        let dy_ch = dy_img + co * ohw;
+        let w_co = (g * p.cout_g + co) * p.cin_g * khkw;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let ty = i32(iy + p.ph) - i32(ky * p.dh);
+            var oy = u32(max(ty, 0)) / p.sh;
+            let row_ok = ty >= 0 && oy * p.sh == u32(ty) && oy < p.oh;
+            let dy_row = dy_ch + select(0u, oy, row_ok) * p.ow;
+            for (var kx = 0u; kx < p.kw; kx++) {
+                var dv: array<f32, 8>;
+                for (var c = 0u; c < CB; c++) {
+                    let tx = i32(ix0 + c + p.pw) - i32(kx * p.dw);
+                    var ox = u32(max(tx, 0));
+                    var ok = row_ok && tx >= 0;
+                    if (p.sw != 1u) { ox = ox / p.sw; ok = ok && ox * p.sw == u32(tx); }
+                    ok = ok && ox < p.ow;
+                    dv[c] = select(0.0, a[select(0u, dy_row + ox, ok)], ok);
+                }
+                let d0 = vec4<f32>(dv[0], dv[1], dv[2], dv[3]);
+                let d1 = vec4<f32>(dv[4], dv[5], dv[6], dv[7]);
+                let tap = ky * p.kw + kx;
+                for (var r = 0u; r < RB; r++) {
+                    let wv = b[w_co + w_col[r] + tap];
+                    acc[2u * r] += wv * d0;
+                    acc[2u * r + 1u] += wv * d1;
+                }
+            }
+        }
+    }
+    let hw = p.h * p.w;
+    for (var r = 0u; r < RB; r++) {
+        let ci = ci0 + r;
+        if (ci >= p.cin_g) { break; }
+        let o_row = (img * p.cin + g * p.cin_g + ci) * hw + iy * p.w;
+        for (var cc = 0u; cc < CB; cc++) {
+            if (ix0 + cc < p.w) { out[o_row + ix0 + cc] = acc[2u * r + cc / 4u][cc % 4u]; }
+        }
+    }
+}
+
+// Weight gradient: invocation = (split, block of RB output channels, block of 8 weight
+// columns (ci, ky, kx) of the group, group), summing over its slice of (n, oy, ox).
+// tiles_m = channel blocks, tiles_n = column blocks, k_chunk = slice length.
+@compute @workgroup_size(64, 1, 1)
+fn conv_weight_grad_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_id) lid: vec3<u32>) {
+    let gid = wg_linear(wid, nwg) * 64u + lid.x;
+    let split = gid % p.splits;
+    let r0 = gid / p.splits;
+    let nb = r0 % p.tiles_n;
+    let r1 = r0 / p.tiles_n;
+    let cb = r1 % p.tiles_m;
+    let g = r1 / p.tiles_m;
+    if (g >= p.groups) { return; }
+    let khkw = p.kh * p.kw;
+    let hw = p.h * p.w;
+    let ohw = p.oh * p.ow;
+    let ncols = p.cin_g * khkw;
+    let co0 = cb * RB;
+    var dy_ch: array<u32, 16>;
+    for (var r = 0u; r < RB; r++) { dy_ch[r] = (g * p.cout_g + min(co0 + r, p.cout_g - 1u)) * ohw; }
+    // Each column's input channel offset and tap displacement, decoded once.
+    var x_ch: array<u32, 8>;
+    var dyo: array<i32, 8>;
+    var dxo: array<i32, 8>;
+    for (var c = 0u; c < CB; c++) {
+        let col = min(nb * CB + c, ncols - 1u);
+        let ci = col / khkw;
+        let tap = col % khkw;
+        x_ch[c] = (g * p.cin_g + ci) * hw;
+        dyo[c] = i32((tap / p.kw) * p.dh) - i32(p.ph);
+        dxo[c] = i32((tap % p.kw) * p.dw) - i32(p.pw);
+    }
+    var acc: array<vec4<f32>, 32>;
+    for (var i = 0u; i < 32u; i++) { acc[i] = vec4<f32>(0.0); }
+    let k_begin = split * p.k_chunk;
+    let k_end = min(p.gk, k_begin + p.k_chunk);
+    // (img, oy, ox) of k, advanced incrementally.
+    var img = k_begin / ohw;
+    var oy = (k_begin % ohw) / p.ow;
+    var ox = k_begin % p.ow;
+    for (var k = k_begin; k < k_end; k++) {
+        let dy_pix = img * p.cout * ohw + oy * p.ow + ox;
+        let x_img = img * p.cin * hw;
+        let iy = i32(oy * p.sh);
+        let ix = i32(ox * p.sw);
+        var xv: array<f32, 8>;
+        for (var c = 0u; c < CB; c++) {
+            let y = iy + dyo[c];
+            let x = ix + dxo[c];
+            let ok = y >= 0 && y < i32(p.h) && x >= 0 && x < i32(p.w);
+            xv[c] = select(0.0, b[select(0u, x_img + x_ch[c] + u32(y) * p.w + u32(x), ok)], ok);
+        }
+        let x0 = vec4<f32>(xv[0], xv[1], xv[2], xv[3]);
+        let x1 = vec4<f32>(xv[4], xv[5], xv[6], xv[7]);
+        for (var r = 0u; r < RB; r++) {
+            let dv = a[dy_pix + dy_ch[r]];
+            acc[2u * r] += dv * x0;
+            acc[2u * r + 1u] += dv * x1;
+        }
+        ox += 1u;
+        if (ox == p.ow) {
+            ox = 0u;
+            oy += 1u;
+            if (oy == p.oh) { oy = 0u; img += 1u; }
+        }
+    }
+    let slice = split * p.cout * ncols;
+    for (var r = 0u; r < RB; r++) {
+        let co = co0 + r;
+        if (co >= p.cout_g) { break; }
+        let o_row = slice + (g * p.cout_g + co) * ncols;
+        for (var cc = 0u; cc < CB; cc++) {
+            let col = nb * CB + cc;
+            if (col < ncols) { out[o_row + col] = acc[2u * r + cc / 4u][cc % 4u]; }
+        }
+    }
+}

@@ -1,8 +1,9 @@
 // Depthwise convolution (groups == C_in, C_out = mult * C_in: output channel co filters input
 // channel co / mult with its own kh x kw taps). One dispatch covers every channel.
 //
-//   dw_forward      one invocation per output pixel, 8x8 pixel tiles of one (n, co) plane
-//   dw_input_grad   one invocation per input pixel, gathering the dy pixels it fed (no atomics)
+//   dw_forward      one invocation per run of 8 output pixels of one row
+//   dw_input_grad   one invocation per run of 8 input pixels, gathering the dy pixels they fed
+//                   (no atomics)
 //   dw_weight_grad  one workgroup per (channel, image slice): each invocation sums its pixels
 //                   for every tap, then a workgroup tree reduction; slices are added by
 //                   conv2d.wgsl's sum_splits when there are several.
@@ -28,34 +29,36 @@ struct Params {
 @group(0) @binding(3) var<storage, read> c: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const T: u32 = 8u;     // pixel tile edge of dw_forward / dw_input_grad
 const MAXTAPS: u32 = 9u; // taps accumulated at once by dw_weight_grad
 const WG: u32 = 256u;
 
 var<workgroup> red: array<f32, 2304>; // [MAXTAPS][WG]
 
-// Pixel (y, x) and plane index of this invocation in a grid of T x T tiles over planes of
-// rows x cols; ok is false past the edge.
-struct Pixel { y: u32, x: u32, plane: u32, ok: bool }
+// Every non-constant load costs a per-lane loop on SIMD-on-CPU adapters (llvmpipe), so the
+// pixel kernels give each invocation a run of PX pixels of one row: a tap's weight is loaded
+// once for PX pixels, and the common 3-wide, stride-1 case reads one sliding window per row.
+const PX: u32 = 8u;
 
-fn pixel_of(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, rows: u32, cols: u32) -> Pixel {
-    let lin = wg_linear(wid, nwg);
-    let tiles_x = (cols + T - 1u) / T;
-    let tiles_y = (rows + T - 1u) / T;
-    var px: Pixel;
-    px.x = (lin % tiles_x) * T + lid.x;
-    let r = lin / tiles_x;
-    px.y = (r % tiles_y) * T + lid.y;
-    px.plane = r / tiles_y;
-    px.ok = lin < p.total_groups && px.x < cols && px.y < rows;
-    return px;
+// (row, first column, plane) of this invocation over planes of rows x cols, PX columns each.
+struct Run { y: u32, x0: u32, plane: u32, ok: bool }
+
+fn run_of(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, rows: u32, cols: u32, planes: u32) -> Run {
+    let gid = wg_linear(wid, nwg) * 64u + lid.x;
+    let runs = (cols + PX - 1u) / PX;
+    var r: Run;
+    r.x0 = (gid % runs) * PX;
+    let q = gid / runs;
+    r.y = q % rows;
+    r.plane = q / rows;
+    r.ok = r.plane < planes;
+    return r;
 }
 
 // Bindings: a = x, b = w, c = bias, out = y.
-@compute @workgroup_size(8, 8, 1)
+@compute @workgroup_size(64, 1, 1)
 fn dw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_id) lid: vec3<u32>) {
-    let o = pixel_of(wid, nwg, lid, p.oh, p.ow);
+    let o = run_of(wid, nwg, lid, p.oh, p.ow, p.n * p.cout);
     if (!o.ok) { return; }
     let mult = p.cout / p.cin;
     let co = o.plane % p.cout;
@@ -63,58 +66,96 @@ fn dw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let x_base = (img * p.cin + co / mult) * p.h * p.w;
     let w_base = co * p.kh * p.kw;
     let iy0 = i32(o.y * p.sh) - i32(p.ph);
-    let ix0 = i32(o.x * p.sw) - i32(p.pw);
-    var s = 0.0;
-    if (p.has_bias == 1u) { s = c[co]; }
+    var acc: array<f32, 8>;
+    var b0 = 0.0;
+    if (p.has_bias == 1u) { b0 = c[co]; }
+    for (var j = 0u; j < PX; j++) { acc[j] = b0; }
+    let window = p.sw == 1u && p.dw == 1u && p.kw == 3u;
     for (var ky = 0u; ky < p.kh; ky++) {
         let iy = iy0 + i32(ky * p.dh);
         if (iy < 0 || iy >= i32(p.h)) { continue; }
         let row = x_base + u32(iy) * p.w;
-        for (var kx = 0u; kx < p.kw; kx++) {
-            let ix = ix0 + i32(kx * p.dw);
-            if (ix >= 0 && ix < i32(p.w)) { s += a[row + u32(ix)] * b[w_base + ky * p.kw + kx]; }
+        if (window) {
+            // x[ix0 - pw + j], j < PX + 2, serves output j through tap kx as win[j + kx].
+            var win: array<f32, 10>;
+            for (var j = 0u; j < PX + 2u; j++) {
+                let ix = i32(o.x0 + j) - i32(p.pw);
+                let ok = ix >= 0 && ix < i32(p.w);
+                win[j] = select(0.0, a[select(0u, row + u32(ix), ok)], ok);
+            }
+            let w0 = b[w_base + ky * 3u];
+            let w1 = b[w_base + ky * 3u + 1u];
+            let w2 = b[w_base + ky * 3u + 2u];
+            for (var j = 0u; j < PX; j++) { acc[j] += w0 * win[j] + w1 * win[j + 1u] + w2 * win[j + 2u]; }
+        } else {
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let wt = b[w_base + ky * p.kw + kx];
+                for (var j = 0u; j < PX; j++) {
+                    let ix = i32((o.x0 + j) * p.sw + kx * p.dw) - i32(p.pw);
+                    let ok = ix >= 0 && ix < i32(p.w);
+                    acc[j] += wt * select(0.0, a[select(0u, row + u32(ix), ok)], ok);
+                }
+            }
         }
     }
-    out[o.plane * p.oh * p.ow + o.y * p.ow + o.x] = s;
+    let o_row = o.plane * p.oh * p.ow + o.y * p.ow;
+    for (var j = 0u; j < PX; j++) {
+        if (o.x0 + j < p.ow) { out[o_row + o.x0 + j] = acc[j]; }
+    }
 }
 
-// Bindings: a = dy, b = w, out = dx.
-@compute @workgroup_size(8, 8, 1)
+// Bindings: a = dy, b = w, out = dx. Each input pixel gathers the dy pixels its taps fed.
+@compute @workgroup_size(64, 1, 1)
 fn dw_input_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_id) lid: vec3<u32>) {
-    let i = pixel_of(wid, nwg, lid, p.h, p.w);
+    let i = run_of(wid, nwg, lid, p.h, p.w, p.n * p.cin);
     if (!i.ok) { return; }
     let mult = p.cout / p.cin;
     let ci = i.plane % p.cin;
     let img = i.plane / p.cin;
     let ohw = p.oh * p.ow;
     let khkw = p.kh * p.kw;
-    var s = 0.0;
+    var acc: array<f32, 8>;
+    for (var j = 0u; j < PX; j++) { acc[j] = 0.0; }
+    let window = p.sw == 1u && p.dw == 1u && p.kw == 3u;
     for (var m = 0u; m < mult; m++) {
         let co = ci * mult + m;
         let dy_base = (img * p.cout + co) * ohw;
         for (var ky = 0u; ky < p.kh; ky++) {
             let ty = i32(i.y + p.ph) - i32(ky * p.dh);
             if (ty < 0) { continue; }
-            var oy = u32(ty);
-            if (p.sh != 1u) {
-                oy = oy / p.sh;
-                if (oy * p.sh != u32(ty)) { continue; }
-            }
-            if (oy >= p.oh) { continue; }
-            for (var kx = 0u; kx < p.kw; kx++) {
-                let tx = i32(i.x + p.pw) - i32(kx * p.dw);
-                if (tx < 0) { continue; }
-                var ox = u32(tx);
-                if (p.sw != 1u) {
-                    ox = ox / p.sw;
-                    if (ox * p.sw != u32(tx)) { continue; }
+            let oy = u32(ty) / p.sh;
+            if (oy * p.sh != u32(ty) || oy >= p.oh) { continue; }
+            let row = dy_base + oy * p.ow;
+            if (window) {
+                // dy[ix0 + pw - 2 + j] serves input j through tap kx as win[j + 2 - kx].
+                var win: array<f32, 10>;
+                for (var j = 0u; j < PX + 2u; j++) {
+                    let ox = i32(i.x0 + p.pw + j) - 2;
+                    let ok = ox >= 0 && ox < i32(p.ow);
+                    win[j] = select(0.0, a[select(0u, row + u32(ox), ok)], ok);
                 }
-                if (ox < p.ow) { s += a[dy_base + oy * p.ow + ox] * b[co * khkw + ky * p.kw + kx]; }
+                let w0 = b[co * khkw + ky * 3u];
+                let w1 = b[co * khkw + ky * 3u + 1u];
+                let w2 = b[co * khkw + ky * 3u + 2u];
+                for (var j = 0u; j < PX; j++) { acc[j] += w0 * win[j + 2u] + w1 * win[j + 1u] + w2 * win[j]; }
+            } else {
+                for (var kx = 0u; kx < p.kw; kx++) {
+                    let wt = b[co * khkw + ky * p.kw + kx];
+                    for (var j = 0u; j < PX; j++) {
+                        let tx = i32(i.x0 + j + p.pw) - i32(kx * p.dw);
+                        let ox = u32(max(tx, 0)) / p.sw;
+                        let ok = tx >= 0 && ox * p.sw == u32(tx) && ox < p.ow;
+                        acc[j] += wt * select(0.0, a[select(0u, row + ox, ok)], ok);
+                    }
+                }
             }
         }
     }
-    out[i.plane * p.h * p.w + i.y * p.w + i.x] = s;
+    let o_row = i.plane * p.h * p.w + i.y * p.w;
+    for (var j = 0u; j < PX; j++) {
+        if (i.x0 + j < p.w) { out[o_row + i.x0 + j] = acc[j]; }
+    }
 }
 
 // Bindings: a = dy, b = x, out = dw (splits == 1) or partial sums [splits][cout][kh][kw].

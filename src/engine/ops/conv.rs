@@ -34,9 +34,9 @@ impl Default for Conv2dParams {
 const OP: &str = "conv2d";
 
 // All conv2d.wgsl entries share one layout: a, b, c read; out read-write.
-const FORWARD: Kernel = kernel!("conv2d.wgsl", "conv_forward", [Read, Read, Read, ReadWrite]);
-const INPUT_GRAD: Kernel = kernel!("conv2d.wgsl", "conv_input_grad", [Read, Read, Read, ReadWrite]);
-const WEIGHT_GRAD: Kernel = kernel!("conv2d.wgsl", "conv_weight_grad", [Read, Read, Read, ReadWrite]);
+const FORWARD: Kernel = kernel!("conv2d.wgsl", "conv_forward_rb", [Read, Read, Read, ReadWrite]);
+const INPUT_GRAD: Kernel = kernel!("conv2d.wgsl", "conv_input_grad_rb", [Read, Read, Read, ReadWrite]);
+const WEIGHT_GRAD: Kernel = kernel!("conv2d.wgsl", "conv_weight_grad_rb", [Read, Read, Read, ReadWrite]);
 const SUM_SPLITS: Kernel = kernel!("conv2d.wgsl", "sum_splits", [Read, Read, Read, ReadWrite]);
 const BIAS_GRAD: Kernel = kernel!("conv2d.wgsl", "bias_grad", [Read, Read, Read, ReadWrite]);
 
@@ -47,8 +47,8 @@ const DW_WEIGHT_GRAD: Kernel = kernel!("depthwise.wgsl", "dw_weight_grad", [Read
 /// GEMM output tile edge of `conv2d.wgsl` and its reduction step.
 const TILE: usize = 64;
 const BK: usize = 16;
-/// Output tile edge (in pixels) of one depthwise workgroup.
-const DW_TILE: usize = 8;
+/// Pixels of one row per invocation of the depthwise pixel kernels.
+const DW_RUN: usize = 8;
 /// Below this the shaders may divide through f32 reciprocals (exact for such dividends).
 const FAST_DIV_LIMIT: usize = 1 << 22;
 
@@ -292,12 +292,11 @@ fn gpu_forward(ctx: &Arc<GpuContext>, g: &Geom, x: &Tensor, w: &Tensor, bias: Op
         }
     };
     if g.is_depthwise() {
-        let tiles = g.n * g.cout * g.oh.div_ceil(DW_TILE) * g.ow.div_ceil(DW_TILE);
+        let tiles = (g.n * g.cout * g.oh * g.ow.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
         let l = Launch { has_bias: bias.is_some(), total_groups: tiles, ..Default::default() };
         run(ctx, &DW_FORWARD, g, &l, [x.gpu()?, w.gpu()?, bias_buf, &out])?;
     } else {
-        let mut l = gemm_launch(g.cout_g, g.n * g.oh * g.ow, g.cin_g * g.kh * g.kw, g.groups, 1, 0);
-        l.has_bias = bias.is_some();
+        let l = register_blocked(g.cout_g, g.n * g.oh * g.ow.div_ceil(PIXELS_PER_INVOCATION), g.groups, bias.is_some());
         run(ctx, &FORWARD, g, &l, [x.gpu()?, w.gpu()?, bias_buf, &out])?;
     }
     Tensor::from_gpu(out, &g.out_shape())
@@ -307,24 +306,42 @@ fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> R
     let out = ctx.alloc(g.n * g.cin * g.h * g.w)?;
     let unused = dummy(ctx)?;
     if g.is_depthwise() {
-        let tiles = g.n * g.cin * g.h.div_ceil(DW_TILE) * g.w.div_ceil(DW_TILE);
+        let tiles = (g.n * g.cin * g.h * g.w.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
         let l = Launch { total_groups: tiles, ..Default::default() };
         run(ctx, &DW_INPUT_GRAD, g, &l, [dy.gpu()?, w.gpu()?, &unused, &out])?;
     } else {
-        let l = gemm_launch(g.cin_g, g.n * g.h * g.w, g.cout_g * g.kh * g.kw, g.groups, 1, 0);
+        let l = register_blocked(g.cin_g, g.n * g.h * g.w.div_ceil(PIXELS_PER_INVOCATION), g.groups, false);
         run(ctx, &INPUT_GRAD, g, &l, [dy.gpu()?, w.gpu()?, &unused, &out])?;
     }
     Tensor::from_gpu(out, &[g.n, g.cin, g.h, g.w])
 }
 
+/// Channels and pixels per invocation of the register-blocked kernels.
+const ROWS_PER_INVOCATION: usize = 16;
+const PIXELS_PER_INVOCATION: usize = 8;
+const RB_WORKGROUP: usize = 64;
+
+/// A launch of a register-blocked kernel: one invocation per (group, block of channels,
+/// pixel group), 64 invocations per workgroup.
+fn register_blocked(channels: usize, pixel_groups: usize, groups: usize, has_bias: bool) -> Launch {
+    let blocks = channels.div_ceil(ROWS_PER_INVOCATION);
+    Launch {
+        tiles_m: blocks,
+        tiles_n: pixel_groups,
+        has_bias,
+        total_groups: (blocks * pixel_groups * groups).div_ceil(RB_WORKGROUP),
+        ..Default::default()
+    }
+}
+
 /// How many slices the weight-gradient reduction over N*H_out*W_out is cut into: enough
 /// workgroups to fill a GPU, each slice still long, partial sums bounded in memory.
 fn weight_grad_splits(g: &Geom, out_len: usize, base_groups: usize) -> usize {
-    const WANT_GROUPS: usize = 256;
-    const MIN_SLICE: usize = 256;
+    const WANT_INVOCATIONS: usize = 8192;
+    const MIN_SLICE: usize = 64;
     const MAX_PARTIAL_ELEMS: usize = 8 << 20;
     let k = g.n * g.oh * g.ow;
-    let by_groups = WANT_GROUPS.div_ceil(base_groups.max(1));
+    let by_groups = WANT_INVOCATIONS.div_ceil(base_groups.max(1));
     let by_length = (k / MIN_SLICE).max(1);
     let by_memory = (MAX_PARTIAL_ELEMS / out_len.max(1)).max(1);
     by_groups.min(by_length).min(by_memory).max(1)
@@ -343,11 +360,21 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
         (&DW_WEIGHT_GRAD, l)
     } else {
         let (m, n, k) = (g.cout_g, g.cin_g * g.kh * g.kw, g.n * g.oh * g.ow);
-        let base = m.div_ceil(TILE) * n.div_ceil(TILE) * g.groups;
+        let (row_blocks, col_blocks) = (m.div_ceil(ROWS_PER_INVOCATION), n.div_ceil(PIXELS_PER_INVOCATION));
+        let base = row_blocks * col_blocks * g.groups;
         let splits = weight_grad_splits(g, out_len, base);
-        let k_chunk = (k.div_ceil(splits).div_ceil(BK) * BK).max(BK);
+        let k_chunk = k.div_ceil(splits).max(1);
         let splits = k.div_ceil(k_chunk).max(1);
-        (&WEIGHT_GRAD, gemm_launch(m, n, k, g.groups, splits, k_chunk))
+        let l = Launch {
+            gemm_k: k,
+            tiles_m: row_blocks,
+            tiles_n: col_blocks,
+            splits,
+            k_chunk,
+            total_groups: (base * splits).div_ceil(RB_WORKGROUP),
+            ..Default::default()
+        };
+        (&WEIGHT_GRAD, l)
     };
     let out = ctx.alloc(out_len)?;
     if l.splits == 1 {
