@@ -14,7 +14,12 @@ fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after_name = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0 // utime, stime in clock ticks (USER_HZ = 100)
 }
 
@@ -38,7 +43,13 @@ fn median_ms(device: &Device, mut run: impl FnMut() -> Result<()>) -> Result<(f6
 }
 
 /// Forward alone, then forward + backward (dx and dw), for one convolution.
-fn time_case(device: &Device, name: &str, x_shape: [usize; 4], w_shape: [usize; 4], p: Conv2dParams) -> Result<()> {
+fn time_case(
+    device: &Device,
+    name: &str,
+    x_shape: [usize; 4],
+    w_shape: [usize; 4],
+    p: Conv2dParams,
+) -> Result<()> {
     let mut rng = Rng::new(1);
     let x = Tensor::randn(&x_shape, 1.0, &mut rng, device)?;
     let w = Tensor::randn(&w_shape, 0.1, &mut rng, device)?;
@@ -62,10 +73,29 @@ fn time_case(device: &Device, name: &str, x_shape: [usize; 4], w_shape: [usize; 
 fn main() -> Result<()> {
     let device = Device::gpu()?;
     println!("device: {}", device.name());
-    let conv3x3 = Conv2dParams { padding: (1, 1), ..Default::default() };
-    time_case(&device, "conv3x3 [8,32,56,56] -> 32", [8, 32, 56, 56], [32, 32, 3, 3], conv3x3)?;
-    let depthwise = Conv2dParams { padding: (1, 1), groups: 96, ..Default::default() };
-    time_case(&device, "depthwise3x3 [8,96,56,56] groups 96", [8, 96, 56, 56], [96, 1, 3, 3], depthwise)?;
+    let conv3x3 = Conv2dParams {
+        padding: (1, 1),
+        ..Default::default()
+    };
+    time_case(
+        &device,
+        "conv3x3 [8,32,56,56] -> 32",
+        [8, 32, 56, 56],
+        [32, 32, 3, 3],
+        conv3x3,
+    )?;
+    let depthwise = Conv2dParams {
+        padding: (1, 1),
+        groups: 96,
+        ..Default::default()
+    };
+    time_case(
+        &device,
+        "depthwise3x3 [8,96,56,56] groups 96",
+        [8, 96, 56, 56],
+        [96, 1, 3, 3],
+        depthwise,
+    )?;
     println!("peer (burn wgpu, llvmpipe, wall): conv3x3 117 / 670 ms, depthwise 27 / 491 ms");
     println!("cpu = process CPU time; on an idle 2-core machine wall is about cpu / 2");
     Ok(())

@@ -3,7 +3,9 @@
 
 use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
 use robust_dml::engine::tape::no_grad;
-use robust_dml::engine::testing::{assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck};
+use robust_dml::engine::testing::{
+    assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck,
+};
 use robust_dml::engine::Tensor;
 
 /// One test configuration: input shape, output channels, kernel size and hyper-parameters.
@@ -27,21 +29,89 @@ fn params(stride: usize, padding: usize, dilation: usize, groups: usize) -> Conv
 
 fn cases() -> Vec<Case> {
     vec![
-        Case { name: "3x3 pad 1", x: [2, 3, 7, 5], cout: 4, k: (3, 3), p: params(1, 1, 1, 1), bias: true },
-        Case { name: "3x3 stride 2 odd spatial", x: [2, 3, 7, 5], cout: 4, k: (3, 3), p: params(2, 1, 1, 1), bias: true },
-        Case { name: "3x3 dilation 2", x: [2, 3, 7, 6], cout: 4, k: (3, 3), p: params(1, 2, 2, 1), bias: false },
-        Case { name: "groups 3", x: [2, 6, 5, 5], cout: 9, k: (3, 3), p: params(1, 1, 1, 3), bias: true },
-        Case { name: "depthwise stride 1", x: [2, 5, 7, 5], cout: 5, k: (3, 3), p: params(1, 1, 1, 5), bias: true },
-        Case { name: "depthwise stride 2", x: [2, 5, 7, 5], cout: 5, k: (3, 3), p: params(2, 1, 1, 5), bias: false },
-        Case { name: "depthwise multiplier 2", x: [2, 3, 6, 5], cout: 6, k: (3, 3), p: params(1, 1, 1, 3), bias: true },
-        Case { name: "1x1", x: [2, 5, 4, 3], cout: 7, k: (1, 1), p: params(1, 0, 1, 1), bias: false },
-        Case { name: "7x7 stride 2 pad 3", x: [2, 3, 9, 8], cout: 4, k: (7, 7), p: params(2, 3, 1, 1), bias: true },
+        Case {
+            name: "3x3 pad 1",
+            x: [2, 3, 7, 5],
+            cout: 4,
+            k: (3, 3),
+            p: params(1, 1, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "3x3 stride 2 odd spatial",
+            x: [2, 3, 7, 5],
+            cout: 4,
+            k: (3, 3),
+            p: params(2, 1, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "3x3 dilation 2",
+            x: [2, 3, 7, 6],
+            cout: 4,
+            k: (3, 3),
+            p: params(1, 2, 2, 1),
+            bias: false,
+        },
+        Case {
+            name: "groups 3",
+            x: [2, 6, 5, 5],
+            cout: 9,
+            k: (3, 3),
+            p: params(1, 1, 1, 3),
+            bias: true,
+        },
+        Case {
+            name: "depthwise stride 1",
+            x: [2, 5, 7, 5],
+            cout: 5,
+            k: (3, 3),
+            p: params(1, 1, 1, 5),
+            bias: true,
+        },
+        Case {
+            name: "depthwise stride 2",
+            x: [2, 5, 7, 5],
+            cout: 5,
+            k: (3, 3),
+            p: params(2, 1, 1, 5),
+            bias: false,
+        },
+        Case {
+            name: "depthwise multiplier 2",
+            x: [2, 3, 6, 5],
+            cout: 6,
+            k: (3, 3),
+            p: params(1, 1, 1, 3),
+            bias: true,
+        },
+        Case {
+            name: "1x1",
+            x: [2, 5, 4, 3],
+            cout: 7,
+            k: (1, 1),
+            p: params(1, 0, 1, 1),
+            bias: false,
+        },
+        Case {
+            name: "7x7 stride 2 pad 3",
+            x: [2, 3, 9, 8],
+            cout: 4,
+            k: (7, 7),
+            p: params(2, 3, 1, 1),
+            bias: true,
+        },
         Case {
             name: "rectangular kernel, mixed stride",
             x: [2, 2, 6, 7],
             cout: 3,
             k: (2, 3),
-            p: Conv2dParams { stride: (1, 2), padding: (0, 1), dilation: (2, 1), groups: 1 },
+            p: Conv2dParams {
+                stride: (1, 2),
+                padding: (0, 1),
+                dilation: (2, 1),
+                groups: 1,
+            },
             bias: true,
         },
     ]
@@ -62,7 +132,10 @@ fn run(t: &[Tensor], p: Conv2dParams) -> robust_dml::engine::Result<Tensor> {
 
 #[test]
 fn conv_gradients() {
-    let opts = GradCheck { max_probes: 24, ..GradCheck::default() };
+    let opts = GradCheck {
+        max_probes: 24,
+        ..GradCheck::default()
+    };
     for (i, c) in cases().iter().enumerate() {
         let p = c.p;
         assert_grad(c.name, |t| run(t, p), &inputs(c, 10 * i as u64), opts);
@@ -71,10 +144,19 @@ fn conv_gradients() {
 
 #[test]
 fn conv_gpu_matches_cpu() {
-    let Some(gpu) = gpu_or_skip("conv_gpu_matches_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("conv_gpu_matches_cpu") else {
+        return;
+    };
     for (i, c) in cases().iter().enumerate() {
         let p = c.p;
-        assert_parity(c.name, &gpu, |t| run(t, p), &inputs(c, 100 + i as u64), 1e-4, 1e-4);
+        assert_parity(
+            c.name,
+            &gpu,
+            |t| run(t, p),
+            &inputs(c, 100 + i as u64),
+            1e-4,
+            1e-4,
+        );
     }
 }
 
@@ -82,15 +164,45 @@ fn conv_gpu_matches_cpu() {
 /// weight-gradient slices, several depthwise image slices and 8x8 pixel tiles.
 #[test]
 fn conv_gpu_matches_cpu_tile_edges() {
-    let Some(gpu) = gpu_or_skip("conv_gpu_matches_cpu_tile_edges") else { return };
+    let Some(gpu) = gpu_or_skip("conv_gpu_matches_cpu_tile_edges") else {
+        return;
+    };
     let big = [
-        Case { name: "65 out channels, 17 x 9 taps", x: [3, 17, 9, 10], cout: 65, k: (3, 3), p: params(1, 1, 1, 1), bias: true },
-        Case { name: "depthwise 3 images", x: [3, 4, 9, 17], cout: 4, k: (3, 3), p: params(1, 1, 1, 4), bias: true },
-        Case { name: "depthwise 5x5 (two tap chunks)", x: [2, 3, 9, 10], cout: 3, k: (5, 5), p: params(2, 2, 1, 3), bias: false },
+        Case {
+            name: "65 out channels, 17 x 9 taps",
+            x: [3, 17, 9, 10],
+            cout: 65,
+            k: (3, 3),
+            p: params(1, 1, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "depthwise 3 images",
+            x: [3, 4, 9, 17],
+            cout: 4,
+            k: (3, 3),
+            p: params(1, 1, 1, 4),
+            bias: true,
+        },
+        Case {
+            name: "depthwise 5x5 (two tap chunks)",
+            x: [2, 3, 9, 10],
+            cout: 3,
+            k: (5, 5),
+            p: params(2, 2, 1, 3),
+            bias: false,
+        },
     ];
     for (i, c) in big.iter().enumerate() {
         let p = c.p;
-        assert_parity(c.name, &gpu, |t| run(t, p), &inputs(c, 200 + i as u64), 2e-4, 2e-4);
+        assert_parity(
+            c.name,
+            &gpu,
+            |t| run(t, p),
+            &inputs(c, 200 + i as u64),
+            2e-4,
+            2e-4,
+        );
     }
 }
 
@@ -117,7 +229,11 @@ fn conv_hand_computed() {
     assert_eq!(y.shape(), &[1, 1, 2, 2]);
     assert_eq!(y.to_vec().unwrap(), vec![-3.5; 4]);
     // Padding 1, stride 2: outputs at (-1,-1), (-1,1), (1,-1), (1,1) of the padded grid.
-    let p = Conv2dParams { stride: (2, 2), padding: (1, 1), ..Default::default() };
+    let p = Conv2dParams {
+        stride: (2, 2),
+        padding: (1, 1),
+        ..Default::default()
+    };
     let y = conv2d(&x, &w, None, p).unwrap();
     assert_eq!(y.to_vec().unwrap(), vec![-1., -3., -7., 5. - 9.]);
     // dL/dx for L = sum(y) of the unpadded conv: each x gets sum of the weights it met.
@@ -125,9 +241,21 @@ fn conv_hand_computed() {
     let y = conv2d(&xv, &w, None, Conv2dParams::default()).unwrap();
     let loss_grads = y.backward().unwrap();
     let dx = loss_grads.get(&xv).unwrap().to_vec().unwrap();
-    assert_close("hand dx", &dx, &[1., 1., 0., 1., 0., -1., 0., -1., -1.], 0.0, 0.0);
+    assert_close(
+        "hand dx",
+        &dx,
+        &[1., 1., 0., 1., 0., -1., 0., -1., -1.],
+        0.0,
+        0.0,
+    );
     if let Some(gpu) = gpu_or_skip("conv_hand_computed") {
-        let y = conv2d(&x.to_device(&gpu).unwrap(), &w.to_device(&gpu).unwrap(), None, p).unwrap();
+        let y = conv2d(
+            &x.to_device(&gpu).unwrap(),
+            &w.to_device(&gpu).unwrap(),
+            None,
+            p,
+        )
+        .unwrap();
         assert_eq!(y.to_vec().unwrap(), vec![-1., -3., -7., -4.]);
     }
 }
@@ -139,19 +267,43 @@ fn conv_shape_errors() {
         // weight expects 3 input channels, x has 4
         assert!(conv2d(&x, &randn(&[2, 3, 3, 3], 2), None, Conv2dParams::default()).is_err());
         // groups 3 does not divide 4 input channels
-        let p = Conv2dParams { groups: 3, ..Default::default() };
+        let p = Conv2dParams {
+            groups: 3,
+            ..Default::default()
+        };
         assert!(conv2d(&x, &randn(&[3, 1, 3, 3], 3), None, p).is_err());
         // groups 2 does not divide 3 output channels
-        let p = Conv2dParams { groups: 2, ..Default::default() };
+        let p = Conv2dParams {
+            groups: 2,
+            ..Default::default()
+        };
         assert!(conv2d(&x, &randn(&[3, 2, 3, 3], 4), None, p).is_err());
         // zero stride, zero groups
-        let p = Conv2dParams { stride: (0, 1), ..Default::default() };
+        let p = Conv2dParams {
+            stride: (0, 1),
+            ..Default::default()
+        };
         assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 5), None, p).is_err());
-        let p = Conv2dParams { groups: 0, ..Default::default() };
+        let p = Conv2dParams {
+            groups: 0,
+            ..Default::default()
+        };
         assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 5), None, p).is_err());
         // kernel larger than the padded input; wrong bias length; 3-D input
         assert!(conv2d(&x, &randn(&[2, 4, 7, 7], 6), None, Conv2dParams::default()).is_err());
-        assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 7), Some(&randn(&[3], 8)), Conv2dParams::default()).is_err());
-        assert!(conv2d(&randn(&[4, 5, 5], 9), &randn(&[2, 4, 3, 3], 7), None, Conv2dParams::default()).is_err());
+        assert!(conv2d(
+            &x,
+            &randn(&[2, 4, 3, 3], 7),
+            Some(&randn(&[3], 8)),
+            Conv2dParams::default()
+        )
+        .is_err());
+        assert!(conv2d(
+            &randn(&[4, 5, 5], 9),
+            &randn(&[2, 4, 3, 3], 7),
+            None,
+            Conv2dParams::default()
+        )
+        .is_err());
     });
 }

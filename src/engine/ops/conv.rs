@@ -2,11 +2,16 @@
 //! and dedicated depthwise kernels; forward and backward on both devices.
 //! GPU: `shaders/conv2d.wgsl`, `shaders/depthwise.wgsl`.
 //!
-//! The GPU general path never builds an im2col buffer: every GEMM tile gathers its operands
-//! straight from the NCHW tensors. Forward is W[co, (ci,ky,kx)] x X[(ci,ky,kx), (n,oy,ox)];
+//! The GPU general path never builds an im2col buffer: it is an implicit GEMM in which every
+//! invocation owns a register block (16 channels x 8 or 16 pixels of one row) and gathers its
+//! operands straight from the NCHW tensors. Forward is W[co, (ci,ky,kx)] x X[(ci,ky,kx), (n,oy,ox)];
 //! the input gradient is the transposed convolution, gathered per input pixel (so every dX
-//! element is written by exactly one thread: no float atomics); the weight gradient is a GEMM
-//! over (n,oy,ox), split along that long reduction so small weight tensors still fill the GPU.
+//! element is written by exactly one invocation: no float atomics); the weight gradient is a
+//! GEMM over (n,oy,ox), split along that long reduction so small weight tensors still fill the
+//! GPU. Register blocks rather than workgroup-memory tiles: on llvmpipe (the CI adapter) every
+//! non-constant load, workgroup or storage, costs a per-lane scalar loop, so the kernels are
+//! built to maximise multiply-adds per value loaded; on discrete GPUs the weight loads are
+//! uniform across a subgroup and the pixel loads coalesce.
 
 use crate::engine::error::{shape_err, EngineError, Result};
 use crate::engine::gpu::{f, fold_grid, u, GpuBuffer, GpuContext, Kernel};
@@ -27,26 +32,52 @@ pub struct Conv2dParams {
 
 impl Default for Conv2dParams {
     fn default() -> Self {
-        Conv2dParams { stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1 }
+        Conv2dParams {
+            stride: (1, 1),
+            padding: (0, 0),
+            dilation: (1, 1),
+            groups: 1,
+        }
     }
 }
 
 const OP: &str = "conv2d";
 
 // All conv2d.wgsl entries share one layout: a, b, c read; out read-write.
-const FORWARD: Kernel = kernel!("conv2d.wgsl", "conv_forward_rb", [Read, Read, Read, ReadWrite]);
-const INPUT_GRAD: Kernel = kernel!("conv2d.wgsl", "conv_input_grad_rb", [Read, Read, Read, ReadWrite]);
-const WEIGHT_GRAD: Kernel = kernel!("conv2d.wgsl", "conv_weight_grad_rb", [Read, Read, Read, ReadWrite]);
+const FORWARD: Kernel = kernel!(
+    "conv2d.wgsl",
+    "conv_forward_rb",
+    [Read, Read, Read, ReadWrite]
+);
+const INPUT_GRAD: Kernel = kernel!(
+    "conv2d.wgsl",
+    "conv_input_grad_rb",
+    [Read, Read, Read, ReadWrite]
+);
+const WEIGHT_GRAD: Kernel = kernel!(
+    "conv2d.wgsl",
+    "conv_weight_grad_rb",
+    [Read, Read, Read, ReadWrite]
+);
 const SUM_SPLITS: Kernel = kernel!("conv2d.wgsl", "sum_splits", [Read, Read, Read, ReadWrite]);
 const BIAS_GRAD: Kernel = kernel!("conv2d.wgsl", "bias_grad", [Read, Read, Read, ReadWrite]);
 
-const DW_FORWARD: Kernel = kernel!("depthwise.wgsl", "dw_forward", [Read, Read, Read, ReadWrite]);
-const DW_INPUT_GRAD: Kernel = kernel!("depthwise.wgsl", "dw_input_grad", [Read, Read, Read, ReadWrite]);
-const DW_WEIGHT_GRAD: Kernel = kernel!("depthwise.wgsl", "dw_weight_grad", [Read, Read, Read, ReadWrite]);
+const DW_FORWARD: Kernel = kernel!(
+    "depthwise.wgsl",
+    "dw_forward",
+    [Read, Read, Read, ReadWrite]
+);
+const DW_INPUT_GRAD: Kernel = kernel!(
+    "depthwise.wgsl",
+    "dw_input_grad",
+    [Read, Read, Read, ReadWrite]
+);
+const DW_WEIGHT_GRAD: Kernel = kernel!(
+    "depthwise.wgsl",
+    "dw_weight_grad",
+    [Read, Read, Read, ReadWrite]
+);
 
-/// GEMM output tile edge of `conv2d.wgsl` and its reduction step.
-const TILE: usize = 64;
-const BK: usize = 16;
 /// Pixels of one row per invocation of the depthwise pixel kernels.
 const DW_RUN: usize = 8;
 /// Below this the shaders may divide through f32 reciprocals (exact for such dividends).
@@ -83,7 +114,12 @@ impl Geom {
         };
         let (cout, wc, kh, kw) = match *w {
             [a, b, c, d] => (a, b, c, d),
-            _ => return shape_err(OP, format!("weight must be [C_out, C_in/groups, kh, kw], got {w:?}")),
+            _ => {
+                return shape_err(
+                    OP,
+                    format!("weight must be [C_out, C_in/groups, kh, kw], got {w:?}"),
+                )
+            }
         };
         let g = p.groups;
         if g == 0 || p.stride.0 == 0 || p.stride.1 == 0 || p.dilation.0 == 0 || p.dilation.1 == 0 {
@@ -93,7 +129,10 @@ impl Geom {
             });
         }
         if cin % g != 0 || cout % g != 0 {
-            return shape_err(OP, format!("groups {g} must divide C_in {cin} and C_out {cout}"));
+            return shape_err(
+                OP,
+                format!("groups {g} must divide C_in {cin} and C_out {cout}"),
+            );
         }
         if wc != cin / g {
             return shape_err(
@@ -235,39 +274,56 @@ struct Launch {
 }
 
 fn params(g: &Geom, l: &Launch) -> Vec<u32> {
-    let largest = [g.n * g.h * g.w, g.n * g.oh * g.ow, g.cin_g * g.kh * g.kw, g.cout * g.kh * g.kw, g.h + g.ph + g.kh * g.dh]
-        .into_iter()
-        .max()
-        .unwrap_or(0);
+    let largest = [
+        g.n * g.h * g.w,
+        g.n * g.oh * g.ow,
+        g.cin_g * g.kh * g.kw,
+        g.cout * g.kh * g.kw,
+        g.h + g.ph + g.kh * g.dh,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(0);
     let exact_div = largest >= FAST_DIV_LIMIT;
     vec![
-        u(g.n), u(g.cin), u(g.h), u(g.w),
-        u(g.cout), u(g.kh), u(g.kw), u(g.oh),
-        u(g.ow), u(g.sh), u(g.sw), u(g.ph),
-        u(g.pw), u(g.dh), u(g.dw), u(g.groups),
-        u(g.cin_g), u(g.cout_g), u(l.gemm_m), u(l.gemm_n),
-        u(l.gemm_k), u(l.tiles_m), u(l.tiles_n), u(l.splits),
-        u(l.k_chunk), l.has_bias as u32, exact_div as u32, u(l.total_groups),
-        inv(g.kw), inv(g.kh * g.kw), inv(g.ow), inv(g.oh * g.ow),
-        inv(g.w), inv(g.h * g.w), inv(g.sh), inv(g.sw),
+        u(g.n),
+        u(g.cin),
+        u(g.h),
+        u(g.w),
+        u(g.cout),
+        u(g.kh),
+        u(g.kw),
+        u(g.oh),
+        u(g.ow),
+        u(g.sh),
+        u(g.sw),
+        u(g.ph),
+        u(g.pw),
+        u(g.dh),
+        u(g.dw),
+        u(g.groups),
+        u(g.cin_g),
+        u(g.cout_g),
+        u(l.gemm_m),
+        u(l.gemm_n),
+        u(l.gemm_k),
+        u(l.tiles_m),
+        u(l.tiles_n),
+        u(l.splits),
+        u(l.k_chunk),
+        l.has_bias as u32,
+        exact_div as u32,
+        u(l.total_groups),
+        inv(g.kw),
+        inv(g.kh * g.kw),
+        inv(g.ow),
+        inv(g.oh * g.ow),
+        inv(g.w),
+        inv(g.h * g.w),
+        inv(g.sh),
+        inv(g.sw),
         inv(g.cout / g.cin.max(1)),
     ]
-}
-
-/// A GEMM launch over `groups` x `splits` independent problems of m x n tiles.
-fn gemm_launch(m: usize, n: usize, k: usize, groups: usize, splits: usize, k_chunk: usize) -> Launch {
-    let (tiles_m, tiles_n) = (m.div_ceil(TILE), n.div_ceil(TILE));
-    Launch {
-        gemm_m: m,
-        gemm_n: n,
-        gemm_k: k,
-        tiles_m,
-        tiles_n,
-        splits,
-        k_chunk,
-        has_bias: false,
-        total_groups: tiles_m * tiles_n * groups * splits,
-    }
 }
 
 fn run(ctx: &GpuContext, k: &Kernel, g: &Geom, l: &Launch, bufs: [&GpuBuffer; 4]) -> Result<()> {
@@ -279,7 +335,13 @@ fn dummy(ctx: &Arc<GpuContext>) -> Result<GpuBuffer> {
     ctx.zeros(1)
 }
 
-fn gpu_forward(ctx: &Arc<GpuContext>, g: &Geom, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+fn gpu_forward(
+    ctx: &Arc<GpuContext>,
+    g: &Geom,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
     let out_len = g.n * g.cout * g.oh * g.ow;
     ctx.check_binding("conv2d output", out_len)?;
     let out = ctx.alloc(out_len)?;
@@ -293,10 +355,25 @@ fn gpu_forward(ctx: &Arc<GpuContext>, g: &Geom, x: &Tensor, w: &Tensor, bias: Op
     };
     if g.is_depthwise() {
         let tiles = (g.n * g.cout * g.oh * g.ow.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
-        let l = Launch { has_bias: bias.is_some(), total_groups: tiles, ..Default::default() };
-        run(ctx, &DW_FORWARD, g, &l, [x.gpu()?, w.gpu()?, bias_buf, &out])?;
+        let l = Launch {
+            has_bias: bias.is_some(),
+            total_groups: tiles,
+            ..Default::default()
+        };
+        run(
+            ctx,
+            &DW_FORWARD,
+            g,
+            &l,
+            [x.gpu()?, w.gpu()?, bias_buf, &out],
+        )?;
     } else {
-        let l = register_blocked(g.cout_g, g.n * g.oh * g.ow.div_ceil(PIXELS_PER_INVOCATION), g.groups, bias.is_some());
+        let l = register_blocked(
+            g.cout_g,
+            g.n * g.oh * g.ow.div_ceil(FORWARD_PIXELS),
+            g.groups,
+            bias.is_some(),
+        );
         run(ctx, &FORWARD, g, &l, [x.gpu()?, w.gpu()?, bias_buf, &out])?;
     }
     Tensor::from_gpu(out, &g.out_shape())
@@ -307,11 +384,31 @@ fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> R
     let unused = dummy(ctx)?;
     if g.is_depthwise() {
         let tiles = (g.n * g.cin * g.h * g.w.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
-        let l = Launch { total_groups: tiles, ..Default::default() };
-        run(ctx, &DW_INPUT_GRAD, g, &l, [dy.gpu()?, w.gpu()?, &unused, &out])?;
+        let l = Launch {
+            total_groups: tiles,
+            ..Default::default()
+        };
+        run(
+            ctx,
+            &DW_INPUT_GRAD,
+            g,
+            &l,
+            [dy.gpu()?, w.gpu()?, &unused, &out],
+        )?;
     } else {
-        let l = register_blocked(g.cin_g, g.n * g.h * g.w.div_ceil(PIXELS_PER_INVOCATION), g.groups, false);
-        run(ctx, &INPUT_GRAD, g, &l, [dy.gpu()?, w.gpu()?, &unused, &out])?;
+        let l = register_blocked(
+            g.cin_g,
+            g.n * g.h * g.w.div_ceil(PIXELS_PER_INVOCATION),
+            g.groups,
+            false,
+        );
+        run(
+            ctx,
+            &INPUT_GRAD,
+            g,
+            &l,
+            [dy.gpu()?, w.gpu()?, &unused, &out],
+        )?;
     }
     Tensor::from_gpu(out, &[g.n, g.cin, g.h, g.w])
 }
@@ -319,6 +416,8 @@ fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> R
 /// Channels and pixels per invocation of the register-blocked kernels.
 const ROWS_PER_INVOCATION: usize = 16;
 const PIXELS_PER_INVOCATION: usize = 8;
+/// Pixels per invocation of the forward kernel (`FB` in the shader).
+const FORWARD_PIXELS: usize = 16;
 const RB_WORKGROUP: usize = 64;
 
 /// A launch of a register-blocked kernel: one invocation per (group, block of channels,
@@ -356,11 +455,19 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
         let splits = 256usize.div_ceil(g.cout).min(g.n).max(1);
         let per_slice = g.n.div_ceil(splits).max(1);
         let splits = g.n.div_ceil(per_slice).max(1);
-        let l = Launch { splits, k_chunk: per_slice, total_groups: g.cout * splits, ..Default::default() };
+        let l = Launch {
+            splits,
+            k_chunk: per_slice,
+            total_groups: g.cout * splits,
+            ..Default::default()
+        };
         (&DW_WEIGHT_GRAD, l)
     } else {
         let (m, n, k) = (g.cout_g, g.cin_g * g.kh * g.kw, g.n * g.oh * g.ow);
-        let (row_blocks, col_blocks) = (m.div_ceil(ROWS_PER_INVOCATION), n.div_ceil(PIXELS_PER_INVOCATION));
+        let (row_blocks, col_blocks) = (
+            m.div_ceil(ROWS_PER_INVOCATION),
+            n.div_ceil(PIXELS_PER_INVOCATION),
+        );
         let base = row_blocks * col_blocks * g.groups;
         let splits = weight_grad_splits(g, out_len, base);
         let k_chunk = k.div_ceil(splits).max(1);
@@ -383,8 +490,19 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
         ctx.check_binding("conv2d weight-gradient partial sums", out_len * l.splits)?;
         let partial = ctx.alloc(out_len * l.splits)?;
         run(ctx, kernel, g, &l, [dy.gpu()?, x.gpu()?, &unused, &partial])?;
-        let sum = Launch { splits: l.splits, gemm_n: out_len, total_groups: out_len.div_ceil(256), ..Default::default() };
-        run(ctx, &SUM_SPLITS, g, &sum, [&partial, &unused, &unused, &out])?;
+        let sum = Launch {
+            splits: l.splits,
+            gemm_n: out_len,
+            total_groups: out_len.div_ceil(256),
+            ..Default::default()
+        };
+        run(
+            ctx,
+            &SUM_SPLITS,
+            g,
+            &sum,
+            [&partial, &unused, &unused, &out],
+        )?;
     }
     Tensor::from_gpu(out, &shape)
 }
@@ -392,7 +510,10 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
 fn gpu_bias_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor) -> Result<Tensor> {
     let out = ctx.alloc(g.cout)?;
     let unused = dummy(ctx)?;
-    let l = Launch { total_groups: g.cout, ..Default::default() };
+    let l = Launch {
+        total_groups: g.cout,
+        ..Default::default()
+    };
     run(ctx, &BIAS_GRAD, g, &l, [dy.gpu()?, &unused, &unused, &out])?;
     Tensor::from_gpu(out, &[g.cout])
 }
@@ -400,11 +521,19 @@ fn gpu_bias_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor) -> Result<Tensor>
 // ------------------------------------------------------------------ raw ops (both devices)
 
 /// The convolution's values, not recorded.
-pub fn conv2d_raw(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) -> Result<Tensor> {
+pub fn conv2d_raw(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    p: Conv2dParams,
+) -> Result<Tensor> {
     let g = Geom::new(x.shape(), w.shape(), p)?;
     if let Some(b) = bias {
         if b.shape() != [g.cout] {
-            return shape_err(OP, format!("bias {:?} for {} output channels", b.shape(), g.cout));
+            return shape_err(
+                OP,
+                format!("bias {:?} for {} output channels", b.shape(), g.cout),
+            );
         }
     }
     let mut all = vec![x, w];
@@ -412,7 +541,12 @@ pub fn conv2d_raw(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams
     match same_device(OP, &all)? {
         Device::Cpu => {
             let bias_vals = bias.map(|b| b.cpu()).transpose()?;
-            let y = cpu_forward(&g, &x.cpu()?, &w.cpu()?, bias_vals.as_deref().map(|v| v.as_slice()));
+            let y = cpu_forward(
+                &g,
+                &x.cpu()?,
+                &w.cpu()?,
+                bias_vals.as_deref().map(|v| v.as_slice()),
+            );
             Tensor::from_cpu(y, &g.out_shape())
         }
         Device::Gpu(ctx) => gpu_forward(&ctx, &g, x, w, bias),
@@ -421,13 +555,25 @@ pub fn conv2d_raw(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams
 
 fn check_grad_shape(g: &Geom, dy: &Tensor) -> Result<()> {
     if dy.shape() != g.out_shape() {
-        return shape_err(OP, format!("output gradient {:?}, expected {:?}", dy.shape(), g.out_shape()));
+        return shape_err(
+            OP,
+            format!(
+                "output gradient {:?}, expected {:?}",
+                dy.shape(),
+                g.out_shape()
+            ),
+        );
     }
     Ok(())
 }
 
 /// d loss / d x of the convolution, given the output gradient `dy` (not recorded).
-pub fn conv2d_input_grad(dy: &Tensor, w: &Tensor, x_shape: &[usize], p: Conv2dParams) -> Result<Tensor> {
+pub fn conv2d_input_grad(
+    dy: &Tensor,
+    w: &Tensor,
+    x_shape: &[usize],
+    p: Conv2dParams,
+) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), p)?;
     check_grad_shape(&g, dy)?;
     match same_device(OP, &[dy, w])? {
@@ -437,7 +583,12 @@ pub fn conv2d_input_grad(dy: &Tensor, w: &Tensor, x_shape: &[usize], p: Conv2dPa
 }
 
 /// d loss / d w of the convolution, given the output gradient `dy` (not recorded).
-pub fn conv2d_weight_grad(dy: &Tensor, x: &Tensor, w_shape: &[usize], p: Conv2dParams) -> Result<Tensor> {
+pub fn conv2d_weight_grad(
+    dy: &Tensor,
+    x: &Tensor,
+    w_shape: &[usize],
+    p: Conv2dParams,
+) -> Result<Tensor> {
     let g = Geom::new(x.shape(), w_shape, p)?;
     check_grad_shape(&g, dy)?;
     match same_device(OP, &[dy, x])? {
@@ -450,7 +601,14 @@ pub fn conv2d_weight_grad(dy: &Tensor, x: &Tensor, w_shape: &[usize], p: Conv2dP
 pub fn conv2d_bias_grad(dy: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = dy.dims4(OP)?;
     // A 1x1 geometry whose output is dy's shape, so both devices read the sizes they need.
-    let g = Geom::new(&[n, c, h, w], &[c, 1, 1, 1], Conv2dParams { groups: c.max(1), ..Default::default() })?;
+    let g = Geom::new(
+        &[n, c, h, w],
+        &[c, 1, 1, 1],
+        Conv2dParams {
+            groups: c.max(1),
+            ..Default::default()
+        },
+    )?;
     match dy.device() {
         Device::Cpu => Tensor::from_cpu(cpu_bias_grad(&g, &dy.cpu()?), &[c]),
         Device::Gpu(ctx) => gpu_bias_grad(&ctx, &g, dy),
@@ -467,14 +625,31 @@ impl Backward for Conv2dBack {
     fn name(&self) -> &'static str {
         "conv2d"
     }
-    fn backward(&self, inputs: &[Tensor], _out: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
         let (x, w) = (&inputs[0], &inputs[1]);
         // Only what is needed: PGD wants dx alone, frozen layers want no dw.
-        let dx = if x.requires_grad() { Some(conv2d_input_grad(grad, w, x.shape(), self.p)?) } else { None };
-        let dw = if w.requires_grad() { Some(conv2d_weight_grad(grad, x, w.shape(), self.p)?) } else { None };
+        let dx = if x.requires_grad() {
+            Some(conv2d_input_grad(grad, w, x.shape(), self.p)?)
+        } else {
+            None
+        };
+        let dw = if w.requires_grad() {
+            Some(conv2d_weight_grad(grad, x, w.shape(), self.p)?)
+        } else {
+            None
+        };
         let mut grads = vec![dx, dw];
         if let Some(b) = inputs.get(2) {
-            grads.push(if b.requires_grad() { Some(conv2d_bias_grad(grad)?) } else { None });
+            grads.push(if b.requires_grad() {
+                Some(conv2d_bias_grad(grad)?)
+            } else {
+                None
+            });
         }
         Ok(grads)
     }
