@@ -2,8 +2,10 @@
 //!
 //! - [`engine`]: devices, tensors, autograd and the ops (WGSL kernels + CPU reference).
 //! - [`dml`]: the Proxy Anchor loss, device evaluation and metrics.
+//! - [`robust`]: PGD attacks, defenses and EAT ensembles.
 //! - [`config`]: every hyper-parameter default.
 
 pub mod config;
 pub mod dml;
 pub mod engine;
+pub mod robust;

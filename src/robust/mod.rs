@@ -1,0 +1,3 @@
+//! Adversarial robustness: PGD attacks on embeddings, the defenses and EAT ensembles.
+
+pub mod pgd;
