@@ -1,3 +1,4 @@
 //! Adversarial robustness: PGD attacks on embeddings, the defenses and EAT ensembles.
 
+pub mod defense;
 pub mod pgd;
