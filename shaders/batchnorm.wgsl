@@ -59,9 +59,12 @@ fn plane_base(n: u32, c: u32) -> u32 {
     return (n * p.c + c) * p.hw;
 }
 
-// Batch statistics of channel c: mean, then the variance around it (two passes: stable in
-// f32; the second pass re-reads data the first just brought into cache). Thread 0 writes the
-// statistics, the new running statistics and the forward affine coefficients.
+// Batch statistics of channel c in one pass over x, stable in f32: each thread accumulates
+// sums shifted by the first value it reads (so they stay near the data's spread, not its
+// offset), then the workgroup merges (count, mean, M2) triples with Chan's formula. Thread 0
+// writes the statistics, the new running statistics and the forward affine coefficients.
+var<workgroup> red_n: array<f32, 256>;
+
 @compute @workgroup_size(256)
 fn bn_batch_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                   @builtin(local_invocation_index) lid: u32) {
@@ -71,35 +74,52 @@ fn bn_batch_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     }
     let sub = lid / p.hwc;
     let start = lid % p.hwc;
-    var s = 0.0;
-    if (sub < p.planes) {
+    var cnt = 0.0;
+    var s1 = 0.0;
+    var s2 = 0.0;
+    var shift = 0.0;
+    if (sub < p.planes && sub < p.n && start < p.hw) {
+        shift = x[plane_base(sub, c) + start];
         for (var n = sub; n < p.n; n += p.planes) {
             let base = plane_base(n, c);
             for (var h = start; h < p.hw; h += p.hwc) {
-                s += x[base + h];
+                let d = x[base + h] - shift;
+                s1 += d;
+                s2 += d * d;
+                cnt += 1.0;
             }
         }
     }
-    red_a[lid] = s;
-    red_b[lid] = 0.0;
-    let count = f32(p.n * p.hw);
-    let mean = reduce_pair(lid).x / count;
-    var q = 0.0;
-    if (sub < p.planes) {
-        for (var n = sub; n < p.n; n += p.planes) {
-            let base = plane_base(n, c);
-            for (var h = start; h < p.hw; h += p.hwc) {
-                let d = x[base + h] - mean;
-                q += d * d;
+    var mean_t = shift;
+    var m2_t = 0.0;
+    if (cnt > 0.0) {
+        mean_t = shift + s1 / cnt;
+        m2_t = max(s2 - s1 * s1 / cnt, 0.0);
+    }
+    red_n[lid] = cnt;
+    red_a[lid] = mean_t;
+    red_b[lid] = m2_t;
+    workgroupBarrier();
+    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
+        if (lid < s) {
+            let na = red_n[lid];
+            let nb = red_n[lid + s];
+            let n = na + nb;
+            if (nb > 0.0) {
+                let delta = red_a[lid + s] - red_a[lid];
+                red_a[lid] += delta * nb / n;
+                red_b[lid] += red_b[lid + s] + delta * delta * na * nb / n;
+                red_n[lid] = n;
             }
         }
+        workgroupBarrier();
     }
-    red_a[lid] = q;
-    red_b[lid] = 0.0;
-    let var_biased = reduce_pair(lid).x / count;
     if (lid == 0u) {
+        let count = red_n[0];
+        let mean = red_a[0];
+        let var_biased = red_b[0] / count;
         let invstd = 1.0 / sqrt(var_biased + p.eps);
-        let var_unbiased = var_biased * count / (count - 1.0);
+        let var_unbiased = red_b[0] / (count - 1.0);
         let k = p.c;
         chan[c] = mean;
         chan[k + c] = invstd;
@@ -132,28 +152,50 @@ fn bn_eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
 }
 
 // The per-channel affine pass. Grid: x over chunks of a plane, y channel, z groups of planes.
+// Each thread handles AFFINE_ITEMS elements of its channel so that the coefficient loads are
+// amortised (CPU adapters execute a storage load indexed by the workgroup id lane by lane; a
+// workgroup-memory broadcast measured slower there because of the barrier). Loads and the
+// single store stay outside the form branches, which CPU adapters also run under lane masks.
+const AFFINE_ITEMS: u32 = 16u;
+
+fn affine_one(i: u32, a: f32, b: f32, m: f32, d: f32) {
+    if (p.form == 1u) {
+        out[i] = b * x[i];
+        return;
+    }
+    let v = g[i];
+    var u = 0.0;
+    if (p.form == 2u) {
+        u = x[i];
+    }
+    out[i] = a * u + b * (v - m) + d;
+}
+
 @compute @workgroup_size(256)
 fn bn_affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) lid: u32) {
     let c = wid.y;
-    let sub = lid / p.hwc;
-    let h = wid.x * p.hwc + lid % p.hwc;
-    let n = wid.z * p.planes + sub;
-    if (sub >= p.planes || n >= p.n || h >= p.hw) {
-        return;
-    }
-    let i = plane_base(n, c) + h;
-    let k = p.c;
-    let o = p.coef_off;
-    let b = chan[o + k + c];
-    switch p.form {
-        case 0u: {
-            out[i] = b * (g[i] - chan[o + 2u * k + c]) + chan[o + 3u * k + c];
+    let a = chan[p.coef_off + c];
+    let b = chan[p.coef_off + p.c + c];
+    let m = chan[p.coef_off + 2u * p.c + c];
+    let d = chan[p.coef_off + 3u * p.c + c];
+    if (p.planes == 1u) {
+        // A plane spans at least a workgroup: walk it in steps of 256 (no integer division,
+        // which CPU adapters scalarise).
+        let base = plane_base(wid.z, c);
+        let end = base + min(p.hw, (wid.x + 1u) * (256u * AFFINE_ITEMS));
+        for (var i = base + wid.x * (256u * AFFINE_ITEMS) + lid; i < end; i += 256u) {
+            affine_one(i, a, b, m, d);
         }
-        case 1u: {
-            out[i] = b * x[i];
-        }
-        default: {
-            out[i] = chan[o + c] * x[i] + b * (g[i] - chan[o + 2u * k + c]) + chan[o + 3u * k + c];
+    } else {
+        let sub = lid / p.hwc;
+        let h = lid % p.hwc;
+        if (sub < p.planes) {
+            for (var j = 0u; j < AFFINE_ITEMS; j++) {
+                let n = (wid.z * AFFINE_ITEMS + j) * p.planes + sub;
+                if (n < p.n) {
+                    affine_one(plane_base(n, c) + h, a, b, m, d);
+                }
+            }
         }
     }
 }

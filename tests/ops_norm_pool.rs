@@ -236,20 +236,20 @@ fn pool_gradients() {
         assert_grad(
             &format!("max_pool2d {name}"),
             |t| max_pool2d(&t[0], p),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             o,
         );
         assert_grad(
             &format!("avg_pool2d {name}"),
             |t| avg_pool2d(&t[0], p),
-            &[x.clone()],
+            std::slice::from_ref(&x),
             o,
         );
     }
     assert_grad(
         "global_avg_pool",
         |t| global_avg_pool(&t[0]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         o,
     );
     assert_grad("global_max_pool", |t| global_max_pool(&t[0]), &[x], o);
@@ -279,7 +279,7 @@ fn pool_gpu_matches_cpu() {
                 &label,
                 &gpu,
                 |t| max_pool2d(&t[0], p),
-                &[input.clone()],
+                std::slice::from_ref(input),
                 tol.0,
                 tol.1,
             );
@@ -288,7 +288,7 @@ fn pool_gpu_matches_cpu() {
                 &label,
                 &gpu,
                 |t| avg_pool2d(&t[0], p),
-                &[input.clone()],
+                std::slice::from_ref(input),
                 tol.0,
                 tol.1,
             );
@@ -300,7 +300,7 @@ fn pool_gpu_matches_cpu() {
             "global_avg_pool",
             &gpu,
             |t| global_avg_pool(&t[0]),
-            &[input.clone()],
+            std::slice::from_ref(input),
             tol.0,
             tol.1,
         );
@@ -308,7 +308,7 @@ fn pool_gpu_matches_cpu() {
             "global_max_pool",
             &gpu,
             |t| global_max_pool(&t[0]),
-            &[input.clone()],
+            std::slice::from_ref(input),
             tol.0,
             tol.1,
         );

@@ -40,6 +40,9 @@ const FWD_COEF_OFF: usize = 4;
 const BWD_SLOTS: usize = 6;
 const BWD_COEF_OFF: usize = 2;
 
+/// Elements of one channel each thread of the affine pass handles (as in the shader).
+const AFFINE_ITEMS: usize = 16;
+
 /// Forms of the affine pass (see the shader).
 const FORM_FORWARD: u32 = 0;
 const FORM_SCALE_U: u32 = 1;
@@ -109,13 +112,22 @@ impl Layout {
         ]
     }
 
-    /// Grid of the affine pass: chunks of a plane, channels, groups of planes.
+    /// Grid of the affine pass: chunks of a plane, channels, groups of planes; each thread
+    /// handles AFFINE_ITEMS elements along x (one plane) or z (several planes).
     fn affine_grid(&self) -> [u32; 3] {
-        [
-            self.hw.div_ceil(self.hwc) as u32,
-            self.c as u32,
-            self.n.div_ceil(self.planes) as u32,
-        ]
+        if self.planes == 1 {
+            [
+                self.hw.div_ceil(256 * AFFINE_ITEMS) as u32,
+                self.c as u32,
+                self.n as u32,
+            ]
+        } else {
+            [
+                1,
+                self.c as u32,
+                self.n.div_ceil(self.planes * AFFINE_ITEMS) as u32,
+            ]
+        }
     }
 }
 
