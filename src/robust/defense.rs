@@ -28,7 +28,14 @@ pub enum Method {
 }
 
 impl Method {
-    pub const ALL: [Method; 6] = [Method::None, Method::At, Method::MixUp, Method::Iat, Method::Trades, Method::Eat];
+    pub const ALL: [Method; 6] = [
+        Method::None,
+        Method::At,
+        Method::MixUp,
+        Method::Iat,
+        Method::Trades,
+        Method::Eat,
+    ];
 
     /// The row label of the paper's Table 1.
     pub fn label(self) -> &'static str {
@@ -100,7 +107,10 @@ impl MixPlan {
     pub fn draw(batch: usize, alpha: f32, rng: &mut Rng) -> MixPlan {
         let mut partner: Vec<usize> = (0..batch).collect();
         rng.shuffle(&mut partner);
-        MixPlan { lambda: rng.beta(alpha, alpha), partner }
+        MixPlan {
+            lambda: rng.beta(alpha, alpha),
+            partner,
+        }
     }
 
     /// lambda * t + (1 - lambda) * t[partner], recorded (gradients flow to t).
@@ -140,7 +150,13 @@ impl StepContext<'_> {
     }
 
     fn adversarial(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        pgd(self.attack_on, x, &self.defense.attack, &Goal::EmbeddingShift, rng)
+        pgd(
+            self.attack_on,
+            x,
+            &self.defense.attack,
+            &Goal::EmbeddingShift,
+            rng,
+        )
     }
 
     /// Mix-Up's consistency term: distance of F(mix(x)) to mix(F(x)).
@@ -199,10 +215,19 @@ pub fn eat_member_indices(train_len: usize, n: usize, rng: &mut Rng) -> Vec<Vec<
     let mut idx: Vec<usize> = (0..train_len).collect();
     rng.shuffle(&mut idx);
     let part = train_len / n.max(1);
-    let part_of = |k: usize| if k == n - 1 { &idx[k * part..] } else { &idx[k * part..(k + 1) * part] };
+    let part_of = |k: usize| {
+        if k == n - 1 {
+            &idx[k * part..]
+        } else {
+            &idx[k * part..(k + 1) * part]
+        }
+    };
     (0..n)
         .map(|i| {
-            let mut mine: Vec<usize> = (0..n).filter(|&k| k != i).flat_map(|k| part_of(k).to_vec()).collect();
+            let mut mine: Vec<usize> = (0..n)
+                .filter(|&k| k != i)
+                .flat_map(|k| part_of(k).to_vec())
+                .collect();
             mine.sort_unstable();
             mine
         })
