@@ -2,3 +2,4 @@
 
 pub mod defense;
 pub mod pgd;
+pub mod report;
