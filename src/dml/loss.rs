@@ -44,8 +44,8 @@ pub struct ProxyAnchorConfig {
 impl Default for ProxyAnchorConfig {
     fn default() -> Self {
         ProxyAnchorConfig {
-            alpha: 32.0,
-            delta: 0.1,
+            alpha: crate::config::PA_ALPHA,
+            delta: crate::config::PA_DELTA,
         }
     }
 }

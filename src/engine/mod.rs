@@ -4,6 +4,7 @@ pub mod device;
 pub mod error;
 pub mod gpu;
 pub mod ops;
+pub mod optim;
 pub mod rng;
 pub mod tape;
 pub mod tensor;

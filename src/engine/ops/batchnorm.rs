@@ -1,33 +1,503 @@
 //! Batch norm 2d: training mode (batch statistics, running statistics updated in place by
 //! momentum, PyTorch's unbiased running variance) and eval mode; forward and backward on both
 //! devices. GPU: `shaders/batchnorm.wgsl` (per-channel workgroup reductions + one elementwise pass).
+//!
+//! Both devices save the same per-channel statistics for backward: a tensor whose first 2C
+//! values are [mean | invstd] (the GPU's holds the affine coefficients after them).
 
-use crate::engine::error::{invalid, Result};
-use crate::engine::tensor::Tensor;
+use crate::engine::error::{invalid, shape_err, Result};
+use crate::engine::gpu::{f, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::tape::Backward;
+use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::Device;
+use crate::kernel;
+use std::sync::Arc;
+
+const BATCH_STATS: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_batch_stats",
+    [Read, Read, Read, Read, Read, Read, ReadWrite]
+);
+const EVAL_STATS: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_eval_stats",
+    [Read, Read, Read, Read, Read, Read, ReadWrite]
+);
+const AFFINE: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_affine",
+    [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
+);
+const GRAD_REDUCE: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_grad_reduce",
+    [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
+);
+
+/// Slots of C values in the GPU forward `chan` buffer and the backward reduction's output.
+const FWD_SLOTS: usize = 8;
+const FWD_COEF_OFF: usize = 4;
+const BWD_SLOTS: usize = 6;
+const BWD_COEF_OFF: usize = 2;
+
+/// Elements of one channel each thread of the affine pass handles (as in the shader).
+const AFFINE_ITEMS: usize = 16;
+
+/// Forms of the affine pass (see the shader).
+const FORM_FORWARD: u32 = 0;
+const FORM_SCALE_U: u32 = 1;
+const FORM_TRAIN_DX: u32 = 2;
+
+/// Reduction modes.
+const MODE_TRAIN: u32 = 0;
+const MODE_EVAL: u32 = 1;
+
+/// Dimensions of x and the checks on the per-channel tensors.
+fn check(
+    op: &'static str,
+    x: &Tensor,
+    per_channel: &[(&str, &Tensor)],
+) -> Result<(usize, usize, usize, Device)> {
+    let (n, c, h, w) = x.dims4(op)?;
+    for (name, t) in per_channel {
+        if t.shape() != [c] {
+            return shape_err(
+                op,
+                format!(
+                    "{name} has shape {:?}, expected [{c}] for input {:?}",
+                    t.shape(),
+                    x.shape()
+                ),
+            );
+        }
+    }
+    let mut all = vec![x];
+    all.extend(per_channel.iter().map(|(_, t)| *t));
+    let dev = same_device(op, &all)?;
+    Ok((n, c, h * w, dev))
+}
+
+/// Uniform words shared by every batch-norm kernel, and how planes map onto a workgroup.
+struct Layout {
+    n: usize,
+    c: usize,
+    hw: usize,
+    planes: usize,
+    hwc: usize,
+}
+
+impl Layout {
+    fn new(n: usize, c: usize, hw: usize) -> Layout {
+        let hwc = hw.clamp(1, 256);
+        Layout {
+            n,
+            c,
+            hw,
+            planes: (256 / hwc).max(1),
+            hwc,
+        }
+    }
+
+    fn params(&self, form: u32, coef_off: usize, momentum: f32, eps: f32) -> [u32; 9] {
+        [
+            u(self.n),
+            u(self.c),
+            u(self.hw),
+            u(self.planes),
+            u(self.hwc),
+            form,
+            u(coef_off * self.c),
+            f(momentum),
+            f(eps),
+        ]
+    }
+
+    /// Grid of the affine pass: chunks of a plane, channels, groups of planes; each thread
+    /// handles AFFINE_ITEMS elements along x (one plane) or z (several planes).
+    fn affine_grid(&self) -> [u32; 3] {
+        if self.planes == 1 {
+            [
+                self.hw.div_ceil(256 * AFFINE_ITEMS) as u32,
+                self.c as u32,
+                self.n as u32,
+            ]
+        } else {
+            [
+                1,
+                self.c as u32,
+                self.n.div_ceil(self.planes * AFFINE_ITEMS) as u32,
+            ]
+        }
+    }
+}
+
+/// out = affine(u, v) per channel with the coefficients in `chan` (see the shader's forms).
+fn gpu_affine(
+    ctx: &Arc<GpuContext>,
+    lay: &Layout,
+    form: u32,
+    coef_off: usize,
+    u_op: &GpuBuffer,
+    v_op: &GpuBuffer,
+    chan: &GpuBuffer,
+) -> Result<GpuBuffer> {
+    let out = ctx.alloc(lay.n * lay.c * lay.hw)?;
+    let params = lay.params(form, coef_off, 0.0, 0.0);
+    let b = [u_op, v_op, u_op, u_op, u_op, u_op, chan, &out];
+    ctx.dispatch3(&AFFINE, &params, &b, lay.affine_grid())?;
+    Ok(out)
+}
+
+// ------------------------------------------------------------------ CPU reference
+
+/// Visits every element of channel `c` of an [N, C, HW] array.
+fn channel_indices(lay: (usize, usize, usize), c: usize) -> impl Iterator<Item = usize> {
+    let (n, ch, hw) = lay;
+    (0..n).flat_map(move |b| {
+        let base = (b * ch + c) * hw;
+        base..base + hw
+    })
+}
+
+/// Mean and biased variance of each channel (f64 accumulation, two passes).
+fn cpu_batch_stats(x: &[f32], lay: (usize, usize, usize)) -> Vec<(f64, f64)> {
+    let count = (lay.0 * lay.2) as f64;
+    (0..lay.1)
+        .map(|c| {
+            let mean = channel_indices(lay, c).map(|i| x[i] as f64).sum::<f64>() / count;
+            let var = channel_indices(lay, c)
+                .map(|i| (x[i] as f64 - mean).powi(2))
+                .sum::<f64>()
+                / count;
+            (mean, var)
+        })
+        .collect()
+}
+
+/// y = gamma * (x - mean) * invstd + beta with per-channel mean and invstd.
+fn cpu_normalize(
+    x: &[f32],
+    lay: (usize, usize, usize),
+    mean: &[f32],
+    invstd: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+) -> Vec<f32> {
+    let mut y = vec![0.0; x.len()];
+    for c in 0..lay.1 {
+        for i in channel_indices(lay, c) {
+            y[i] = gamma[c] * ((x[i] - mean[c]) * invstd[c]) + beta[c];
+        }
+    }
+    y
+}
+
+// ------------------------------------------------------------------ training mode
 
 /// Training-mode batch norm over x [N, C, H, W] with affine gamma, beta [C]. Updates
 /// running_mean and running_var [C] in place: r = (1 - momentum) * r + momentum * batch_stat.
 /// Recorded (gradients for x, gamma, beta).
 pub fn batch_norm_train(
-    _x: &Tensor,
-    _gamma: &Tensor,
-    _beta: &Tensor,
-    _running_mean: &Tensor,
-    _running_var: &Tensor,
-    _momentum: f32,
-    _eps: f32,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    momentum: f32,
+    eps: f32,
 ) -> Result<Tensor> {
-    invalid("batch_norm_train", "not implemented yet")
+    const OP: &str = "batch_norm_train";
+    let (n, c, hw, dev) = check(
+        OP,
+        x,
+        &[
+            ("gamma", gamma),
+            ("beta", beta),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
+    if n * hw <= 1 {
+        return invalid(
+            OP,
+            format!(
+                "expected more than 1 value per channel when training, got input {:?}",
+                x.shape()
+            ),
+        );
+    }
+    let lay = (n, c, hw);
+    let (y, saved) = match dev {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let stats = cpu_batch_stats(&xv, lay);
+            let count = (n * hw) as f64;
+            let mean: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
+            let invstd: Vec<f32> = stats
+                .iter()
+                .map(|s| (1.0 / (s.1 + eps as f64).sqrt()) as f32)
+                .collect();
+            let y = cpu_normalize(&xv, lay, &mean, &invstd, &gamma.cpu()?, &beta.cpu()?);
+            {
+                let mut rm = running_mean.cpu_mut()?;
+                let mut rv = running_var.cpu_mut()?;
+                for (ch, &(m, v)) in stats.iter().enumerate() {
+                    let unbiased = (v * count / (count - 1.0)) as f32;
+                    rm[ch] = (1.0 - momentum) * rm[ch] + momentum * m as f32;
+                    rv[ch] = (1.0 - momentum) * rv[ch] + momentum * unbiased;
+                }
+            }
+            let saved = Tensor::from_cpu([mean, invstd].concat(), &[2 * c])?;
+            (Tensor::from_cpu(y, x.shape())?, saved)
+        }
+        Device::Gpu(ctx) => {
+            let l = Layout::new(n, c, hw);
+            let xb = x.gpu()?;
+            let chan = ctx.alloc(FWD_SLOTS * c)?;
+            let (rm, rv) = (running_mean.gpu()?, running_var.gpu()?);
+            let b = [xb, xb, gamma.gpu()?, beta.gpu()?, rm, rv, &chan];
+            ctx.dispatch(&BATCH_STATS, &l.params(0, 0, momentum, eps), &b, c as u32)?;
+            // In-order copies after the statistics kernel: the in-place running-stat update,
+            // outside autograd.
+            ctx.copy(&chan, 2 * c, rm, 0, c);
+            ctx.copy(&chan, 3 * c, rv, 0, c);
+            let y = gpu_affine(&ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
+            (
+                Tensor::from_gpu(y, x.shape())?,
+                Tensor::from_gpu(chan, &[FWD_SLOTS * c])?,
+            )
+        }
+    };
+    Ok(y.record(BatchNormBack { saved, train: true }, &[x, gamma, beta]))
 }
+
+// ------------------------------------------------------------------ eval mode
 
 /// Eval-mode batch norm with the running statistics. Recorded (gradients for x, gamma, beta).
 pub fn batch_norm_eval(
-    _x: &Tensor,
-    _gamma: &Tensor,
-    _beta: &Tensor,
-    _running_mean: &Tensor,
-    _running_var: &Tensor,
-    _eps: f32,
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
 ) -> Result<Tensor> {
-    invalid("batch_norm_eval", "not implemented yet")
+    const OP: &str = "batch_norm_eval";
+    let (n, c, hw, dev) = check(
+        OP,
+        x,
+        &[
+            ("gamma", gamma),
+            ("beta", beta),
+            ("running_mean", running_mean),
+            ("running_var", running_var),
+        ],
+    )?;
+    let (y, saved) = match dev {
+        Device::Cpu => {
+            let mean = running_mean.cpu()?.clone();
+            let invstd: Vec<f32> = running_var
+                .cpu()?
+                .iter()
+                .map(|&v| 1.0 / (v + eps).sqrt())
+                .collect();
+            let y = cpu_normalize(
+                &x.cpu()?,
+                (n, c, hw),
+                &mean,
+                &invstd,
+                &gamma.cpu()?,
+                &beta.cpu()?,
+            );
+            let saved = Tensor::from_cpu([mean, invstd].concat(), &[2 * c])?;
+            (Tensor::from_cpu(y, x.shape())?, saved)
+        }
+        Device::Gpu(ctx) => {
+            let l = Layout::new(n, c, hw);
+            let xb = x.gpu()?;
+            let chan = ctx.alloc(FWD_SLOTS * c)?;
+            let g = gamma.gpu()?;
+            let b = [
+                g,
+                g,
+                g,
+                beta.gpu()?,
+                running_mean.gpu()?,
+                running_var.gpu()?,
+                &chan,
+            ];
+            let groups = c.div_ceil(64) as u32;
+            ctx.dispatch(&EVAL_STATS, &l.params(0, 0, 0.0, eps), &b, groups)?;
+            let y = gpu_affine(&ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
+            (
+                Tensor::from_gpu(y, x.shape())?,
+                Tensor::from_gpu(chan, &[FWD_SLOTS * c])?,
+            )
+        }
+    };
+    Ok(y.record(
+        BatchNormBack {
+            saved,
+            train: false,
+        },
+        &[x, gamma, beta],
+    ))
+}
+
+// ------------------------------------------------------------------ backward
+
+/// Backward of both modes. `saved` starts with [mean | invstd] per channel (batch statistics in
+/// training mode, running ones in eval mode).
+struct BatchNormBack {
+    saved: Tensor,
+    train: bool,
+}
+
+impl Backward for BatchNormBack {
+    fn name(&self) -> &'static str {
+        if self.train {
+            "batch_norm_train"
+        } else {
+            "batch_norm_eval"
+        }
+    }
+
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (x, gamma) = (&i[0], &i[1]);
+        let (n, c, h, w) = x.dims4("batch_norm backward")?;
+        let want_dx = x.requires_grad();
+        let want_affine = i[1].requires_grad() || i[2].requires_grad();
+        let (dx, dgamma, dbeta) = match same_device("batch_norm backward", &[x, g, &self.saved])? {
+            Device::Cpu => self.cpu_backward(x, gamma, g, (n, c, h * w), want_dx, want_affine)?,
+            Device::Gpu(ctx) => self.gpu_backward(
+                &ctx,
+                x,
+                gamma,
+                g,
+                Layout::new(n, c, h * w),
+                want_dx,
+                want_affine,
+            )?,
+        };
+        Ok(vec![
+            dx,
+            dgamma.filter(|_| i[1].requires_grad()),
+            dbeta.filter(|_| i[2].requires_grad()),
+        ])
+    }
+}
+
+type Grads = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+impl BatchNormBack {
+    fn cpu_backward(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        g: &Tensor,
+        lay: (usize, usize, usize),
+        want_dx: bool,
+        want_affine: bool,
+    ) -> Result<Grads> {
+        let (xv, gv, gam, saved) = (x.cpu()?, g.cpu()?, gamma.cpu()?, self.saved.cpu()?);
+        let c = lay.1;
+        let (mean, invstd) = saved.split_at(c);
+        let count = (lay.0 * lay.2) as f64;
+        // Per channel: sum g and sum g * xhat (f64 accumulation).
+        let sums: Vec<(f64, f64)> = (0..c)
+            .map(|ch| {
+                channel_indices(lay, ch).fold((0.0, 0.0), |(sg, sgx), i| {
+                    let xhat = ((xv[i] - mean[ch]) * invstd[ch]) as f64;
+                    (sg + gv[i] as f64, sgx + gv[i] as f64 * xhat)
+                })
+            })
+            .collect();
+        let dx = if want_dx {
+            let mut dx = vec![0.0f32; xv.len()];
+            for (ch, &(sg, sgx)) in sums.iter().enumerate() {
+                let scale = gam[ch] * invstd[ch];
+                for i in channel_indices(lay, ch) {
+                    dx[i] = if self.train {
+                        let xhat = (xv[i] - mean[ch]) * invstd[ch];
+                        scale * (gv[i] - (sg / count) as f32 - xhat * (sgx / count) as f32)
+                    } else {
+                        scale * gv[i]
+                    };
+                }
+            }
+            Some(Tensor::from_cpu(dx, x.shape())?)
+        } else {
+            None
+        };
+        let (dgamma, dbeta) = if want_affine {
+            let dgamma = sums.iter().map(|s| s.1 as f32).collect();
+            let dbeta = sums.iter().map(|s| s.0 as f32).collect();
+            (
+                Some(Tensor::from_cpu(dgamma, &[c])?),
+                Some(Tensor::from_cpu(dbeta, &[c])?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok((dx, dgamma, dbeta))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gpu_backward(
+        &self,
+        ctx: &Arc<GpuContext>,
+        x: &Tensor,
+        gamma: &Tensor,
+        g: &Tensor,
+        lay: Layout,
+        want_dx: bool,
+        want_affine: bool,
+    ) -> Result<Grads> {
+        let (xb, gb, chan) = (x.gpu()?, g.gpu()?, self.saved.gpu()?);
+        let c = lay.c;
+        // Eval-mode dx needs no reduction: it is the forward's per-channel scale times g.
+        if !self.train && !want_affine {
+            let dx = gpu_affine(ctx, &lay, FORM_SCALE_U, FWD_COEF_OFF, gb, gb, chan)?;
+            return Ok((Some(Tensor::from_gpu(dx, x.shape())?), None, None));
+        }
+        let red = ctx.alloc(BWD_SLOTS * c)?;
+        let mode = if self.train { MODE_TRAIN } else { MODE_EVAL };
+        let gam = gamma.gpu()?;
+        let b = [xb, gb, gam, gam, gam, gam, chan, &red];
+        ctx.dispatch(&GRAD_REDUCE, &lay.params(mode, 0, 0.0, 0.0), &b, c as u32)?;
+        let dx = match (want_dx, self.train) {
+            (false, _) => None,
+            (true, true) => Some(gpu_affine(
+                ctx,
+                &lay,
+                FORM_TRAIN_DX,
+                BWD_COEF_OFF,
+                gb,
+                xb,
+                &red,
+            )?),
+            (true, false) => Some(gpu_affine(
+                ctx,
+                &lay,
+                FORM_SCALE_U,
+                FWD_COEF_OFF,
+                gb,
+                gb,
+                chan,
+            )?),
+        };
+        let dx = dx.map(|d| Tensor::from_gpu(d, x.shape())).transpose()?;
+        let (dgamma, dbeta) = if want_affine {
+            let (dgamma, dbeta) = (ctx.alloc(c)?, ctx.alloc(c)?);
+            ctx.copy(&red, 0, &dgamma, 0, c);
+            ctx.copy(&red, c, &dbeta, 0, c);
+            (
+                Some(Tensor::from_gpu(dgamma, &[c])?),
+                Some(Tensor::from_gpu(dbeta, &[c])?),
+            )
+        } else {
+            (None, None)
+        };
+        Ok((dx, dgamma, dbeta))
+    }
 }

@@ -1,9 +1,22 @@
 //! Pooling with PyTorch semantics: max and average pool 2d (`ceil_mode`, `count_include_pad`),
 //! global average and global max pool; forward and backward on both devices.
 //! GPU: `shaders/pool.wgsl`.
+//!
+//! Max pool saves the argmax of every output (index within its plane, f32-encoded, first
+//! maximum on ties) so that backward routes each gradient without recomputing the windows.
+//! Both backward passes gather per input element, so the GPU needs no atomics.
 
 use crate::engine::error::{invalid, Result};
+use crate::engine::gpu::{groups_for, u, Kernel};
+use crate::engine::tape::{self, Backward};
 use crate::engine::tensor::Tensor;
+use crate::engine::Device;
+use crate::kernel;
+
+const MAX_FWD: Kernel = kernel!("pool.wgsl", "max_pool_fwd", [Read, ReadWrite, ReadWrite]);
+const AVG_FWD: Kernel = kernel!("pool.wgsl", "avg_pool_fwd", [Read, ReadWrite]);
+const MAX_BWD: Kernel = kernel!("pool.wgsl", "max_pool_bwd", [Read, ReadWrite, ReadWrite]);
+const AVG_BWD: Kernel = kernel!("pool.wgsl", "avg_pool_bwd", [Read, ReadWrite]);
 
 /// PyTorch's `MaxPool2d` / `AvgPool2d` hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -16,20 +29,365 @@ pub struct Pool2dParams {
     pub count_include_pad: bool,
 }
 
-pub fn max_pool2d(_x: &Tensor, _p: Pool2dParams) -> Result<Tensor> {
-    invalid("max_pool2d", "not implemented yet")
+impl Pool2dParams {
+    /// A square window with the given stride and padding, floor mode, counting padding.
+    pub fn square(kernel: usize, stride: usize, padding: usize) -> Pool2dParams {
+        Pool2dParams {
+            kernel: (kernel, kernel),
+            stride: (stride, stride),
+            padding: (padding, padding),
+            ceil_mode: false,
+            count_include_pad: true,
+        }
+    }
 }
 
-pub fn avg_pool2d(_x: &Tensor, _p: Pool2dParams) -> Result<Tensor> {
-    invalid("avg_pool2d", "not implemented yet")
+/// PyTorch's `pooling_output_shape` (dilation 1): floor or ceil division, and in ceil mode the
+/// last window must start inside the input or its left padding.
+pub fn pool_output_size(
+    input: usize,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    ceil_mode: bool,
+) -> Option<usize> {
+    if kernel == 0 || stride == 0 {
+        return None;
+    }
+    let span = (input + 2 * pad) as i64 - kernel as i64;
+    let rounding = if ceil_mode { stride as i64 - 1 } else { 0 };
+    let mut out = (span + rounding).div_euclid(stride as i64) + 1;
+    if ceil_mode && out >= 1 && (out - 1) * stride as i64 >= (input + pad) as i64 {
+        out -= 1;
+    }
+    (out >= 1).then_some(out as usize)
+}
+
+/// Everything a pooling kernel needs to know about one call.
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    n: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    p: Pool2dParams,
+}
+
+/// One axis of an output's window as PyTorch computes it: the clipped [start, end) and the
+/// length of the window clipped to the padded input (avg pool's count_include_pad divisor).
+fn window(o: usize, stride: usize, pad: usize, k: usize, len: usize) -> (usize, usize, usize) {
+    let start = (o * stride) as i64 - pad as i64;
+    let end_padded = (start + k as i64).min((len + pad) as i64);
+    let padded_len = (end_padded - start) as usize;
+    (
+        start.max(0) as usize,
+        end_padded.min(len as i64) as usize,
+        padded_len,
+    )
+}
+
+impl Geometry {
+    fn new(op: &'static str, x: &Tensor, p: Pool2dParams) -> Result<Geometry> {
+        let (n, c, h, w) = x.dims4(op)?;
+        let (kh, kw) = p.kernel;
+        let (ph, pw) = p.padding;
+        if kh == 0 || kw == 0 || p.stride.0 == 0 || p.stride.1 == 0 {
+            return invalid(op, format!("kernel and stride must be positive, got {p:?}"));
+        }
+        if ph > kh / 2 || pw > kw / 2 {
+            return invalid(
+                op,
+                format!("padding should be at most half of the kernel size, got {p:?}"),
+            );
+        }
+        let oh = pool_output_size(h, kh, p.stride.0, ph, p.ceil_mode);
+        let ow = pool_output_size(w, kw, p.stride.1, pw, p.ceil_mode);
+        let (Some(oh), Some(ow)) = (oh, ow) else {
+            return invalid(op, format!("input {:?} is too small for {p:?}", x.shape()));
+        };
+        // Argmax indices are stored as f32 and must be exact.
+        if h * w >= 1 << 24 {
+            return invalid(
+                op,
+                format!("planes of {h}x{w} are too large to index in f32"),
+            );
+        }
+        Ok(Geometry {
+            n,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            p,
+        })
+    }
+
+    fn out_shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.oh, self.ow]
+    }
+
+    fn planes(&self) -> usize {
+        self.n * self.c
+    }
+
+    fn window_y(&self, oy: usize) -> (usize, usize, usize) {
+        window(
+            oy,
+            self.p.stride.0,
+            self.p.padding.0,
+            self.p.kernel.0,
+            self.h,
+        )
+    }
+
+    fn window_x(&self, ox: usize) -> (usize, usize, usize) {
+        window(
+            ox,
+            self.p.stride.1,
+            self.p.padding.1,
+            self.p.kernel.1,
+            self.w,
+        )
+    }
+
+    fn avg_divisor(&self, wy: (usize, usize, usize), wx: (usize, usize, usize)) -> f32 {
+        if self.p.count_include_pad {
+            (wy.2 * wx.2) as f32
+        } else {
+            ((wy.1 - wy.0) * (wx.1 - wx.0)) as f32
+        }
+    }
+
+    /// Uniform words of `shaders/pool.wgsl`, for `total` threads.
+    fn params(&self, total: usize) -> [u32; 12] {
+        let p = &self.p;
+        [
+            u(total),
+            u(self.h),
+            u(self.w),
+            u(self.oh),
+            u(self.ow),
+            u(p.kernel.0),
+            u(p.kernel.1),
+            u(p.stride.0),
+            u(p.stride.1),
+            u(p.padding.0),
+            u(p.padding.1),
+            p.count_include_pad as u32,
+        ]
+    }
+
+    /// Calls `f(plane, oy, ox, window_y, window_x)` for every output, in raster order.
+    fn for_each_output(
+        &self,
+        mut f: impl FnMut(usize, usize, usize, (usize, usize, usize), (usize, usize, usize)),
+    ) {
+        for plane in 0..self.planes() {
+            for oy in 0..self.oh {
+                let wy = self.window_y(oy);
+                for ox in 0..self.ow {
+                    f(plane, oy, ox, wy, self.window_x(ox));
+                }
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------ max pool
+
+/// Max pool values and the argmax (index within the plane) of every output. Not recorded.
+fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
+    let shape = g.out_shape();
+    let total = g.planes() * g.oh * g.ow;
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let (mut out, mut arg) = (Vec::with_capacity(total), Vec::with_capacity(total));
+            g.for_each_output(|plane, _, _, wy, wx| {
+                let base = plane * g.h * g.w;
+                let (mut best, mut best_at) = (f32::NEG_INFINITY, wy.0 * g.w + wx.0);
+                for y in wy.0..wy.1 {
+                    for x in wx.0..wx.1 {
+                        let v = xv[base + y * g.w + x];
+                        // Strictly greater keeps the first maximum; NaN wins (PyTorch).
+                        if v > best || v.is_nan() {
+                            best = v;
+                            best_at = y * g.w + x;
+                        }
+                    }
+                }
+                out.push(best);
+                arg.push(best_at as f32);
+            });
+            Ok((
+                Tensor::from_cpu(out, &shape)?,
+                Tensor::from_cpu(arg, &shape)?,
+            ))
+        }
+        Device::Gpu(ctx) => {
+            let (out, arg) = (ctx.alloc(total)?, ctx.alloc(total)?);
+            let b = [x.gpu()?, &out, &arg];
+            ctx.dispatch(&MAX_FWD, &g.params(total), &b, groups_for(total, 256))?;
+            Ok((
+                Tensor::from_gpu(out, &shape)?,
+                Tensor::from_gpu(arg, &shape)?,
+            ))
+        }
+    }
+}
+
+struct MaxPoolBack {
+    argmax: Tensor,
+    geom: Geometry,
+}
+
+impl Backward for MaxPoolBack {
+    fn name(&self) -> &'static str {
+        "max_pool2d"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = &self.geom;
+        let total = i[0].numel();
+        let dx = match grad.device() {
+            Device::Cpu => {
+                let (gv, arg) = (grad.cpu()?, self.argmax.cpu()?);
+                let mut dx = vec![0.0f32; total];
+                let per_out = g.oh * g.ow;
+                for (o, (&gval, &at)) in gv.iter().zip(arg.iter()).enumerate() {
+                    dx[(o / per_out) * g.h * g.w + at as usize] += gval;
+                }
+                Tensor::from_cpu(dx, i[0].shape())?
+            }
+            Device::Gpu(ctx) => {
+                let dx = ctx.alloc(total)?;
+                let b = [grad.gpu()?, &dx, self.argmax.gpu()?];
+                ctx.dispatch(&MAX_BWD, &g.params(total), &b, groups_for(total, 256))?;
+                Tensor::from_gpu(dx, i[0].shape())?
+            }
+        };
+        Ok(vec![Some(dx)])
+    }
+}
+
+/// PyTorch's `max_pool2d` (dilation 1). Recorded.
+pub fn max_pool2d(x: &Tensor, p: Pool2dParams) -> Result<Tensor> {
+    let geom = Geometry::new("max_pool2d", x, p)?;
+    let (out, argmax) = max_pool_raw(x, &geom)?;
+    if !(tape::is_grad_enabled() && x.requires_grad()) {
+        return Ok(out);
+    }
+    Ok(out.record(MaxPoolBack { argmax, geom }, &[x]))
+}
+
+// ------------------------------------------------------------------ average pool
+
+fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let shape = g.out_shape();
+    let total = g.planes() * g.oh * g.ow;
+    match x.device() {
+        Device::Cpu => {
+            let xv = x.cpu()?;
+            let mut out = Vec::with_capacity(total);
+            g.for_each_output(|plane, _, _, wy, wx| {
+                let base = plane * g.h * g.w;
+                if wy.0 >= wy.1 || wx.0 >= wx.1 {
+                    out.push(0.0);
+                    return;
+                }
+                let mut s = 0.0f32;
+                for y in wy.0..wy.1 {
+                    for x in wx.0..wx.1 {
+                        s += xv[base + y * g.w + x];
+                    }
+                }
+                out.push(s / g.avg_divisor(wy, wx));
+            });
+            Tensor::from_cpu(out, &shape)
+        }
+        Device::Gpu(ctx) => {
+            let out = ctx.alloc(total)?;
+            let b = [x.gpu()?, &out];
+            ctx.dispatch(&AVG_FWD, &g.params(total), &b, groups_for(total, 256))?;
+            Tensor::from_gpu(out, &shape)
+        }
+    }
+}
+
+struct AvgPoolBack {
+    geom: Geometry,
+}
+
+impl Backward for AvgPoolBack {
+    fn name(&self) -> &'static str {
+        "avg_pool2d"
+    }
+    fn backward(&self, i: &[Tensor], _o: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = &self.geom;
+        let total = i[0].numel();
+        let dx = match grad.device() {
+            Device::Cpu => {
+                let gv = grad.cpu()?;
+                let mut dx = vec![0.0f32; total];
+                let mut o = 0;
+                g.for_each_output(|plane, _, _, wy, wx| {
+                    let share = gv[o] / g.avg_divisor(wy, wx);
+                    o += 1;
+                    let base = plane * g.h * g.w;
+                    for y in wy.0..wy.1 {
+                        for x in wx.0..wx.1 {
+                            dx[base + y * g.w + x] += share;
+                        }
+                    }
+                });
+                Tensor::from_cpu(dx, i[0].shape())?
+            }
+            Device::Gpu(ctx) => {
+                let dx = ctx.alloc(total)?;
+                let b = [grad.gpu()?, &dx];
+                ctx.dispatch(&AVG_BWD, &g.params(total), &b, groups_for(total, 256))?;
+                Tensor::from_gpu(dx, i[0].shape())?
+            }
+        };
+        Ok(vec![Some(dx)])
+    }
+}
+
+/// PyTorch's `avg_pool2d` (no divisor override). Recorded.
+pub fn avg_pool2d(x: &Tensor, p: Pool2dParams) -> Result<Tensor> {
+    let geom = Geometry::new("avg_pool2d", x, p)?;
+    Ok(avg_pool_raw(x, &geom)?.record(AvgPoolBack { geom }, &[x]))
+}
+
+// ------------------------------------------------------------------ global pools
+
+/// A window covering the whole plane.
+fn whole_plane(x: &Tensor, op: &'static str) -> Result<(Pool2dParams, [usize; 2])> {
+    let (n, c, h, w) = x.dims4(op)?;
+    if h == 0 || w == 0 {
+        return invalid(op, format!("empty planes in input {:?}", x.shape()));
+    }
+    let p = Pool2dParams {
+        kernel: (h, w),
+        stride: (h, w),
+        padding: (0, 0),
+        ceil_mode: false,
+        count_include_pad: true,
+    };
+    Ok((p, [n, c]))
 }
 
 /// [N, C, H, W] -> [N, C], mean over H and W.
-pub fn global_avg_pool(_x: &Tensor) -> Result<Tensor> {
-    invalid("global_avg_pool", "not implemented yet")
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (p, shape) = whole_plane(x, "global_avg_pool")?;
+    avg_pool2d(x, p)?.reshape(&shape)
 }
 
-/// [N, C, H, W] -> [N, C], max over H and W.
-pub fn global_max_pool(_x: &Tensor) -> Result<Tensor> {
-    invalid("global_max_pool", "not implemented yet")
+/// [N, C, H, W] -> [N, C], max over H and W (the gradient goes to the first maximum, as
+/// PyTorch's `adaptive_max_pool2d(x, 1)`).
+pub fn global_max_pool(x: &Tensor) -> Result<Tensor> {
+    let (p, shape) = whole_plane(x, "global_max_pool")?;
+    max_pool2d(x, p)?.reshape(&shape)
 }

@@ -1,0 +1,235 @@
+//! The training objectives of the defenses, as the paper adapts them to DML (SPEC section 8):
+//! no defense, AT, Mix-Up, IAT, TRADES, and EAT's per-member objective. Each takes the member
+//! being trained as a differentiable embedding function, so the same code serves any backbone
+//! and device.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{self, PgdConfig};
+use crate::dml::loss::{proxy_anchor_loss, ProxyAnchorConfig};
+use crate::engine::ops::elementwise::{add, axpby, scale, square, sub};
+use crate::engine::ops::reduce::sum;
+use crate::engine::{EngineError, Result, Rng, Tensor};
+
+use super::pgd::{pgd, EmbedFn, Goal};
+
+/// The training method (`--method`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum Method {
+    /// Proxy Anchor loss alone.
+    None,
+    At,
+    MixUp,
+    Iat,
+    Trades,
+    Eat,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] = [
+        Method::None,
+        Method::At,
+        Method::MixUp,
+        Method::Iat,
+        Method::Trades,
+        Method::Eat,
+    ];
+
+    /// The row label of the paper's Table 1.
+    pub fn label(self) -> &'static str {
+        match self {
+            Method::None => "PAL",
+            Method::At => "+ AT",
+            Method::MixUp => "+ Mix-Up",
+            Method::Iat => "+ IAT",
+            Method::Trades => "+ TRADES",
+            Method::Eat => "+ EAT",
+        }
+    }
+
+    /// The name used in file names and on the command line.
+    pub fn key(self) -> &'static str {
+        match self {
+            Method::None => "none",
+            Method::At => "at",
+            Method::MixUp => "mix-up",
+            Method::Iat => "iat",
+            Method::Trades => "trades",
+            Method::Eat => "eat",
+        }
+    }
+
+    /// Whether the method trains an ensemble.
+    pub fn is_ensemble(self) -> bool {
+        self == Method::Eat
+    }
+}
+
+/// Hyper-parameters of the defenses.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DefenseConfig {
+    pub method: Method,
+    pub attack: PgdConfig,
+    pub eat_beta: f32,
+    pub trades_lambda: f32,
+    pub mixup_alpha: f32,
+    pub ensemble_size: usize,
+}
+
+impl DefenseConfig {
+    pub fn new(method: Method) -> Self {
+        DefenseConfig {
+            method,
+            attack: PgdConfig::train_default(),
+            eat_beta: config::EAT_BETA,
+            trades_lambda: config::TRADES_LAMBDA,
+            mixup_alpha: config::MIXUP_ALPHA,
+            ensemble_size: config::ENSEMBLE_SIZE,
+        }
+    }
+}
+
+/// Mean over the batch of the squared L2 distance between rows of `a` and `b`.
+pub fn mean_sq_distance(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let n = a.shape()[0].max(1);
+    scale(&sum(&square(&sub(a, b)?)?)?, 1.0 / n as f32)
+}
+
+/// A Mix-Up pairing: every row i is mixed with row `partner[i]` by weight `lambda`.
+pub struct MixPlan {
+    pub lambda: f32,
+    pub partner: Vec<usize>,
+}
+
+impl MixPlan {
+    pub fn draw(batch: usize, alpha: f32, rng: &mut Rng) -> MixPlan {
+        let mut partner: Vec<usize> = (0..batch).collect();
+        rng.shuffle(&mut partner);
+        MixPlan {
+            lambda: rng.beta(alpha, alpha),
+            partner,
+        }
+    }
+
+    /// lambda * t + (1 - lambda) * t[partner], recorded (gradients flow to t).
+    pub fn mix(&self, t: &Tensor) -> Result<Tensor> {
+        let permuted = gather_rows(t, &self.partner)?;
+        axpby(self.lambda, t, 1.0 - self.lambda, &permuted)
+    }
+}
+
+/// t[partner] as one recorded op: a permutation matrix product keeps it differentiable on both
+/// devices without a dedicated gather kernel.
+fn gather_rows(t: &Tensor, partner: &[usize]) -> Result<Tensor> {
+    let n = partner.len();
+    let mut p = vec![0.0f32; n * n];
+    for (i, &j) in partner.iter().enumerate() {
+        p[i * n + j] = 1.0;
+    }
+    let perm = Tensor::from_vec(p, &[n, n], &t.device())?;
+    let flat = t.reshape(&[n, t.numel() / n.max(1)])?;
+    crate::engine::ops::matmul::matmul(&perm, &flat)?.reshape(t.shape())
+}
+
+/// Everything one member's training step needs.
+pub struct StepContext<'a> {
+    /// The member being trained (in its training BatchNorm mode).
+    pub member: EmbedFn<'a>,
+    /// Models the training attack runs against: the member itself, or the whole ensemble (EAT).
+    pub attack_on: &'a [EmbedFn<'a>],
+    pub proxies: &'a Tensor,
+    pub loss: ProxyAnchorConfig,
+    pub defense: &'a DefenseConfig,
+}
+
+impl StepContext<'_> {
+    fn metric(&self, emb: &Tensor, labels: &[usize]) -> Result<Tensor> {
+        proxy_anchor_loss(emb, self.proxies, labels, self.loss.alpha, self.loss.delta)
+    }
+
+    fn adversarial(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
+        pgd(
+            self.attack_on,
+            x,
+            &self.defense.attack,
+            &Goal::EmbeddingShift,
+            rng,
+        )
+    }
+
+    /// Mix-Up's consistency term: distance of F(mix(x)) to mix(F(x)).
+    fn mix_term(&self, x: &Tensor, emb: &Tensor, plan: &MixPlan) -> Result<Tensor> {
+        let mixed_emb = (self.member)(&plan.mix(x)?)?;
+        mean_sq_distance(&mixed_emb, &plan.mix(emb)?)
+    }
+}
+
+/// The loss of one training step of `ctx.defense.method` on the batch (x, labels).
+pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng) -> Result<Tensor> {
+    let d = ctx.defense;
+    match d.method {
+        Method::None => ctx.metric(&(ctx.member)(x)?, labels),
+        Method::At => {
+            let adv = ctx.adversarial(x, rng)?;
+            ctx.metric(&(ctx.member)(&adv)?, labels)
+        }
+        Method::MixUp => {
+            let emb = (ctx.member)(x)?;
+            let plan = MixPlan::draw(labels.len(), d.mixup_alpha, rng);
+            add(&ctx.metric(&emb, labels)?, &ctx.mix_term(x, &emb, &plan)?)
+        }
+        Method::Iat => {
+            let emb = (ctx.member)(x)?;
+            let plan = MixPlan::draw(labels.len(), d.mixup_alpha, rng);
+            let adv = ctx.adversarial(x, rng)?;
+            let adv_emb = (ctx.member)(&adv)?;
+            let clean = add(&ctx.metric(&emb, labels)?, &ctx.mix_term(x, &emb, &plan)?)?;
+            add(&clean, &ctx.mix_term(&adv, &adv_emb, &plan)?)
+        }
+        Method::Trades => {
+            let emb = (ctx.member)(x)?;
+            let adv = ctx.adversarial(x, rng)?;
+            let shift = mean_sq_distance(&(ctx.member)(&adv)?, &emb)?;
+            axpby(1.0, &ctx.metric(&emb, labels)?, d.trades_lambda, &shift)
+        }
+        Method::Eat => {
+            if ctx.attack_on.len() < 2 {
+                return Err(EngineError::Invalid {
+                    op: "EAT",
+                    detail: "an ensemble of at least 2 members is needed".into(),
+                });
+            }
+            let clean = ctx.metric(&(ctx.member)(x)?, labels)?;
+            let adv = ctx.adversarial(x, rng)?;
+            let robust = ctx.metric(&(ctx.member)(&adv)?, labels)?;
+            axpby(d.eat_beta, &clean, 1.0 - d.eat_beta, &robust)
+        }
+    }
+}
+
+/// EAT's data split (Algorithm 1, lines 2 and 5): shuffle the training indices, cut them into
+/// `n` equal parts, and give member i every part but part i.
+pub fn eat_member_indices(train_len: usize, n: usize, rng: &mut Rng) -> Vec<Vec<usize>> {
+    let mut idx: Vec<usize> = (0..train_len).collect();
+    rng.shuffle(&mut idx);
+    let part = train_len / n.max(1);
+    let part_of = |k: usize| {
+        if k == n - 1 {
+            &idx[k * part..]
+        } else {
+            &idx[k * part..(k + 1) * part]
+        }
+    };
+    (0..n)
+        .map(|i| {
+            let mut mine: Vec<usize> = (0..n)
+                .filter(|&k| k != i)
+                .flat_map(|k| part_of(k).to_vec())
+                .collect();
+            mine.sort_unstable();
+            mine
+        })
+        .collect()
+}

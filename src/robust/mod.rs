@@ -1,0 +1,5 @@
+//! Adversarial robustness: PGD attacks on embeddings, the defenses and EAT ensembles.
+
+pub mod defense;
+pub mod pgd;
+pub mod report;

@@ -1,0 +1,309 @@
+//! Convolution family: GPU against CPU (forward and every gradient), central-difference
+//! gradient checks on the CPU reference, a hand-computed case, and shape errors.
+
+use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
+use robust_dml::engine::tape::no_grad;
+use robust_dml::engine::testing::{
+    assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck,
+};
+use robust_dml::engine::Tensor;
+
+/// One test configuration: input shape, output channels, kernel size and hyper-parameters.
+struct Case {
+    name: &'static str,
+    x: [usize; 4],
+    cout: usize,
+    k: (usize, usize),
+    p: Conv2dParams,
+    bias: bool,
+}
+
+fn params(stride: usize, padding: usize, dilation: usize, groups: usize) -> Conv2dParams {
+    Conv2dParams {
+        stride: (stride, stride),
+        padding: (padding, padding),
+        dilation: (dilation, dilation),
+        groups,
+    }
+}
+
+fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            name: "3x3 pad 1",
+            x: [2, 3, 7, 5],
+            cout: 4,
+            k: (3, 3),
+            p: params(1, 1, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "3x3 stride 2 odd spatial",
+            x: [2, 3, 7, 5],
+            cout: 4,
+            k: (3, 3),
+            p: params(2, 1, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "3x3 dilation 2",
+            x: [2, 3, 7, 6],
+            cout: 4,
+            k: (3, 3),
+            p: params(1, 2, 2, 1),
+            bias: false,
+        },
+        Case {
+            name: "groups 3",
+            x: [2, 6, 5, 5],
+            cout: 9,
+            k: (3, 3),
+            p: params(1, 1, 1, 3),
+            bias: true,
+        },
+        Case {
+            name: "depthwise stride 1",
+            x: [2, 5, 7, 5],
+            cout: 5,
+            k: (3, 3),
+            p: params(1, 1, 1, 5),
+            bias: true,
+        },
+        Case {
+            name: "depthwise stride 2",
+            x: [2, 5, 7, 5],
+            cout: 5,
+            k: (3, 3),
+            p: params(2, 1, 1, 5),
+            bias: false,
+        },
+        Case {
+            name: "depthwise multiplier 2",
+            x: [2, 3, 6, 5],
+            cout: 6,
+            k: (3, 3),
+            p: params(1, 1, 1, 3),
+            bias: true,
+        },
+        Case {
+            name: "1x1",
+            x: [2, 5, 4, 3],
+            cout: 7,
+            k: (1, 1),
+            p: params(1, 0, 1, 1),
+            bias: false,
+        },
+        Case {
+            name: "7x7 stride 2 pad 3",
+            x: [2, 3, 9, 8],
+            cout: 4,
+            k: (7, 7),
+            p: params(2, 3, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "rectangular kernel, mixed stride",
+            x: [2, 2, 6, 7],
+            cout: 3,
+            k: (2, 3),
+            p: Conv2dParams {
+                stride: (1, 2),
+                padding: (0, 1),
+                dilation: (2, 1),
+                groups: 1,
+            },
+            bias: true,
+        },
+    ]
+}
+
+fn inputs(c: &Case, seed: u64) -> Vec<Tensor> {
+    let w_shape = [c.cout, c.x[1] / c.p.groups, c.k.0, c.k.1];
+    let mut t = vec![randn(&c.x, seed), randn(&w_shape, seed + 1)];
+    if c.bias {
+        t.push(randn(&[c.cout], seed + 2));
+    }
+    t
+}
+
+fn run(t: &[Tensor], p: Conv2dParams) -> robust_dml::engine::Result<Tensor> {
+    conv2d(&t[0], &t[1], t.get(2), p)
+}
+
+#[test]
+fn conv_gradients() {
+    let opts = GradCheck {
+        max_probes: 24,
+        ..GradCheck::default()
+    };
+    for (i, c) in cases().iter().enumerate() {
+        let p = c.p;
+        assert_grad(c.name, |t| run(t, p), &inputs(c, 10 * i as u64), opts);
+    }
+}
+
+#[test]
+fn conv_gpu_matches_cpu() {
+    let Some(gpu) = gpu_or_skip("conv_gpu_matches_cpu") else {
+        return;
+    };
+    for (i, c) in cases().iter().enumerate() {
+        let p = c.p;
+        assert_parity(
+            c.name,
+            &gpu,
+            |t| run(t, p),
+            &inputs(c, 100 + i as u64),
+            1e-4,
+            1e-4,
+        );
+    }
+}
+
+/// Sizes that straddle the 64-wide GEMM tiles, the 16-deep reduction step, several
+/// weight-gradient slices, several depthwise image slices and 8x8 pixel tiles.
+#[test]
+fn conv_gpu_matches_cpu_tile_edges() {
+    let Some(gpu) = gpu_or_skip("conv_gpu_matches_cpu_tile_edges") else {
+        return;
+    };
+    let big = [
+        Case {
+            name: "65 out channels, 17 x 9 taps",
+            x: [3, 17, 9, 10],
+            cout: 65,
+            k: (3, 3),
+            p: params(1, 1, 1, 1),
+            bias: true,
+        },
+        Case {
+            name: "depthwise 3 images",
+            x: [3, 4, 9, 17],
+            cout: 4,
+            k: (3, 3),
+            p: params(1, 1, 1, 4),
+            bias: true,
+        },
+        Case {
+            name: "depthwise 5x5 (two tap chunks)",
+            x: [2, 3, 9, 10],
+            cout: 3,
+            k: (5, 5),
+            p: params(2, 2, 1, 3),
+            bias: false,
+        },
+    ];
+    for (i, c) in big.iter().enumerate() {
+        let p = c.p;
+        assert_parity(
+            c.name,
+            &gpu,
+            |t| run(t, p),
+            &inputs(c, 200 + i as u64),
+            2e-4,
+            2e-4,
+        );
+    }
+}
+
+/// Only the gradients that are asked for are computed, and they match the full backward.
+#[test]
+fn conv_input_gradient_only() {
+    let c = &cases()[1];
+    let t = inputs(c, 7);
+    let x = t[0].var();
+    let y = conv2d(&x, &t[1], t.get(2), c.p).unwrap();
+    let grads = y.backward().unwrap();
+    assert!(grads.get(&x).is_some());
+    assert_eq!(grads.len(), 1, "frozen weight and bias got gradients");
+}
+
+#[test]
+fn conv_hand_computed() {
+    // x = 1..9 as a 3x3 image, w = [[1, 0], [0, -1]] (2x2), bias 0.5, no padding:
+    // y[i][j] = x[i][j] - x[i+1][j+1] + 0.5 = -4 + 0.5 everywhere.
+    let x = Tensor::from_cpu((1..=9).map(|v| v as f32).collect(), &[1, 1, 3, 3]).unwrap();
+    let w = Tensor::from_cpu(vec![1., 0., 0., -1.], &[1, 1, 2, 2]).unwrap();
+    let b = Tensor::from_cpu(vec![0.5], &[1]).unwrap();
+    let y = conv2d(&x, &w, Some(&b), Conv2dParams::default()).unwrap();
+    assert_eq!(y.shape(), &[1, 1, 2, 2]);
+    assert_eq!(y.to_vec().unwrap(), vec![-3.5; 4]);
+    // Padding 1, stride 2: outputs at (-1,-1), (-1,1), (1,-1), (1,1) of the padded grid.
+    let p = Conv2dParams {
+        stride: (2, 2),
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let y = conv2d(&x, &w, None, p).unwrap();
+    assert_eq!(y.to_vec().unwrap(), vec![-1., -3., -7., 5. - 9.]);
+    // dL/dx for L = sum(y) of the unpadded conv: each x gets sum of the weights it met.
+    let xv = x.var();
+    let y = conv2d(&xv, &w, None, Conv2dParams::default()).unwrap();
+    let loss_grads = y.backward().unwrap();
+    let dx = loss_grads.get(&xv).unwrap().to_vec().unwrap();
+    assert_close(
+        "hand dx",
+        &dx,
+        &[1., 1., 0., 1., 0., -1., 0., -1., -1.],
+        0.0,
+        0.0,
+    );
+    if let Some(gpu) = gpu_or_skip("conv_hand_computed") {
+        let y = conv2d(
+            &x.to_device(&gpu).unwrap(),
+            &w.to_device(&gpu).unwrap(),
+            None,
+            p,
+        )
+        .unwrap();
+        assert_eq!(y.to_vec().unwrap(), vec![-1., -3., -7., -4.]);
+    }
+}
+
+#[test]
+fn conv_shape_errors() {
+    let x = randn(&[1, 4, 5, 5], 1);
+    no_grad(|| {
+        // weight expects 3 input channels, x has 4
+        assert!(conv2d(&x, &randn(&[2, 3, 3, 3], 2), None, Conv2dParams::default()).is_err());
+        // groups 3 does not divide 4 input channels
+        let p = Conv2dParams {
+            groups: 3,
+            ..Default::default()
+        };
+        assert!(conv2d(&x, &randn(&[3, 1, 3, 3], 3), None, p).is_err());
+        // groups 2 does not divide 3 output channels
+        let p = Conv2dParams {
+            groups: 2,
+            ..Default::default()
+        };
+        assert!(conv2d(&x, &randn(&[3, 2, 3, 3], 4), None, p).is_err());
+        // zero stride, zero groups
+        let p = Conv2dParams {
+            stride: (0, 1),
+            ..Default::default()
+        };
+        assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 5), None, p).is_err());
+        let p = Conv2dParams {
+            groups: 0,
+            ..Default::default()
+        };
+        assert!(conv2d(&x, &randn(&[2, 4, 3, 3], 5), None, p).is_err());
+        // kernel larger than the padded input; wrong bias length; 3-D input
+        assert!(conv2d(&x, &randn(&[2, 4, 7, 7], 6), None, Conv2dParams::default()).is_err());
+        assert!(conv2d(
+            &x,
+            &randn(&[2, 4, 3, 3], 7),
+            Some(&randn(&[3], 8)),
+            Conv2dParams::default()
+        )
+        .is_err());
+        assert!(conv2d(
+            &randn(&[4, 5, 5], 9),
+            &randn(&[2, 4, 3, 3], 7),
+            None,
+            Conv2dParams::default()
+        )
+        .is_err());
+    });
+}

@@ -1,0 +1,86 @@
+//! The experiment report: Table 1 layout and an HTML page with the plots.
+
+use robust_dml::robust::report::{
+    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
+};
+
+fn sample() -> Vec<MethodReport> {
+    let m = |r1: f64| Metrics {
+        nmi: 50.0,
+        f1: 20.0,
+        recall: [r1, r1 + 5.0, r1 + 9.0, r1 + 12.0],
+        map_r: 10.0,
+    };
+    let curve = |base: f64| {
+        (1..=3)
+            .map(|i| CurvePoint {
+                x: i as f64,
+                recall1: base / i as f64,
+                f1: 10.0,
+            })
+            .collect()
+    };
+    vec![
+        MethodReport {
+            method: "none".into(),
+            label: "PAL".into(),
+            clean: m(53.27),
+            pgd: m(7.16),
+            pgd_template: m(3.0),
+            steps_curve: curve(40.0),
+            eps_curve: curve(30.0),
+            ..Default::default()
+        },
+        MethodReport {
+            method: "eat".into(),
+            label: "+ EAT".into(),
+            clean: m(52.78),
+            pgd: m(24.02),
+            pgd_template: m(12.0),
+            steps_curve: curve(50.0),
+            eps_curve: curve(45.0),
+            members: vec![(50.0, 20.0), (49.0, 21.0), (51.0, 19.0)],
+            projection: Some(Projection {
+                clean: vec![(0.0, 0.0), (1.0, 1.0)],
+                attacked: vec![(0.5, 0.1), (0.9, 1.2)],
+                labels: vec![0, 1],
+            }),
+            ..Default::default()
+        },
+    ]
+}
+
+#[test]
+fn table_has_clean_and_pgd_rows_per_method() {
+    let t = table_markdown(&sample(), "test");
+    assert!(t.contains("| PAL | clean | 50.00 | 20.00 | 53.27 |"), "{t}");
+    assert!(t.contains("| + EAT | PGD | 50.00 | 20.00 | 24.02 |"), "{t}");
+    assert_eq!(
+        t.lines()
+            .filter(|l| l.starts_with("| PAL") || l.starts_with("| + EAT"))
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn html_report_holds_every_figure() {
+    let h = html_report(&sample(), "test run", "{}").unwrap();
+    // Four curves, the members chart and one projection.
+    assert_eq!(h.matches("<svg").count(), 6, "figures missing");
+    assert!(h.contains("members alone"));
+    assert!(h.contains("+ EAT"));
+}
+
+#[test]
+fn pca_separates_two_clusters_along_the_first_axis() {
+    let a: Vec<f32> = [
+        [1.0, 0.0, 0.0],
+        [1.1, 0.1, 0.0],
+        [-1.0, 0.0, 0.1],
+        [-1.1, -0.1, 0.0],
+    ]
+    .concat();
+    let (p, _) = pca_2d(&a, &a, 3);
+    assert!(p[0].0.signum() == p[1].0.signum() && p[0].0.signum() != p[2].0.signum());
+}
