@@ -230,8 +230,8 @@ impl BatchLoader {
         let workers = self.cfg.workers.min(batches.len());
         let mut receivers = Vec::with_capacity(workers);
         let mut handles = Vec::with_capacity(workers);
-        if workers > 0 {
-            let depth = (self.cfg.prefetch / workers).max(1);
+        if let Some(per_worker) = self.cfg.prefetch.checked_div(workers) {
+            let depth = per_worker.max(1);
             for w in 0..workers {
                 let (tx, rx) = sync_channel::<Batch>(depth);
                 let shared = Arc::clone(&self.shared);

@@ -93,7 +93,7 @@ struct ClassDef {
 /// class `c` always means the same thing.
 fn class_table() -> Vec<ClassDef> {
     let mut combos: Vec<usize> = (0..MAX_CLASSES).collect();
-    Rng::new(0x5EED_C1A5_5E5).shuffle(&mut combos);
+    Rng::new(0x05EE_DC1A_55E5).shuffle(&mut combos);
     combos
         .into_iter()
         .map(|k| ClassDef {

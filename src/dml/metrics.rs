@@ -13,7 +13,7 @@ use crate::engine::Rng;
 
 /// Checks `[N, D]` against its labels; returns N.
 fn rows(op: &'static str, emb: &[f32], dim: usize, labels: &[usize]) -> Result<usize> {
-    if dim == 0 || emb.len() % dim != 0 {
+    if dim == 0 || !emb.len().is_multiple_of(dim) {
         return invalid(
             op,
             format!(
@@ -178,7 +178,7 @@ pub fn recall_at_k_query_gallery(
 /// dividing by R: `MAP@R = (1/R) * sum_{i<=R} P(i) * rel(i)`. Queries alone in their class are
 /// left out (pytorch-metric-learning's "lone query labels"); returns 0 if all are.
 pub fn map_at_r(emb: &[f32], dim: usize, labels: &[usize]) -> Result<f64> {
-    let n = rows("map_at_r", emb, dim, labels)?;
+    rows("map_at_r", emb, dim, labels)?;
     let mut counts: HashMap<usize, usize> = HashMap::new();
     for &l in labels {
         *counts.entry(l).or_default() += 1;
@@ -200,7 +200,6 @@ pub fn map_at_r(emb: &[f32], dim: usize, labels: &[usize]) -> Result<f64> {
         Some(sum / r as f64)
     });
     let valid: Vec<f64> = scores.into_iter().flatten().collect();
-    let _ = n;
     if valid.is_empty() {
         return Ok(0.0);
     }
@@ -373,7 +372,7 @@ fn kmeans_once(
 /// k-means with k-means++ initialisation, `cfg.restarts` restarts (lowest inertia kept) and
 /// `cfg.iterations` Lloyd iterations each, deterministic from `cfg.seed`.
 pub fn kmeans(data: &[f32], dim: usize, k: usize, cfg: &KMeansConfig) -> Result<KMeansResult> {
-    if dim == 0 || data.len() % dim != 0 {
+    if dim == 0 || !data.len().is_multiple_of(dim) {
         return invalid(
             "kmeans",
             format!("data length {} not a multiple of dim {dim}", data.len()),
