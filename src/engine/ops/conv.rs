@@ -16,21 +16,11 @@ pub struct Conv2dParams {
 
 impl Default for Conv2dParams {
     fn default() -> Self {
-        Conv2dParams {
-            stride: (1, 1),
-            padding: (0, 0),
-            dilation: (1, 1),
-            groups: 1,
-        }
+        Conv2dParams { stride: (1, 1), padding: (0, 0), dilation: (1, 1), groups: 1 }
     }
 }
 
 /// y = conv2d(x, w) + bias, x [N, C_in, H, W] -> y [N, C_out, H_out, W_out]. Recorded.
-pub fn conv2d(
-    _x: &Tensor,
-    _w: &Tensor,
-    _bias: Option<&Tensor>,
-    _p: Conv2dParams,
-) -> Result<Tensor> {
+pub fn conv2d(_x: &Tensor, _w: &Tensor, _bias: Option<&Tensor>, _p: Conv2dParams) -> Result<Tensor> {
     invalid("conv2d", "not implemented yet")
 }

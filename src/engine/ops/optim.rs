@@ -19,12 +19,6 @@ pub struct AdamWStep {
 /// Updates `param`, and the moments `m`, `v`, in place from `grad` (PyTorch's AdamW:
 /// p -= lr * wd * p; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
 /// p -= lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)).
-pub fn adamw_step(
-    _param: &Tensor,
-    _grad: &Tensor,
-    _m: &Tensor,
-    _v: &Tensor,
-    _h: AdamWStep,
-) -> Result<()> {
+pub fn adamw_step(_param: &Tensor, _grad: &Tensor, _m: &Tensor, _v: &Tensor, _h: AdamWStep) -> Result<()> {
     invalid("adamw_step", "not implemented yet")
 }
