@@ -647,6 +647,13 @@ fn synthetic_is_deterministic_and_class_disjoint() {
         ..small_synthetic(0)
     })
     .is_err());
+    // Command-line names.
+    assert_eq!(DatasetKind::parse("CUB200").unwrap(), DatasetKind::Cub200);
+    assert_eq!(
+        DatasetKind::parse("fashion-mnist-zero-shot").unwrap(),
+        DatasetKind::FashionMnist(FashionSplit::ZeroShot)
+    );
+    assert!(DatasetKind::parse("imagenet").is_err());
     // Same data through the generic entry point.
     let d = data::load(&DatasetKind::Synthetic(small_synthetic(3)), None).unwrap();
     assert_eq!(d.train, a.train);

@@ -34,21 +34,9 @@ fn view(t: &Tensor, transpose: bool, batch: usize) -> Result<View> {
     let (b, r, c) = batch_rows_cols(t, "matmul")?;
     let s_b = if b == 1 && batch > 1 { 0 } else { r * c };
     Ok(if transpose {
-        View {
-            rows: c,
-            cols: r,
-            s_b,
-            s_r: 1,
-            s_c: c,
-        }
+        View { rows: c, cols: r, s_b, s_r: 1, s_c: c }
     } else {
-        View {
-            rows: r,
-            cols: c,
-            s_b,
-            s_r: c,
-            s_c: 1,
-        }
+        View { rows: r, cols: c, s_b, s_r: c, s_c: 1 }
     })
 }
 
@@ -66,14 +54,8 @@ pub fn gemm_raw(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     if vb.rows != k {
         return shape_err(
             "matmul",
-            format!(
-                "{:?}{} x {:?}{}: inner dimensions {k} and {}",
-                a.shape(),
-                if ta { "^T" } else { "" },
-                b.shape(),
-                if tb { "^T" } else { "" },
-                vb.rows
-            ),
+            format!("{:?}{} x {:?}{}: inner dimensions {k} and {}", a.shape(),
+                if ta { "^T" } else { "" }, b.shape(), if tb { "^T" } else { "" }, vb.rows),
         );
     }
     let out_shape: Vec<usize> = if a.rank() == 3 || b.rank() == 3 {
@@ -101,23 +83,12 @@ pub fn gemm_raw(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
         Device::Gpu(ctx) => {
             let out = ctx.alloc(batch * m * n)?;
             let params = [
-                u(m),
-                u(n),
-                u(k),
-                u(batch),
-                u(va.s_b),
-                u(va.s_r),
-                u(va.s_c),
-                u(vb.s_b),
-                u(vb.s_r),
-                u(vb.s_c),
+                u(m), u(n), u(k), u(batch),
+                u(va.s_b), u(va.s_r), u(va.s_c),
+                u(vb.s_b), u(vb.s_r), u(vb.s_c),
                 0,
             ];
-            let grid = [
-                n.div_ceil(TILE) as u32,
-                m.div_ceil(TILE) as u32,
-                batch as u32,
-            ];
+            let grid = [n.div_ceil(TILE) as u32, m.div_ceil(TILE) as u32, batch as u32];
             ctx.dispatch3(&GEMM, &params, &[a.gpu()?, b.gpu()?, &out], grid)?;
             Tensor::from_gpu(out, &out_shape)
         }
@@ -147,21 +118,13 @@ impl Backward for MatmulBack {
         let (a, b) = (&i[0], &i[1]);
         let (ta, tb) = (self.ta, self.tb);
         let ga = if i[0].requires_grad() {
-            let ga = if ta {
-                gemm_raw(b, g, tb, true)?
-            } else {
-                gemm_raw(g, b, false, !tb)?
-            };
+            let ga = if ta { gemm_raw(b, g, tb, true)? } else { gemm_raw(g, b, false, !tb)? };
             Some(reduce_to(ga, a)?)
         } else {
             None
         };
         let gb = if i[1].requires_grad() {
-            let gb = if tb {
-                gemm_raw(g, a, true, ta)?
-            } else {
-                gemm_raw(a, g, !ta, false)?
-            };
+            let gb = if tb { gemm_raw(g, a, true, ta)? } else { gemm_raw(a, g, !ta, false)? };
             Some(reduce_to(gb, b)?)
         } else {
             None
@@ -184,19 +147,12 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn add_row_bias_raw(mat: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (rows, cols) = mat.dims2("add_row_bias")?;
     if bias.shape() != [cols] {
-        return shape_err(
-            "add_row_bias",
-            format!("bias {:?} for {:?}", bias.shape(), mat.shape()),
-        );
+        return shape_err("add_row_bias", format!("bias {:?} for {:?}", bias.shape(), mat.shape()));
     }
     match same_device("add_row_bias", &[mat, bias])? {
         Device::Cpu => {
             let (mv, bv) = (mat.cpu()?, bias.cpu()?);
-            let out = mv
-                .iter()
-                .enumerate()
-                .map(|(i, &v)| v + bv[i % cols])
-                .collect();
+            let out = mv.iter().enumerate().map(|(i, &v)| v + bv[i % cols]).collect();
             Tensor::from_cpu(out, mat.shape())
         }
         Device::Gpu(ctx) => {
