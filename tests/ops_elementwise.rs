@@ -41,31 +41,100 @@ fn elementwise_gradients() {
     assert_grad("add", |t| ew::add(&t[0], &t[1]), &[x.clone(), y.clone()], o);
     assert_grad("sub", |t| ew::sub(&t[0], &t[1]), &[x.clone(), y.clone()], o);
     assert_grad("mul", |t| ew::mul(&t[0], &t[1]), &[x.clone(), y.clone()], o);
-    assert_grad("reuse x*x+x", |t| ew::add(&ew::mul(&t[0], &t[0])?, &t[0]), &[x], o);
+    assert_grad(
+        "reuse x*x+x",
+        |t| ew::add(&ew::mul(&t[0], &t[0])?, &t[0]),
+        &[x],
+        o,
+    );
 }
 
 #[test]
 fn elementwise_gpu_matches_cpu() {
-    let Some(gpu) = gpu_or_skip("elementwise_gpu_matches_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("elementwise_gpu_matches_cpu") else {
+        return;
+    };
     let x = away_from_kinks(&SHAPE, 3);
     let y = randn(&SHAPE, 4);
     let tol = (1e-6, 1e-5);
-    assert_parity("relu", &gpu, |t| ew::relu(&t[0]), &[x.clone()], tol.0, tol.1);
-    assert_parity("relu6", &gpu, |t| ew::relu6(&t[0]), &[x.clone()], tol.0, tol.1);
-    assert_parity("clamp", &gpu, |t| ew::clamp(&t[0], -0.5, 0.5), &[x.clone()], tol.0, tol.1);
-    assert_parity("sign", &gpu, |t| ew::sign(&t[0]), &[x.clone()], tol.0, tol.1);
-    assert_parity("square", &gpu, |t| ew::square(&t[0]), &[x.clone()], tol.0, tol.1);
-    assert_parity("affine", &gpu, |t| ew::affine(&t[0], -1.5, 0.25), &[x.clone()], tol.0, tol.1);
-    assert_parity("axpby", &gpu, |t| ew::axpby(0.3, &t[0], -2.0, &t[1]), &[x.clone(), y.clone()], tol.0, tol.1);
-    assert_parity("mul", &gpu, |t| ew::mul(&t[0], &t[1]), &[x, y], tol.0, tol.1);
+    assert_parity(
+        "relu",
+        &gpu,
+        |t| ew::relu(&t[0]),
+        &[x.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "relu6",
+        &gpu,
+        |t| ew::relu6(&t[0]),
+        &[x.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "clamp",
+        &gpu,
+        |t| ew::clamp(&t[0], -0.5, 0.5),
+        &[x.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "sign",
+        &gpu,
+        |t| ew::sign(&t[0]),
+        &[x.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "square",
+        &gpu,
+        |t| ew::square(&t[0]),
+        &[x.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "affine",
+        &gpu,
+        |t| ew::affine(&t[0], -1.5, 0.25),
+        &[x.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "axpby",
+        &gpu,
+        |t| ew::axpby(0.3, &t[0], -2.0, &t[1]),
+        &[x.clone(), y.clone()],
+        tol.0,
+        tol.1,
+    );
+    assert_parity(
+        "mul",
+        &gpu,
+        |t| ew::mul(&t[0], &t[1]),
+        &[x, y],
+        tol.0,
+        tol.1,
+    );
 }
 
 #[test]
 fn sign_of_zero_is_zero_on_both_devices() {
     let x = Tensor::from_cpu(vec![-2.0, 0.0, 3.0], &[3]).unwrap();
-    assert_eq!(ew::sign(&x).unwrap().to_vec().unwrap(), vec![-1.0, 0.0, 1.0]);
+    assert_eq!(
+        ew::sign(&x).unwrap().to_vec().unwrap(),
+        vec![-1.0, 0.0, 1.0]
+    );
     if let Some(gpu) = gpu_or_skip("sign_of_zero_is_zero_on_both_devices") {
         let g = x.to_device(&gpu).unwrap();
-        assert_eq!(ew::sign(&g).unwrap().to_vec().unwrap(), vec![-1.0, 0.0, 1.0]);
+        assert_eq!(
+            ew::sign(&g).unwrap().to_vec().unwrap(),
+            vec![-1.0, 0.0, 1.0]
+        );
     }
 }

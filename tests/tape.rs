@@ -16,7 +16,10 @@ fn branching_and_reuse_accumulate() {
     let c = ew::relu(&x).unwrap();
     let f = ew::add(&ew::add(&a, &b).unwrap(), &c).unwrap();
     let g = f.backward().unwrap();
-    assert_eq!(g.get(&x).unwrap().to_vec().unwrap(), vec![5.0 + 3.0 + 1.0, 7.0 + 3.0]);
+    assert_eq!(
+        g.get(&x).unwrap().to_vec().unwrap(),
+        vec![5.0 + 3.0 + 1.0, 7.0 + 3.0]
+    );
     assert_eq!(g.get(&y).unwrap().to_vec().unwrap(), vec![1.0, -2.0]);
 }
 
@@ -58,7 +61,10 @@ fn intermediates_are_freed_after_backward() {
     let y = ew::square(&h).unwrap();
     drop(h);
     let _ = y.backward().unwrap();
-    assert!(weak.upgrade().is_none(), "the intermediate outlived backward");
+    assert!(
+        weak.upgrade().is_none(),
+        "the intermediate outlived backward"
+    );
 }
 
 /// An op whose backward is deliberately wrong (twice the true gradient of x^2).

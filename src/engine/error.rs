@@ -11,9 +11,17 @@ pub enum EngineError {
     #[error("shape mismatch in {op}: {detail}")]
     Shape { op: &'static str, detail: String },
     #[error("{op}: tensors live on different devices ({a} and {b}); move one with .to_device()")]
-    DeviceMismatch { op: &'static str, a: String, b: String },
+    DeviceMismatch {
+        op: &'static str,
+        a: String,
+        b: String,
+    },
     #[error("tensor '{name}' needs {bytes} bytes in one binding, over this adapter's max_storage_buffer_binding_size of {limit} bytes")]
-    BindingTooLarge { name: String, bytes: u64, limit: u64 },
+    BindingTooLarge {
+        name: String,
+        bytes: u64,
+        limit: u64,
+    },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("invalid argument to {op}: {detail}")]

@@ -355,7 +355,14 @@ impl GpuContext {
     }
 
     /// Copies `len` values from `src[src_off..]` to `dst[dst_off..]`, in order with dispatches.
-    pub fn copy(&self, src: &GpuBuffer, src_off: usize, dst: &GpuBuffer, dst_off: usize, len: usize) {
+    pub fn copy(
+        &self,
+        src: &GpuBuffer,
+        src_off: usize,
+        dst: &GpuBuffer,
+        dst_off: usize,
+        len: usize,
+    ) {
         if len == 0 {
             return;
         }
@@ -414,7 +421,9 @@ impl GpuContext {
     fn encoder<'a>(&self, rec: &'a mut Recorder) -> &'a mut wgpu::CommandEncoder {
         rec.encoder.get_or_insert_with(|| {
             self.device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("step") })
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("step"),
+                })
         })
     }
 
@@ -448,10 +457,13 @@ impl GpuContext {
             .entry(k.file)
             .or_insert_with(|| {
                 let src = format!("{PRELUDE}\n{}", k.source);
-                Arc::new(self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(k.file),
-                    source: wgpu::ShaderSource::Wgsl(src.into()),
-                }))
+                Arc::new(
+                    self.device
+                        .create_shader_module(wgpu::ShaderModuleDescriptor {
+                            label: Some(k.file),
+                            source: wgpu::ShaderSource::Wgsl(src.into()),
+                        }),
+                )
             })
             .clone()
     }
@@ -517,7 +529,10 @@ impl GpuContext {
     }
 
     fn uniform(&self, rec: &mut Recorder, params: &[u32]) -> wgpu::Buffer {
-        assert!(params.len() * 4 <= UNIFORM_SIZE as usize, "parameter block too large");
+        assert!(
+            params.len() * 4 <= UNIFORM_SIZE as usize,
+            "parameter block too large"
+        );
         let buf = rec.uniforms_free.pop().unwrap_or_else(|| {
             self.device.create_buffer(&wgpu::BufferDescriptor {
                 label: Some("params"),
@@ -528,7 +543,8 @@ impl GpuContext {
         });
         let mut words = params.to_vec();
         words.resize(4.max(params.len().div_ceil(4) * 4), 0);
-        self.queue.write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+        self.queue
+            .write_buffer(&buf, 0, bytemuck::cast_slice(&words));
         rec.uniforms_used.push(buf.clone());
         buf
     }
@@ -550,7 +566,10 @@ impl GpuContext {
                 buffers.len()
             )));
         }
-        if groups.iter().any(|&g| g > self.limits.max_compute_workgroups_per_dimension) {
+        if groups
+            .iter()
+            .any(|&g| g > self.limits.max_compute_workgroups_per_dimension)
+        {
             return Err(EngineError::Gpu(format!(
                 "kernel {}::{}: grid {groups:?} exceeds the adapter's {} workgroups per dimension",
                 k.file, k.entry, self.limits.max_compute_workgroups_per_dimension
@@ -725,7 +744,10 @@ mod tests {
         for b in [1u64, 4, 16, 17, 100, 1000, 4096, 5000, 6145, 1 << 20] {
             let s = bucket_size(b);
             assert!(s >= b && s % 4 == 0, "{b} -> {s}");
-            assert!(s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16, "{b} -> {s} wastes too much");
+            assert!(
+                s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16,
+                "{b} -> {s} wastes too much"
+            );
         }
     }
     #[test]

@@ -13,8 +13,12 @@ use super::tensor::Tensor;
 /// (`None` for an input that needs none). Runs with grad mode off.
 pub trait Backward: Send + Sync {
     fn name(&self) -> &'static str;
-    fn backward(&self, inputs: &[Tensor], output: &Tensor, grad: &Tensor)
-        -> Result<Vec<Option<Tensor>>>;
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        output: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>>;
 }
 
 pub(crate) struct Node {

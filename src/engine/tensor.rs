@@ -134,7 +134,9 @@ impl Tensor {
         rng: &mut Rng,
         device: &Device,
     ) -> Result<Tensor> {
-        let data = (0..numel(shape)).map(|_| rng.uniform_range(lo, hi)).collect();
+        let data = (0..numel(shape))
+            .map(|_| rng.uniform_range(lo, hi))
+            .collect();
         Self::from_vec(data, shape, device)
     }
 
@@ -366,10 +368,7 @@ impl Tensor {
     /// Same storage under another shape of equal size. Recorded by autograd.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
-            return shape_err(
-                "reshape",
-                format!("{:?} to {shape:?}", self.shape()),
-            );
+            return shape_err("reshape", format!("{:?} to {shape:?}", self.shape()));
         }
         let out = Self::from_storage(self.0.storage.clone(), shape);
         Ok(out.record(ReshapeBack, &[self]))
@@ -381,7 +380,12 @@ impl Backward for ReshapeBack {
     fn name(&self) -> &'static str {
         "reshape"
     }
-    fn backward(&self, inputs: &[Tensor], _out: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+    fn backward(
+        &self,
+        inputs: &[Tensor],
+        _out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(grad.reshape(inputs[0].shape())?)])
     }
 }

@@ -33,7 +33,12 @@ pub fn uniform(shape: &[usize], lo: f32, hi: f32, seed: u64) -> Tensor {
 }
 
 /// The largest violation of |got - want| <= atol + rtol * |want|, as a message, if any.
-pub fn compare(got: &[f32], want: &[f32], atol: f32, rtol: f32) -> std::result::Result<f32, String> {
+pub fn compare(
+    got: &[f32],
+    want: &[f32],
+    atol: f32,
+    rtol: f32,
+) -> std::result::Result<f32, String> {
     if got.len() != want.len() {
         return Err(format!("lengths differ: {} vs {}", got.len(), want.len()));
     }
@@ -120,7 +125,9 @@ pub fn grad_check(
         let probes: Vec<usize> = if base.len() <= opts.max_probes {
             (0..base.len()).collect()
         } else {
-            (0..opts.max_probes).map(|_| rng.below(base.len())).collect()
+            (0..opts.max_probes)
+                .map(|_| rng.below(base.len()))
+                .collect()
         };
         for &j in &probes {
             let eval = |delta: f32| -> std::result::Result<f64, String> {
@@ -150,7 +157,12 @@ pub fn grad_check(
 }
 
 /// Panics unless [`grad_check`] passes.
-pub fn assert_grad(what: &str, f: impl Fn(&[Tensor]) -> Result<Tensor>, inputs: &[Tensor], opts: GradCheck) {
+pub fn assert_grad(
+    what: &str,
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    opts: GradCheck,
+) {
     if let Err(e) = grad_check(f, inputs, opts) {
         panic!("{what}: gradient check failed: {e}");
     }

@@ -135,7 +135,12 @@ pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
             let out = ctx.alloc(n)?;
             let (code, a, b) = op.code();
             let xb = x.gpu()?;
-            ctx.dispatch(&UNARY, &[u(n), code, f(a), f(b)], &[xb, xb, &out], groups_for(n, 256))?;
+            ctx.dispatch(
+                &UNARY,
+                &[u(n), code, f(a), f(b)],
+                &[xb, xb, &out],
+                groups_for(n, 256),
+            )?;
             Tensor::from_gpu(out, x.shape())
         }
     }
@@ -152,7 +157,11 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
     match same_device("elementwise", &[x, y])? {
         Device::Cpu => {
             let (xv, yv) = (x.cpu()?, y.cpu()?);
-            let v = xv.iter().zip(yv.iter()).map(|(&a, &b)| op.apply(a, b)).collect();
+            let v = xv
+                .iter()
+                .zip(yv.iter())
+                .map(|(&a, &b)| op.apply(a, b))
+                .collect();
             Tensor::from_cpu(v, x.shape())
         }
         Device::Gpu(ctx) => {
