@@ -85,3 +85,81 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) l
     store(o_base, row + 2u, col, acc2);
     store(o_base, row + 3u, col, acc3);
 }
+
+// ---------------------------------------------------------------------------------------
+// CPU-adapter fallback (matmul_vec4.wgsl is used instead when both operands' rows are a
+// multiple of 4 long). llvmpipe runs 8 invocations as the lanes of one SIMD vector, and every
+// storage load becomes a loop over the lanes (also when the address is the same for all
+// lanes: Mesa 22.3 scalarises uniform loads only outside control flow, never in the k loop),
+// so what counts is multiply-adds per load. A workgroup of 8 invocations owns 16 rows x 32
+// columns: lane l owns columns n0 + l + 8c (c < 4) of the 16 rows, so each k step loads 16 A
+// and 4 B values for 64 multiply-adds. Rows and columns past the matrix read the last valid
+// one (clamped, never stored), so the k loop has no bounds tests.
+
+const RU: u32 = 16u;
+const LANES: u32 = 8u;
+
+fn a_rows(base: u32, m: u32) -> vec4<u32> {
+    let last = vec4<u32>(p.m - 1u);
+    return base + min(vec4<u32>(m, m + 1u, m + 2u, m + 3u), last) * p.sa_m;
+}
+
+fn a4(o: vec4<u32>, ak: u32) -> vec4<f32> {
+    return vec4<f32>(a[o.x + ak], a[o.y + ak], a[o.z + ak], a[o.w + ak]);
+}
+
+// Rows m..m+3 of column n (those inside the matrix).
+fn store_rows(o_base: u32, m: u32, n: u32, v: vec4<f32>) {
+    if (n >= p.n) { return; }
+    for (var r = 0u; r < 4u; r++) {
+        if (m + r < p.m) {
+            let o = o_base + (m + r) * p.n + n;
+            if (p.accumulate == 1u) { out[o] += v[r]; } else { out[o] = v[r]; }
+        }
+    }
+}
+
+fn rows_block(bat: u32, m0: u32, n0: u32) {
+    let a_base = bat * p.sa_b;
+    let ro0 = a_rows(a_base, m0);
+    let ro1 = a_rows(a_base, m0 + 4u);
+    let ro2 = a_rows(a_base, m0 + 8u);
+    let ro3 = a_rows(a_base, m0 + 12u);
+    let last_n = vec4<u32>(p.n - 1u);
+    let cols = vec4<u32>(n0, n0 + LANES, n0 + 2u * LANES, n0 + 3u * LANES);
+    let bo = bat * p.sb_b + min(cols, last_n) * p.sb_n;
+    var c00 = vec4<f32>(0.0); var c10 = vec4<f32>(0.0); var c20 = vec4<f32>(0.0); var c30 = vec4<f32>(0.0);
+    var c01 = vec4<f32>(0.0); var c11 = vec4<f32>(0.0); var c21 = vec4<f32>(0.0); var c31 = vec4<f32>(0.0);
+    var c02 = vec4<f32>(0.0); var c12 = vec4<f32>(0.0); var c22 = vec4<f32>(0.0); var c32 = vec4<f32>(0.0);
+    var c03 = vec4<f32>(0.0); var c13 = vec4<f32>(0.0); var c23 = vec4<f32>(0.0); var c33 = vec4<f32>(0.0);
+    for (var k = 0u; k < p.k; k++) {
+        let ak = k * p.sa_k;
+        let bk = k * p.sb_k;
+        let x0 = a4(ro0, ak);
+        let x1 = a4(ro1, ak);
+        let x2 = a4(ro2, ak);
+        let x3 = a4(ro3, ak);
+        let y0 = b[bo.x + bk];
+        let y1 = b[bo.y + bk];
+        let y2 = b[bo.z + bk];
+        let y3 = b[bo.w + bk];
+        c00 += x0 * y0; c10 += x1 * y0; c20 += x2 * y0; c30 += x3 * y0;
+        c01 += x0 * y1; c11 += x1 * y1; c21 += x2 * y1; c31 += x3 * y1;
+        c02 += x0 * y2; c12 += x1 * y2; c22 += x2 * y2; c32 += x3 * y2;
+        c03 += x0 * y3; c13 += x1 * y3; c23 += x2 * y3; c33 += x3 * y3;
+    }
+    let o_base = bat * p.m * p.n;
+    store_rows(o_base, m0, cols.x, c00); store_rows(o_base, m0 + 4u, cols.x, c10);
+    store_rows(o_base, m0 + 8u, cols.x, c20); store_rows(o_base, m0 + 12u, cols.x, c30);
+    store_rows(o_base, m0, cols.y, c01); store_rows(o_base, m0 + 4u, cols.y, c11);
+    store_rows(o_base, m0 + 8u, cols.y, c21); store_rows(o_base, m0 + 12u, cols.y, c31);
+    store_rows(o_base, m0, cols.z, c02); store_rows(o_base, m0 + 4u, cols.z, c12);
+    store_rows(o_base, m0 + 8u, cols.z, c22); store_rows(o_base, m0 + 12u, cols.z, c32);
+    store_rows(o_base, m0, cols.w, c03); store_rows(o_base, m0 + 4u, cols.w, c13);
+    store_rows(o_base, m0 + 8u, cols.w, c23); store_rows(o_base, m0 + 12u, cols.w, c33);
+}
+
+@compute @workgroup_size(8, 1, 1)
+fn matmul_scalar_blocks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_id) lid: vec3<u32>) {
+    rows_block(wid.z, wid.y * RU, wid.x * (4u * LANES) + lid.x);
+}

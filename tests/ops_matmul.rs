@@ -1,6 +1,6 @@
 //! Matmul family: GPU against CPU on odd shapes, gradient checks, and a hand-computed case.
 
-use robust_dml::engine::ops::matmul as mm;
+use robust_dml::engine::ops::matmul::{self as mm, GemmKernel};
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck,
 };
@@ -93,4 +93,89 @@ fn large_matmul_gpu_matches_cpu_sample() {
         .to_vec()
         .unwrap();
     assert_close("130x257x129", &got, &want, 1e-3, 1e-4);
+}
+
+/// Every GPU kernel against the CPU on shapes that hit each edge of their blockings: Tiled
+/// (64 x 64, K by 16), Scalar (16 x 32 per workgroup) and Vec4 (16 x 8 per invocation, K by 4,
+/// used when both operands' stored rows are a multiple of 4 long, else Scalar runs).
+#[test]
+fn every_gemm_kernel_matches_cpu_on_edge_shapes() {
+    let Some(gpu) = gpu_or_skip("every_gemm_kernel_matches_cpu_on_edge_shapes") else {
+        return;
+    };
+    // (m, k, n): multiples of 4 but not of the blocks (Vec4 for every transpose); odd K (Vec4
+    // only when A is transposed and B is not: the K tail); K = 1; M = 1; N = 1; odd everything.
+    let shapes = [
+        (20, 12, 36),
+        (36, 13, 20),
+        (20, 1, 12),
+        (1, 8, 12),
+        (5, 7, 1),
+        (17, 33, 9),
+        (4, 4, 4),
+    ];
+    let mut seed = 100;
+    for kernel in GemmKernel::ALL {
+        for &(m, k, n) in &shapes {
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                // Batched both, batched A with a shared 2-D B, shared A with batched B.
+                for (a_batch, b_batch) in [(Some(3), Some(3)), (Some(3), None), (None, Some(3))] {
+                    let dims = |batch: Option<usize>, r, c| match batch {
+                        Some(bn) => vec![bn, r, c],
+                        None => vec![r, c],
+                    };
+                    let a_shape = if ta {
+                        dims(a_batch, k, m)
+                    } else {
+                        dims(a_batch, m, k)
+                    };
+                    let b_shape = if tb {
+                        dims(b_batch, n, k)
+                    } else {
+                        dims(b_batch, k, n)
+                    };
+                    seed += 2;
+                    let (a, b) = (randn(&a_shape, seed), randn(&b_shape, seed + 1));
+                    let want = mm::gemm_raw(&a, &b, ta, tb).unwrap().to_vec().unwrap();
+                    let (ag, bg) = (a.to_device(&gpu).unwrap(), b.to_device(&gpu).unwrap());
+                    let got = mm::gemm_raw_using(Some(kernel), &ag, &bg, ta, tb).unwrap();
+                    assert_close(
+                        &format!("{kernel:?} {a_shape:?}^{ta} x {b_shape:?}^{tb}"),
+                        &got.to_vec().unwrap(),
+                        &want,
+                        1e-4,
+                        1e-4,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The accumulating path (out += ones * bias) of every kernel.
+#[test]
+fn every_gemm_kernel_adds_row_bias() {
+    let Some(gpu) = gpu_or_skip("every_gemm_kernel_adds_row_bias") else {
+        return;
+    };
+    for kernel in GemmKernel::ALL {
+        for (rows, cols) in [(1, 1), (19, 70), (16, 8), (67, 33)] {
+            let mat = randn(&[rows, cols], 200);
+            let bias = randn(&[cols], 201);
+            let want = mm::add_row_bias_raw(&mat, &bias).unwrap().to_vec().unwrap();
+            let got = mm::add_row_bias_raw_using(
+                Some(kernel),
+                &mat.to_device(&gpu).unwrap(),
+                &bias.to_device(&gpu).unwrap(),
+            )
+            .unwrap();
+            assert_close(
+                &format!("{kernel:?} bias {rows}x{cols}"),
+                &got.to_vec().unwrap(),
+                &want,
+                1e-5,
+                1e-5,
+            );
+        }
+    }
 }

@@ -1,0 +1,348 @@
+//! Datasets, splits and the image pipeline.
+//!
+//! Every loader returns a [`Dataset`]: a list of samples for training and for evaluation, with the
+//! standard class-disjoint (zero-shot) split of SPEC.md section 5. Labels are remapped inside each
+//! split to `0..n_classes` in the order of the original class ids, so that the training labels can
+//! index proxies directly; the original names are kept in `train_classes` / `test_classes`.
+//!
+//! Images are not decoded at load time (except for the in-memory datasets); file-based loaders check
+//! each file's header so that unreadable files are skipped with a warning and counted
+//! ([`SkipSummary`]) instead of failing in the middle of an epoch.
+
+pub mod error;
+pub mod fashion_mnist;
+pub mod folders;
+pub mod lists;
+pub mod loader;
+pub mod mat;
+pub mod synthetic;
+pub mod transform;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+pub use error::{DataError, DataResult};
+pub use loader::{Batch, BatchLoader, EpochIter, LoaderConfig};
+pub use synthetic::SyntheticConfig;
+pub use transform::{Augment, ImageTransform};
+
+/// An image held in memory as 8-bit pixels, row-major, interleaved channels (1 = gray, 3 = RGB).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MemImage {
+    pub width: usize,
+    pub height: usize,
+    pub channels: usize,
+    pub pixels: Arc<Vec<u8>>,
+}
+
+impl MemImage {
+    pub fn new(width: usize, height: usize, channels: usize, pixels: Vec<u8>) -> DataResult<Self> {
+        if channels != 1 && channels != 3 {
+            return Err(DataError::Invalid(format!(
+                "in-memory image with {channels} channels; only 1 (gray) or 3 (RGB) are supported"
+            )));
+        }
+        if pixels.len() != width * height * channels {
+            return Err(DataError::Invalid(format!(
+                "in-memory image of {width}x{height}x{channels} needs {} bytes, got {}",
+                width * height * channels,
+                pixels.len()
+            )));
+        }
+        Ok(MemImage {
+            width,
+            height,
+            channels,
+            pixels: Arc::new(pixels),
+        })
+    }
+}
+
+/// Where a sample's pixels come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ImageSource {
+    /// A JPEG or PNG file, decoded by the loader's worker threads.
+    File(PathBuf),
+    /// Already decoded pixels (Fashion-MNIST, synthetic).
+    Memory(MemImage),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    pub source: ImageSource,
+    /// Class index inside its split, in `0..n_classes` of that split.
+    pub label: usize,
+}
+
+/// Images that a loader skipped, with the reason for each (never dropped silently).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SkipSummary {
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl SkipSummary {
+    pub fn count(&self) -> usize {
+        self.skipped.len()
+    }
+
+    /// Records a skipped file and warns on stderr (the first few individually, to keep logs short).
+    pub fn skip(&mut self, path: &Path, reason: impl Into<String>) {
+        let reason = reason.into();
+        const SHOWN: usize = 20;
+        if self.skipped.len() < SHOWN {
+            eprintln!("warning: skipping image {}: {reason}", path.display());
+        } else if self.skipped.len() == SHOWN {
+            eprintln!("warning: more images skipped; the summary gives the total");
+        }
+        self.skipped.push((path.to_path_buf(), reason));
+    }
+}
+
+/// A dataset with its class-disjoint split.
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    /// Short name, e.g. "cub200".
+    pub name: String,
+    pub train: Vec<Sample>,
+    /// The evaluation set. For In-Shop it is the query set followed by the gallery set (clustering
+    /// metrics use both together); see [`Dataset::query`] and [`Dataset::gallery`].
+    pub test: Vec<Sample>,
+    /// For query/gallery datasets (In-Shop): how many of `test`'s first samples are queries.
+    pub query_count: Option<usize>,
+    /// Class names of the training split; `train_classes[label]`.
+    pub train_classes: Vec<String>,
+    /// Class names of the evaluation split; `test_classes[label]`.
+    pub test_classes: Vec<String>,
+    pub skipped: SkipSummary,
+}
+
+impl Dataset {
+    pub fn num_train_classes(&self) -> usize {
+        self.train_classes.len()
+    }
+
+    pub fn num_test_classes(&self) -> usize {
+        self.test_classes.len()
+    }
+
+    /// The query part of the evaluation set (In-Shop), `None` for the single-set datasets.
+    pub fn query(&self) -> Option<&[Sample]> {
+        self.query_count.map(|n| &self.test[..n])
+    }
+
+    /// The gallery part of the evaluation set (In-Shop), `None` for the single-set datasets.
+    pub fn gallery(&self) -> Option<&[Sample]> {
+        self.query_count.map(|n| &self.test[n..])
+    }
+
+    /// One line for the log: sizes and skipped files.
+    pub fn summary(&self) -> String {
+        let eval = match self.query_count {
+            Some(q) => format!("query {} + gallery {}", q, self.test.len() - q),
+            None => format!("test {}", self.test.len()),
+        };
+        let mut s = format!(
+            "{}: train {} images / {} classes, {} images / {} classes",
+            self.name,
+            self.train.len(),
+            self.num_train_classes(),
+            eval,
+            self.num_test_classes()
+        );
+        if self.skipped.count() > 0 {
+            s.push_str(&format!(
+                "; skipped {} unreadable image(s), listed in the warnings above",
+                self.skipped.count()
+            ));
+        }
+        s
+    }
+
+    /// Checks the invariants every loader promises (non-empty splits, labels in range).
+    pub fn validate(&self) -> DataResult<()> {
+        if self.train.is_empty() || self.test.is_empty() {
+            return Err(DataError::Invalid(format!(
+                "dataset {} has an empty split (train {}, test {}); check the data directory",
+                self.name,
+                self.train.len(),
+                self.test.len()
+            )));
+        }
+        let check =
+            |samples: &[Sample], n: usize, split: &str| match samples.iter().find(|s| s.label >= n)
+            {
+                Some(s) => Err(DataError::Invalid(format!(
+                    "dataset {}: {split} label {} out of range (classes {n})",
+                    self.name, s.label
+                ))),
+                None => Ok(()),
+            };
+        check(&self.train, self.num_train_classes(), "train")?;
+        check(&self.test, self.num_test_classes(), "test")
+    }
+}
+
+/// Which split of Fashion-MNIST to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FashionSplit {
+    /// The official train set for training, the official test set for evaluation (all 10 classes).
+    Standard,
+    /// Zero-shot: classes 0-4 of the official train set for training, classes 5-9 of the official
+    /// test set for evaluation (so no test image or class was seen in training).
+    ZeroShot,
+}
+
+/// The datasets this crate knows, as named on the command line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum DatasetKind {
+    Cub200,
+    Cars196,
+    InShop,
+    Sop,
+    FashionMnist(FashionSplit),
+    ImageFolder,
+    Synthetic(SyntheticConfig),
+}
+
+impl DatasetKind {
+    /// Parses a command-line name: cub200, cars196, inshop, sop, fashion-mnist (standard split),
+    /// fashion-mnist-zero-shot, imagefolder, synthetic.
+    pub fn parse(name: &str) -> DataResult<Self> {
+        let lower = name.to_ascii_lowercase().replace('_', "-");
+        Ok(match lower.as_str() {
+            "cub200" | "cub" | "cub-200-2011" => DatasetKind::Cub200,
+            "cars196" | "cars" => DatasetKind::Cars196,
+            "inshop" | "in-shop" => DatasetKind::InShop,
+            "sop" | "stanford-online-products" => DatasetKind::Sop,
+            "fashion-mnist" | "fmnist" | "fashion-mnist-standard" => {
+                DatasetKind::FashionMnist(FashionSplit::Standard)
+            }
+            "fashion-mnist-zero-shot" | "fmnist-zero-shot" | "fashion-mnist-zeroshot" => {
+                DatasetKind::FashionMnist(FashionSplit::ZeroShot)
+            }
+            "imagefolder" | "image-folder" | "folder" => DatasetKind::ImageFolder,
+            "synthetic" | "synth" => DatasetKind::Synthetic(SyntheticConfig::default()),
+            _ => {
+                return Err(DataError::Invalid(format!(
+                    "unknown dataset '{name}'; expected one of cub200, cars196, inshop, sop, \
+                     fashion-mnist, fashion-mnist-zero-shot, imagefolder, synthetic"
+                )))
+            }
+        })
+    }
+}
+
+impl fmt::Display for DatasetKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = match self {
+            DatasetKind::Cub200 => "cub200",
+            DatasetKind::Cars196 => "cars196",
+            DatasetKind::InShop => "inshop",
+            DatasetKind::Sop => "sop",
+            DatasetKind::FashionMnist(FashionSplit::Standard) => "fashion-mnist",
+            DatasetKind::FashionMnist(FashionSplit::ZeroShot) => "fashion-mnist-zero-shot",
+            DatasetKind::ImageFolder => "imagefolder",
+            DatasetKind::Synthetic(_) => "synthetic",
+        };
+        f.write_str(s)
+    }
+}
+
+/// Loads a dataset. `data_dir` is required for the file-based datasets; Fashion-MNIST falls back to
+/// [`fashion_mnist::DEFAULT_DIR`]; the synthetic dataset ignores it. Prints the summary (and every
+/// skipped file's warning) on stderr.
+pub fn load(kind: &DatasetKind, data_dir: Option<&Path>) -> DataResult<Dataset> {
+    let need_dir = || {
+        data_dir.ok_or_else(|| {
+            DataError::Invalid(format!(
+                "dataset {kind} needs a data directory; pass --data-dir <path>"
+            ))
+        })
+    };
+    let dataset = match kind {
+        DatasetKind::Cub200 => folders::load_cub200(need_dir()?)?,
+        DatasetKind::Cars196 => folders::load_cars196(need_dir()?)?,
+        DatasetKind::InShop => lists::load_inshop(need_dir()?)?,
+        DatasetKind::Sop => lists::load_sop(need_dir()?)?,
+        DatasetKind::FashionMnist(split) => {
+            let dir = data_dir
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(fashion_mnist::DEFAULT_DIR));
+            fashion_mnist::load_fashion_mnist(&dir, *split)?
+        }
+        DatasetKind::ImageFolder => folders::load_image_folder(need_dir()?)?,
+        DatasetKind::Synthetic(cfg) => synthetic::load_synthetic(cfg)?,
+    };
+    dataset.validate()?;
+    eprintln!("{}", dataset.summary());
+    Ok(dataset)
+}
+
+/// File extensions accepted as images.
+pub(crate) fn is_image_file(path: &Path) -> bool {
+    matches!(
+        path.extension()
+            .and_then(|e| e.to_str())
+            .map(|e| e.to_ascii_lowercase())
+            .as_deref(),
+        Some("jpg" | "jpeg" | "png")
+    )
+}
+
+/// Checks that an image file exists and has a readable header; returns the reason if not.
+/// Reading only the header keeps loading fast; a file whose body is broken is caught again (and
+/// counted) when the batch loader decodes it.
+pub(crate) fn check_image_header(path: &Path) -> Result<(), String> {
+    let reader = image::ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let reader = reader
+        .with_guessed_format()
+        .map_err(|e| format!("cannot read: {e}"))?;
+    if reader.format().is_none() {
+        return Err("not a recognised image format (corrupt or truncated?)".into());
+    }
+    reader
+        .into_dimensions()
+        .map(|_| ())
+        .map_err(|e| format!("corrupt image header: {e}"))
+}
+
+/// Adds `path` as a sample if its header is readable, else records it as skipped.
+pub(crate) fn push_checked(
+    samples: &mut Vec<Sample>,
+    skipped: &mut SkipSummary,
+    path: PathBuf,
+    label: usize,
+) {
+    match check_image_header(&path) {
+        Ok(()) => samples.push(Sample {
+            source: ImageSource::File(path),
+            label,
+        }),
+        Err(reason) => skipped.skip(&path, reason),
+    }
+}
+
+/// Sorted entries of a directory, with an error that names it.
+pub(crate) fn read_dir_sorted(dir: &Path) -> DataResult<Vec<PathBuf>> {
+    let entries = std::fs::read_dir(dir).map_err(|e| DataError::io(dir, e))?;
+    let mut paths = Vec::new();
+    for entry in entries {
+        paths.push(entry.map_err(|e| DataError::io(dir, e))?.path());
+    }
+    paths.sort();
+    Ok(paths)
+}
+
+/// All image files under `dir` (recursively), sorted.
+pub(crate) fn image_files_recursive(dir: &Path) -> DataResult<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for path in read_dir_sorted(dir)? {
+        if path.is_dir() {
+            out.extend(image_files_recursive(&path)?);
+        } else if is_image_file(&path) {
+            out.push(path);
+        }
+    }
+    Ok(out)
+}
