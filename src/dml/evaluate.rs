@@ -1,0 +1,172 @@
+//! Evaluation of trained models, clean and under attack: embeddings of the test set (attacked
+//! on the fly, batch by batch), Recall@k and MAP@R through the device's neighbour search,
+//! k-means NMI and F1; both attack scenarios from one attack pass.
+
+use crate::config::PgdConfig;
+use crate::data::loader::{BatchLoader, LoaderConfig};
+use crate::data::{Dataset, Sample};
+use crate::dml::eval::{map_at_r, max_r, nearest_neighbors, recall_at_k, Neighbors};
+use crate::dml::metrics::{f1_pairs, kmeans, nmi, KMeansConfig};
+use crate::engine::{no_grad, Device, Rng, Tensor};
+use crate::error::Result;
+use crate::nn::{EmbeddingNet, ForwardMode};
+use crate::robust::pgd::{pgd, EmbedFn, Goal};
+use crate::robust::report::Metrics;
+
+pub const RECALL_KS: [usize; 4] = [1, 2, 4, 8];
+
+/// The evaluation split of a dataset: samples, labels, and the query/gallery cut (In-Shop).
+pub struct EvalSet {
+    pub samples: Vec<Sample>,
+    pub labels: Vec<usize>,
+    pub query_count: Option<usize>,
+    pub classes: usize,
+}
+
+impl EvalSet {
+    pub fn of(dataset: &Dataset) -> EvalSet {
+        EvalSet {
+            samples: dataset.test.clone(),
+            labels: dataset.test.iter().map(|s| s.label).collect(),
+            query_count: dataset.query_count,
+            classes: dataset.num_test_classes(),
+        }
+    }
+}
+
+/// Embeddings of one evaluation pass, per model, on the host: [N, D] row-major.
+pub struct Embedded {
+    pub dim: usize,
+    /// Clean embeddings, one matrix per model.
+    pub clean: Vec<Vec<f32>>,
+    /// Embeddings of the attacked inputs (absent without an attack).
+    pub attacked: Option<Vec<Vec<f32>>>,
+}
+
+/// Embeds the set with every net (eval-mode BatchNorm); with `attack`, also embeds PGD inputs
+/// made against `attack_on` (indices into `nets`: one model, or the whole ensemble).
+pub fn embed_set(
+    nets: &[&EmbeddingNet],
+    set: &EvalSet,
+    image_size: usize,
+    batch_size: usize,
+    workers: usize,
+    device: &Device,
+    attack: Option<(&PgdConfig, &[usize], u64)>,
+) -> Result<Embedded> {
+    let mut lc = LoaderConfig::eval(batch_size, image_size);
+    lc.workers = workers;
+    let loader = BatchLoader::new(set.samples.clone(), lc)?;
+    let frozen: Vec<EmbeddingNet> = nets
+        .iter()
+        .map(|n| {
+            let mut v = n.to_device(device)?;
+            v.params_mut().set_frozen(|_| true, true);
+            Ok(v)
+        })
+        .collect::<Result<_>>()?;
+    let fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = frozen
+        .iter()
+        .map(|v| Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>)
+        .collect();
+    let dim = nets[0].embedding_dim;
+    let mut clean = vec![Vec::with_capacity(set.samples.len() * dim); nets.len()];
+    let mut attacked = attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
+    for batch in loader.epoch(0) {
+        let x = batch.images_tensor(device)?;
+        for (k, f) in fns.iter().enumerate() {
+            clean[k].extend(no_grad(|| f(&x))?.to_vec()?);
+        }
+        if let (Some((cfg, on, seed)), Some(adv_out)) = (attack, attacked.as_mut()) {
+            let targets: Vec<EmbedFn> = on.iter().map(|&k| fns[k].as_ref() as EmbedFn).collect();
+            let mut rng = Rng::new(seed ^ batch.batch_index as u64);
+            let adv = pgd(&targets, &x, cfg, &Goal::EmbeddingShift, &mut rng)?;
+            for (k, f) in fns.iter().enumerate() {
+                adv_out[k].extend(no_grad(|| f(&adv))?.to_vec()?);
+            }
+        }
+    }
+    Ok(Embedded { dim, clean, attacked })
+}
+
+/// Neighbour lists for retrieval: query rows against gallery rows (self excluded when the
+/// query set is the gallery).
+pub fn neighbors(query: &[f32], gallery: &[f32], dim: usize, k: usize, same_set: bool, device: &Device) -> Result<Neighbors> {
+    let q = Tensor::from_vec(query.to_vec(), &[query.len() / dim, dim], device)?;
+    let g = if same_set { q.clone() } else { Tensor::from_vec(gallery.to_vec(), &[gallery.len() / dim, dim], device)? };
+    Ok(nearest_neighbors(&q, &g, k, same_set)?)
+}
+
+/// Splits labels into (query, gallery) per the set's cut.
+fn label_views(set: &EvalSet) -> (&[usize], &[usize]) {
+    match set.query_count {
+        Some(q) => (&set.labels[..q], &set.labels[q..]),
+        None => (&set.labels, &set.labels),
+    }
+}
+
+/// Recall@1/2/4/8 and MAP@R of `query` embeddings against `gallery` embeddings (percent).
+/// For single-set datasets pass the same matrix twice with `same_set`.
+pub fn retrieval(query: &[f32], gallery: &[f32], set: &EvalSet, dim: usize, same_set: bool, device: &Device) -> Result<([f64; 4], f64, Neighbors)> {
+    let (ql, gl) = label_views(set);
+    let (query, gallery) = match set.query_count {
+        Some(q) if same_set => (&query[..q * dim], &gallery[q * dim..]),
+        _ => (query, gallery),
+    };
+    let self_drop = same_set && set.query_count.is_none();
+    let k = max_r(ql, gl, self_drop).max(8);
+    let nn = neighbors(query, gallery, dim, k, self_drop, device)?;
+    let r = recall_at_k(&nn, ql, gl, &RECALL_KS);
+    let map = map_at_r(&nn, ql, gl, self_drop);
+    Ok(([r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0], map * 100.0, nn))
+}
+
+/// k-means (k = number of test classes) on all embeddings, then NMI and pair-counting F1.
+pub fn clustering(emb: &[f32], set: &EvalSet, dim: usize, seed: u64) -> Result<(f64, f64, Vec<usize>)> {
+    let km = kmeans(emb, dim, set.classes, &KMeansConfig { seed, ..Default::default() })?;
+    Ok((nmi(&set.labels, &km.assignments)? * 100.0, f1_pairs(&set.labels, &km.assignments)? * 100.0, km.assignments))
+}
+
+/// Every metric of one embedding matrix, in the clustering scenario (queries and gallery both
+/// from `emb`).
+pub fn full_metrics(emb: &[f32], set: &EvalSet, dim: usize, device: &Device, seed: u64) -> Result<Metrics> {
+    let (recall, map_r, _) = retrieval(emb, emb, set, dim, true, device)?;
+    let (nmi, f1, _) = clustering(emb, set, dim, seed)?;
+    Ok(Metrics { nmi, f1, recall, map_r })
+}
+
+/// Template matching: attacked queries against the clean gallery (Recall@k and MAP@R only).
+pub fn template_metrics(attacked: &[f32], clean: &[f32], set: &EvalSet, dim: usize, device: &Device) -> Result<Metrics> {
+    let (ql, gl) = label_views(set);
+    let (query, gallery, self_drop) = match set.query_count {
+        Some(q) => (&attacked[..q * dim], &clean[q * dim..], false),
+        None => (attacked, clean, true),
+    };
+    let k = max_r(ql, gl, self_drop).max(8);
+    let nn = neighbors(query, gallery, dim, k, false, device)?;
+    // With one set, query i's clean twin is gallery i: drop it as the clean evaluation does.
+    let nn = if self_drop { drop_self(nn) } else { nn };
+    let r = recall_at_k(&nn, ql, gl, &RECALL_KS);
+    let map = map_at_r(&nn, ql, gl, self_drop);
+    Ok(Metrics { nmi: 0.0, f1: 0.0, recall: [r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0], map_r: map * 100.0 })
+}
+
+/// Removes each query's own index from its neighbour list (keeping k - 1 columns).
+fn drop_self(nn: Neighbors) -> Neighbors {
+    let queries = nn.index.len() / nn.k.max(1);
+    let k = nn.k.saturating_sub(1).max(1);
+    let mut index = Vec::with_capacity(queries * k);
+    let mut score = Vec::with_capacity(queries * k);
+    for q in 0..queries {
+        let row = (0..nn.k).map(|j| (nn.index[q * nn.k + j], nn.score[q * nn.k + j])).filter(|&(i, _)| i as usize != q).take(k);
+        for (i, s) in row {
+            index.push(i);
+            score.push(s);
+        }
+        while index.len() < (q + 1) * k {
+            index.push(*index.last().unwrap_or(&0));
+            score.push(f32::MIN);
+        }
+    }
+    Neighbors { k, index, score }
+}

@@ -1,0 +1,202 @@
+//! `robust-dml experiment`: trains each chosen method on one dataset and backbone, evaluates it
+//! clean and under PGD in both scenarios, sweeps PGD steps and eps, and writes the run
+//! directory (config, metrics JSON, Table 1 as Markdown, HTML report). Resumable: a method
+//! whose `report.json` exists is not redone, and a method interrupted mid-training resumes
+//! from its last checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::PgdConfig;
+use crate::data::Dataset;
+use crate::dml::evaluate::{clustering, embed_set, full_metrics, retrieval, template_metrics, EvalSet, RECALL_KS};
+use crate::dml::train::{Run, TrainConfig, CHECKPOINT_FILE};
+use crate::engine::Device;
+use crate::error::{io_err, Error, Result};
+use crate::robust::defense::Method;
+use crate::robust::ensemble::{mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels};
+use crate::robust::report::{html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection};
+
+/// How the evaluation attacks and sweeps are run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EvalPlan {
+    pub attack: PgdConfig,
+    /// PGD steps of the steps curve (at the attack's eps).
+    pub steps_sweep: Vec<usize>,
+    /// eps * 255 of the eps curve (at the attack's steps).
+    pub eps_sweep: Vec<f32>,
+    /// Test samples used for the curves and the projection (a prefix of the test set, which the
+    /// loaders order by class; 0 = all).
+    pub curve_samples: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+/// One experiment: the methods to train and how to train and evaluate them.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ExperimentConfig {
+    pub dataset: String,
+    pub methods: Vec<Method>,
+    /// Training configuration; `defense.method` is replaced per method.
+    pub train: TrainConfig,
+    pub eval: EvalPlan,
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+}
+
+/// Runs (or resumes) the experiment in `out`; returns the reports in method order.
+pub fn run_experiment(cfg: &ExperimentConfig, dataset: &Dataset, device: &Device, out: &Path) -> Result<Vec<MethodReport>> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    write(&out.join("config.json"), &json(cfg))?;
+    let mut reports = Vec::new();
+    for &method in &cfg.methods {
+        let dir = out.join(method.key());
+        let report_path = dir.join("report.json");
+        if let Ok(text) = std::fs::read_to_string(&report_path) {
+            if let Ok(r) = serde_json::from_str::<MethodReport>(&text) {
+                eprintln!("{}: already done ({}), skipping", method.label(), report_path.display());
+                reports.push(r);
+                continue;
+            }
+        }
+        eprintln!("== {} ==", method.label());
+        let start = Instant::now();
+        let run = train_method(cfg, method, dataset, device, &dir)?;
+        let train_seconds = start.elapsed().as_secs_f64();
+        let mut report = evaluate_run(&run, dataset, &cfg.eval, device)?;
+        report.train_seconds = train_seconds;
+        write(&report_path, &json(&report))?;
+        eprintln!("{}", table_markdown(std::slice::from_ref(&report), method.label()));
+        reports.push(report);
+    }
+    let title = format!("{} / {:?}", cfg.dataset, cfg.train.arch);
+    let table = table_markdown(&reports, &format!("Table 1 layout: {title}, PGD-{} at eps {:.1}/255", cfg.eval.attack.steps, cfg.eval.attack.eps * 255.0));
+    write(&out.join("table.md"), &table)?;
+    write(&out.join("metrics.json"), &json(&reports))?;
+    let html = html_report(&reports, &format!("robust-dml experiment: {title}"), &json(cfg)).map_err(Error::Config)?;
+    write(&out.join("report.html"), &html)?;
+    Ok(reports)
+}
+
+/// Trains one method, resuming from its checkpoint when one exists.
+fn train_method(cfg: &ExperimentConfig, method: Method, dataset: &Dataset, device: &Device, dir: &Path) -> Result<Run> {
+    let mut tc = cfg.train.clone();
+    tc.defense.method = method;
+    let ckpt: PathBuf = dir.join(CHECKPOINT_FILE);
+    let mut run = if ckpt.exists() {
+        let run = Run::load(&ckpt, dataset, device)?;
+        eprintln!("resuming {} from {} (epoch {})", method.label(), ckpt.display(), run.epochs_done);
+        run
+    } else {
+        Run::new(tc, dataset, device)?
+    };
+    run.train(dataset, dir, false)?;
+    Ok(run)
+}
+
+fn pct(v: f64) -> f64 {
+    v * 100.0
+}
+
+/// Clean and attacked metrics, curves, members and projection of a trained run.
+pub fn evaluate_run(run: &Run, dataset: &Dataset, plan: &EvalPlan, device: &Device) -> Result<MethodReport> {
+    let set = EvalSet::of(dataset);
+    let nets: Vec<&_> = run.members.iter().map(|m| &m.net).collect();
+    let all: Vec<usize> = (0..nets.len()).collect();
+    let size = run.cfg.image_size;
+    let workers = run.cfg.workers;
+    let emb = embed_set(&nets, &set, size, plan.batch_size, workers, device, Some((&plan.attack, &all, plan.seed)))?;
+    let dim = emb.dim;
+    let attacked = emb.attacked.as_ref().expect("attack requested");
+    let method = run.cfg.defense.method;
+    let mut report = MethodReport { method: method.key().into(), label: method.label().into(), ..Default::default() };
+    if nets.len() == 1 {
+        report.clean = full_metrics(&emb.clean[0], &set, dim, device, plan.seed)?;
+        report.pgd = full_metrics(&attacked[0], &set, dim, device, plan.seed)?;
+        report.pgd_template = template_metrics(&attacked[0], &emb.clean[0], &set, dim, device)?;
+    } else {
+        report.clean = voted_metrics(&emb.clean, &set, dim, device, plan.seed)?;
+        report.pgd = voted_metrics(attacked, &set, dim, device, plan.seed)?;
+        let mean_clean = mean_embedding(&emb.clean, dim);
+        let mean_adv = mean_embedding(attacked, dim);
+        report.pgd_template = template_metrics(&mean_adv, &mean_clean, &set, dim, device)?;
+        report.mean_embedding = Some((full_metrics(&mean_clean, &set, dim, device, plan.seed)?, full_metrics(&mean_adv, &set, dim, device, plan.seed)?));
+        for k in 0..nets.len() {
+            let (c, _, _) = retrieval(&emb.clean[k], &emb.clean[k], &set, dim, true, device)?;
+            let (a, _, _) = retrieval(&attacked[k], &attacked[k], &set, dim, true, device)?;
+            report.members.push((c[0], a[0]));
+        }
+    }
+    // Curves and the projection on a prefix of the test set.
+    let n = if plan.curve_samples == 0 { set.samples.len() } else { plan.curve_samples.min(set.samples.len()) };
+    let sub = EvalSet {
+        samples: set.samples[..n].to_vec(),
+        labels: set.labels[..n].to_vec(),
+        query_count: None,
+        classes: {
+            let mut l = set.labels[..n].to_vec();
+            l.sort_unstable();
+            l.dedup();
+            l.len()
+        },
+    };
+    let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
+        let e = embed_set(&nets, &sub, size, plan.batch_size, workers, device, Some((&cfg, &all, plan.seed)))?;
+        let adv = e.attacked.expect("attack requested");
+        let m = if nets.len() == 1 { full_metrics(&adv[0], &sub, dim, device, plan.seed)? } else { voted_metrics(&adv, &sub, dim, device, plan.seed)? };
+        Ok(CurvePoint { x, recall1: m.recall[0], f1: m.f1 })
+    };
+    for &steps in &plan.steps_sweep {
+        let cfg = PgdConfig { steps, ..plan.attack };
+        report.steps_curve.push(curve_point(cfg, steps as f64)?);
+    }
+    for &e255 in &plan.eps_sweep {
+        let cfg = PgdConfig { eps: e255 / 255.0, alpha: e255 / 255.0 * crate::config::ALPHA_FRACTION, ..plan.attack };
+        report.eps_curve.push(curve_point(cfg, e255 as f64)?);
+    }
+    let (clean2d, adv2d) = if nets.len() == 1 {
+        pca_2d(&emb.clean[0][..n * dim], &attacked[0][..n * dim], dim)
+    } else {
+        let (c, a) = (mean_embedding(&emb.clean, dim), mean_embedding(attacked, dim));
+        pca_2d(&c[..n * dim], &a[..n * dim], dim)
+    };
+    report.projection = Some(Projection { clean: clean2d, attacked: adv2d, labels: sub.labels.clone() });
+    Ok(report)
+}
+
+/// Ensemble metrics by voting (SPEC section 8): retrieval votes over the members' rankings,
+/// clustering votes over the members' aligned k-means clusters; MAP@R of the mean embedding.
+pub fn voted_metrics(embs: &[Vec<f32>], set: &EvalSet, dim: usize, device: &Device, seed: u64) -> Result<Metrics> {
+    let mut nns = Vec::new();
+    let mut clusters = Vec::new();
+    for e in embs {
+        let (_, _, nn) = retrieval(e, e, set, dim, true, device)?;
+        nns.push(nn);
+        clusters.push(clustering(e, set, dim, seed)?.2);
+    }
+    let (ql, gl) = match set.query_count {
+        Some(q) => (&set.labels[..q], &set.labels[q..]),
+        None => (&set.labels[..], &set.labels[..]),
+    };
+    let votes = vote_ranked_labels(&nns, gl, 8);
+    let r = recall_from_votes(&votes, ql, &RECALL_KS);
+    let voted = vote_clusters(&clusters, set.classes);
+    let mean = mean_embedding(embs, dim);
+    let (_, map_r, _) = retrieval(&mean, &mean, set, dim, true, device)?;
+    Ok(Metrics {
+        nmi: pct(crate::dml::metrics::nmi(&set.labels, &voted)?),
+        f1: pct(crate::dml::metrics::f1_pairs(&set.labels, &voted)?),
+        recall: [pct(r[0]), pct(r[1]), pct(r[2]), pct(r[3])],
+        map_r,
+    })
+}
