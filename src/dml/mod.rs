@@ -3,3 +3,4 @@
 pub mod eval;
 pub mod loss;
 pub mod metrics;
+pub mod train;
