@@ -945,3 +945,56 @@ fn to_device_gives_the_same_embeddings_gpu() {
         .unwrap();
     robust_dml::engine::testing::assert_close("c2f2 on gpu vs cpu", &got, &want, 1e-4, 1e-3);
 }
+
+/// Parameter and input gradients of a whole network agree between the GPU and the CPU, in
+/// both BN modes used for training.
+#[test]
+fn model_gradients_gpu_match_cpu() {
+    let Some(gpu) = gpu_or_skip("model_gradients_gpu_match_cpu") else {
+        return;
+    };
+    for mode in [ForwardMode::FrozenBn, ForwardMode::Train] {
+        let cpu_model = EmbeddingNet::new(
+            Backbone::MobileNetV2 { width: 0.5 },
+            8,
+            &Device::Cpu,
+            &mut Rng::new(11),
+        )
+        .unwrap();
+        let gpu_model = cpu_model.to_device(&gpu).unwrap();
+        let x = Tensor::rand_uniform(&[2, 3, 64, 48], 0.0, 1.0, &mut Rng::new(12), &Device::Cpu)
+            .unwrap();
+        let w = Tensor::randn(&[2, 8], 1.0, &mut Rng::new(13), &Device::Cpu).unwrap();
+        let run = |model: &EmbeddingNet, dev: &Device| {
+            let xv = x.to_device(dev).unwrap().var();
+            let e = model.forward(&xv, mode).unwrap();
+            let grads =
+                robust_dml::engine::tape::backward_with(e, w.to_device(dev).unwrap()).unwrap();
+            let mut out = vec![(
+                "input".to_string(),
+                grads.get(&xv).unwrap().to_vec().unwrap(),
+            )];
+            for (name, p) in model.parameters() {
+                out.push((name, grads.get(&p).unwrap().to_vec().unwrap()));
+            }
+            out
+        };
+        let want = run(&cpu_model, &Device::Cpu);
+        let got = run(&gpu_model, &gpu);
+        // In train mode a BN bias feeding (through a 1x1 conv) into another train-mode BN has a
+        // zero gradient in exact arithmetic, so its values are rounding noise: measure errors
+        // against the largest gradient of the network as well as the tensor's own.
+        let max_abs = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let global = want.iter().map(|(_, c)| max_abs(c)).fold(0.0f32, f32::max);
+        for ((name, g), (_, c)) in got.iter().zip(&want) {
+            let scale = max_abs(c) + 1e-3 * global;
+            robust_dml::engine::testing::assert_close(
+                &format!("{mode:?} gradient of {name}"),
+                g,
+                c,
+                2e-3 * scale,
+                1e-2,
+            );
+        }
+    }
+}

@@ -182,7 +182,8 @@ impl EmbeddingNet {
         self.params.set_frozen(|n| !Self::is_head_param(n), frozen);
     }
 
-    /// The same network on `device` (all values copied).
+    /// The same network on `device` (values copied; on the same device the storage is shared:
+    /// use [`EmbeddingNet::deep_clone`] for an independent copy).
     pub fn to_device(&self, device: &Device) -> Result<EmbeddingNet> {
         Ok(self.with_params(self.params.to_device(device)?))
     }

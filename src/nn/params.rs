@@ -213,7 +213,8 @@ impl ParamStore {
             .is_some_and(|&i| self.entries[i].frozen)
     }
 
-    /// A copy of the whole store on `device` (values copied, fresh leaves).
+    /// The whole store on `device`, with fresh leaves (values copied across devices; shared
+    /// storage when `device` is the store's own: see [`ParamStore::deep_clone`]).
     pub fn to_device(&self, device: &Device) -> Result<ParamStore> {
         let mut out = ParamStore::new(device);
         for e in &self.entries {
