@@ -7,6 +7,7 @@
 //! - [`robust`]: PGD attacks, defenses and EAT ensembles.
 //! - [`config`]: every hyper-parameter default.
 
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod dml;

@@ -11,7 +11,7 @@ use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
 use crate::dml::evaluate::{embed_set, full_metrics, template_metrics, EvalSet};
 use crate::dml::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE};
 use crate::engine::{Device, Rng, Tensor};
-use crate::error::{io_err, Error, Result};
+use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::robust::defense::Method;
 use crate::robust::experiment::{run_experiment, voted_metrics, EvalPlan, ExperimentConfig};
@@ -457,6 +457,5 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     let reports = run_experiment(&cfg, &dataset, &device, &out)?;
     println!("{}", table_markdown(&reports, &format!("{} / {:?}: clean and PGD-{} at eps {:.0}/255", cfg.dataset, cfg.train.arch, cfg.eval.attack.steps, cfg.eval.attack.eps * 255.0)));
     println!("report: {}", out.join("report.html").display());
-    let _ = io_err;
     Ok(())
 }
