@@ -1,4 +1,5 @@
-//! Adversarial robustness: PGD attacks on embeddings, the defenses and EAT ensembles.
+//! Adversarial robustness: PGD attacks on embeddings, the defenses, EAT ensembles and their
+//! voting inference, the experiment pipeline and its report.
 
 pub mod defense;
 pub mod ensemble;
