@@ -24,9 +24,9 @@ pub const TRAIN_STEPS: usize = 10;
 /// Evaluation attack (the paper's Table 1): eps 8/255, 10 steps.
 pub const EVAL_EPS: f32 = 8.0 / 255.0;
 pub const EVAL_STEPS: usize = 10;
-/// Step size as a fraction of eps per step: alpha = ALPHA_FRACTION * eps (2.5 eps / steps is
-/// Madry et al.'s rule; with 10 steps that is eps / 4).
-pub const ALPHA_FRACTION: f32 = 0.25;
+/// Step size rule (Madry et al.): alpha = ALPHA_BUDGET * eps / steps, so the steps together can
+/// travel 2.5 eps; with 10 steps that is eps / 4.
+pub const ALPHA_BUDGET: f32 = 2.5;
 /// EAT (Algorithm 1).
 pub const ENSEMBLE_SIZE: usize = 3;
 pub const EAT_BETA: f32 = 0.5;
@@ -62,7 +62,7 @@ impl PgdConfig {
     pub fn new(eps: f32, steps: usize) -> Self {
         PgdConfig {
             eps,
-            alpha: eps * ALPHA_FRACTION,
+            alpha: ALPHA_BUDGET * eps / steps.max(1) as f32,
             steps,
             random_start: false,
             objective: Objective::EmbeddingShift,

@@ -13,10 +13,10 @@ pub struct Bench {
 }
 
 /// Work per run, for the throughput column.
+#[allow(dead_code)] // each bench binary uses a subset
 pub enum Work {
     Flops(f64),
     Bytes(f64),
-    #[allow(dead_code)]
     None,
 }
 

@@ -18,7 +18,11 @@ use crate::robust::experiment::{run_experiment, voted_metrics, EvalPlan, Experim
 use crate::robust::report::{table_markdown, MethodReport};
 
 #[derive(Parser, Debug)]
-#[command(name = "robust-dml", version, about = "Adversarially robust deep metric learning (EAT) on a from-scratch wgpu engine.\nThe device is chosen by ROBUST_DML_DEVICE: cpu, gpu (default), or part of an adapter name.")]
+#[command(
+    name = "robust-dml",
+    version,
+    about = "Adversarially robust deep metric learning (EAT) on a from-scratch wgpu engine.\nThe device is chosen by ROBUST_DML_DEVICE: cpu, gpu (default), or part of an adapter name."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -187,7 +191,7 @@ pub struct AttackArgs {
     /// eps in 1/255 units.
     #[arg(long, default_value_t = config::EVAL_EPS * 255.0)]
     pub eps: f32,
-    /// Step size in 1/255 units (default: eps / 4).
+    /// Step size in 1/255 units (default: 2.5 eps / steps).
     #[arg(long)]
     pub alpha: Option<f32>,
     #[arg(long, default_value_t = config::EVAL_STEPS)]
@@ -251,25 +255,40 @@ pub struct ExperimentArgs {
 
 /// The quick preset: sized to finish in minutes on a 2-core machine without a GPU.
 pub fn quick_preset() -> (ExperimentConfig, SyntheticConfig) {
-    let synth = SyntheticConfig { num_classes: 40, train_per_class: 24, test_per_class: 12, image_size: 32, seed: 0 };
+    let synth = SyntheticConfig {
+        num_classes: 40,
+        train_per_class: 20,
+        test_per_class: 10,
+        image_size: 32,
+        seed: 0,
+    };
     let mut t = TrainConfig::new(Arch::C2f2, Method::None);
+    t.image_size = 32;
     t.embedding_dim = 64;
-    t.epochs = 6;
-    t.batch_size = 48;
+    t.epochs = 4;
+    t.batch_size = 40;
     t.lr = 1e-3;
     t.lr_step_epochs = 4;
     t.warmup_epochs = 0;
     t.workers = 0;
-    t.defense.attack = PgdConfig::new(16.0 / 255.0, 3);
+    t.defense.attack = PgdConfig::new(16.0 / 255.0, 2);
     let eval = EvalPlan {
         attack: PgdConfig::new(8.0 / 255.0, 10),
         steps_sweep: vec![1, 2, 5, 10, 20],
         eps_sweep: vec![8.0, 16.0, 24.0, 32.0],
-        curve_samples: 120,
-        batch_size: 120,
+        curve_samples: 40,
+        batch_size: 100,
         seed: 1,
     };
-    (ExperimentConfig { dataset: "synthetic".into(), methods: Method::ALL.to_vec(), train: t, eval }, synth)
+    (
+        ExperimentConfig {
+            dataset: "synthetic".into(),
+            methods: Method::ALL.to_vec(),
+            train: t,
+            eval,
+        },
+        synth,
+    )
 }
 
 /// The paper's preset (Table 1): MobileNetV2, PAL, 200 epochs, lr 1e-4, PGD 16/255 x10 in
@@ -288,7 +307,12 @@ pub fn paper_preset() -> ExperimentConfig {
         batch_size: 100,
         seed: 1,
     };
-    ExperimentConfig { dataset: "cub200".into(), methods: Method::ALL.to_vec(), train: t, eval }
+    ExperimentConfig {
+        dataset: "cub200".into(),
+        methods: Method::ALL.to_vec(),
+        train: t,
+        eval,
+    }
 }
 
 fn device() -> Result<Device> {
@@ -310,14 +334,20 @@ pub fn run(cli: Cli) -> Result<()> {
 fn train(a: TrainArgs) -> Result<()> {
     let device = device()?;
     let dataset = a.data.load()?;
-    eprintln!("{}", dataset.summary());
     let ckpt = a.out.join(CHECKPOINT_FILE);
     let mut run = if a.resume {
         if !ckpt.exists() {
-            return Err(Error::Config(format!("--resume: no checkpoint at {}", ckpt.display())));
+            return Err(Error::Config(format!(
+                "--resume: no checkpoint at {}",
+                ckpt.display()
+            )));
         }
         let run = Run::load(&ckpt, &dataset, &device)?;
-        eprintln!("resuming from {} after epoch {}", ckpt.display(), run.epochs_done);
+        eprintln!(
+            "resuming from {} after epoch {}",
+            ckpt.display(),
+            run.epochs_done
+        );
         run
     } else {
         Run::new(a.config(), &dataset, &device)?
@@ -325,16 +355,34 @@ fn train(a: TrainArgs) -> Result<()> {
     run.train(&dataset, &a.out, false)?;
     let set = EvalSet::of(&dataset);
     let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
-    let emb = embed_set(&nets, &set, run.cfg.image_size, 64, run.cfg.workers, &device, None)?;
-    let m = if nets.len() == 1 { full_metrics(&emb.clean[0], &set, emb.dim, &device, 0)? } else { voted_metrics(&emb.clean, &set, emb.dim, &device, 0)? };
-    println!("test: R@1 {:.2}  R@2 {:.2}  R@4 {:.2}  R@8 {:.2}  NMI {:.2}  F1 {:.2}  MAP@R {:.2}", m.recall[0], m.recall[1], m.recall[2], m.recall[3], m.nmi, m.f1, m.map_r);
+    let emb = embed_set(
+        &nets,
+        &set,
+        run.cfg.image_size,
+        64,
+        run.cfg.workers,
+        &device,
+        None,
+    )?;
+    let m = if nets.len() == 1 {
+        full_metrics(&emb.clean[0], &set, emb.dim, &device, 0)?
+    } else {
+        voted_metrics(&emb.clean, &set, emb.dim, &device, 0)?
+    };
+    println!(
+        "test: R@1 {:.2}  R@2 {:.2}  R@4 {:.2}  R@8 {:.2}  NMI {:.2}  F1 {:.2}  MAP@R {:.2}",
+        m.recall[0], m.recall[1], m.recall[2], m.recall[3], m.nmi, m.f1, m.map_r
+    );
     println!("checkpoint: {}", ckpt.display());
     Ok(())
 }
 
 fn load_run(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> {
     if !path.exists() {
-        return Err(Error::Config(format!("checkpoint {} not found", path.display())));
+        return Err(Error::Config(format!(
+            "checkpoint {} not found",
+            path.display()
+        )));
     }
     Run::load(path, dataset, device)
 }
@@ -357,11 +405,29 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
     let set = EvalSet::of(&dataset);
     let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
     let all: Vec<usize> = (0..nets.len()).collect();
-    let emb = embed_set(&nets, &set, run.cfg.image_size, e.batch_size, run.cfg.workers, &device, attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)))?;
+    let emb = embed_set(
+        &nets,
+        &set,
+        run.cfg.image_size,
+        e.batch_size,
+        run.cfg.workers,
+        &device,
+        attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)),
+    )?;
     let metrics = |embs: &[Vec<f32>]| -> Result<crate::robust::report::Metrics> {
-        if embs.len() == 1 { full_metrics(&embs[0], &set, emb.dim, &device, 0) } else { voted_metrics(embs, &set, emb.dim, &device, 0) }
+        if embs.len() == 1 {
+            full_metrics(&embs[0], &set, emb.dim, &device, 0)
+        } else {
+            voted_metrics(embs, &set, emb.dim, &device, 0)
+        }
     };
-    let mut out = EvalOutput { checkpoint: e.checkpoint.display().to_string(), dataset: dataset.name.clone(), clean: metrics(&emb.clean)?, pgd_clustering: None, pgd_template: None };
+    let mut out = EvalOutput {
+        checkpoint: e.checkpoint.display().to_string(),
+        dataset: dataset.name.clone(),
+        clean: metrics(&emb.clean)?,
+        pgd_clustering: None,
+        pgd_template: None,
+    };
     if let (Some((_, scenario)), Some(adv)) = (attack, emb.attacked.as_ref()) {
         if scenario != Scenario::Template {
             out.pgd_clustering = Some(metrics(adv)?);
@@ -370,18 +436,34 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
             let (a, c) = if adv.len() == 1 {
                 (adv[0].clone(), emb.clean[0].clone())
             } else {
-                (crate::robust::ensemble::mean_embedding(adv, emb.dim), crate::robust::ensemble::mean_embedding(&emb.clean, emb.dim))
+                (
+                    crate::robust::ensemble::mean_embedding(adv, emb.dim),
+                    crate::robust::ensemble::mean_embedding(&emb.clean, emb.dim),
+                )
             };
             out.pgd_template = Some(template_metrics(&a, &c, &set, emb.dim, &device)?);
         }
     }
     if e.json {
-        println!("{}", serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
+        );
     } else {
-        let mut r = MethodReport { label: run.cfg.defense.method.label().into(), clean: out.clean.clone(), ..Default::default() };
+        let mut r = MethodReport {
+            label: run.cfg.defense.method.label().into(),
+            clean: out.clean.clone(),
+            ..Default::default()
+        };
         r.pgd = out.pgd_clustering.clone().unwrap_or_default();
         r.pgd_template = out.pgd_template.clone().unwrap_or_default();
-        println!("{}", table_markdown(&[r], &format!("{} on {}", e.checkpoint.display(), dataset.name)));
+        println!(
+            "{}",
+            table_markdown(
+                &[r],
+                &format!("{} on {}", e.checkpoint.display(), dataset.name)
+            )
+        );
     }
     Ok(())
 }
@@ -403,14 +485,27 @@ fn attack(a: AttackArgs) -> Result<()> {
 fn embed(a: EmbedArgs) -> Result<()> {
     let device = device()?;
     let input = Checkpoint::load(&a.input)?;
-    let x = input.get("input").ok_or_else(|| Error::Config(format!("{}: no tensor named 'input' (expected [N, 3, H, W], RGB in [0, 1])", a.input.display())))?;
+    let x = input.get("input").ok_or_else(|| {
+        Error::Config(format!(
+            "{}: no tensor named 'input' (expected [N, 3, H, W], RGB in [0, 1])",
+            a.input.display()
+        ))
+    })?;
     let x: Tensor = x.to_tensor(&device)?;
     if x.rank() != 4 || x.shape()[1] != 3 {
-        return Err(Error::Config(format!("{}: 'input' has shape {:?}; expected [N, 3, H, W]", a.input.display(), x.shape())));
+        return Err(Error::Config(format!(
+            "{}: 'input' has shape {:?}; expected [N, 3, H, W]",
+            a.input.display(),
+            x.shape()
+        )));
     }
     let backbone = match a.arch {
-        Arch::C2f2 => crate::nn::Backbone::C2f2 { input_size: (x.shape()[2], x.shape()[3]) },
-        Arch::MobilenetV2 => crate::nn::Backbone::MobileNetV2 { width: a.width_mult },
+        Arch::C2f2 => crate::nn::Backbone::C2f2 {
+            input_size: (x.shape()[2], x.shape()[3]),
+        },
+        Arch::MobilenetV2 => crate::nn::Backbone::MobileNetV2 {
+            width: a.width_mult,
+        },
         Arch::BnInception => crate::nn::Backbone::BnInception,
     };
     let mut net = EmbeddingNet::new(backbone, a.embedding_dim, &device, &mut Rng::new(0))?;
@@ -420,7 +515,11 @@ fn embed(a: EmbedArgs) -> Result<()> {
     let mut out = Checkpoint::new();
     out.insert("embedding", &emb)?;
     out.save(&a.output)?;
-    eprintln!("wrote embedding {:?} to {}", emb.shape(), a.output.display());
+    eprintln!(
+        "wrote embedding {:?} to {}",
+        emb.shape(),
+        a.output.display()
+    );
     Ok(())
 }
 
@@ -452,10 +551,23 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
         k => k,
     };
     let dataset = data::load(&kind, a.data_dir.as_deref())?;
-    eprintln!("{}", dataset.summary());
-    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/experiment-{:?}-{}", a.preset, cfg.dataset).to_lowercase()));
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(format!("runs/experiment-{:?}-{}", a.preset, cfg.dataset).to_lowercase())
+    });
     let reports = run_experiment(&cfg, &dataset, &device, &out)?;
-    println!("{}", table_markdown(&reports, &format!("{} / {:?}: clean and PGD-{} at eps {:.0}/255", cfg.dataset, cfg.train.arch, cfg.eval.attack.steps, cfg.eval.attack.eps * 255.0)));
+    println!(
+        "{}",
+        table_markdown(
+            &reports,
+            &format!(
+                "{} / {:?}: clean and PGD-{} at eps {:.0}/255",
+                cfg.dataset,
+                cfg.train.arch,
+                cfg.eval.attack.steps,
+                cfg.eval.attack.eps * 255.0
+            )
+        )
+    );
     println!("report: {}", out.join("report.html").display());
     Ok(())
 }

@@ -67,11 +67,14 @@ pub fn embed_set(
         .collect::<Result<_>>()?;
     let fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = frozen
         .iter()
-        .map(|v| Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>)
+        .map(|v| {
+            Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>
+        })
         .collect();
     let dim = nets[0].embedding_dim;
     let mut clean = vec![Vec::with_capacity(set.samples.len() * dim); nets.len()];
-    let mut attacked = attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
+    let mut attacked =
+        attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
     for batch in loader.epoch(0) {
         let x = batch.images_tensor(device)?;
         for (k, f) in fns.iter().enumerate() {
@@ -86,14 +89,29 @@ pub fn embed_set(
             }
         }
     }
-    Ok(Embedded { dim, clean, attacked })
+    Ok(Embedded {
+        dim,
+        clean,
+        attacked,
+    })
 }
 
 /// Neighbour lists for retrieval: query rows against gallery rows (self excluded when the
 /// query set is the gallery).
-pub fn neighbors(query: &[f32], gallery: &[f32], dim: usize, k: usize, same_set: bool, device: &Device) -> Result<Neighbors> {
+pub fn neighbors(
+    query: &[f32],
+    gallery: &[f32],
+    dim: usize,
+    k: usize,
+    same_set: bool,
+    device: &Device,
+) -> Result<Neighbors> {
     let q = Tensor::from_vec(query.to_vec(), &[query.len() / dim, dim], device)?;
-    let g = if same_set { q.clone() } else { Tensor::from_vec(gallery.to_vec(), &[gallery.len() / dim, dim], device)? };
+    let g = if same_set {
+        q.clone()
+    } else {
+        Tensor::from_vec(gallery.to_vec(), &[gallery.len() / dim, dim], device)?
+    };
     Ok(nearest_neighbors(&q, &g, k, same_set)?)
 }
 
@@ -107,7 +125,14 @@ fn label_views(set: &EvalSet) -> (&[usize], &[usize]) {
 
 /// Recall@1/2/4/8 and MAP@R of `query` embeddings against `gallery` embeddings (percent).
 /// For single-set datasets pass the same matrix twice with `same_set`.
-pub fn retrieval(query: &[f32], gallery: &[f32], set: &EvalSet, dim: usize, same_set: bool, device: &Device) -> Result<([f64; 4], f64, Neighbors)> {
+pub fn retrieval(
+    query: &[f32],
+    gallery: &[f32],
+    set: &EvalSet,
+    dim: usize,
+    same_set: bool,
+    device: &Device,
+) -> Result<([f64; 4], f64, Neighbors)> {
     let (ql, gl) = label_views(set);
     let (query, gallery) = match set.query_count {
         Some(q) if same_set => (&query[..q * dim], &gallery[q * dim..]),
@@ -118,25 +143,63 @@ pub fn retrieval(query: &[f32], gallery: &[f32], set: &EvalSet, dim: usize, same
     let nn = neighbors(query, gallery, dim, k, self_drop, device)?;
     let r = recall_at_k(&nn, ql, gl, &RECALL_KS);
     let map = map_at_r(&nn, ql, gl, self_drop);
-    Ok(([r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0], map * 100.0, nn))
+    Ok((
+        [r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0],
+        map * 100.0,
+        nn,
+    ))
 }
 
 /// k-means (k = number of test classes) on all embeddings, then NMI and pair-counting F1.
-pub fn clustering(emb: &[f32], set: &EvalSet, dim: usize, seed: u64) -> Result<(f64, f64, Vec<usize>)> {
-    let km = kmeans(emb, dim, set.classes, &KMeansConfig { seed, ..Default::default() })?;
-    Ok((nmi(&set.labels, &km.assignments)? * 100.0, f1_pairs(&set.labels, &km.assignments)? * 100.0, km.assignments))
+pub fn clustering(
+    emb: &[f32],
+    set: &EvalSet,
+    dim: usize,
+    seed: u64,
+) -> Result<(f64, f64, Vec<usize>)> {
+    let km = kmeans(
+        emb,
+        dim,
+        set.classes,
+        &KMeansConfig {
+            seed,
+            ..Default::default()
+        },
+    )?;
+    Ok((
+        nmi(&set.labels, &km.assignments)? * 100.0,
+        f1_pairs(&set.labels, &km.assignments)? * 100.0,
+        km.assignments,
+    ))
 }
 
 /// Every metric of one embedding matrix, in the clustering scenario (queries and gallery both
 /// from `emb`).
-pub fn full_metrics(emb: &[f32], set: &EvalSet, dim: usize, device: &Device, seed: u64) -> Result<Metrics> {
+pub fn full_metrics(
+    emb: &[f32],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<Metrics> {
     let (recall, map_r, _) = retrieval(emb, emb, set, dim, true, device)?;
     let (nmi, f1, _) = clustering(emb, set, dim, seed)?;
-    Ok(Metrics { nmi, f1, recall, map_r })
+    Ok(Metrics {
+        nmi,
+        f1,
+        recall,
+        map_r,
+    })
 }
 
 /// Template matching: attacked queries against the clean gallery (Recall@k and MAP@R only).
-pub fn template_metrics(attacked: &[f32], clean: &[f32], set: &EvalSet, dim: usize, device: &Device) -> Result<Metrics> {
+pub fn template_metrics(
+    attacked: &[f32],
+    clean: &[f32],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+) -> Result<Metrics> {
     let (ql, gl) = label_views(set);
     let (query, gallery, self_drop) = match set.query_count {
         Some(q) => (&attacked[..q * dim], &clean[q * dim..], false),
@@ -148,7 +211,12 @@ pub fn template_metrics(attacked: &[f32], clean: &[f32], set: &EvalSet, dim: usi
     let nn = if self_drop { drop_self(nn) } else { nn };
     let r = recall_at_k(&nn, ql, gl, &RECALL_KS);
     let map = map_at_r(&nn, ql, gl, self_drop);
-    Ok(Metrics { nmi: 0.0, f1: 0.0, recall: [r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0], map_r: map * 100.0 })
+    Ok(Metrics {
+        nmi: 0.0,
+        f1: 0.0,
+        recall: [r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0],
+        map_r: map * 100.0,
+    })
 }
 
 /// Removes each query's own index from its neighbour list (keeping k - 1 columns).
@@ -158,7 +226,10 @@ fn drop_self(nn: Neighbors) -> Neighbors {
     let mut index = Vec::with_capacity(queries * k);
     let mut score = Vec::with_capacity(queries * k);
     for q in 0..queries {
-        let row = (0..nn.k).map(|j| (nn.index[q * nn.k + j], nn.score[q * nn.k + j])).filter(|&(i, _)| i as usize != q).take(k);
+        let row = (0..nn.k)
+            .map(|j| (nn.index[q * nn.k + j], nn.score[q * nn.k + j]))
+            .filter(|&(i, _)| i as usize != q)
+            .take(k);
         for (i, s) in row {
             index.push(i);
             score.push(s);

@@ -11,13 +11,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PgdConfig;
 use crate::data::Dataset;
-use crate::dml::evaluate::{clustering, embed_set, full_metrics, retrieval, template_metrics, EvalSet, RECALL_KS};
+use crate::dml::evaluate::{
+    clustering, embed_set, full_metrics, retrieval, template_metrics, EvalSet, RECALL_KS,
+};
 use crate::dml::train::{Run, TrainConfig, CHECKPOINT_FILE};
 use crate::engine::Device;
 use crate::error::{io_err, Error, Result};
 use crate::robust::defense::Method;
-use crate::robust::ensemble::{mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels};
-use crate::robust::report::{html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection};
+use crate::robust::ensemble::{
+    mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels,
+};
+use crate::robust::report::{
+    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
+};
 
 /// How the evaluation attacks and sweeps are run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,7 +61,12 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 /// Runs (or resumes) the experiment in `out`; returns the reports in method order.
-pub fn run_experiment(cfg: &ExperimentConfig, dataset: &Dataset, device: &Device, out: &Path) -> Result<Vec<MethodReport>> {
+pub fn run_experiment(
+    cfg: &ExperimentConfig,
+    dataset: &Dataset,
+    device: &Device,
+    out: &Path,
+) -> Result<Vec<MethodReport>> {
     std::fs::create_dir_all(out).map_err(io_err(out))?;
     write(&out.join("config.json"), &json(cfg))?;
     let mut reports = Vec::new();
@@ -64,7 +75,11 @@ pub fn run_experiment(cfg: &ExperimentConfig, dataset: &Dataset, device: &Device
         let report_path = dir.join("report.json");
         if let Ok(text) = std::fs::read_to_string(&report_path) {
             if let Ok(r) = serde_json::from_str::<MethodReport>(&text) {
-                eprintln!("{}: already done ({}), skipping", method.label(), report_path.display());
+                eprintln!(
+                    "{}: already done ({}), skipping",
+                    method.label(),
+                    report_path.display()
+                );
                 reports.push(r);
                 continue;
             }
@@ -76,26 +91,52 @@ pub fn run_experiment(cfg: &ExperimentConfig, dataset: &Dataset, device: &Device
         let mut report = evaluate_run(&run, dataset, &cfg.eval, device)?;
         report.train_seconds = train_seconds;
         write(&report_path, &json(&report))?;
-        eprintln!("{}", table_markdown(std::slice::from_ref(&report), method.label()));
+        eprintln!(
+            "{}",
+            table_markdown(std::slice::from_ref(&report), method.label())
+        );
         reports.push(report);
     }
     let title = format!("{} / {:?}", cfg.dataset, cfg.train.arch);
-    let table = table_markdown(&reports, &format!("Table 1 layout: {title}, PGD-{} at eps {:.1}/255", cfg.eval.attack.steps, cfg.eval.attack.eps * 255.0));
+    let table = table_markdown(
+        &reports,
+        &format!(
+            "Table 1 layout: {title}, PGD-{} at eps {:.1}/255",
+            cfg.eval.attack.steps,
+            cfg.eval.attack.eps * 255.0
+        ),
+    );
     write(&out.join("table.md"), &table)?;
     write(&out.join("metrics.json"), &json(&reports))?;
-    let html = html_report(&reports, &format!("robust-dml experiment: {title}"), &json(cfg)).map_err(Error::Config)?;
+    let html = html_report(
+        &reports,
+        &format!("robust-dml experiment: {title}"),
+        &json(cfg),
+    )
+    .map_err(Error::Config)?;
     write(&out.join("report.html"), &html)?;
     Ok(reports)
 }
 
 /// Trains one method, resuming from its checkpoint when one exists.
-fn train_method(cfg: &ExperimentConfig, method: Method, dataset: &Dataset, device: &Device, dir: &Path) -> Result<Run> {
+fn train_method(
+    cfg: &ExperimentConfig,
+    method: Method,
+    dataset: &Dataset,
+    device: &Device,
+    dir: &Path,
+) -> Result<Run> {
     let mut tc = cfg.train.clone();
     tc.defense.method = method;
     let ckpt: PathBuf = dir.join(CHECKPOINT_FILE);
     let mut run = if ckpt.exists() {
         let run = Run::load(&ckpt, dataset, device)?;
-        eprintln!("resuming {} from {} (epoch {})", method.label(), ckpt.display(), run.epochs_done);
+        eprintln!(
+            "resuming {} from {} (epoch {})",
+            method.label(),
+            ckpt.display(),
+            run.epochs_done
+        );
         run
     } else {
         Run::new(tc, dataset, device)?
@@ -109,17 +150,34 @@ fn pct(v: f64) -> f64 {
 }
 
 /// Clean and attacked metrics, curves, members and projection of a trained run.
-pub fn evaluate_run(run: &Run, dataset: &Dataset, plan: &EvalPlan, device: &Device) -> Result<MethodReport> {
+pub fn evaluate_run(
+    run: &Run,
+    dataset: &Dataset,
+    plan: &EvalPlan,
+    device: &Device,
+) -> Result<MethodReport> {
     let set = EvalSet::of(dataset);
     let nets: Vec<&_> = run.members.iter().map(|m| &m.net).collect();
     let all: Vec<usize> = (0..nets.len()).collect();
     let size = run.cfg.image_size;
     let workers = run.cfg.workers;
-    let emb = embed_set(&nets, &set, size, plan.batch_size, workers, device, Some((&plan.attack, &all, plan.seed)))?;
+    let emb = embed_set(
+        &nets,
+        &set,
+        size,
+        plan.batch_size,
+        workers,
+        device,
+        Some((&plan.attack, &all, plan.seed)),
+    )?;
     let dim = emb.dim;
     let attacked = emb.attacked.as_ref().expect("attack requested");
     let method = run.cfg.defense.method;
-    let mut report = MethodReport { method: method.key().into(), label: method.label().into(), ..Default::default() };
+    let mut report = MethodReport {
+        method: method.key().into(),
+        label: method.label().into(),
+        ..Default::default()
+    };
     if nets.len() == 1 {
         report.clean = full_metrics(&emb.clean[0], &set, dim, device, plan.seed)?;
         report.pgd = full_metrics(&attacked[0], &set, dim, device, plan.seed)?;
@@ -130,7 +188,10 @@ pub fn evaluate_run(run: &Run, dataset: &Dataset, plan: &EvalPlan, device: &Devi
         let mean_clean = mean_embedding(&emb.clean, dim);
         let mean_adv = mean_embedding(attacked, dim);
         report.pgd_template = template_metrics(&mean_adv, &mean_clean, &set, dim, device)?;
-        report.mean_embedding = Some((full_metrics(&mean_clean, &set, dim, device, plan.seed)?, full_metrics(&mean_adv, &set, dim, device, plan.seed)?));
+        report.mean_embedding = Some((
+            full_metrics(&mean_clean, &set, dim, device, plan.seed)?,
+            full_metrics(&mean_adv, &set, dim, device, plan.seed)?,
+        ));
         for k in 0..nets.len() {
             let (c, _, _) = retrieval(&emb.clean[k], &emb.clean[k], &set, dim, true, device)?;
             let (a, _, _) = retrieval(&attacked[k], &attacked[k], &set, dim, true, device)?;
@@ -138,7 +199,11 @@ pub fn evaluate_run(run: &Run, dataset: &Dataset, plan: &EvalPlan, device: &Devi
         }
     }
     // Curves and the projection on a prefix of the test set.
-    let n = if plan.curve_samples == 0 { set.samples.len() } else { plan.curve_samples.min(set.samples.len()) };
+    let n = if plan.curve_samples == 0 {
+        set.samples.len()
+    } else {
+        plan.curve_samples.min(set.samples.len())
+    };
     let sub = EvalSet {
         samples: set.samples[..n].to_vec(),
         labels: set.labels[..n].to_vec(),
@@ -151,32 +216,69 @@ pub fn evaluate_run(run: &Run, dataset: &Dataset, plan: &EvalPlan, device: &Devi
         },
     };
     let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
-        let e = embed_set(&nets, &sub, size, plan.batch_size, workers, device, Some((&cfg, &all, plan.seed)))?;
+        let e = embed_set(
+            &nets,
+            &sub,
+            size,
+            plan.batch_size,
+            workers,
+            device,
+            Some((&cfg, &all, plan.seed)),
+        )?;
         let adv = e.attacked.expect("attack requested");
-        let m = if nets.len() == 1 { full_metrics(&adv[0], &sub, dim, device, plan.seed)? } else { voted_metrics(&adv, &sub, dim, device, plan.seed)? };
-        Ok(CurvePoint { x, recall1: m.recall[0], f1: m.f1 })
+        let m = if nets.len() == 1 {
+            full_metrics(&adv[0], &sub, dim, device, plan.seed)?
+        } else {
+            voted_metrics(&adv, &sub, dim, device, plan.seed)?
+        };
+        Ok(CurvePoint {
+            x,
+            recall1: m.recall[0],
+            f1: m.f1,
+        })
     };
     for &steps in &plan.steps_sweep {
-        let cfg = PgdConfig { steps, ..plan.attack };
+        let cfg = PgdConfig {
+            objective: plan.attack.objective,
+            random_start: plan.attack.random_start,
+            ..PgdConfig::new(plan.attack.eps, steps)
+        };
         report.steps_curve.push(curve_point(cfg, steps as f64)?);
     }
     for &e255 in &plan.eps_sweep {
-        let cfg = PgdConfig { eps: e255 / 255.0, alpha: e255 / 255.0 * crate::config::ALPHA_FRACTION, ..plan.attack };
+        let cfg = PgdConfig {
+            objective: plan.attack.objective,
+            random_start: plan.attack.random_start,
+            ..PgdConfig::new(e255 / 255.0, plan.attack.steps)
+        };
         report.eps_curve.push(curve_point(cfg, e255 as f64)?);
     }
     let (clean2d, adv2d) = if nets.len() == 1 {
         pca_2d(&emb.clean[0][..n * dim], &attacked[0][..n * dim], dim)
     } else {
-        let (c, a) = (mean_embedding(&emb.clean, dim), mean_embedding(attacked, dim));
+        let (c, a) = (
+            mean_embedding(&emb.clean, dim),
+            mean_embedding(attacked, dim),
+        );
         pca_2d(&c[..n * dim], &a[..n * dim], dim)
     };
-    report.projection = Some(Projection { clean: clean2d, attacked: adv2d, labels: sub.labels.clone() });
+    report.projection = Some(Projection {
+        clean: clean2d,
+        attacked: adv2d,
+        labels: sub.labels.clone(),
+    });
     Ok(report)
 }
 
 /// Ensemble metrics by voting (SPEC section 8): retrieval votes over the members' rankings,
 /// clustering votes over the members' aligned k-means clusters; MAP@R of the mean embedding.
-pub fn voted_metrics(embs: &[Vec<f32>], set: &EvalSet, dim: usize, device: &Device, seed: u64) -> Result<Metrics> {
+pub fn voted_metrics(
+    embs: &[Vec<f32>],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<Metrics> {
     let mut nns = Vec::new();
     let mut clusters = Vec::new();
     for e in embs {

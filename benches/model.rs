@@ -1,0 +1,54 @@
+//! Whole-model benchmarks (cases of ../shared/peer-bench.md): a MobileNetV2 training step
+//! (forward, mean-square loss on the head's output, backward, AdamW) and the input gradient
+//! alone (the cost of one PGD iteration). The 224x224 cases run only on a real GPU (or with
+//! BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`.
+
+mod common;
+
+use common::{Bench, Work};
+use robust_dml::engine::ops::elementwise::{square, sub};
+use robust_dml::engine::ops::reduce::mean;
+use robust_dml::engine::optim::{AdamW, ParamGroup};
+use robust_dml::engine::{Device, Rng, Tensor};
+use robust_dml::nn::{Backbone, EmbeddingNet, ForwardMode};
+
+fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
+    let d = b.device.clone();
+    let mut rng = Rng::new(0);
+    let net = EmbeddingNet::new(Backbone::MobileNetV2 { width }, 512, &d, &mut rng).expect("model");
+    let x = Tensor::rand_uniform(&[batch, 3, size, size], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[batch, 512], 0.05, &mut rng, &d).unwrap();
+    let mut opt = AdamW::new(vec![ParamGroup {
+        name: "all".into(),
+        params: net.parameters(),
+        lr: 1e-4,
+        weight_decay: 1e-4,
+        frozen: false,
+    }]);
+    b.case(&format!("mnv2_train_step{suffix}"), Work::None, || {
+        let y = net.forward(&x, ForwardMode::Train)?;
+        let loss = mean(&square(&sub(&y, &target)?)?)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, None).map(|_| ())
+    });
+    let mut frozen = net.to_device(&d).unwrap();
+    frozen.params_mut().set_frozen(|_| true, true);
+    b.case(&format!("mnv2_input_grad{suffix}"), Work::None, || {
+        let xv = x.var();
+        let y = frozen.forward(&xv, ForwardMode::Eval)?;
+        let loss = mean(&square(&sub(&y, &target)?)?)?;
+        loss.backward().map(|_| ())
+    });
+}
+
+fn main() {
+    let b = Bench::from_env();
+    cases(&b, "", 0.5, 16, 64);
+    let real_gpu =
+        matches!(&b.device, Device::Gpu(ctx) if ctx.info.device_type != wgpu::DeviceType::Cpu);
+    if real_gpu || std::env::var("BENCH_LARGE").is_ok_and(|v| v == "1") {
+        cases(&b, "_224", 1.0, 64, 224);
+    } else {
+        println!("skipped mnv2_train_step_224 / mnv2_input_grad_224: not a real GPU (set BENCH_LARGE=1 to force)");
+    }
+}
