@@ -10,6 +10,8 @@ pub struct Bench {
     pub device: Device,
     pub runs: usize,
     pub filter: Option<String>,
+    /// Synchronised wall time even where timestamps exist (`BENCH_WALL=1`).
+    pub wall: bool,
 }
 
 /// Work per run, for the throughput column.
@@ -33,7 +35,9 @@ impl Bench {
             .max(5);
         // `cargo bench --bench kernels -- matmul` runs only the cases whose name contains "matmul".
         let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+        let wall = std::env::var("BENCH_WALL").is_ok_and(|v| v == "1");
         let timing = match &device {
+            Device::Gpu(_) if wall => "synchronised wall time (BENCH_WALL=1)",
             Device::Gpu(ctx) if ctx.has_timestamps() => "device timestamps",
             Device::Gpu(_) => "synchronised wall time",
             Device::Cpu => "wall time",
@@ -43,11 +47,19 @@ impl Bench {
             device,
             runs,
             filter,
+            wall,
         }
     }
 
     fn time_once(&self, f: &mut impl FnMut() -> Result<()>) -> Result<f64> {
         match &self.device {
+            Device::Gpu(ctx) if self.wall => {
+                ctx.sync()?;
+                let start = Instant::now();
+                f()?;
+                ctx.sync()?;
+                Ok(start.elapsed().as_secs_f64() * 1e3)
+            }
             Device::Gpu(ctx) => {
                 ctx.sync()?;
                 let start = Instant::now();
