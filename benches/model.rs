@@ -25,6 +25,16 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
         weight_decay: 1e-4,
         frozen: false,
     }]);
+    if let Device::Gpu(ctx) = &d {
+        let before = ctx.dispatches();
+        let y = net.forward(&x, ForwardMode::Train).unwrap();
+        let loss = mean(&square(&sub(&y, &target).unwrap()).unwrap()).unwrap();
+        let _ = loss.backward().unwrap();
+        println!(
+            "note: one mnv2 forward+backward{suffix} records {} dispatches",
+            ctx.dispatches() - before
+        );
+    }
     b.case(&format!("mnv2_train_step{suffix}"), Work::None, || {
         let y = net.forward(&x, ForwardMode::Train)?;
         let loss = mean(&square(&sub(&y, &target)?)?)?;

@@ -98,6 +98,8 @@ pub struct GpuContext {
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>,
     pool: Mutex<BufferPool>,
     rec: Mutex<Recorder>,
+    /// Dispatches recorded since the context was made (for profiling and benchmarks).
+    dispatch_count: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -239,6 +241,7 @@ impl GpuContext {
             pipelines: Mutex::default(),
             pool: Mutex::default(),
             rec: Mutex::default(),
+            dispatch_count: Default::default(),
         })
     }
 
@@ -620,6 +623,8 @@ impl GpuContext {
             pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
         }
         rec.dispatches += 1;
+        self.dispatch_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if rec.dispatches >= MAX_PENDING_DISPATCHES {
             self.submit(&mut rec);
         }
@@ -636,6 +641,12 @@ impl GpuContext {
         workgroups: u32,
     ) -> Result<()> {
         self.dispatch3(k, params, buffers, fold_grid(workgroups))
+    }
+
+    /// Dispatches recorded so far by this context.
+    pub fn dispatches(&self) -> u64 {
+        self.dispatch_count
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether [`Self::time_device`] measures with timestamp queries.
