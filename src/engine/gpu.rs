@@ -398,6 +398,12 @@ impl GpuContext {
             enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, bytes);
             self.submit(&mut rec);
         }
+        let bytes = self.read_mapped(&staging)?;
+        Ok(bytemuck::pod_collect_to_vec::<u8, f32>(&bytes))
+    }
+
+    /// Maps a submitted MAP_READ buffer, waits for the device, and copies its bytes out.
+    fn read_mapped(&self, staging: &wgpu::Buffer) -> Result<Vec<u8>> {
         let (tx, rx) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |r| {
             let _ = tx.send(r);
@@ -408,13 +414,11 @@ impl GpuContext {
         rx.recv()
             .map_err(|e| EngineError::Gpu(e.to_string()))?
             .map_err(|e| EngineError::Gpu(format!("mapping a buffer for readback: {e}")))?;
-        let out = {
-            let view = staging
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| EngineError::Gpu(format!("reading a mapped buffer: {e}")))?;
-            bytemuck::cast_slice::<u8, f32>(&view).to_vec()
-        };
+        let out = staging
+            .slice(..)
+            .get_mapped_range()
+            .map_err(|e| EngineError::Gpu(format!("reading a mapped buffer: {e}")))?
+            .to_vec();
         staging.unmap();
         Ok(out)
     }
@@ -696,25 +700,9 @@ impl GpuContext {
             enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, 16);
             self.submit(&mut rec);
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        readback.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.device
-            .poll(wgpu::PollType::wait_indefinitely())
-            .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))?;
-        rx.recv()
-            .map_err(|e| EngineError::Gpu(e.to_string()))?
-            .map_err(|e| EngineError::Gpu(format!("reading timestamps: {e}")))?;
-        let ticks: [u64; 2] = {
-            let view = readback
-                .slice(..)
-                .get_mapped_range()
-                .map_err(|e| EngineError::Gpu(format!("reading timestamps: {e}")))?;
-            let v: &[u64] = bytemuck::cast_slice(&view);
-            [v[0], v[1]]
-        };
-        readback.unmap();
+        let bytes = self.read_mapped(&readback)?;
+        let v: Vec<u64> = bytemuck::pod_collect_to_vec(&bytes);
+        let ticks = [v[0], v[1]];
         let ns =
             ticks[1].saturating_sub(ticks[0]) as f64 * self.queue.get_timestamp_period() as f64;
         Ok(Some(ns / 1e6))
