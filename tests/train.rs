@@ -121,3 +121,35 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint() {
+    let d = device();
+    let ds = dataset();
+    let mut cfg = small_config();
+    cfg.epochs = 1;
+    cfg.warmup_epochs = 0;
+    cfg.max_steps_per_epoch = 2;
+    let dir = tempdir("nan-guard");
+    let mut run = Run::new(cfg, &ds, &d).unwrap();
+    run.train(&ds, &dir, true).unwrap();
+    // Diverged weights (as after a too-large step) make the next loss NaN.
+    let p = &run.members[0].proxies;
+    let nan = robust_dml::engine::Tensor::full(f32::NAN, p.shape(), &p.device()).unwrap();
+    p.assign(&nan).unwrap();
+    run.cfg.epochs = 2;
+    let err = run.train(&ds, &dir, true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            robust_dml::error::Error::NonFiniteLoss { epoch: 1, .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("last good checkpoint"), "{err}");
+    let kept = Run::load(&dir.join(CHECKPOINT_FILE), &ds, &d).unwrap();
+    assert_eq!(
+        kept.epochs_done, 1,
+        "the checkpoint moved past the failed epoch"
+    );
+}
