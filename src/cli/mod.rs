@@ -8,13 +8,13 @@ use serde::Serialize;
 
 use crate::config::{self, Objective, PgdConfig};
 use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
-use crate::dml::evaluate::{embed_set, full_metrics, template_metrics, EvalSet};
+use crate::dml::evaluate::{embed_set, template_metrics, EvalSet};
 use crate::dml::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::robust::defense::Method;
-use crate::robust::experiment::{run_experiment, voted_metrics, EvalPlan, ExperimentConfig};
+use crate::robust::experiment::{model_metrics, run_experiment, EvalPlan, ExperimentConfig};
 use crate::robust::report::{table_markdown, MethodReport};
 
 #[derive(Parser, Debug)]
@@ -364,11 +364,7 @@ fn train(a: TrainArgs) -> Result<()> {
         &device,
         None,
     )?;
-    let m = if nets.len() == 1 {
-        full_metrics(&emb.clean[0], &set, emb.dim, &device, 0)?
-    } else {
-        voted_metrics(&emb.clean, &set, emb.dim, &device, 0)?
-    };
+    let m = model_metrics(&emb.clean, &set, emb.dim, &device, 0)?;
     println!(
         "test: R@1 {:.2}  R@2 {:.2}  R@4 {:.2}  R@8 {:.2}  NMI {:.2}  F1 {:.2}  MAP@R {:.2}",
         m.recall[0], m.recall[1], m.recall[2], m.recall[3], m.nmi, m.f1, m.map_r
@@ -414,13 +410,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
         &device,
         attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)),
     )?;
-    let metrics = |embs: &[Vec<f32>]| -> Result<crate::robust::report::Metrics> {
-        if embs.len() == 1 {
-            full_metrics(&embs[0], &set, emb.dim, &device, 0)
-        } else {
-            voted_metrics(embs, &set, emb.dim, &device, 0)
-        }
-    };
+    let metrics = |embs: &[Vec<f32>]| model_metrics(embs, &set, emb.dim, &device, 0);
     let mut out = EvalOutput {
         checkpoint: e.checkpoint.display().to_string(),
         dataset: dataset.name.clone(),

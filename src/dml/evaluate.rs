@@ -59,11 +59,7 @@ pub fn embed_set(
     let loader = BatchLoader::new(set.samples.clone(), lc)?;
     let frozen: Vec<EmbeddingNet> = nets
         .iter()
-        .map(|n| {
-            let mut v = n.to_device(device)?;
-            v.params_mut().set_frozen(|_| true, true);
-            Ok(v)
-        })
+        .map(|n| n.frozen_view(device).map_err(Into::into))
         .collect::<Result<_>>()?;
     let fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = frozen
         .iter()

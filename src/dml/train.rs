@@ -144,9 +144,7 @@ impl Member {
     /// A view of the network whose parameters take no gradient (attacks need only d/dx), sharing
     /// storage with the trained network so it always sees the latest weights.
     pub fn frozen_net(&self) -> Result<EmbeddingNet> {
-        let mut v = self.net.to_device(self.net.device())?;
-        v.params_mut().set_frozen(|_| true, true);
-        Ok(v)
+        Ok(self.net.frozen_view(self.net.device())?)
     }
 
     /// Points the optimizer at the network's current leaves (freezing creates new handles).

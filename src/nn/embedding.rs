@@ -188,6 +188,14 @@ impl EmbeddingNet {
         Ok(self.with_params(self.params.to_device(device)?))
     }
 
+    /// The network on `device` with every parameter frozen (attacks need only d/dx). On the same
+    /// device it shares storage, so it always sees the latest weights.
+    pub fn frozen_view(&self, device: &Device) -> Result<EmbeddingNet> {
+        let mut v = self.to_device(device)?;
+        v.params_mut().set_frozen(|_| true, true);
+        Ok(v)
+    }
+
     /// An independent copy (own storage) on the same device.
     pub fn deep_clone(&self) -> Result<EmbeddingNet> {
         Ok(self.with_params(self.params.deep_clone()?))

@@ -226,11 +226,7 @@ pub fn evaluate_run(
             Some((&cfg, &all, plan.seed)),
         )?;
         let adv = e.attacked.expect("attack requested");
-        let m = if nets.len() == 1 {
-            full_metrics(&adv[0], &sub, dim, device, plan.seed)?
-        } else {
-            voted_metrics(&adv, &sub, dim, device, plan.seed)?
-        };
+        let m = model_metrics(&adv, &sub, dim, device, plan.seed)?;
         Ok(CurvePoint {
             x,
             recall1: m.recall[0],
@@ -268,6 +264,20 @@ pub fn evaluate_run(
         labels: sub.labels.clone(),
     });
     Ok(report)
+}
+
+/// Metrics of one model's embeddings, or of an ensemble's by voting.
+pub fn model_metrics(
+    embs: &[Vec<f32>],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<Metrics> {
+    match embs {
+        [single] => full_metrics(single, set, dim, device, seed),
+        _ => voted_metrics(embs, set, dim, device, seed),
+    }
 }
 
 /// Ensemble metrics by voting (SPEC section 8): retrieval votes over the members' rankings,
