@@ -51,8 +51,41 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
     });
 }
 
+/// The quick preset's model and shapes (c2f2, batch 40, 32x32, 64-d embedding): what the
+/// README's main job spends its time on.
+fn c2f2_cases(b: &Bench) {
+    let d = b.device.clone();
+    let mut rng = Rng::new(0);
+    let backbone = Backbone::C2f2 { input_size: (32, 32) };
+    let net = EmbeddingNet::new(backbone, 64, &d, &mut rng).expect("model");
+    let x = Tensor::rand_uniform(&[40, 3, 32, 32], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[40, 64], 0.05, &mut rng, &d).unwrap();
+    let mut opt = AdamW::new(vec![ParamGroup {
+        name: "all".into(),
+        params: net.parameters(),
+        lr: 1e-4,
+        weight_decay: 1e-4,
+        frozen: false,
+    }]);
+    b.case("c2f2_train_step", Work::None, || {
+        let y = net.forward(&x, ForwardMode::Train)?;
+        let loss = mean(&square(&sub(&y, &target)?)?)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, None).map(|_| ())
+    });
+    let mut frozen = net.to_device(&d).unwrap();
+    frozen.params_mut().set_frozen(|_| true, true);
+    b.case("c2f2_input_grad", Work::None, || {
+        let xv = x.var();
+        let y = frozen.forward(&xv, ForwardMode::Eval)?;
+        let loss = mean(&square(&sub(&y, &target)?)?)?;
+        loss.backward().map(|_| ())
+    });
+}
+
 fn main() {
     let b = Bench::from_env();
+    c2f2_cases(&b);
     cases(&b, "", 0.5, 16, 64);
     let real_gpu =
         matches!(&b.device, Device::Gpu(ctx) if ctx.info.device_type != wgpu::DeviceType::Cpu);
@@ -60,5 +93,10 @@ fn main() {
         cases(&b, "_224", 1.0, 64, 224);
     } else {
         println!("skipped mnv2_train_step_224 / mnv2_input_grad_224: not a real GPU (set BENCH_LARGE=1 to force)");
+    }
+    if let Device::Gpu(ctx) = &b.device {
+        if let Some(report) = ctx.profile_report() {
+            println!("{report}");
+        }
     }
 }

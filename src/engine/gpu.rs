@@ -100,6 +100,8 @@ pub struct GpuContext {
     rec: Mutex<Recorder>,
     /// Dispatches recorded since the context was made (for profiling and benchmarks).
     dispatch_count: std::sync::atomic::AtomicU64,
+    /// Per-kernel wall time when `ROBUST_DML_PROFILE=1` (each dispatch then runs alone).
+    profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
 }
 
 impl std::fmt::Debug for GpuContext {
@@ -242,6 +244,9 @@ impl GpuContext {
             pool: Mutex::default(),
             rec: Mutex::default(),
             dispatch_count: Default::default(),
+            profile: std::env::var("ROBUST_DML_PROFILE")
+                .is_ok_and(|v| v == "1")
+                .then(Mutex::default),
         })
     }
 
@@ -595,6 +600,13 @@ impl GpuContext {
             }
         }
         let pipe = self.pipeline(k);
+        let started = match &self.profile {
+            Some(_) => {
+                self.sync()?;
+                Some(std::time::Instant::now())
+            }
+            None => None,
+        };
         let mut rec = self.rec.lock().unwrap();
         let ubuf = self.uniform(&mut rec, params);
         let mut entries = vec![wgpu::BindGroupEntry {
@@ -632,7 +644,36 @@ impl GpuContext {
         if rec.dispatches >= MAX_PENDING_DISPATCHES {
             self.submit(&mut rec);
         }
+        drop(rec);
+        if let (Some(profile), Some(started)) = (&self.profile, started) {
+            self.sync()?;
+            let key = format!("{}::{} {:?}", k.file, k.entry, groups);
+            let mut p = profile.lock().unwrap();
+            let e = p.entry(key).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += started.elapsed().as_secs_f64();
+        }
         Ok(())
+    }
+
+    /// The per-kernel profile gathered under `ROBUST_DML_PROFILE=1`, largest total first (one
+    /// line per kernel and grid: calls, total and mean milliseconds); `None` when not profiling.
+    pub fn profile_report(&self) -> Option<String> {
+        let p = self.profile.as_ref()?.lock().unwrap();
+        let mut rows: Vec<_> = p.iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        let total: f64 = rows.iter().map(|r| r.1 .1).sum();
+        let mut out = format!("profile: {:.1} ms in {} kernels\n", total * 1e3, rows.len());
+        for (key, (calls, secs)) in rows {
+            out += &format!(
+                "{:>9.1} ms {:>5.1}% {:>6} calls {:>8.3} ms/call  {key}\n",
+                secs * 1e3,
+                100.0 * secs / total.max(1e-12),
+                calls,
+                secs * 1e3 / *calls as f64
+            );
+        }
+        Some(out)
     }
 
     /// Records a dispatch of `workgroups` workgroups, folded into 2-D past 65,535. Kernels

@@ -365,6 +365,15 @@ impl Tensor {
         }
     }
 
+    /// Same storage under another shape of equal size, not recorded: for op implementations
+    /// that work on raw values.
+    pub(crate) fn reshape_raw(&self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            return shape_err("reshape", format!("{:?} to {shape:?}", self.shape()));
+        }
+        Ok(Self::from_storage(self.0.storage.clone(), shape))
+    }
+
     /// Same storage under another shape of equal size. Recorded by autograd.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {

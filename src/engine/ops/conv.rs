@@ -17,6 +17,7 @@ use crate::engine::error::{shape_err, EngineError, Result};
 use crate::engine::gpu::{f, fold_grid, u, GpuBuffer, GpuContext, Kernel};
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
 use crate::engine::Device;
 use crate::kernel;
 use std::sync::Arc;
@@ -186,6 +187,19 @@ impl Geom {
         self.groups > 1 && self.groups == self.cin
     }
 
+    /// A 1x1 convolution with stride 1 and no padding over a multiple-of-4 channel count: its
+    /// input is already the GEMM's column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1
+            && self.kw == 1
+            && self.sh == 1
+            && self.sw == 1
+            && self.ph == 0
+            && self.pw == 0
+            && self.groups == 1
+            && self.cin % 4 == 0
+    }
+
     /// Input row and column read by output (oy, ox) through tap (ky, kx), if inside the image.
     fn input_at(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
         let iy = (oy * self.sh + ky * self.dh).checked_sub(self.ph)?;
@@ -342,6 +356,9 @@ fn gpu_forward(
     w: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
+    if use_gemm_route(ctx, g) {
+        return gemm_forward(ctx, g, x, w, bias);
+    }
     let out_len = g.n * g.cout * g.oh * g.ow;
     ctx.check_binding("conv2d output", out_len)?;
     let out = ctx.alloc(out_len)?;
@@ -380,6 +397,9 @@ fn gpu_forward(
 }
 
 fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if use_gemm_route(ctx, g) {
+        return gemm_input_grad(ctx, g, dy, w);
+    }
     let out = ctx.alloc(g.n * g.cin * g.h * g.w)?;
     let unused = dummy(ctx)?;
     if g.is_depthwise() {
@@ -447,6 +467,9 @@ fn weight_grad_splits(g: &Geom, out_len: usize, base_groups: usize) -> usize {
 }
 
 fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    if use_gemm_route(ctx, g) {
+        return gemm_weight_grad(ctx, g, dy, x);
+    }
     let out_len = g.cout * g.cin_g * g.kh * g.kw;
     let shape = [g.cout, g.cin_g, g.kh, g.kw];
     let unused = dummy(ctx)?;
@@ -516,6 +539,159 @@ fn gpu_bias_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor) -> Result<Tensor>
     };
     run(ctx, &BIAS_GRAD, g, &l, [dy.gpu()?, &unused, &unused, &out])?;
     Tensor::from_gpu(out, &[g.cout])
+}
+
+// ------------------------------------------------------------------ im2col + GEMM route
+
+const IM2COL: Kernel = kernel!("im2col.wgsl", "im2col", [Read, ReadWrite]);
+const COL2IM: Kernel = kernel!("im2col.wgsl", "col2im", [Read, ReadWrite]);
+const ADD_CHANNEL_BIAS: Kernel = kernel!("im2col.wgsl", "add_channel_bias", [Read, ReadWrite]);
+const RESIZE_COLS: Kernel = kernel!("im2col.wgsl", "resize_cols", [Read, ReadWrite]);
+
+/// Column matrices larger than this (in f32s) take the implicit-GEMM kernels instead.
+const MAX_COLUMN_ELEMS: usize = 16 << 20;
+
+/// Which GPU implementation ungrouped convolutions use; `Auto` picks by adapter and shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvRoute {
+    Auto = 0,
+    ImplicitGemm = 1,
+    Im2colGemm = 2,
+}
+
+static FORCED_ROUTE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// Forces a route process-wide, so that tests cover both on every adapter (a test binary that
+/// calls this should run its cases sequentially).
+pub fn force_conv_route(route: ConvRoute) {
+    FORCED_ROUTE.store(route as u8, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Whether a convolution runs as im2col + the vec4 GEMM. On CPU adapters that GEMM reaches
+/// 3-5x the implicit-GEMM kernels' rate (every load there is a per-lane loop, and the GEMM
+/// reads vec4s), which outweighs writing the column matrix; on discrete GPUs the implicit GEMM
+/// avoids that traffic. Needs ungrouped convolutions, output planes of a multiple of 4 pixels
+/// (vec4 rows) and a column matrix within one binding.
+fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
+    let limit = MAX_COLUMN_ELEMS.min(ctx.max_binding_bytes() as usize / 4);
+    let fits = g.groups == 1 && (g.is_pointwise() || g.n * padded_k(g) * g.oh * g.ow <= limit);
+    match FORCED_ROUTE.load(std::sync::atomic::Ordering::SeqCst) {
+        1 => false,
+        2 => fits,
+        _ => {
+            fits && GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4 && (g.oh * g.ow) % 4 == 0
+        }
+    }
+}
+
+/// Rows of the unfolded weight, padded to a multiple of 4 for vec4 reads.
+fn padded_k(g: &Geom) -> usize {
+    (g.cin * g.kh * g.kw).next_multiple_of(4)
+}
+
+fn im2col_params(g: &Geom, total: usize, extra: [usize; 4]) -> Vec<u32> {
+    let [channels, plane, cols_in, cols_out] = extra;
+    [
+        g.n,
+        g.cin,
+        g.h,
+        g.w,
+        g.kh,
+        g.kw,
+        g.oh,
+        g.ow,
+        g.sh,
+        g.sw,
+        g.ph,
+        g.pw,
+        g.dh,
+        g.dw,
+        g.cin * g.kh * g.kw,
+        padded_k(g),
+        channels,
+        plane,
+        cols_in,
+        cols_out,
+        total,
+    ]
+    .map(u)
+    .to_vec()
+}
+
+fn run_im2col(ctx: &GpuContext, k: &Kernel, params: &[u32], total: usize, src: &GpuBuffer, dst: &GpuBuffer) -> Result<()> {
+    ctx.dispatch(k, params, &[src, dst], total.div_ceil(64) as u32)
+}
+
+/// The input as columns [N, K', H_out * W_out]: the input itself for a pointwise convolution.
+fn columns(ctx: &Arc<GpuContext>, g: &Geom, x: &Tensor) -> Result<Tensor> {
+    let (kp, plane) = (padded_k(g), g.oh * g.ow);
+    if g.is_pointwise() {
+        return x.reshape_raw(&[g.n, g.cin, plane]);
+    }
+    let col = ctx.alloc(g.n * kp * plane)?;
+    let rows = g.n * kp * g.oh;
+    run_im2col(ctx, &IM2COL, &im2col_params(g, rows, [0; 4]), rows, x.gpu()?, &col)?;
+    Tensor::from_gpu(col, &[g.n, kp, plane])
+}
+
+/// A [rows, cols_in] matrix as [rows, cols_out], zero-filled or cut; the matrix itself when
+/// the widths agree.
+fn resize_cols(ctx: &Arc<GpuContext>, g: &Geom, m: &Tensor, rows: usize, cols_in: usize, cols_out: usize) -> Result<Tensor> {
+    if cols_in == cols_out {
+        return m.reshape_raw(&[rows, cols_out]);
+    }
+    let out = ctx.alloc(rows * cols_out)?;
+    let total = rows * cols_out;
+    let params = im2col_params(g, total, [0, 0, cols_in, cols_out]);
+    run_im2col(ctx, &RESIZE_COLS, &params, total, m.gpu()?, &out)?;
+    Tensor::from_gpu(out, &[rows, cols_out])
+}
+
+/// The weight as the GEMM's [C_out, K'] operand.
+fn weight_matrix(ctx: &Arc<GpuContext>, g: &Geom, w: &Tensor) -> Result<Tensor> {
+    let k = g.cin * g.kh * g.kw;
+    resize_cols(ctx, g, w, g.cout, k, padded_k(g))
+}
+
+fn gemm_forward(
+    ctx: &Arc<GpuContext>,
+    g: &Geom,
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let y = gemm_raw(&weight_matrix(ctx, g, w)?, &columns(ctx, g, x)?, false, false)?;
+    if let Some(b) = bias {
+        // In place: `y` is fresh and owned here.
+        let total = y.numel();
+        let params = im2col_params(g, total, [g.cout, g.oh * g.ow, 0, 0]);
+        run_im2col(ctx, &ADD_CHANNEL_BIAS, &params, total, b.gpu()?, y.gpu()?)?;
+    }
+    y.reshape_raw(&g.out_shape())
+}
+
+fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let plane = g.oh * g.ow;
+    let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
+    let dcol = gemm_raw(&weight_matrix(ctx, g, w)?, &dy3, true, false)?;
+    if g.is_pointwise() {
+        return dcol.reshape_raw(&[g.n, g.cin, g.h, g.w]);
+    }
+    let dx = ctx.alloc(g.n * g.cin * g.h * g.w)?;
+    let rows = g.n * g.cin * g.h;
+    run_im2col(ctx, &COL2IM, &im2col_params(g, rows, [0; 4]), rows, dcol.gpu()?, &dx)?;
+    Tensor::from_gpu(dx, &[g.n, g.cin, g.h, g.w])
+}
+
+fn gemm_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let (kp, plane) = (padded_k(g), g.oh * g.ow);
+    let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
+    // Per image [C_out, K'], then summed over images by a ones-vector GEMM.
+    let per_image = gemm_raw(&dy3, &columns(ctx, g, x)?, false, true)?;
+    let ones = Tensor::full(1.0, &[1, g.n], &Device::Gpu(ctx.clone()))?;
+    let summed = gemm_raw(&ones, &per_image.reshape_raw(&[g.n, g.cout * kp])?, false, false)?;
+    let dw = resize_cols(ctx, g, &summed, g.cout, kp, g.cin * g.kh * g.kw)?;
+    dw.reshape_raw(&[g.cout, g.cin, g.kh, g.kw])
 }
 
 // ------------------------------------------------------------------ raw ops (both devices)

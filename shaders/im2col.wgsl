@@ -1,0 +1,122 @@
+// The im2col + GEMM route of conv2d (src/engine/ops/conv.rs), used where the vec4 GEMM is the
+// fastest kernel we have (CPU adapters): unfolding the input into columns, folding column
+// gradients back into an input gradient (a gather, so no float atomics), the per-channel bias,
+// and zero-padding a matrix's rows to a multiple of 4 (vec4 reads) and back.
+
+struct Params {
+    n: u32, cin: u32, h: u32, w: u32,
+    kh: u32, kw: u32, oh: u32, ow: u32,
+    sh: u32, sw: u32, ph: u32, pw: u32,
+    dh: u32, dw: u32,
+    // Rows of the unfolded weight (cin * kh * kw) and that padded to a multiple of 4.
+    k: u32, kp: u32,
+    // add_channel_bias: channels and plane size; resize_cols: columns in and out.
+    channels: u32, plane: u32,
+    cols_in: u32, cols_out: u32,
+    total: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;
+@group(0) @binding(2) var<storage, read_write> dst: array<f32>;
+
+const WG: u32 = 64u;
+
+// dst [n, kp, oh * ow] from src [n, cin, h, w]: row (ci, ky, kx) of image n holds the input
+// pixels that tap reads for every output pixel; rows k..kp are zero. One invocation per
+// (image, row, output row), looping over the output row so the divisions happen once.
+@compute @workgroup_size(64)
+fn im2col(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let id = wg_linear(wid, nwg) * WG + li;
+    if (id >= p.total) {
+        return;
+    }
+    let oy = id % p.oh;
+    let t = id / p.oh;
+    let r = t % p.kp;
+    let img = t / p.kp;
+    let out_base = id * p.ow;
+    let iy = i32(oy * p.sh + ((r / p.kw) % p.kh) * p.dh) - i32(p.ph);
+    if (r >= p.k || iy < 0 || iy >= i32(p.h)) {
+        for (var ox = 0u; ox < p.ow; ox++) {
+            dst[out_base + ox] = 0.0;
+        }
+        return;
+    }
+    let kx = r % p.kw;
+    let ci = r / (p.kw * p.kh);
+    let row = ((img * p.cin + ci) * p.h + u32(iy)) * p.w;
+    for (var ox = 0u; ox < p.ow; ox++) {
+        let ix = i32(ox * p.sw + kx * p.dw) - i32(p.pw);
+        var v = 0.0;
+        if (ix >= 0 && ix < i32(p.w)) {
+            v = src[row + u32(ix)];
+        }
+        dst[out_base + ox] = v;
+    }
+}
+
+// dst [n, cin, h, w] from column gradients src [n, kp, oh * ow]: every input pixel sums the
+// column entries that read it. One invocation per (image, channel, input row).
+@compute @workgroup_size(64)
+fn col2im(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) li: u32) {
+    let id = wg_linear(wid, nwg) * WG + li;
+    if (id >= p.total) {
+        return;
+    }
+    let iy = id % p.h;
+    let t = id / p.h;
+    let ci = t % p.cin;
+    let img = t / p.cin;
+    let plane = p.oh * p.ow;
+    let col_base = (img * p.kp + ci * p.kh * p.kw) * plane;
+    for (var ix = 0u; ix < p.w; ix++) {
+        var acc = 0.0;
+        for (var ky = 0u; ky < p.kh; ky++) {
+            let ty = i32(iy + p.ph) - i32(ky * p.dh);
+            if (ty < 0 || u32(ty) % p.sh != 0u || u32(ty) / p.sh >= p.oh) {
+                continue;
+            }
+            let oy = u32(ty) / p.sh;
+            for (var kx = 0u; kx < p.kw; kx++) {
+                let tx = i32(ix + p.pw) - i32(kx * p.dw);
+                if (tx < 0 || u32(tx) % p.sw != 0u || u32(tx) / p.sw >= p.ow) {
+                    continue;
+                }
+                let ox = u32(tx) / p.sw;
+                acc += src[col_base + (ky * p.kw + kx) * plane + oy * p.ow + ox];
+            }
+        }
+        dst[id * p.w + ix] = acc;
+    }
+}
+
+// dst [n, channels, plane] += src[channel], in place on a fresh GEMM output.
+@compute @workgroup_size(64)
+fn add_channel_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) li: u32) {
+    let id = wg_linear(wid, nwg) * WG + li;
+    if (id >= p.total) {
+        return;
+    }
+    dst[id] += src[(id / p.plane) % p.channels];
+}
+
+// dst [rows, cols_out] from src [rows, cols_in]: the common columns copied, the rest zero.
+@compute @workgroup_size(64)
+fn resize_cols(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) li: u32) {
+    let id = wg_linear(wid, nwg) * WG + li;
+    if (id >= p.total) {
+        return;
+    }
+    let c = id % p.cols_out;
+    let r = id / p.cols_out;
+    var v = 0.0;
+    if (c < p.cols_in) {
+        v = src[r * p.cols_in + c];
+    }
+    dst[id] = v;
+}
