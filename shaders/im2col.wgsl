@@ -75,25 +75,50 @@ fn col2im(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     for (var ix = 0u; ix < p.w; ix++) {
         var acc = 0.0;
         for (var ky = 0u; ky < p.kh; ky++) {
-            let ty = i32(iy + p.ph) - i32(ky * p.dh);
-            if (ty < 0 || u32(ty) % p.sh != 0u || u32(ty) / p.sh >= p.oh) {
+            let oy = output_index(i32(iy + p.ph) - i32(ky * p.dh), p.sh, p.oh);
+            if (oy < 0) {
                 continue;
             }
-            let oy = u32(ty) / p.sh;
             for (var kx = 0u; kx < p.kw; kx++) {
-                let tx = i32(ix + p.pw) - i32(kx * p.dw);
-                if (tx < 0 || u32(tx) % p.sw != 0u || u32(tx) / p.sw >= p.ow) {
+                let ox = output_index(i32(ix + p.pw) - i32(kx * p.dw), p.sw, p.ow);
+                if (ox < 0) {
                     continue;
                 }
-                let ox = u32(tx) / p.sw;
-                acc += src[col_base + (ky * p.kw + kx) * plane + oy * p.ow + ox];
+                acc += src[col_base + (ky * p.kw + kx) * plane + u32(oy) * p.ow + u32(ox)];
             }
         }
         dst[id * p.w + ix] = acc;
     }
 }
 
-// dst [n, channels, plane] += src[channel], in place on a fresh GEMM output.
+// The output index whose window starts at padded offset `t` (t = o * stride), or -1. Strides 1
+// and 2 avoid integer division, which CPU adapters run lane by lane.
+fn output_index(t: i32, stride: u32, len: u32) -> i32 {
+    if (t < 0) {
+        return -1;
+    }
+    var o = u32(t);
+    if (stride == 2u) {
+        if ((o & 1u) != 0u) {
+            return -1;
+        }
+        o = o >> 1u;
+    } else if (stride != 1u) {
+        if (o % stride != 0u) {
+            return -1;
+        }
+        o = o / stride;
+    }
+    if (o >= len) {
+        return -1;
+    }
+    return i32(o);
+}
+
+const BIAS_RUN: u32 = 16u;
+
+// dst [n, channels, plane] += src[channel], in place on a fresh GEMM output. One invocation
+// per run of BIAS_RUN elements of one plane (total = n * channels * runs per plane).
 @compute @workgroup_size(64)
 fn add_channel_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                     @builtin(local_invocation_index) li: u32) {
@@ -101,7 +126,32 @@ fn add_channel_bias(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgrou
     if (id >= p.total) {
         return;
     }
-    dst[id] += src[(id / p.plane) % p.channels];
+    let runs = (p.plane + BIAS_RUN - 1u) / BIAS_RUN;
+    let row = id / runs;
+    let start = (id % runs) * BIAS_RUN;
+    let b = src[row % p.channels];
+    let end = min(start + BIAS_RUN, p.plane);
+    for (var i = start; i < end; i++) {
+        dst[row * p.plane + i] += b;
+    }
+}
+
+// dst [cols_out, rows] = src [rows, cols_in] transposed, rows past cols_in zero: the
+// unfolded weight transposed and padded, so the input-gradient GEMM reads k-contiguous rows.
+@compute @workgroup_size(64)
+fn transpose_pad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) li: u32) {
+    let id = wg_linear(wid, nwg) * WG + li;
+    if (id >= p.total) {
+        return;
+    }
+    let r = id % p.channels;
+    let c = id / p.channels;
+    var v = 0.0;
+    if (c < p.cols_in) {
+        v = src[r * p.cols_in + c];
+    }
+    dst[id] = v;
 }
 
 // dst [rows, cols_out] from src [rows, cols_in]: the common columns copied, the rest zero.

@@ -1,5 +1,5 @@
 // Max and average pooling 2d with PyTorch's semantics. Forward: one thread per output element.
-// Backward: one thread per input element gathering from the outputs whose windows contain it
+// Backward: one thread per input element (max pool: per input row) gathering from the outputs whose windows contain it
 // (deterministic, no atomics); max pool routes through the argmax the forward saved as
 // f32-encoded indices within the plane (first maximum on ties, as PyTorch).
 
@@ -119,6 +119,9 @@ fn covering(pos: u32, stride: u32, pad: u32, k: u32, n_out: u32) -> vec2<u32> {
     return vec2<u32>(lo, hi);
 }
 
+// One thread per input row (total = planes * h): it zeroes its row, then adds the gradient of
+// every output whose argmax falls in that row. The row is the thread's alone, so the adds need no
+// atomics, and only a few integer divisions per row are paid (CPU adapters run them lane by lane).
 @compute @workgroup_size(256)
 fn max_pool_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
@@ -126,23 +129,25 @@ fn max_pool_bwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= p.total) {
         return;
     }
-    let x = i % p.w;
-    let t = i / p.w;
-    let y = t % p.h;
-    let out_base = (t / p.h) * p.oh * p.ow;
-    let here = f32(y * p.w + x);
+    let y = i % p.h;
+    let out_base = (i / p.h) * p.oh * p.ow;
+    let row = i * p.w;
+    for (var x = 0u; x < p.w; x++) {
+        dst[row + x] = 0.0;
+    }
+    let first = f32(y * p.w);
+    let last = f32(y * p.w + p.w - 1u);
     let ry = covering(y, p.sh, p.ph, p.kh, p.oh);
-    let rx = covering(x, p.sw, p.pw, p.kw, p.ow);
-    var s = 0.0;
     for (var oy = ry.x; oy < ry.y; oy++) {
-        for (var ox = rx.x; ox < rx.y; ox++) {
+        for (var ox = 0u; ox < p.ow; ox++) {
             let o = out_base + oy * p.ow + ox;
-            if (argmax[o] == here) {
-                s += src[o];
+            let a = argmax[o];
+            if (a >= first && a <= last) {
+                let x = u32(a - first);
+                dst[row + x] += src[o];
             }
         }
     }
-    dst[i] = s;
 }
 
 @compute @workgroup_size(256)

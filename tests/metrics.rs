@@ -236,3 +236,37 @@ fn metrics_reject_bad_shapes() {
     assert!(kmeans(&[1.0, 0.0], 2, 2, &KMeansConfig::default()).is_err());
     assert!(nmi(&[], &[]).is_err());
 }
+
+fn eval_set(labels: &[usize], query_count: Option<usize>) -> robust_dml::dml::evaluate::EvalSet {
+    use robust_dml::data::{ImageSource, Sample};
+    let samples = labels
+        .iter()
+        .map(|&label| Sample {
+            source: ImageSource::File(format!("img{label}.png").into()),
+            label,
+        })
+        .collect();
+    robust_dml::dml::evaluate::EvalSet {
+        samples,
+        labels: labels.to_vec(),
+        query_count,
+        classes: 1 + labels.iter().max().copied().unwrap_or(0),
+    }
+}
+
+/// Capping a class-ordered test set keeps every class (a prefix would keep the first few).
+#[test]
+fn capped_eval_set_spreads_over_classes() {
+    use robust_dml::dml::evaluate::spread_indices;
+    assert_eq!(spread_indices(10, 4), vec![0, 2, 5, 7]);
+    assert_eq!(spread_indices(3, 5), vec![0, 1, 2]);
+    let labels: Vec<usize> = (0..5).flat_map(|c| [c; 10]).collect();
+    let capped = eval_set(&labels, None).capped(10);
+    assert_eq!(capped.labels, vec![0, 0, 1, 1, 2, 2, 3, 3, 4, 4]);
+    assert_eq!(capped.classes, 5);
+    assert_eq!(eval_set(&labels, None).capped(0).labels.len(), 50);
+    // Queries and gallery are thinned separately and the cut moves with them.
+    let capped = eval_set(&labels, Some(20)).capped(10);
+    assert_eq!(capped.query_count, Some(4));
+    assert_eq!(capped.labels, vec![0, 0, 1, 1, 2, 2, 3, 3, 4, 4]);
+}

@@ -36,6 +36,7 @@ fn cases() -> Vec<Case> {
         case("1x1, 5 channels (padded K)", [2, 5, 4, 3], 7, (1, 1), (1, 1), (0, 0), (1, 1), false),
         case("1x1 stride 2", [2, 4, 6, 5], 3, (1, 1), (2, 2), (0, 0), (1, 1), false),
         case("dilated rectangular", [2, 2, 6, 7], 3, (2, 3), (1, 2), (0, 1), (2, 1), true),
+        case("3x3 stride 3", [2, 3, 9, 8], 4, (3, 3), (3, 3), (1, 1), (1, 1), false),
         case("17 in, 9 out, 3x3", [3, 17, 6, 6], 9, (3, 3), (1, 1), (1, 1), (1, 1), true),
     ]
 }

@@ -271,12 +271,16 @@ pub fn quick_preset() -> (ExperimentConfig, SyntheticConfig) {
     t.lr_step_epochs = 4;
     t.warmup_epochs = 0;
     t.workers = 0;
+    // Bounds only large datasets (the synthetic set has 10 steps an epoch).
+    t.max_steps_per_epoch = 50;
     t.defense.attack = PgdConfig::new(16.0 / 255.0, 2);
     let eval = EvalPlan {
         attack: PgdConfig::new(8.0 / 255.0, 10),
         steps_sweep: vec![1, 2, 5, 10, 20],
         eps_sweep: vec![8.0, 16.0, 24.0, 32.0],
         curve_samples: 40,
+        // Bounds only large datasets (Fashion-MNIST's 10,000 test images): 100 per class there.
+        max_test_samples: 1000,
         batch_size: 100,
         seed: 1,
     };
@@ -304,6 +308,7 @@ pub fn paper_preset() -> ExperimentConfig {
         steps_sweep: vec![1, 2, 5, 10, 20],
         eps_sweep: vec![8.0, 16.0, 24.0, 32.0],
         curve_samples: 1000,
+        max_test_samples: 0,
         batch_size: 100,
         seed: 1,
     };

@@ -32,6 +32,48 @@ impl EvalSet {
             classes: dataset.num_test_classes(),
         }
     }
+
+    /// The samples at `indices`, in that order, as a clustering-scenario set (no query cut).
+    pub fn subset(&self, indices: &[usize]) -> EvalSet {
+        let labels: Vec<usize> = indices.iter().map(|&i| self.labels[i]).collect();
+        let mut classes = labels.clone();
+        classes.sort_unstable();
+        classes.dedup();
+        EvalSet {
+            samples: indices.iter().map(|&i| self.samples[i].clone()).collect(),
+            labels,
+            query_count: None,
+            classes: classes.len(),
+        }
+    }
+
+    /// At most `max` samples (0 = all), spread evenly over the set so that every class of a
+    /// class-ordered test set keeps its share; queries and gallery are thinned separately.
+    pub fn capped(self, max: usize) -> EvalSet {
+        let n = self.samples.len();
+        if max == 0 || max >= n {
+            return self;
+        }
+        let (mut indices, query_count) = match self.query_count {
+            Some(q) => {
+                let keep_q = (max * q / n).max(1).min(q);
+                let mut idx = spread_indices(q, keep_q);
+                idx.extend(spread_indices(n - q, max - keep_q).into_iter().map(|i| q + i));
+                (idx, Some(keep_q))
+            }
+            None => (spread_indices(n, max), None),
+        };
+        indices.dedup();
+        let mut out = self.subset(&indices);
+        out.query_count = query_count;
+        out
+    }
+}
+
+/// `k` indices spread evenly over `0..n` (all of them when k >= n), increasing.
+pub fn spread_indices(n: usize, k: usize) -> Vec<usize> {
+    let k = k.min(n);
+    (0..k).map(|i| i * n / k.max(1)).collect()
 }
 
 /// Embeddings of one evaluation pass, per model, on the host: [N, D] row-major.

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PgdConfig;
 use crate::data::Dataset;
-use crate::dml::evaluate::{
+use crate::dml::evaluate::{spread_indices, 
     clustering, embed_set, full_metrics, retrieval, template_metrics, EvalSet, RECALL_KS,
 };
 use crate::dml::train::{Run, TrainConfig, CHECKPOINT_FILE};
@@ -33,9 +33,13 @@ pub struct EvalPlan {
     pub steps_sweep: Vec<usize>,
     /// eps * 255 of the eps curve (at the attack's steps).
     pub eps_sweep: Vec<f32>,
-    /// Test samples used for the curves and the projection (a prefix of the test set, which the
-    /// loaders order by class; 0 = all).
+    /// Test samples used for the curves and the projection (spread evenly over the test set,
+    /// which the loaders order by class; 0 = all).
     pub curve_samples: usize,
+    /// Test samples evaluated at all (spread evenly; 0 = the whole test set): bounds the cost
+    /// of attacking large test sets in quick runs.
+    #[serde(default)]
+    pub max_test_samples: usize,
     pub batch_size: usize,
     pub seed: u64,
 }
@@ -156,7 +160,7 @@ pub fn evaluate_run(
     plan: &EvalPlan,
     device: &Device,
 ) -> Result<MethodReport> {
-    let set = EvalSet::of(dataset);
+    let set = EvalSet::of(dataset).capped(plan.max_test_samples);
     let nets: Vec<&_> = run.members.iter().map(|m| &m.net).collect();
     let all: Vec<usize> = (0..nets.len()).collect();
     let size = run.cfg.image_size;
@@ -198,24 +202,31 @@ pub fn evaluate_run(
             report.members.push((c[0], a[0]));
         }
     }
-    // Curves and the projection on a prefix of the test set.
-    let n = if plan.curve_samples == 0 {
-        set.samples.len()
-    } else {
-        plan.curve_samples.min(set.samples.len())
+    // Curves and the projection on a subset spread over the test set.
+    let picks = match plan.curve_samples {
+        0 => (0..set.samples.len()).collect(),
+        n => spread_indices(set.samples.len(), n),
     };
-    let sub = EvalSet {
-        samples: set.samples[..n].to_vec(),
-        labels: set.labels[..n].to_vec(),
-        query_count: None,
-        classes: {
-            let mut l = set.labels[..n].to_vec();
-            l.sort_unstable();
-            l.dedup();
-            l.len()
-        },
+    let sub = set.subset(&picks);
+    let rows_of = |m: &Vec<f32>| -> Vec<f32> {
+        picks
+            .iter()
+            .flat_map(|&i| m[i * dim..(i + 1) * dim].iter().copied())
+            .collect()
     };
+    let sub_clean: Vec<Vec<f32>> = emb.clean.iter().map(rows_of).collect();
+    let sub_attacked: Vec<Vec<f32>> = attacked.iter().map(rows_of).collect();
     let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
+        // The evaluation attack itself is a point of both curves: reuse its embeddings (PGD
+        // treats samples independently, eval-mode BatchNorm included).
+        if cfg == plan.attack {
+            let m = model_metrics(&sub_attacked, &sub, dim, device, plan.seed)?;
+            return Ok(CurvePoint {
+                x,
+                recall1: m.recall[0],
+                f1: m.f1,
+            });
+        }
         let e = embed_set(
             &nets,
             &sub,
@@ -249,15 +260,11 @@ pub fn evaluate_run(
         };
         report.eps_curve.push(curve_point(cfg, e255 as f64)?);
     }
-    let (clean2d, adv2d) = if nets.len() == 1 {
-        pca_2d(&emb.clean[0][..n * dim], &attacked[0][..n * dim], dim)
-    } else {
-        let (c, a) = (
-            mean_embedding(&emb.clean, dim),
-            mean_embedding(attacked, dim),
-        );
-        pca_2d(&c[..n * dim], &a[..n * dim], dim)
-    };
+    let (clean2d, adv2d) = pca_2d(
+        &mean_embedding(&sub_clean, dim),
+        &mean_embedding(&sub_attacked, dim),
+        dim,
+    );
     report.projection = Some(Projection {
         clean: clean2d,
         attacked: adv2d,

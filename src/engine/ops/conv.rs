@@ -547,6 +547,9 @@ const IM2COL: Kernel = kernel!("im2col.wgsl", "im2col", [Read, ReadWrite]);
 const COL2IM: Kernel = kernel!("im2col.wgsl", "col2im", [Read, ReadWrite]);
 const ADD_CHANNEL_BIAS: Kernel = kernel!("im2col.wgsl", "add_channel_bias", [Read, ReadWrite]);
 const RESIZE_COLS: Kernel = kernel!("im2col.wgsl", "resize_cols", [Read, ReadWrite]);
+const TRANSPOSE_PAD: Kernel = kernel!("im2col.wgsl", "transpose_pad", [Read, ReadWrite]);
+/// Elements per invocation of `add_channel_bias` (`BIAS_RUN` in the shader).
+const BIAS_RUN: usize = 16;
 
 /// Column matrices larger than this (in f32s) take the implicit-GEMM kernels instead.
 const MAX_COLUMN_ELEMS: usize = 16 << 20;
@@ -653,6 +656,16 @@ fn weight_matrix(ctx: &Arc<GpuContext>, g: &Geom, w: &Tensor) -> Result<Tensor> 
     resize_cols(ctx, g, w, g.cout, k, padded_k(g))
 }
 
+/// The weight as [K', C_out]: transposed, rows past K zero.
+fn transposed_weight(ctx: &Arc<GpuContext>, g: &Geom, w: &Tensor) -> Result<Tensor> {
+    let (k, kp) = (g.cin * g.kh * g.kw, padded_k(g));
+    let out = ctx.alloc(kp * g.cout)?;
+    let total = kp * g.cout;
+    let params = im2col_params(g, total, [g.cout, 0, k, 0]);
+    run_im2col(ctx, &TRANSPOSE_PAD, &params, total, w.gpu()?, &out)?;
+    Tensor::from_gpu(out, &[kp, g.cout])
+}
+
 fn gemm_forward(
     ctx: &Arc<GpuContext>,
     g: &Geom,
@@ -663,8 +676,9 @@ fn gemm_forward(
     let y = gemm_raw(&weight_matrix(ctx, g, w)?, &columns(ctx, g, x)?, false, false)?;
     if let Some(b) = bias {
         // In place: `y` is fresh and owned here.
-        let total = y.numel();
-        let params = im2col_params(g, total, [g.cout, g.oh * g.ow, 0, 0]);
+        let plane = g.oh * g.ow;
+        let total = g.n * g.cout * plane.div_ceil(BIAS_RUN);
+        let params = im2col_params(g, total, [g.cout, plane, 0, 0]);
         run_im2col(ctx, &ADD_CHANNEL_BIAS, &params, total, b.gpu()?, y.gpu()?)?;
     }
     y.reshape_raw(&g.out_shape())
@@ -673,7 +687,13 @@ fn gemm_forward(
 fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     let plane = g.oh * g.ow;
     let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
-    let dcol = gemm_raw(&weight_matrix(ctx, g, w)?, &dy3, true, false)?;
+    // W^T made explicit when its rows can be read as vec4s: the GEMM with a k-contiguous left
+    // operand runs about 1.3x faster on llvmpipe than the one reading it transposed.
+    let dcol = if g.cout % 4 == 0 {
+        gemm_raw(&transposed_weight(ctx, g, w)?, &dy3, false, false)?
+    } else {
+        gemm_raw(&weight_matrix(ctx, g, w)?, &dy3, true, false)?
+    };
     if g.is_pointwise() {
         return dcol.reshape_raw(&[g.n, g.cin, g.h, g.w]);
     }

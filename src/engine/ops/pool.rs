@@ -264,7 +264,9 @@ impl Backward for MaxPoolBack {
             Device::Gpu(ctx) => {
                 let dx = ctx.alloc(total)?;
                 let b = [grad.gpu()?, &dx, self.argmax.gpu()?];
-                ctx.dispatch(&MAX_BWD, &g.params(total), &b, groups_for(total, 256))?;
+                // One thread per input row.
+                let rows = total / g.w.max(1);
+                ctx.dispatch(&MAX_BWD, &g.params(rows), &b, groups_for(rows, 256))?;
                 Tensor::from_gpu(dx, i[0].shape())?
             }
         };
