@@ -248,6 +248,9 @@ pub struct ExperimentArgs {
     /// Override the preset's epochs.
     #[arg(long)]
     pub epochs: Option<usize>,
+    /// Override TRADES' lambda (weight of the embedding-distance term).
+    #[arg(long)]
+    pub trades_lambda: Option<f32>,
     /// Run directory (default: runs/experiment-<preset>-<dataset>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -537,6 +540,9 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     cfg.train.pretrained = a.pretrained.clone();
     if let Some(e) = a.epochs {
         cfg.train.epochs = e;
+    }
+    if let Some(l) = a.trades_lambda {
+        cfg.train.defense.trades_lambda = l;
     }
     if !a.methods.is_empty() {
         cfg.methods = a.methods.clone();

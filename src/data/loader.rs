@@ -12,7 +12,7 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::transform::{decode, ImageTransform};
+use super::transform::{decode, Augment, ImageTransform};
 use super::Sample;
 use crate::engine::{Device, Rng, Tensor};
 
@@ -43,6 +43,23 @@ impl LoaderConfig {
             prefetch: 4,
             seed,
         }
+    }
+
+    /// Small in-memory images (Fashion-MNIST, synthetic) keep their whole frame: training only
+    /// flips them and evaluation only resizes them, as the field does for such datasets; the
+    /// crop transforms of SPEC section 5 are for photographs. Other samples keep this config.
+    pub fn for_samples(mut self, samples: &[crate::data::Sample]) -> Self {
+        let in_memory = !samples.is_empty()
+            && samples
+                .iter()
+                .all(|s| matches!(s.source, crate::data::ImageSource::Memory(_)));
+        if in_memory {
+            self.transform.augment = match self.transform.augment {
+                Augment::Train => Augment::Flip,
+                _ => Augment::Resize,
+            };
+        }
+        self
     }
 
     /// Evaluation defaults: dataset order, keep every sample, test transform, 2 workers.

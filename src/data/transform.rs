@@ -76,6 +76,9 @@ pub enum Augment {
     Test,
     /// Resize the whole image to size x size (no crop, no randomness): for small in-memory images.
     Resize,
+    /// The whole image resized, then a horizontal flip (p = 0.5): training augmentation for small
+    /// in-memory images, where a crop down to 8% of 28x28 pixels would leave nothing to learn.
+    Flip,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,15 +127,15 @@ impl ImageTransform {
                 (crop, rng.uniform() < 0.5)
             }
             Augment::Test => (centre_crop_box(img.width, img.height, s), false),
-            Augment::Resize => (
-                CropBox {
+            Augment::Resize | Augment::Flip => {
+                let whole = CropBox {
                     x: 0.0,
                     y: 0.0,
                     width: img.width as f64,
                     height: img.height as f64,
-                },
-                false,
-            ),
+                };
+                (whole, self.augment == Augment::Flip && rng.uniform() < 0.5)
+            }
         };
         resample(img, crop, s, s, out);
         if flip {

@@ -96,7 +96,7 @@ pub fn embed_set(
     device: &Device,
     attack: Option<(&PgdConfig, &[usize], u64)>,
 ) -> Result<Embedded> {
-    let mut lc = LoaderConfig::eval(batch_size, image_size);
+    let mut lc = LoaderConfig::eval(batch_size, image_size).for_samples(&set.samples);
     lc.workers = workers;
     let loader = BatchLoader::new(set.samples.clone(), lc)?;
     let frozen: Vec<EmbeddingNet> = nets

@@ -384,7 +384,8 @@ impl Run {
                 cfg.batch_size.min(samples.len()),
                 cfg.image_size,
                 cfg.seed ^ (i as u64) << 32,
-            );
+            )
+            .for_samples(&samples);
             lc.workers = cfg.workers;
             let loader = BatchLoader::new(samples, lc)?;
             let total = match cfg.max_steps_per_epoch {
