@@ -6,7 +6,8 @@ use crate::config::PgdConfig;
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::{Dataset, Sample};
 use crate::dml::eval::{map_at_r, max_r, nearest_neighbors, recall_at_k, Neighbors};
-use crate::dml::metrics::{f1_pairs, kmeans, nmi, KMeansConfig};
+use crate::dml::kmeans::{kmeans_on, KMeansConfig};
+use crate::dml::metrics::{f1_pairs, nmi};
 use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
@@ -188,14 +189,17 @@ pub fn retrieval(
     ))
 }
 
-/// k-means (k = number of test classes) on all embeddings, then NMI and pair-counting F1.
+/// k-means (k = number of test classes) on all embeddings, on `device`, then NMI and
+/// pair-counting F1.
 pub fn clustering(
     emb: &[f32],
     set: &EvalSet,
     dim: usize,
+    device: &Device,
     seed: u64,
 ) -> Result<(f64, f64, Vec<usize>)> {
-    let km = kmeans(
+    let km = kmeans_on(
+        device,
         emb,
         dim,
         set.classes,
@@ -221,7 +225,7 @@ pub fn full_metrics(
     seed: u64,
 ) -> Result<Metrics> {
     let (recall, map_r, _) = retrieval(emb, emb, set, dim, true, device)?;
-    let (nmi, f1, _) = clustering(emb, set, dim, seed)?;
+    let (nmi, f1, _) = clustering(emb, set, dim, device, seed)?;
     Ok(Metrics {
         nmi,
         f1,

@@ -8,8 +8,8 @@
 
 use std::collections::HashMap;
 
+pub use crate::dml::kmeans::{kmeans, KMeansConfig, KMeansResult};
 use crate::engine::error::{invalid, Result};
-use crate::engine::Rng;
 
 /// Checks `[N, D]` against its labels; returns N.
 fn rows(op: &'static str, emb: &[f32], dim: usize, labels: &[usize]) -> Result<usize> {
@@ -48,7 +48,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-fn threads_for(work: usize) -> usize {
+pub(crate) fn threads_for(work: usize) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     cores.min(8).min(work.max(1))
 }
@@ -204,197 +204,6 @@ pub fn map_at_r(emb: &[f32], dim: usize, labels: &[usize]) -> Result<f64> {
         return Ok(0.0);
     }
     Ok(valid.iter().sum::<f64>() / valid.len() as f64)
-}
-
-/// k-means settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct KMeansConfig {
-    /// Lloyd iterations per restart.
-    pub iterations: usize,
-    /// Independent k-means++ initialisations; the lowest inertia wins.
-    pub restarts: usize,
-    pub seed: u64,
-}
-
-impl Default for KMeansConfig {
-    fn default() -> Self {
-        KMeansConfig {
-            iterations: 20,
-            restarts: 3,
-            seed: 0,
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct KMeansResult {
-    /// Cluster of every row, in `0..k`.
-    pub assignments: Vec<usize>,
-    /// `[k, D]` centroids.
-    pub centroids: Vec<f32>,
-    /// Sum of squared distances of the rows to their centroids.
-    pub inertia: f64,
-}
-
-fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
-}
-
-/// Assigns every row to its nearest centroid (in parallel); returns (assignments, distances²).
-fn assign(data: &[f32], dim: usize, centroids: &[f32]) -> (Vec<usize>, Vec<f32>) {
-    let n = data.len() / dim;
-    let k = centroids.len() / dim;
-    let threads = threads_for(n / 64);
-    let chunk = n.div_ceil(threads).max(1);
-    let nearest = |i: usize| {
-        let x = &data[i * dim..(i + 1) * dim];
-        let mut best = (0usize, f32::INFINITY);
-        for c in 0..k {
-            let d = sq_dist(x, &centroids[c * dim..(c + 1) * dim]);
-            if d < best.1 {
-                best = (c, d);
-            }
-        }
-        best
-    };
-    let pairs: Vec<(usize, f32)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|start| {
-                let nearest = &nearest;
-                s.spawn(move || {
-                    (start..(start + chunk).min(n))
-                        .map(nearest)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("k-means worker panicked"))
-            .collect()
-    });
-    pairs.into_iter().unzip()
-}
-
-/// k-means++ seeding: the first centre uniformly, each next one with probability proportional to
-/// the squared distance to the nearest centre chosen so far.
-fn kmeans_pp(data: &[f32], dim: usize, k: usize, rng: &mut Rng) -> Vec<f32> {
-    let n = data.len() / dim;
-    let row = |i: usize| &data[i * dim..(i + 1) * dim];
-    let mut centroids = row(rng.below(n)).to_vec();
-    let mut d2: Vec<f64> = (0..n)
-        .map(|i| sq_dist(row(i), &centroids[..dim]) as f64)
-        .collect();
-    for _ in 1..k {
-        let total: f64 = d2.iter().sum();
-        let pick = if total <= 0.0 {
-            rng.below(n)
-        } else {
-            let target = rng.uniform() as f64 * total;
-            let mut acc = 0.0;
-            d2.iter()
-                .position(|&d| {
-                    acc += d;
-                    acc > target
-                })
-                .unwrap_or(n - 1)
-        };
-        let c = row(pick).to_vec();
-        for (i, d) in d2.iter_mut().enumerate() {
-            *d = d.min(sq_dist(row(i), &c) as f64);
-        }
-        centroids.extend_from_slice(&c);
-    }
-    centroids
-}
-
-/// One k-means run from a k-means++ start.
-fn kmeans_once(
-    data: &[f32],
-    dim: usize,
-    k: usize,
-    iterations: usize,
-    rng: &mut Rng,
-) -> KMeansResult {
-    let n = data.len() / dim;
-    let mut centroids = kmeans_pp(data, dim, k, rng);
-    let (mut assignments, mut d2) = assign(data, dim, &centroids);
-    for _ in 0..iterations {
-        let mut sums = vec![0f64; k * dim];
-        let mut counts = vec![0usize; k];
-        for i in 0..n {
-            let c = assignments[i];
-            counts[c] += 1;
-            for (s, &x) in sums[c * dim..(c + 1) * dim]
-                .iter_mut()
-                .zip(&data[i * dim..])
-            {
-                *s += x as f64;
-            }
-        }
-        // An empty cluster takes the point farthest from its centroid (as sklearn does).
-        let mut taken = vec![false; n];
-        for c in 0..k {
-            if counts[c] == 0 {
-                let far = (0..n)
-                    .filter(|&i| !taken[i])
-                    .max_by(|&a, &b| d2[a].total_cmp(&d2[b]).then(b.cmp(&a)))
-                    .unwrap_or(0);
-                taken[far] = true;
-                centroids[c * dim..(c + 1) * dim]
-                    .copy_from_slice(&data[far * dim..(far + 1) * dim]);
-            } else {
-                for (dst, &s) in centroids[c * dim..(c + 1) * dim]
-                    .iter_mut()
-                    .zip(&sums[c * dim..(c + 1) * dim])
-                {
-                    *dst = (s / counts[c] as f64) as f32;
-                }
-            }
-        }
-        let (next, next_d2) = assign(data, dim, &centroids);
-        let converged = next == assignments;
-        assignments = next;
-        d2 = next_d2;
-        if converged {
-            break;
-        }
-    }
-    let inertia = d2.iter().map(|&d| d as f64).sum();
-    KMeansResult {
-        assignments,
-        centroids,
-        inertia,
-    }
-}
-
-/// k-means with k-means++ initialisation, `cfg.restarts` restarts (lowest inertia kept) and
-/// `cfg.iterations` Lloyd iterations each, deterministic from `cfg.seed`.
-pub fn kmeans(data: &[f32], dim: usize, k: usize, cfg: &KMeansConfig) -> Result<KMeansResult> {
-    if dim == 0 || !data.len().is_multiple_of(dim) {
-        return invalid(
-            "kmeans",
-            format!("data length {} not a multiple of dim {dim}", data.len()),
-        );
-    }
-    let n = data.len() / dim;
-    if k == 0 || k > n {
-        return invalid(
-            "kmeans",
-            format!("k = {k} must be in 1..={n} (the number of rows)"),
-        );
-    }
-    let mut rng = Rng::new(cfg.seed);
-    let mut best: Option<KMeansResult> = None;
-    for restart in 0..cfg.restarts.max(1) {
-        let mut run_rng = rng.fork(restart as u64);
-        let result = kmeans_once(data, dim, k, cfg.iterations, &mut run_rng);
-        if best.as_ref().is_none_or(|b| result.inertia < b.inertia) {
-            best = Some(result);
-        }
-    }
-    Ok(best.expect("at least one restart"))
 }
 
 /// Contingency counts of (label, cluster) pairs, and the marginals.

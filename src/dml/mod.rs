@@ -2,6 +2,7 @@
 
 pub mod eval;
 pub mod evaluate;
+pub mod kmeans;
 pub mod loss;
 pub mod metrics;
 pub mod train;

@@ -301,7 +301,7 @@ pub fn voted_metrics(
     for e in embs {
         let (_, _, nn) = retrieval(e, e, set, dim, true, device)?;
         nns.push(nn);
-        clusters.push(clustering(e, set, dim, seed)?.2);
+        clusters.push(clustering(e, set, dim, device, seed)?.2);
     }
     let (ql, gl) = match set.query_count {
         Some(q) => (&set.labels[..q], &set.labels[q..]),

@@ -1,0 +1,548 @@
+//! k-means for the clustering metrics (SPEC.md section 6): k-means++ seeding, restarts, Lloyd
+//! iterations, an empty cluster takes the farthest point. One Lloyd loop drives two backends:
+//! the CPU reference (plain loops) and the GPU (`shaders/kmeans.wgsl` plus the engine's GEMM).
+//!
+//! What stays on the host on both devices, so that a seed gives the same run on either: the
+//! k-means++ seeding (its random draws and distance updates), the convergence test and the
+//! per-iteration member lists (O(n) work on the assignments, which the convergence test reads
+//! anyway). The GPU does the O(n k dim) distances and the O(n dim) centroid means; the data is
+//! uploaded once per call.
+
+use std::sync::Arc;
+
+use crate::dml::metrics::threads_for;
+use crate::engine::error::{invalid, EngineError, Result};
+use crate::engine::gpu::{groups_for, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::ops::matmul::gemm_raw;
+use crate::engine::{Device, Rng, Tensor};
+use crate::kernel;
+
+/// k-means settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KMeansConfig {
+    /// Lloyd iterations per restart.
+    pub iterations: usize,
+    /// Independent k-means++ initialisations; the lowest inertia wins.
+    pub restarts: usize,
+    pub seed: u64,
+}
+
+impl Default for KMeansConfig {
+    fn default() -> Self {
+        KMeansConfig {
+            iterations: 20,
+            restarts: 3,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KMeansResult {
+    /// Cluster of every row, in `0..k`.
+    pub assignments: Vec<usize>,
+    /// `[k, D]` centroids.
+    pub centroids: Vec<f32>,
+    /// Sum of squared distances of the rows to their centroids.
+    pub inertia: f64,
+}
+
+/// k-means with k-means++ initialisation, `cfg.restarts` restarts (lowest inertia kept) and
+/// `cfg.iterations` Lloyd iterations each, deterministic from `cfg.seed`. CPU reference.
+pub fn kmeans(data: &[f32], dim: usize, k: usize, cfg: &KMeansConfig) -> Result<KMeansResult> {
+    kmeans_on(&Device::Cpu, data, dim, k, cfg)
+}
+
+/// [`kmeans`] on `device`. On the GPU the distances and centroid means run in kernels; the
+/// seeding and restarts draw the same random numbers as on the CPU, so with the same seed both
+/// devices start from the same centres (and, up to float rounding, end at the same clusters).
+pub fn kmeans_on(
+    device: &Device,
+    data: &[f32],
+    dim: usize,
+    k: usize,
+    cfg: &KMeansConfig,
+) -> Result<KMeansResult> {
+    check_args("kmeans", data, dim, k)?;
+    match device {
+        Device::Cpu => best_of_restarts(cfg, |rng| {
+            let init = kmeans_pp(data, dim, k, rng);
+            lloyd(&mut CpuLloyd::new(data, dim, init), k, cfg.iterations)
+        }),
+        Device::Gpu(ctx) => {
+            let points = GpuPoints::upload(ctx, data, dim, k)?;
+            best_of_restarts(cfg, |rng| {
+                let init = kmeans_pp(data, dim, k, rng);
+                lloyd(&mut GpuLloyd::new(&points, &init)?, k, cfg.iterations)
+            })
+        }
+    }
+}
+
+/// Lloyd iterations from the given `[k, D]` centres on `device` (no seeding, no restarts): the
+/// inner loop of [`kmeans_on`], public so that tests can force particular starts (an empty
+/// cluster, for instance).
+pub fn lloyd_on(
+    device: &Device,
+    data: &[f32],
+    dim: usize,
+    init: &[f32],
+    iterations: usize,
+) -> Result<KMeansResult> {
+    let k = if dim == 0 { 0 } else { init.len() / dim };
+    check_args("lloyd_on", data, dim, k)?;
+    if init.len() != k * dim {
+        return invalid(
+            "lloyd_on",
+            format!(
+                "{} initial centre values, not a multiple of dim {dim}",
+                init.len()
+            ),
+        );
+    }
+    match device {
+        Device::Cpu => lloyd(&mut CpuLloyd::new(data, dim, init.to_vec()), k, iterations),
+        Device::Gpu(ctx) => {
+            let points = GpuPoints::upload(ctx, data, dim, k)?;
+            lloyd(&mut GpuLloyd::new(&points, init)?, k, iterations)
+        }
+    }
+}
+
+fn check_args(op: &'static str, data: &[f32], dim: usize, k: usize) -> Result<()> {
+    if dim == 0 || !data.len().is_multiple_of(dim) {
+        return invalid(
+            op,
+            format!("data length {} not a multiple of dim {dim}", data.len()),
+        );
+    }
+    let n = data.len() / dim;
+    if k == 0 || k > n {
+        return invalid(
+            op,
+            format!("k = {k} must be in 1..={n} (the number of rows)"),
+        );
+    }
+    Ok(())
+}
+
+/// Runs one k-means per restart, each from its own generator forked off `cfg.seed`, and keeps
+/// the lowest inertia (the first on ties).
+fn best_of_restarts(
+    cfg: &KMeansConfig,
+    mut run: impl FnMut(&mut Rng) -> Result<KMeansResult>,
+) -> Result<KMeansResult> {
+    let mut rng = Rng::new(cfg.seed);
+    let mut best: Option<KMeansResult> = None;
+    for restart in 0..cfg.restarts.max(1) {
+        let mut run_rng = rng.fork(restart as u64);
+        let result = run(&mut run_rng)?;
+        if best.as_ref().is_none_or(|b| result.inertia < b.inertia) {
+            best = Some(result);
+        }
+    }
+    Ok(best.expect("at least one restart"))
+}
+
+fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum()
+}
+
+/// k-means++ seeding: the first centre uniformly, each next one with probability proportional to
+/// the squared distance to the nearest centre chosen so far. Host only on both devices, so
+/// that the draws and the cumulative sums they land in are the same bits everywhere.
+fn kmeans_pp(data: &[f32], dim: usize, k: usize, rng: &mut Rng) -> Vec<f32> {
+    let n = data.len() / dim;
+    let row = |i: usize| &data[i * dim..(i + 1) * dim];
+    let mut centroids = row(rng.below(n)).to_vec();
+    let mut d2: Vec<f64> = (0..n)
+        .map(|i| sq_dist(row(i), &centroids[..dim]) as f64)
+        .collect();
+    for _ in 1..k {
+        let total: f64 = d2.iter().sum();
+        let pick = if total <= 0.0 {
+            rng.below(n)
+        } else {
+            let target = rng.uniform() as f64 * total;
+            let mut acc = 0.0;
+            d2.iter()
+                .position(|&d| {
+                    acc += d;
+                    acc > target
+                })
+                .unwrap_or(n - 1)
+        };
+        let c = row(pick).to_vec();
+        for (i, d) in d2.iter_mut().enumerate() {
+            *d = d.min(sq_dist(row(i), &c) as f64);
+        }
+        centroids.extend_from_slice(&c);
+    }
+    centroids
+}
+
+/// The rows of every cluster for the next centroid update, in CSR form: cluster c's rows are
+/// `rows[offsets[c]..offsets[c + 1]]`, ascending. An empty cluster gets one row, the farthest
+/// from its centroid that no other empty cluster took (as sklearn does), so its new centre is
+/// that point; the point also stays in its own cluster.
+struct Members {
+    offsets: Vec<usize>,
+    rows: Vec<usize>,
+}
+
+impl Members {
+    /// `distances` (squared, of the current assignment) is only called when a cluster is empty.
+    fn plan(
+        assignments: &[usize],
+        k: usize,
+        distances: impl FnOnce() -> Result<Vec<f32>>,
+    ) -> Result<Members> {
+        let n = assignments.len();
+        let mut counts = vec![0usize; k];
+        for &c in assignments {
+            counts[c] += 1;
+        }
+        let mut farthest = FarthestFirst::default();
+        if counts.contains(&0) {
+            farthest.d2 = distances()?;
+            farthest.taken = vec![false; n];
+        }
+        let mut offsets = Vec::with_capacity(k + 1);
+        offsets.push(0);
+        for &count in &counts {
+            offsets.push(offsets.last().copied().unwrap_or(0) + count.max(1));
+        }
+        let mut rows = vec![0usize; offsets[k]];
+        let mut fill = offsets[..k].to_vec();
+        for (i, &c) in assignments.iter().enumerate() {
+            rows[fill[c]] = i;
+            fill[c] += 1;
+        }
+        for c in 0..k {
+            if counts[c] == 0 {
+                rows[offsets[c]] = farthest.claim();
+            }
+        }
+        Ok(Members { offsets, rows })
+    }
+
+    fn of(&self, c: usize) -> &[usize] {
+        &self.rows[self.offsets[c]..self.offsets[c + 1]]
+    }
+}
+
+/// Hands out the rows farthest from their centroids, each at most once; ties go to the lower row.
+#[derive(Default)]
+struct FarthestFirst {
+    d2: Vec<f32>,
+    taken: Vec<bool>,
+}
+
+impl FarthestFirst {
+    fn claim(&mut self) -> usize {
+        let far = (0..self.d2.len())
+            .filter(|&i| !self.taken[i])
+            .max_by(|&a, &b| self.d2[a].total_cmp(&self.d2[b]).then(b.cmp(&a)))
+            .unwrap_or(0);
+        if let Some(t) = self.taken.get_mut(far) {
+            *t = true;
+        }
+        far
+    }
+}
+
+/// What the Lloyd loop needs from a device.
+trait LloydBackend {
+    /// Assigns every row to its nearest current centre (ties to the lower centre index).
+    fn assign(&mut self) -> Result<Vec<usize>>;
+    /// Squared distances of the rows to their centres in the last assignment.
+    fn distances(&mut self) -> Result<Vec<f32>>;
+    /// Replaces every centre by the mean of its member rows.
+    fn update(&mut self, members: &Members) -> Result<()>;
+    /// The centres and the inertia (sum of the last assignment's squared distances).
+    fn finish(&mut self) -> Result<(Vec<f32>, f64)>;
+}
+
+/// Lloyd iterations until the assignments stop changing or `iterations` updates ran.
+fn lloyd(backend: &mut impl LloydBackend, k: usize, iterations: usize) -> Result<KMeansResult> {
+    let mut assignments = backend.assign()?;
+    for _ in 0..iterations {
+        let members = Members::plan(&assignments, k, || backend.distances())?;
+        backend.update(&members)?;
+        let next = backend.assign()?;
+        let converged = next == assignments;
+        assignments = next;
+        if converged {
+            break;
+        }
+    }
+    let (centroids, inertia) = backend.finish()?;
+    Ok(KMeansResult {
+        assignments,
+        centroids,
+        inertia,
+    })
+}
+
+fn inertia(d2: &[f32]) -> f64 {
+    d2.iter().map(|&d| d as f64).sum()
+}
+
+// ------------------------------------------------------------------------------------ CPU
+
+struct CpuLloyd<'a> {
+    data: &'a [f32],
+    dim: usize,
+    centroids: Vec<f32>,
+    d2: Vec<f32>,
+}
+
+impl<'a> CpuLloyd<'a> {
+    fn new(data: &'a [f32], dim: usize, centroids: Vec<f32>) -> Self {
+        CpuLloyd {
+            data,
+            dim,
+            centroids,
+            d2: Vec::new(),
+        }
+    }
+}
+
+impl LloydBackend for CpuLloyd<'_> {
+    fn assign(&mut self) -> Result<Vec<usize>> {
+        let (assignments, d2) = assign(self.data, self.dim, &self.centroids);
+        self.d2 = d2;
+        Ok(assignments)
+    }
+
+    fn distances(&mut self) -> Result<Vec<f32>> {
+        Ok(self.d2.clone())
+    }
+
+    fn update(&mut self, members: &Members) -> Result<()> {
+        let dim = self.dim;
+        for (c, centre) in self.centroids.chunks_mut(dim).enumerate() {
+            // f64 sums in row order: the reference the GPU's compensated f32 sums approach.
+            let rows = members.of(c);
+            let mut sums = vec![0f64; dim];
+            for &i in rows {
+                for (s, &x) in sums.iter_mut().zip(&self.data[i * dim..(i + 1) * dim]) {
+                    *s += x as f64;
+                }
+            }
+            for (dst, s) in centre.iter_mut().zip(sums) {
+                *dst = (s / rows.len() as f64) as f32;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(Vec<f32>, f64)> {
+        Ok((self.centroids.clone(), inertia(&self.d2)))
+    }
+}
+
+/// Assigns every row to its nearest centroid (in parallel); returns (assignments, distances²).
+/// Ties go to the lower centroid index (strict `<` in index order).
+fn assign(data: &[f32], dim: usize, centroids: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let n = data.len() / dim;
+    let k = centroids.len() / dim;
+    let threads = threads_for(n / 64);
+    let chunk = n.div_ceil(threads).max(1);
+    let nearest = |i: usize| {
+        let x = &data[i * dim..(i + 1) * dim];
+        let mut best = (0usize, f32::INFINITY);
+        for c in 0..k {
+            let d = sq_dist(x, &centroids[c * dim..(c + 1) * dim]);
+            if d < best.1 {
+                best = (c, d);
+            }
+        }
+        best
+    };
+    let pairs: Vec<(usize, f32)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..n)
+            .step_by(chunk)
+            .map(|start| {
+                let nearest = &nearest;
+                s.spawn(move || {
+                    (start..(start + chunk).min(n))
+                        .map(nearest)
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("k-means worker panicked"))
+            .collect()
+    });
+    pairs.into_iter().unzip()
+}
+
+// ------------------------------------------------------------------------------------ GPU
+
+/// Bindings of kmeans.wgsl, in order: data, centroids, norms, gram, assign, d2, members.
+const SQNORMS: Kernel = kernel!("kmeans.wgsl", "sqnorms", [Read, ReadWrite, ReadWrite]);
+const ASSIGN: Kernel = kernel!(
+    "kmeans.wgsl",
+    "assign_nearest",
+    [Read, ReadWrite, ReadWrite, Read, ReadWrite, ReadWrite]
+);
+const MEANS: Kernel = kernel!(
+    "kmeans.wgsl",
+    "centroid_means",
+    [Read, ReadWrite, ReadWrite, Read, ReadWrite, ReadWrite, Read]
+);
+/// Invocations per workgroup of every kmeans.wgsl entry.
+const WORKGROUP: usize = 64;
+/// Row and cluster indices travel as f32, exact below 2^24.
+const MAX_EXACT_INDEX: usize = 1 << 24;
+
+/// The data on the device, uploaded once per call, with its squared row norms.
+struct GpuPoints {
+    ctx: Arc<GpuContext>,
+    n: usize,
+    k: usize,
+    dim: usize,
+    /// `[n, D]`.
+    data: Tensor,
+    /// `n + k` values: the rows' squared norms, then the current centres'.
+    norms: GpuBuffer,
+}
+
+impl GpuPoints {
+    fn upload(ctx: &Arc<GpuContext>, data: &[f32], dim: usize, k: usize) -> Result<Self> {
+        let n = data.len() / dim;
+        if n + k >= MAX_EXACT_INDEX {
+            return invalid(
+                "kmeans",
+                format!("{n} rows and {k} clusters: the GPU path indexes below 2^24"),
+            );
+        }
+        ctx.check_binding("k-means data [n, dim]", n * dim)?;
+        ctx.check_binding("k-means centre products [n, k]", n * k)?;
+        ctx.check_binding("k-means member lists", n + 2 * k + 1)?;
+        let tensor = Tensor::from_vec(data.to_vec(), &[n, dim], &Device::Gpu(ctx.clone()))?;
+        Ok(GpuPoints {
+            ctx: ctx.clone(),
+            n,
+            k,
+            dim,
+            data: tensor,
+            norms: ctx.alloc(n + k)?,
+        })
+    }
+
+    fn params(&self, count: usize) -> [u32; 4] {
+        [u(self.n), u(self.k), u(self.dim), u(count)]
+    }
+
+    /// Squared norms of the rows of [data; centroids] into `norms`. The rows' norms are
+    /// recomputed with the centres' (n dim work, small beside the n k dim products) so that
+    /// no dispatch ever needs a placeholder for the centres.
+    fn sqnorms(&self, centroids: &GpuBuffer) -> Result<()> {
+        let rows = self.n + self.k;
+        self.ctx.dispatch(
+            &SQNORMS,
+            &self.params(rows),
+            &[self.data.gpu()?, centroids, &self.norms],
+            groups_for(rows, WORKGROUP),
+        )
+    }
+}
+
+/// One Lloyd run on the device; the centres never leave it until [`LloydBackend::finish`].
+struct GpuLloyd<'a> {
+    points: &'a GpuPoints,
+    /// `[k, D]`.
+    centroids: Tensor,
+    assign: GpuBuffer,
+    d2: GpuBuffer,
+}
+
+impl<'a> GpuLloyd<'a> {
+    fn new(points: &'a GpuPoints, init: &[f32]) -> Result<Self> {
+        let ctx = &points.ctx;
+        Ok(GpuLloyd {
+            points,
+            centroids: Tensor::from_gpu(ctx.upload(init)?, &[points.k, points.dim])?,
+            assign: ctx.alloc(points.n)?,
+            d2: ctx.alloc(points.n)?,
+        })
+    }
+}
+
+impl LloydBackend for GpuLloyd<'_> {
+    fn assign(&mut self) -> Result<Vec<usize>> {
+        let p = self.points;
+        let centroids = self.centroids.gpu()?;
+        p.sqnorms(centroids)?;
+        // x.c for every (row, centre); the kernel turns it into ||x||² + ||c||² - 2 x.c, and
+        // settles near-ties with exact distances.
+        let gram = gemm_raw(&p.data, &self.centroids, false, true)?;
+        p.ctx.dispatch(
+            &ASSIGN,
+            &p.params(p.n),
+            &[
+                p.data.gpu()?,
+                centroids,
+                &p.norms,
+                gram.gpu()?,
+                &self.assign,
+                &self.d2,
+            ],
+            groups_for(p.n, WORKGROUP),
+        )?;
+        let assign = p.ctx.download(&self.assign)?;
+        // The host indexes with these: a broken kernel must give an error, not a panic.
+        assign
+            .into_iter()
+            .map(|c| match c as usize {
+                c if c < p.k => Ok(c),
+                _ => Err(EngineError::Gpu(format!(
+                    "k-means assignment kernel returned centre {c} of {}",
+                    p.k
+                ))),
+            })
+            .collect()
+    }
+
+    fn distances(&mut self) -> Result<Vec<f32>> {
+        self.points.ctx.download(&self.d2)
+    }
+
+    fn update(&mut self, members: &Members) -> Result<()> {
+        let p = self.points;
+        let csr: Vec<f32> = members
+            .offsets
+            .iter()
+            .chain(&members.rows)
+            .map(|&i| i as f32)
+            .collect();
+        let csr = p.ctx.upload(&csr)?;
+        let next = p.ctx.alloc(p.k * p.dim)?;
+        // The gram slot is unused by this entry: the member list fills it (both read-only).
+        p.ctx.dispatch(
+            &MEANS,
+            &p.params(p.k * p.dim),
+            &[
+                p.data.gpu()?,
+                &next,
+                &p.norms,
+                &csr,
+                &self.assign,
+                &self.d2,
+                &csr,
+            ],
+            groups_for(p.k * p.dim, WORKGROUP),
+        )?;
+        self.centroids = Tensor::from_gpu(next, &[p.k, p.dim])?;
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<(Vec<f32>, f64)> {
+        let d2 = self.points.ctx.download(&self.d2)?;
+        Ok((self.centroids.to_vec()?, inertia(&d2)))
+    }
+}
