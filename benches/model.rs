@@ -56,7 +56,9 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
 fn c2f2_cases(b: &Bench) {
     let d = b.device.clone();
     let mut rng = Rng::new(0);
-    let backbone = Backbone::C2f2 { input_size: (32, 32) };
+    let backbone = Backbone::C2f2 {
+        input_size: (32, 32),
+    };
     let net = EmbeddingNet::new(backbone, 64, &d, &mut rng).expect("model");
     let x = Tensor::rand_uniform(&[40, 3, 32, 32], 0.0, 1.0, &mut rng, &d).unwrap();
     let target = Tensor::randn(&[40, 64], 0.05, &mut rng, &d).unwrap();

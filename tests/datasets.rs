@@ -899,11 +899,17 @@ fn small_in_memory_images_are_not_cropped() {
     use robust_dml::data::transform::Augment;
     let mem = loader_samples();
     assert_eq!(
-        LoaderConfig::train(3, 20, 1).for_samples(&mem).transform.augment,
+        LoaderConfig::train(3, 20, 1)
+            .for_samples(&mem)
+            .transform
+            .augment,
         Augment::Flip
     );
     assert_eq!(
-        LoaderConfig::eval(3, 20).for_samples(&mem).transform.augment,
+        LoaderConfig::eval(3, 20)
+            .for_samples(&mem)
+            .transform
+            .augment,
         Augment::Resize
     );
     let files = vec![data::Sample {
@@ -911,7 +917,10 @@ fn small_in_memory_images_are_not_cropped() {
         label: 0,
     }];
     assert_eq!(
-        LoaderConfig::train(3, 20, 1).for_samples(&files).transform.augment,
+        LoaderConfig::train(3, 20, 1)
+            .for_samples(&files)
+            .transform
+            .augment,
         Augment::Train
     );
     // Flip keeps every pixel: the output is the image or its mirror.
@@ -921,13 +930,23 @@ fn small_in_memory_images_are_not_cropped() {
         augment: Augment::Flip,
     };
     let (mut plain, mut flipped) = (vec![0.0; 108], vec![0.0; 108]);
-    ImageTransform { size: 6, augment: Augment::Resize }.apply(&img, &mut Rng::new(0), &mut plain);
+    ImageTransform {
+        size: 6,
+        augment: Augment::Resize,
+    }
+    .apply(&img, &mut Rng::new(0), &mut plain);
     let mut seen = [false; 2];
     for seed in 0..16 {
         t.apply(&img, &mut Rng::new(seed), &mut flipped);
         let mirrored = (0..108).all(|i| flipped[i] == plain[(i / 6) * 6 + 5 - i % 6]);
-        assert!(flipped == plain || mirrored, "seed {seed}: neither the image nor its mirror");
+        assert!(
+            flipped == plain || mirrored,
+            "seed {seed}: neither the image nor its mirror"
+        );
         seen[mirrored as usize] = true;
     }
-    assert!(seen[0] && seen[1], "flip never (or always) happened in 16 draws");
+    assert!(
+        seen[0] && seen[1],
+        "flip never (or always) happened in 16 draws"
+    );
 }

@@ -59,7 +59,11 @@ impl EvalSet {
             Some(q) => {
                 let keep_q = (max * q / n).max(1).min(q);
                 let mut idx = spread_indices(q, keep_q);
-                idx.extend(spread_indices(n - q, max - keep_q).into_iter().map(|i| q + i));
+                idx.extend(
+                    spread_indices(n - q, max - keep_q)
+                        .into_iter()
+                        .map(|i| q + i),
+                );
                 (idx, Some(keep_q))
             }
             None => (spread_indices(n, max), None),

@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PgdConfig;
 use crate::data::Dataset;
-use crate::dml::evaluate::{spread_indices, 
-    clustering, embed_set, full_metrics, retrieval, template_metrics, EvalSet, RECALL_KS,
+use crate::dml::evaluate::{
+    clustering, embed_set, full_metrics, retrieval, spread_indices, template_metrics, EvalSet,
+    RECALL_KS,
 };
 use crate::dml::train::{Run, TrainConfig, CHECKPOINT_FILE};
 use crate::engine::Device;

@@ -15,9 +15,9 @@
 
 use crate::engine::error::{shape_err, EngineError, Result};
 use crate::engine::gpu::{f, fold_grid, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
 use crate::engine::Device;
 use crate::kernel;
 use std::sync::Arc;
@@ -621,7 +621,14 @@ fn im2col_params(g: &Geom, total: usize, extra: [usize; 4]) -> Vec<u32> {
     .to_vec()
 }
 
-fn run_im2col(ctx: &GpuContext, k: &Kernel, params: &[u32], total: usize, src: &GpuBuffer, dst: &GpuBuffer) -> Result<()> {
+fn run_im2col(
+    ctx: &GpuContext,
+    k: &Kernel,
+    params: &[u32],
+    total: usize,
+    src: &GpuBuffer,
+    dst: &GpuBuffer,
+) -> Result<()> {
     ctx.dispatch(k, params, &[src, dst], total.div_ceil(64) as u32)
 }
 
@@ -633,13 +640,27 @@ fn columns(ctx: &Arc<GpuContext>, g: &Geom, x: &Tensor) -> Result<Tensor> {
     }
     let col = ctx.alloc(g.n * kp * plane)?;
     let rows = g.n * kp * g.oh;
-    run_im2col(ctx, &IM2COL, &im2col_params(g, rows, [0; 4]), rows, x.gpu()?, &col)?;
+    run_im2col(
+        ctx,
+        &IM2COL,
+        &im2col_params(g, rows, [0; 4]),
+        rows,
+        x.gpu()?,
+        &col,
+    )?;
     Tensor::from_gpu(col, &[g.n, kp, plane])
 }
 
 /// A [rows, cols_in] matrix as [rows, cols_out], zero-filled or cut; the matrix itself when
 /// the widths agree.
-fn resize_cols(ctx: &Arc<GpuContext>, g: &Geom, m: &Tensor, rows: usize, cols_in: usize, cols_out: usize) -> Result<Tensor> {
+fn resize_cols(
+    ctx: &Arc<GpuContext>,
+    g: &Geom,
+    m: &Tensor,
+    rows: usize,
+    cols_in: usize,
+    cols_out: usize,
+) -> Result<Tensor> {
     if cols_in == cols_out {
         return m.reshape_raw(&[rows, cols_out]);
     }
@@ -673,7 +694,12 @@ fn gemm_forward(
     w: &Tensor,
     bias: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let y = gemm_raw(&weight_matrix(ctx, g, w)?, &columns(ctx, g, x)?, false, false)?;
+    let y = gemm_raw(
+        &weight_matrix(ctx, g, w)?,
+        &columns(ctx, g, x)?,
+        false,
+        false,
+    )?;
     if let Some(b) = bias {
         // In place: `y` is fresh and owned here.
         let plane = g.oh * g.ow;
@@ -699,7 +725,14 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     }
     let dx = ctx.alloc(g.n * g.cin * g.h * g.w)?;
     let rows = g.n * g.cin * g.h;
-    run_im2col(ctx, &COL2IM, &im2col_params(g, rows, [0; 4]), rows, dcol.gpu()?, &dx)?;
+    run_im2col(
+        ctx,
+        &COL2IM,
+        &im2col_params(g, rows, [0; 4]),
+        rows,
+        dcol.gpu()?,
+        &dx,
+    )?;
     Tensor::from_gpu(dx, &[g.n, g.cin, g.h, g.w])
 }
 
@@ -709,7 +742,12 @@ fn gemm_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) ->
     // Per image [C_out, K'], then summed over images by a ones-vector GEMM.
     let per_image = gemm_raw(&dy3, &columns(ctx, g, x)?, false, true)?;
     let ones = Tensor::full(1.0, &[1, g.n], &Device::Gpu(ctx.clone()))?;
-    let summed = gemm_raw(&ones, &per_image.reshape_raw(&[g.n, g.cout * kp])?, false, false)?;
+    let summed = gemm_raw(
+        &ones,
+        &per_image.reshape_raw(&[g.n, g.cout * kp])?,
+        false,
+        false,
+    )?;
     let dw = resize_cols(ctx, g, &summed, g.cout, kp, g.cin * g.kh * g.kw)?;
     dw.reshape_raw(&[g.cout, g.cin, g.kh, g.kw])
 }
