@@ -1,8 +1,11 @@
 //! Device evaluation: neighbours on GPU equal the CPU reference, chunking changes nothing, and
 //! Recall@k / MAP@R on hand-computed cases.
 
+use std::sync::atomic::Ordering;
+
 use robust_dml::dml::eval::{
     map_at_r, max_r, nearest_neighbors, nearest_neighbors_chunked, recall_at_k, Neighbors,
+    FORCE_DEVICE_TOPK,
 };
 use robust_dml::engine::testing::{gpu_or_skip, randn};
 use robust_dml::engine::Tensor;
@@ -77,15 +80,32 @@ fn gpu_neighbours_match_cpu() {
     let Some(gpu) = gpu_or_skip("gpu_neighbours_match_cpu") else {
         return;
     };
-    let e = normalised(45, 16, 3);
-    let want = nearest_neighbors(&e, &e, 6, true).unwrap();
-    let eg = e.to_device(&gpu).unwrap();
-    let got = nearest_neighbors(&eg, &eg, 6, true).unwrap();
+    // Both selections: the device kernel (forced, as CPU adapters select on the host) and the
+    // host one (the default on CPU adapters and for large k).
+    for force_kernel in [true, false] {
+        FORCE_DEVICE_TOPK.store(force_kernel, Ordering::SeqCst);
+        let e = normalised(45, 16, 3);
+        let want = nearest_neighbors(&e, &e, 6, true).unwrap();
+        let eg = e.to_device(&gpu).unwrap();
+        let got = nearest_neighbors(&eg, &eg, 6, true).unwrap();
+        assert_eq!(got.index, want.index);
+        let chunked = nearest_neighbors_chunked(&eg, &eg, 6, true, 4 * 10 * 16).unwrap();
+        assert_eq!(chunked.index, want.index);
+        let q = normalised(9, 16, 4);
+        let a = nearest_neighbors(&q, &e, 3, false).unwrap();
+        let b = nearest_neighbors(&q.to_device(&gpu).unwrap(), &eg, 3, false).unwrap();
+        assert_eq!(a.index, b.index);
+    }
+    FORCE_DEVICE_TOPK.store(false, Ordering::SeqCst);
+    // Large k (MAP@R's R): selected on the host whatever the adapter.
+    let e = normalised(90, 8, 5);
+    let want = nearest_neighbors(&e, &e, 70, true).unwrap();
+    let got = nearest_neighbors(
+        &e.to_device(&gpu).unwrap(),
+        &e.to_device(&gpu).unwrap(),
+        70,
+        true,
+    )
+    .unwrap();
     assert_eq!(got.index, want.index);
-    let chunked = nearest_neighbors_chunked(&eg, &eg, 6, true, 4 * 10 * 16).unwrap();
-    assert_eq!(chunked.index, want.index);
-    let q = normalised(9, 16, 4);
-    let a = nearest_neighbors(&q, &e, 3, false).unwrap();
-    let b = nearest_neighbors(&q.to_device(&gpu).unwrap(), &eg, 3, false).unwrap();
-    assert_eq!(a.index, b.index);
 }

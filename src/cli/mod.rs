@@ -330,13 +330,20 @@ fn device() -> Result<Device> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let result = match cli.command {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
         Command::Attack(a) => attack(a),
         Command::Embed(a) => embed(a),
         Command::Experiment(a) => experiment(a),
+    };
+    // ROBUST_DML_PROFILE=1: where the device time went, per kernel.
+    if let Ok(Device::Gpu(ctx)) = Device::from_env() {
+        if let Some(report) = ctx.profile_report() {
+            eprintln!("{report}");
+        }
     }
+    result
 }
 
 fn train(a: TrainArgs) -> Result<()> {

@@ -551,8 +551,9 @@ const TRANSPOSE_PAD: Kernel = kernel!("im2col.wgsl", "transpose_pad", [Read, Rea
 /// Elements per invocation of `add_channel_bias` (`BIAS_RUN` in the shader).
 const BIAS_RUN: usize = 16;
 
-/// Column matrices larger than this (in f32s) take the implicit-GEMM kernels instead.
-const MAX_COLUMN_ELEMS: usize = 16 << 20;
+/// Column matrices larger than this (in f32s; also capped by the binding limit) take the
+/// implicit-GEMM kernels instead: c2f2 at batch 150 and 32x32 needs 31M.
+const MAX_COLUMN_ELEMS: usize = 64 << 20;
 
 /// Which GPU implementation ungrouped convolutions use; `Auto` picks by adapter and shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
