@@ -262,11 +262,13 @@ pub fn quick_preset() -> (ExperimentConfig, SyntheticConfig) {
         num_classes: 40,
         train_per_class: 20,
         test_per_class: 10,
-        image_size: 32,
+        // 24x24 rather than the dataset's default 32x32: c2f2 costs 0.56x as much, which is
+        // what brings all six methods under 10 minutes on two cores without a GPU.
+        image_size: 24,
         seed: 0,
     };
     let mut t = TrainConfig::new(Arch::C2f2, Method::None);
-    t.image_size = 32;
+    t.image_size = 24;
     t.embedding_dim = 64;
     t.epochs = 4;
     t.batch_size = 40;
@@ -280,7 +282,7 @@ pub fn quick_preset() -> (ExperimentConfig, SyntheticConfig) {
     let eval = EvalPlan {
         attack: PgdConfig::new(8.0 / 255.0, 10),
         steps_sweep: vec![1, 2, 5, 10, 20],
-        eps_sweep: vec![8.0, 16.0, 24.0, 32.0],
+        eps_sweep: vec![8.0, 16.0, 32.0],
         curve_samples: 40,
         // Bounds only large datasets (Fashion-MNIST's 10,000 test images): 100 per class there.
         max_test_samples: 1000,
