@@ -251,6 +251,12 @@ pub struct ExperimentArgs {
     /// Override TRADES' lambda (weight of the embedding-distance term).
     #[arg(long)]
     pub trades_lambda: Option<f32>,
+    /// Override the preset's cap on training steps per epoch (0 = whole epochs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Override the preset's cap on evaluated test samples, spread evenly (0 = all).
+    #[arg(long)]
+    pub test_samples: Option<usize>,
     /// Run directory (default: runs/experiment-<preset>-<dataset>).
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -552,6 +558,12 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     }
     if let Some(l) = a.trades_lambda {
         cfg.train.defense.trades_lambda = l;
+    }
+    if let Some(s) = a.max_steps {
+        cfg.train.max_steps_per_epoch = s;
+    }
+    if let Some(t) = a.test_samples {
+        cfg.eval.max_test_samples = t;
     }
     if !a.methods.is_empty() {
         cfg.methods = a.methods.clone();
