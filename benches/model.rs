@@ -12,12 +12,16 @@ use robust_dml::engine::optim::{AdamW, ParamGroup};
 use robust_dml::engine::{Device, Rng, Tensor};
 use robust_dml::nn::{Backbone, EmbeddingNet, ForwardMode};
 
-fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
-    let d = b.device.clone();
-    let mut rng = Rng::new(0);
-    let net = EmbeddingNet::new(Backbone::MobileNetV2 { width }, 512, &d, &mut rng).expect("model");
-    let x = Tensor::rand_uniform(&[batch, 3, size, size], 0.0, 1.0, &mut rng, &d).unwrap();
-    let target = Tensor::randn(&[batch, 512], 0.05, &mut rng, &d).unwrap();
+/// The two timed cases of one model: a training step (forward, mean-square loss on the head's
+/// output, backward, AdamW) and the input gradient alone (one PGD iteration).
+/// `name("train_step")` gives a case's printed name.
+fn step_cases(
+    b: &Bench,
+    name: &dyn Fn(&str) -> String,
+    net: &EmbeddingNet,
+    x: &Tensor,
+    target: &Tensor,
+) {
     let mut opt = AdamW::new(vec![ParamGroup {
         name: "all".into(),
         params: net.parameters(),
@@ -25,6 +29,28 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
         weight_decay: 1e-4,
         frozen: false,
     }]);
+    b.case(&name("train_step"), Work::None, || {
+        let y = net.forward(x, ForwardMode::Train)?;
+        let loss = mean(&square(&sub(&y, target)?)?)?;
+        let grads = loss.backward()?;
+        opt.step(&grads, None).map(|_| ())
+    });
+    let mut frozen = net.to_device(&b.device).unwrap();
+    frozen.params_mut().set_frozen(|_| true, true);
+    b.case(&name("input_grad"), Work::None, || {
+        let xv = x.var();
+        let y = frozen.forward(&xv, ForwardMode::Eval)?;
+        let loss = mean(&square(&sub(&y, target)?)?)?;
+        loss.backward().map(|_| ())
+    });
+}
+
+fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
+    let d = b.device.clone();
+    let mut rng = Rng::new(0);
+    let net = EmbeddingNet::new(Backbone::MobileNetV2 { width }, 512, &d, &mut rng).expect("model");
+    let x = Tensor::rand_uniform(&[batch, 3, size, size], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[batch, 512], 0.05, &mut rng, &d).unwrap();
     if let Device::Gpu(ctx) = &d {
         let before = ctx.dispatches();
         let y = net.forward(&x, ForwardMode::Train).unwrap();
@@ -35,54 +61,28 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
             ctx.dispatches() - before
         );
     }
-    b.case(&format!("mnv2_train_step{suffix}"), Work::None, || {
-        let y = net.forward(&x, ForwardMode::Train)?;
-        let loss = mean(&square(&sub(&y, &target)?)?)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, None).map(|_| ())
-    });
-    let mut frozen = net.to_device(&d).unwrap();
-    frozen.params_mut().set_frozen(|_| true, true);
-    b.case(&format!("mnv2_input_grad{suffix}"), Work::None, || {
-        let xv = x.var();
-        let y = frozen.forward(&xv, ForwardMode::Eval)?;
-        let loss = mean(&square(&sub(&y, &target)?)?)?;
-        loss.backward().map(|_| ())
-    });
+    step_cases(b, &|name| format!("mnv2_{name}{suffix}"), &net, &x, &target);
 }
 
 /// The quick preset's model and shapes (c2f2, batch 40, 32x32, 64-d embedding): what the
-/// README's main job spends its time on.
+/// README's main job spends its time on. C2F2_BATCH / C2F2_SIZE change the shapes.
 fn c2f2_cases(b: &Bench) {
+    let env = |key: &str, default: usize| {
+        std::env::var(key)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (batch, size) = (env("C2F2_BATCH", 40), env("C2F2_SIZE", 32));
     let d = b.device.clone();
     let mut rng = Rng::new(0);
     let backbone = Backbone::C2f2 {
-        input_size: (32, 32),
+        input_size: (size, size),
     };
     let net = EmbeddingNet::new(backbone, 64, &d, &mut rng).expect("model");
-    let x = Tensor::rand_uniform(&[40, 3, 32, 32], 0.0, 1.0, &mut rng, &d).unwrap();
-    let target = Tensor::randn(&[40, 64], 0.05, &mut rng, &d).unwrap();
-    let mut opt = AdamW::new(vec![ParamGroup {
-        name: "all".into(),
-        params: net.parameters(),
-        lr: 1e-4,
-        weight_decay: 1e-4,
-        frozen: false,
-    }]);
-    b.case("c2f2_train_step", Work::None, || {
-        let y = net.forward(&x, ForwardMode::Train)?;
-        let loss = mean(&square(&sub(&y, &target)?)?)?;
-        let grads = loss.backward()?;
-        opt.step(&grads, None).map(|_| ())
-    });
-    let mut frozen = net.to_device(&d).unwrap();
-    frozen.params_mut().set_frozen(|_| true, true);
-    b.case("c2f2_input_grad", Work::None, || {
-        let xv = x.var();
-        let y = frozen.forward(&xv, ForwardMode::Eval)?;
-        let loss = mean(&square(&sub(&y, &target)?)?)?;
-        loss.backward().map(|_| ())
-    });
+    let x = Tensor::rand_uniform(&[batch, 3, size, size], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[batch, 64], 0.05, &mut rng, &d).unwrap();
+    step_cases(b, &|name| format!("c2f2_{name}"), &net, &x, &target);
 }
 
 fn main() {

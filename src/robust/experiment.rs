@@ -220,25 +220,23 @@ pub fn evaluate_run(
     let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
         // The evaluation attack itself is a point of both curves: reuse its embeddings (PGD
         // treats samples independently, eval-mode BatchNorm included).
-        if cfg == plan.attack {
-            let m = model_metrics(&sub_attacked, &sub, dim, device, plan.seed)?;
-            return Ok(CurvePoint {
-                x,
-                recall1: m.recall[0],
-                f1: m.f1,
-            });
-        }
-        let e = embed_set(
-            &nets,
-            &sub,
-            size,
-            plan.batch_size,
-            workers,
-            device,
-            Some((&cfg, &all, plan.seed)),
-        )?;
-        let adv = e.attacked.expect("attack requested");
-        let m = model_metrics(&adv, &sub, dim, device, plan.seed)?;
+        let fresh;
+        let adv = if cfg == plan.attack {
+            &sub_attacked
+        } else {
+            let e = embed_set(
+                &nets,
+                &sub,
+                size,
+                plan.batch_size,
+                workers,
+                device,
+                Some((&cfg, &all, plan.seed)),
+            )?;
+            fresh = e.attacked.expect("attack requested");
+            &fresh
+        };
+        let m = model_metrics(adv, &sub, dim, device, plan.seed)?;
         Ok(CurvePoint {
             x,
             recall1: m.recall[0],
