@@ -19,7 +19,7 @@ struct Params {
     hw: u32,         // H * W
     planes: u32,     // P: planes one workgroup pass covers
     hwc: u32,        // positions of a plane one workgroup pass covers
-    form: u32,       // affine form, or mode of the reductions (0 training, 1 eval)
+    form: u32,       // affine form, or mode of the reductions (0 training, 1 eval, 2 partial)
     coef_off: u32,   // offset of the a coefficients in `chan`
     momentum: f32,
     eps: f32,
@@ -59,10 +59,29 @@ fn plane_base(n: u32, c: u32) -> u32 {
     return (n * p.c + c) * p.hw;
 }
 
+// Writes the forward per-channel slots of channel c from its element count, mean and M2 (sum of
+// squared deviations from the mean).
+fn write_forward_stats(c: u32, count: f32, mean: f32, m2: f32) {
+    let var_biased = m2 / count;
+    let invstd = 1.0 / sqrt(var_biased + p.eps);
+    let var_unbiased = m2 / (count - 1.0);
+    let k = p.c;
+    chan[c] = mean;
+    chan[k + c] = invstd;
+    chan[2u * k + c] = (1.0 - p.momentum) * run_mean[c] + p.momentum * mean;
+    chan[3u * k + c] = (1.0 - p.momentum) * run_var[c] + p.momentum * var_unbiased;
+    chan[4u * k + c] = 0.0;
+    chan[5u * k + c] = gamma[c] * invstd;
+    chan[6u * k + c] = mean;
+    chan[7u * k + c] = beta[c];
+}
+
 // Batch statistics of channel c in one pass over x, stable in f32: each thread accumulates
 // sums shifted by the first value it reads (so they stay near the data's spread, not its
 // offset), then the workgroup merges (count, mean, M2) triples with Chan's formula. Thread 0
-// writes the statistics, the new running statistics and the forward affine coefficients.
+// writes the statistics, the new running statistics and the forward affine coefficients; in
+// partial mode (p.form == 2, x one batch chunk of a tensor over a binding) it writes just the
+// triple, at chan[p.coef_off + {0, C, 2C} + c], for bn_combine_stats.
 var<workgroup> red_n: array<f32, 256>;
 
 @compute @workgroup_size(256)
@@ -115,21 +134,40 @@ fn bn_batch_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         workgroupBarrier();
     }
     if (lid == 0u) {
-        let count = red_n[0];
-        let mean = red_a[0];
-        let var_biased = red_b[0] / count;
-        let invstd = 1.0 / sqrt(var_biased + p.eps);
-        let var_unbiased = red_b[0] / (count - 1.0);
-        let k = p.c;
-        chan[c] = mean;
-        chan[k + c] = invstd;
-        chan[2u * k + c] = (1.0 - p.momentum) * run_mean[c] + p.momentum * mean;
-        chan[3u * k + c] = (1.0 - p.momentum) * run_var[c] + p.momentum * var_unbiased;
-        chan[4u * k + c] = 0.0;
-        chan[5u * k + c] = gamma[c] * invstd;
-        chan[6u * k + c] = mean;
-        chan[7u * k + c] = beta[c];
+        if (p.form == 2u) {
+            chan[p.coef_off + c] = red_n[0];
+            chan[p.coef_off + p.c + c] = red_a[0];
+            chan[p.coef_off + 2u * p.c + c] = red_b[0];
+        } else {
+            write_forward_stats(c, red_n[0], red_a[0], red_b[0]);
+        }
     }
+}
+
+// Merges the per-chunk (count, mean, M2) triples of bn_batch_stats' partial mode, read from x
+// (p.n chunks of 3C values), with Chan's formula; one thread per channel.
+@compute @workgroup_size(64)
+fn bn_combine_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.c) {
+        return;
+    }
+    let k = p.c;
+    var count = 0.0;
+    var mean = 0.0;
+    var m2 = 0.0;
+    for (var j = 0u; j < p.n; j++) {
+        let base = 3u * k * j;
+        let nb = x[base + c];
+        if (nb > 0.0) {
+            let total = count + nb;
+            let delta = x[base + k + c] - mean;
+            mean += delta * nb / total;
+            m2 += x[base + 2u * k + c] + delta * delta * count * nb / total;
+            count = total;
+        }
+    }
+    write_forward_stats(c, count, mean, m2);
 }
 
 // Eval mode: the same per-channel layout from the running statistics (one thread per channel).
@@ -232,17 +270,46 @@ fn bn_grad_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     red_b[lid] = sgx;
     let sums = reduce_pair(lid);
     if (lid == 0u) {
-        let sum_g = sums.x;
-        let sum_gxhat = sums.y * invstd;
-        out[c] = sum_gxhat;
-        out[k + c] = sum_g;
-        if (p.form == 0u) {
-            let count = f32(p.n * p.hw);
-            let scale = gamma[c] * invstd;
-            out[2u * k + c] = scale;
-            out[3u * k + c] = -scale * invstd * sum_gxhat / count;
-            out[4u * k + c] = mean;
-            out[5u * k + c] = -scale * sum_g / count;
+        if (p.form == 2u) {
+            out[p.coef_off + c] = sums.y * invstd;
+            out[p.coef_off + k + c] = sums.x;
+        } else {
+            write_grad_coefs(c, sums.x, sums.y * invstd, f32(p.n * p.hw), p.form == 0u);
         }
     }
+}
+
+// Writes [dgamma | dbeta | a | b | m | d] of channel c from its sums of g and g * xhat over
+// `count` elements (the training-mode dx coefficients only when `train`).
+fn write_grad_coefs(c: u32, sum_g: f32, sum_gxhat: f32, count: f32, train: bool) {
+    let k = p.c;
+    out[c] = sum_gxhat;
+    out[k + c] = sum_g;
+    if (train) {
+        let invstd = chan[k + c];
+        let scale = gamma[c] * invstd;
+        out[2u * k + c] = scale;
+        out[3u * k + c] = -scale * invstd * sum_gxhat / count;
+        out[4u * k + c] = chan[c];
+        out[5u * k + c] = -scale * sum_g / count;
+    }
+}
+
+// Sums the per-chunk (sum g * xhat, sum g) pairs of bn_grad_reduce's partial mode, read from x
+// (p.n chunks of 2C values), into the layout of bn_grad_reduce; p.hw holds the element count
+// per channel of the whole batch and p.form the mode (0 training, 1 eval). One thread per channel.
+@compute @workgroup_size(64)
+fn bn_combine_grads(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.c) {
+        return;
+    }
+    let k = p.c;
+    var sum_gxhat = 0.0;
+    var sum_g = 0.0;
+    for (var j = 0u; j < p.n; j++) {
+        sum_gxhat += x[2u * k * j + c];
+        sum_g += x[2u * k * j + k + c];
+    }
+    write_grad_coefs(c, sum_g, sum_gxhat, f32(p.hw), p.form == 0u);
 }

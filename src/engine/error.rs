@@ -22,6 +22,8 @@ pub enum EngineError {
         bytes: u64,
         limit: u64,
     },
+    #[error("a tensor of {bytes} bytes is over this adapter's max_buffer_size of {limit} bytes; use a smaller batch or input size")]
+    BufferTooLarge { bytes: u64, limit: u64 },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("invalid argument to {op}: {detail}")]

@@ -58,6 +58,8 @@ struct BufferPool {
     free: HashMap<u64, Vec<wgpu::Buffer>>,
     free_bytes: u64,
     live_bytes: u64,
+    /// Largest `live_bytes` seen since the last [`GpuContext::reset_peak`].
+    peak_bytes: u64,
 }
 
 /// Free buffers kept for reuse beyond this many bytes are destroyed instead.
@@ -100,6 +102,8 @@ pub struct GpuContext {
     rec: Mutex<Recorder>,
     /// Dispatches recorded since the context was made (for profiling and benchmarks).
     dispatch_count: std::sync::atomic::AtomicU64,
+    /// Ops that ran in chunks because a tensor exceeded one binding (`engine::split`).
+    split_count: std::sync::atomic::AtomicU64,
     /// Per-kernel wall time when `ROBUST_DML_PROFILE=1` (each dispatch then runs alone).
     profile: Option<Mutex<HashMap<String, (u64, f64)>>>,
 }
@@ -111,9 +115,15 @@ impl std::fmt::Debug for GpuContext {
 }
 
 /// A pooled storage buffer holding `len` f32 values. Returns to the pool when dropped.
+///
+/// A *view* ([`GpuBuffer::view`]) is a window of `len` values starting `offset` values into
+/// another buffer: kernels bind just that range, which is how ops split tensors larger than
+/// one binding (`engine::split`). Views never return to the pool; their parent must outlive them.
 pub struct GpuBuffer {
     buffer: Option<wgpu::Buffer>,
     len: usize,
+    offset: usize,
+    pooled: bool,
     ctx: Arc<GpuContext>,
 }
 
@@ -130,16 +140,48 @@ impl GpuBuffer {
     pub fn ctx(&self) -> &Arc<GpuContext> {
         &self.ctx
     }
+    /// Values from the start of the underlying wgpu buffer to this buffer's first value.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
     /// Bytes that a binding of this buffer covers (the logical length, at least 4).
     fn binding_bytes(&self) -> u64 {
         (self.len as u64 * 4).max(4)
+    }
+
+    /// Values `start..start + len` of this buffer, without a copy. The start must fall on the
+    /// adapter's storage offset alignment ([`GpuContext::offset_align_elems`]).
+    pub(crate) fn view(&self, start: usize, len: usize) -> Result<GpuBuffer> {
+        if start + len > self.len {
+            return Err(EngineError::Gpu(format!(
+                "view of values {start}..{} in a buffer of {}",
+                start + len,
+                self.len
+            )));
+        }
+        let offset = self.offset + start;
+        if offset % self.ctx.offset_align_elems() != 0 {
+            return Err(EngineError::Gpu(format!(
+                "view at value {offset} is not on the adapter's {}-byte storage offset alignment",
+                self.ctx.limits.min_storage_buffer_offset_alignment
+            )));
+        }
+        Ok(GpuBuffer {
+            buffer: self.buffer.clone(),
+            len,
+            offset,
+            pooled: false,
+            ctx: self.ctx.clone(),
+        })
     }
 }
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
         if let Some(buf) = self.buffer.take() {
-            self.ctx.release(buf);
+            if self.pooled {
+                self.ctx.release(buf);
+            }
         }
     }
 }
@@ -167,6 +209,21 @@ impl DeviceRequest {
     }
 }
 
+/// Caps the storage binding size (bytes) below the adapter's, e.g. to exercise the splitting of
+/// large tensors on a GPU whose own limit is generous.
+pub const BINDING_CAP_ENV: &str = "ROBUST_DML_MAX_BINDING_BYTES";
+
+fn binding_cap_from_env() -> Result<Option<u64>> {
+    match std::env::var(BINDING_CAP_ENV) {
+        Err(_) => Ok(None),
+        Ok(v) => v.trim().parse::<u64>().map(Some).map_err(|_| {
+            EngineError::Gpu(format!(
+                "{BINDING_CAP_ENV}={v:?} is not a byte count (e.g. 134217728)"
+            ))
+        }),
+    }
+}
+
 impl GpuContext {
     /// The process-wide GPU context (created once; tests and the program share it).
     pub fn shared() -> Result<Arc<GpuContext>> {
@@ -176,7 +233,8 @@ impl GpuContext {
                     DeviceRequest::Named(n) => Some(n),
                     _ => None,
                 };
-                pollster::block_on(Self::create(req.as_deref()))
+                let cap = binding_cap_from_env().map_err(|e| e.to_string())?;
+                pollster::block_on(Self::create(req.as_deref(), cap))
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -184,7 +242,14 @@ impl GpuContext {
             .map_err(EngineError::NoAdapter)
     }
 
-    async fn create(name_filter: Option<&str>) -> Result<GpuContext> {
+    /// A separate context on the default adapter whose storage bindings are capped at
+    /// `max_binding_bytes` (the device is opened with that limit, so wgpu enforces it). Tests
+    /// use it to run the splitting of large tensors at small sizes.
+    pub fn with_binding_cap(max_binding_bytes: u64) -> Result<Arc<GpuContext>> {
+        pollster::block_on(Self::create(None, Some(max_binding_bytes))).map(Arc::new)
+    }
+
+    async fn create(name_filter: Option<&str>, binding_cap: Option<u64>) -> Result<GpuContext> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends: wgpu::Backends::PRIMARY,
             ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
@@ -214,7 +279,14 @@ impl GpuContext {
                 .map_err(|e| EngineError::NoAdapter(e.to_string()))?,
         };
         let info = adapter.get_info();
-        let limits = adapter.limits();
+        let mut limits = adapter.limits();
+        if let Some(cap) = binding_cap {
+            // Whole values, and at least the offset alignment so that a view can start anywhere.
+            let floor = limits.min_storage_buffer_offset_alignment as u64;
+            let cap = (cap / 4 * 4).max(floor);
+            limits.max_storage_buffer_binding_size =
+                limits.max_storage_buffer_binding_size.min(cap);
+        }
         let wanted = wgpu::Features::TIMESTAMP_QUERY
             | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
             | wgpu::Features::SHADER_F16;
@@ -244,6 +316,7 @@ impl GpuContext {
             pool: Mutex::default(),
             rec: Mutex::default(),
             dispatch_count: Default::default(),
+            split_count: Default::default(),
             profile: std::env::var("ROBUST_DML_PROFILE")
                 .is_ok_and(|v| v == "1")
                 .then(Mutex::default),
@@ -265,6 +338,16 @@ impl GpuContext {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
     }
 
+    /// Values that fit one storage binding.
+    pub fn max_binding_elems(&self) -> usize {
+        (self.max_binding_bytes() / 4) as usize
+    }
+
+    /// The alignment, in f32 values, that a view's start must have.
+    pub fn offset_align_elems(&self) -> usize {
+        (self.limits.min_storage_buffer_offset_alignment as usize / 4).max(1)
+    }
+
     /// Fails with a message naming `what` when `elems` f32 values cannot sit in one binding.
     pub fn check_binding(&self, what: &str, elems: usize) -> Result<()> {
         let bytes = elems as u64 * 4;
@@ -282,9 +365,15 @@ impl GpuContext {
     // ---------------------------------------------------------------- buffers
 
     /// An uninitialised pooled buffer of `len` f32 values. Kernels must write every element.
+    /// It may exceed one binding (ops then work on views of it), not the largest buffer.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<GpuBuffer> {
-        self.check_binding("new tensor", len)?;
         let size = bucket_size(len as u64 * 4);
+        if size > self.limits.max_buffer_size {
+            return Err(EngineError::BufferTooLarge {
+                bytes: len as u64 * 4,
+                limit: self.limits.max_buffer_size,
+            });
+        }
         let reused = {
             let mut pool = self.pool.lock().unwrap();
             let b = pool.free.get_mut(&size).and_then(|v| v.pop());
@@ -292,6 +381,7 @@ impl GpuContext {
                 pool.free_bytes -= size;
             }
             pool.live_bytes += size;
+            pool.peak_bytes = pool.peak_bytes.max(pool.live_bytes);
             b
         };
         let buffer = reused.unwrap_or_else(|| {
@@ -307,6 +397,8 @@ impl GpuContext {
         Ok(GpuBuffer {
             buffer: Some(buffer),
             len,
+            offset: 0,
+            pooled: true,
             ctx: self.clone(),
         })
     }
@@ -326,6 +418,17 @@ impl GpuContext {
     pub fn memory_stats(&self) -> (u64, u64) {
         let pool = self.pool.lock().unwrap();
         (pool.live_bytes, pool.free_bytes)
+    }
+
+    /// The most bytes live tensors held at once since the last [`Self::reset_peak`].
+    pub fn peak_live_bytes(&self) -> u64 {
+        self.pool.lock().unwrap().peak_bytes
+    }
+
+    /// Starts a new peak measurement from the bytes live now.
+    pub fn reset_peak(&self) {
+        let mut pool = self.pool.lock().unwrap();
+        pool.peak_bytes = pool.live_bytes;
     }
 
     /// A buffer filled with zeros (the clear is recorded in order with the dispatches).
@@ -378,9 +481,9 @@ impl GpuContext {
         let enc = self.encoder(&mut rec);
         enc.copy_buffer_to_buffer(
             src.raw(),
-            src_off as u64 * 4,
+            (src.offset + src_off) as u64 * 4,
             dst.raw(),
-            dst_off as u64 * 4,
+            (dst.offset + dst_off) as u64 * 4,
             len as u64 * 4,
         );
     }
@@ -400,7 +503,7 @@ impl GpuContext {
         {
             let mut rec = self.rec.lock().unwrap();
             let enc = self.encoder(&mut rec);
-            enc.copy_buffer_to_buffer(buf.raw(), 0, &staging, 0, bytes);
+            enc.copy_buffer_to_buffer(buf.raw(), buf.offset as u64 * 4, &staging, 0, bytes);
             self.submit(&mut rec);
         }
         let bytes = self.read_mapped(&staging)?;
@@ -618,7 +721,7 @@ impl GpuContext {
                 binding: i as u32 + 1,
                 resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
                     buffer: b.raw(),
-                    offset: 0,
+                    offset: b.offset as u64 * 4,
                     size: wgpu::BufferSize::new(b.binding_bytes()),
                 }),
             });
@@ -686,6 +789,16 @@ impl GpuContext {
         workgroups: u32,
     ) -> Result<()> {
         self.dispatch3(k, params, buffers, fold_grid(workgroups))
+    }
+
+    /// Ops that have run in chunks so far because a tensor exceeded one binding.
+    pub fn split_ops(&self) -> u64 {
+        self.split_count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_split(&self) {
+        self.split_count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Dispatches recorded so far by this context.

@@ -6,6 +6,7 @@ pub mod gpu;
 pub mod ops;
 pub mod optim;
 pub mod rng;
+pub(crate) mod split;
 pub mod tape;
 pub mod tensor;
 pub mod testing;

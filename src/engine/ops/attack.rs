@@ -4,6 +4,7 @@
 
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::split;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
 use crate::kernel;
@@ -60,6 +61,12 @@ pub fn pgd_step(
             Tensor::from_cpu(out, x_adv.shape())
         }
         Device::Gpu(ctx) => {
+            let split = split::flat("pgd_step", &[x_adv, grad, x_orig], |c| {
+                pgd_step(&c[0], &c[1], &c[2], alpha, eps)
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             let n = x_adv.numel();
             let out = ctx.alloc(n)?;
             let bufs = [x_adv.gpu()?, grad.gpu()?, x_orig.gpu()?, &out];

@@ -6,11 +6,13 @@
 //! values are [mean | invstd] (the GPU's holds the affine coefficients after them).
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::gpu::{f, groups_for, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
 use crate::kernel;
+use std::ops::Range;
 use std::sync::Arc;
 
 const BATCH_STATS: Kernel = kernel!(
@@ -33,6 +35,16 @@ const GRAD_REDUCE: Kernel = kernel!(
     "bn_grad_reduce",
     [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
 );
+const COMBINE_STATS: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_combine_stats",
+    [Read, Read, Read, Read, Read, Read, ReadWrite]
+);
+const COMBINE_GRADS: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_combine_grads",
+    [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
+);
 
 /// Slots of C values in the GPU forward `chan` buffer and the backward reduction's output.
 const FWD_SLOTS: usize = 8;
@@ -51,6 +63,8 @@ const FORM_TRAIN_DX: u32 = 2;
 /// Reduction modes.
 const MODE_TRAIN: u32 = 0;
 const MODE_EVAL: u32 = 1;
+/// Per-chunk partial results, when x exceeds one binding (see `engine::split`).
+const MODE_PARTIAL: u32 = 2;
 
 /// Dimensions of x and the checks on the per-channel tensors.
 fn check(
@@ -131,7 +145,13 @@ impl Layout {
     }
 }
 
-/// out = affine(u, v) per channel with the coefficients in `chan` (see the shader's forms).
+/// Batch chunks when an [N, C, HW] tensor exceeds one binding (see `engine::split`).
+fn batch_chunks(ctx: &GpuContext, lay: &Layout) -> Result<Option<Vec<Range<usize>>>> {
+    split::batch_ranges(ctx, "batch_norm", lay.n, &[lay.c * lay.hw])
+}
+
+/// out = affine(u, v) per channel with the coefficients in `chan` (see the shader's forms),
+/// over batch chunks when the operands exceed one binding.
 fn gpu_affine(
     ctx: &Arc<GpuContext>,
     lay: &Layout,
@@ -142,10 +162,100 @@ fn gpu_affine(
     chan: &GpuBuffer,
 ) -> Result<GpuBuffer> {
     let out = ctx.alloc(lay.n * lay.c * lay.hw)?;
-    let params = lay.params(form, coef_off, 0.0, 0.0);
-    let b = [u_op, v_op, u_op, u_op, u_op, u_op, chan, &out];
-    ctx.dispatch3(&AFFINE, &params, &b, lay.affine_grid())?;
+    let Some(ranges) = batch_chunks(ctx, lay)? else {
+        let params = lay.params(form, coef_off, 0.0, 0.0);
+        let b = [u_op, v_op, u_op, u_op, u_op, u_op, chan, &out];
+        ctx.dispatch3(&AFFINE, &params, &b, lay.affine_grid())?;
+        return Ok(out);
+    };
+    let per = lay.c * lay.hw;
+    for r in ranges {
+        let part = Layout::new(r.len(), lay.c, lay.hw);
+        let (start, len) = (r.start * per, r.len() * per);
+        let (u, v, o) = (
+            u_op.view(start, len)?,
+            v_op.view(start, len)?,
+            out.view(start, len)?,
+        );
+        let params = part.params(form, coef_off, 0.0, 0.0);
+        let b = [&u, &v, &u, &u, &u, &u, chan, &o];
+        ctx.dispatch3(&AFFINE, &params, &b, part.affine_grid())?;
+    }
     Ok(out)
+}
+
+/// The forward per-channel buffer of training mode (batch statistics, new running statistics,
+/// affine coefficients). When x exceeds one binding, each batch chunk's (count, mean, M2) is
+/// reduced separately and the triples merged.
+#[allow(clippy::too_many_arguments)]
+fn gpu_batch_stats(
+    ctx: &Arc<GpuContext>,
+    lay: &Layout,
+    x: &GpuBuffer,
+    gamma: &GpuBuffer,
+    beta: &GpuBuffer,
+    rm: &GpuBuffer,
+    rv: &GpuBuffer,
+    momentum: f32,
+    eps: f32,
+) -> Result<GpuBuffer> {
+    let c = lay.c;
+    let chan = ctx.alloc(FWD_SLOTS * c)?;
+    let Some(ranges) = batch_chunks(ctx, lay)? else {
+        let b = [x, x, gamma, beta, rm, rv, &chan];
+        ctx.dispatch(&BATCH_STATS, &lay.params(0, 0, momentum, eps), &b, c as u32)?;
+        return Ok(chan);
+    };
+    let partial = ctx.alloc(3 * c * ranges.len())?;
+    let per = c * lay.hw;
+    for (j, r) in ranges.iter().enumerate() {
+        let part = Layout::new(r.len(), c, lay.hw);
+        let xc = x.view(r.start * per, r.len() * per)?;
+        let params = part.params(MODE_PARTIAL, 3 * j, momentum, eps);
+        let b = [&xc, &xc, gamma, beta, rm, rv, &partial];
+        ctx.dispatch(&BATCH_STATS, &params, &b, c as u32)?;
+    }
+    let merge = Layout::new(ranges.len(), c, lay.hw);
+    let b = [&partial, &partial, gamma, beta, rm, rv, &chan];
+    let params = merge.params(0, 0, momentum, eps);
+    ctx.dispatch(&COMBINE_STATS, &params, &b, groups_for(c, 64))?;
+    Ok(chan)
+}
+
+/// The backward reduction [dgamma | dbeta | a | b | m | d] (see the shader), chunk by chunk
+/// when x and g exceed one binding.
+fn gpu_grad_reduce(
+    ctx: &Arc<GpuContext>,
+    lay: &Layout,
+    mode: u32,
+    x: &GpuBuffer,
+    g: &GpuBuffer,
+    gamma: &GpuBuffer,
+    chan: &GpuBuffer,
+) -> Result<GpuBuffer> {
+    let c = lay.c;
+    let red = ctx.alloc(BWD_SLOTS * c)?;
+    let Some(ranges) = batch_chunks(ctx, lay)? else {
+        let b = [x, g, gamma, gamma, gamma, gamma, chan, &red];
+        ctx.dispatch(&GRAD_REDUCE, &lay.params(mode, 0, 0.0, 0.0), &b, c as u32)?;
+        return Ok(red);
+    };
+    let partial = ctx.alloc(2 * c * ranges.len())?;
+    let per = c * lay.hw;
+    for (j, r) in ranges.iter().enumerate() {
+        let part = Layout::new(r.len(), c, lay.hw);
+        let (start, len) = (r.start * per, r.len() * per);
+        let (xc, gc) = (x.view(start, len)?, g.view(start, len)?);
+        let b = [&xc, &gc, gamma, gamma, gamma, gamma, chan, &partial];
+        let params = part.params(MODE_PARTIAL, 2 * j, 0.0, 0.0);
+        ctx.dispatch(&GRAD_REDUCE, &params, &b, c as u32)?;
+    }
+    // The merge reads the element count per channel from the hw word.
+    let merge = Layout::new(ranges.len(), c, lay.n * lay.hw);
+    let b = [&partial, &partial, gamma, gamma, gamma, gamma, chan, &red];
+    let params = merge.params(mode, 0, 0.0, 0.0);
+    ctx.dispatch(&COMBINE_GRADS, &params, &b, groups_for(c, 64))?;
+    Ok(red)
 }
 
 // ------------------------------------------------------------------ CPU reference
@@ -253,10 +363,9 @@ pub fn batch_norm_train(
         Device::Gpu(ctx) => {
             let l = Layout::new(n, c, hw);
             let xb = x.gpu()?;
-            let chan = ctx.alloc(FWD_SLOTS * c)?;
             let (rm, rv) = (running_mean.gpu()?, running_var.gpu()?);
-            let b = [xb, xb, gamma.gpu()?, beta.gpu()?, rm, rv, &chan];
-            ctx.dispatch(&BATCH_STATS, &l.params(0, 0, momentum, eps), &b, c as u32)?;
+            let (g, b) = (gamma.gpu()?, beta.gpu()?);
+            let chan = gpu_batch_stats(&ctx, &l, xb, g, b, rm, rv, momentum, eps)?;
             // In-order copies after the statistics kernel: the in-place running-stat update,
             // outside autograd.
             ctx.copy(&chan, 2 * c, rm, 0, c);
@@ -460,11 +569,8 @@ impl BatchNormBack {
             let dx = gpu_affine(ctx, &lay, FORM_SCALE_U, FWD_COEF_OFF, gb, gb, chan)?;
             return Ok((Some(Tensor::from_gpu(dx, x.shape())?), None, None));
         }
-        let red = ctx.alloc(BWD_SLOTS * c)?;
         let mode = if self.train { MODE_TRAIN } else { MODE_EVAL };
-        let gam = gamma.gpu()?;
-        let b = [xb, gb, gam, gam, gam, gam, chan, &red];
-        ctx.dispatch(&GRAD_REDUCE, &lay.params(mode, 0, 0.0, 0.0), &b, c as u32)?;
+        let red = gpu_grad_reduce(ctx, &lay, mode, xb, gb, gamma.gpu()?, chan)?;
         let dx = match (want_dx, self.train) {
             (false, _) => None,
             (true, true) => Some(gpu_affine(

@@ -7,6 +7,7 @@
 
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, u, GpuContext, Kernel};
+use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
@@ -138,6 +139,12 @@ fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
             Tensor::from_cpu(out, &out_shape)
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample_one("concat_channels", xs, &out_shape, |c| {
+                concat_raw(&c.iter().collect::<Vec<_>>())
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             // The slices are disjoint and cover the output, so every element gets written.
             let out = ctx.alloc(batch * total_c * hw)?;
             for (x, s) in xs.iter().zip(&slices) {
@@ -168,6 +175,12 @@ fn slice_raw(x: &Tensor, off: usize, count: usize) -> Result<Tensor> {
             Tensor::from_cpu(out, &shape)
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample_one("split_channels", &[x], &shape, |c| {
+                slice_raw(&c[0], off, count)
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             let out = ctx.alloc(batch * count * hw)?;
             s.copy_gpu(&ctx, x, &out)?;
             Tensor::from_gpu(out, &shape)
@@ -195,6 +208,12 @@ fn pad_raw(g: &Tensor, off: usize, total_c: usize) -> Result<Tensor> {
             Tensor::from_cpu(out, &shape)
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample_one("split_channels backward", &[g], &shape, |c| {
+                pad_raw(&c[0], off, total_c)
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             let out = ctx.zeros(batch * total_c * hw)?;
             s.copy_gpu(&ctx, g, &out)?;
             Tensor::from_gpu(out, &shape)
@@ -220,6 +239,12 @@ fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
             Tensor::from_cpu(out, &shape)
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample_one("permute_channels", &[x], &shape, |c| {
+                gather_raw(&c[0], index)
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             // Channel indices travel as f32, exact far beyond any channel count.
             let idx = ctx.upload(&index.iter().map(|&i| i as f32).collect::<Vec<_>>())?;
             let out = ctx.alloc(batch * out_c * hw)?;
@@ -264,6 +289,12 @@ fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
             Tensor::from_cpu(out, x.shape())
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample_one("channel_affine", &[x], x.shape(), |c| {
+                affine_raw(&c[0], scale, shift)
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             let (sb, tb) = (ctx.upload(scale)?, ctx.upload(shift)?);
             let out = ctx.alloc(x.numel())?;
             let params = [u(batch), u(hw), u(c), 0, u(c), 0, 0];

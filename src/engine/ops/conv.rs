@@ -16,6 +16,7 @@
 use crate::engine::error::{shape_err, EngineError, Result};
 use crate::engine::gpu::{f, fold_grid, u, GpuBuffer, GpuContext, Kernel};
 use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
+use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
@@ -360,7 +361,6 @@ fn gpu_forward(
         return gemm_forward(ctx, g, x, w, bias);
     }
     let out_len = g.n * g.cout * g.oh * g.ow;
-    ctx.check_binding("conv2d output", out_len)?;
     let out = ctx.alloc(out_len)?;
     let placeholder;
     let bias_buf = match bias {
@@ -455,14 +455,14 @@ fn register_blocked(channels: usize, pixel_groups: usize, groups: usize, has_bia
 
 /// How many slices the weight-gradient reduction over N*H_out*W_out is cut into: enough
 /// workgroups to fill a GPU, each slice still long, partial sums bounded in memory.
-fn weight_grad_splits(g: &Geom, out_len: usize, base_groups: usize) -> usize {
+fn weight_grad_splits(g: &Geom, out_len: usize, base_groups: usize, limit: usize) -> usize {
     const WANT_INVOCATIONS: usize = 8192;
     const MIN_SLICE: usize = 64;
     const MAX_PARTIAL_ELEMS: usize = 8 << 20;
     let k = g.n * g.oh * g.ow;
     let by_groups = WANT_INVOCATIONS.div_ceil(base_groups.max(1));
     let by_length = (k / MIN_SLICE).max(1);
-    let by_memory = (MAX_PARTIAL_ELEMS / out_len.max(1)).max(1);
+    let by_memory = (MAX_PARTIAL_ELEMS.min(limit) / out_len.max(1)).max(1);
     by_groups.min(by_length).min(by_memory).max(1)
 }
 
@@ -492,7 +492,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
             n.div_ceil(PIXELS_PER_INVOCATION),
         );
         let base = row_blocks * col_blocks * g.groups;
-        let splits = weight_grad_splits(g, out_len, base);
+        let splits = weight_grad_splits(g, out_len, base, ctx.max_binding_elems());
         let k_chunk = k.div_ceil(splits).max(1);
         let splits = k.div_ceil(k_chunk).max(1);
         let l = Launch {
@@ -784,7 +784,14 @@ pub fn conv2d_raw(
             );
             Tensor::from_cpu(y, &g.out_shape())
         }
-        Device::Gpu(ctx) => gpu_forward(&ctx, &g, x, w, bias),
+        Device::Gpu(ctx) => {
+            let split =
+                split::per_sample_one(OP, &[x], &g.out_shape(), |c| conv2d_raw(&c[0], w, bias, p))?;
+            match split {
+                Some(y) => Ok(y),
+                None => gpu_forward(&ctx, &g, x, w, bias),
+            }
+        }
     }
 }
 
@@ -813,7 +820,17 @@ pub fn conv2d_input_grad(
     check_grad_shape(&g, dy)?;
     match same_device(OP, &[dy, w])? {
         Device::Cpu => Tensor::from_cpu(cpu_input_grad(&g, &dy.cpu()?, &w.cpu()?), x_shape),
-        Device::Gpu(ctx) => gpu_input_grad(&ctx, &g, dy, w),
+        Device::Gpu(ctx) => {
+            let split = split::per_sample_one(OP, &[dy], x_shape, |c| {
+                let mut chunk_shape = x_shape.to_vec();
+                chunk_shape[0] = c[0].shape()[0];
+                conv2d_input_grad(&c[0], w, &chunk_shape, p)
+            })?;
+            match split {
+                Some(dx) => Ok(dx),
+                None => gpu_input_grad(&ctx, &g, dy, w),
+            }
+        }
     }
 }
 
@@ -828,7 +845,21 @@ pub fn conv2d_weight_grad(
     check_grad_shape(&g, dy)?;
     match same_device(OP, &[dy, x])? {
         Device::Cpu => Tensor::from_cpu(cpu_weight_grad(&g, &dy.cpu()?, &x.cpu()?), w_shape),
-        Device::Gpu(ctx) => gpu_weight_grad(&ctx, &g, dy, x),
+        Device::Gpu(ctx) => {
+            // The GEMM route holds a [C_out, K'] product per image before summing them.
+            let per_image = if use_gemm_route(&ctx, &g) {
+                vec![g.cout * padded_k(&g)]
+            } else {
+                Vec::new()
+            };
+            let split = split::batch_sum(OP, &[dy, x], &per_image, |c| {
+                conv2d_weight_grad(&c[0], &c[1], w_shape, p)
+            })?;
+            match split {
+                Some(dw) => Ok(dw),
+                None => gpu_weight_grad(&ctx, &g, dy, x),
+            }
+        }
     }
 }
 
@@ -846,7 +877,10 @@ pub fn conv2d_bias_grad(dy: &Tensor) -> Result<Tensor> {
     )?;
     match dy.device() {
         Device::Cpu => Tensor::from_cpu(cpu_bias_grad(&g, &dy.cpu()?), &[c]),
-        Device::Gpu(ctx) => gpu_bias_grad(&ctx, &g, dy),
+        Device::Gpu(ctx) => match split::batch_sum(OP, &[dy], &[], |c| conv2d_bias_grad(&c[0]))? {
+            Some(db) => Ok(db),
+            None => gpu_bias_grad(&ctx, &g, dy),
+        },
     }
 }
 

@@ -3,6 +3,7 @@
 
 use crate::engine::error::{shape_err, Result};
 use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
@@ -131,6 +132,9 @@ pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
             Tensor::from_cpu(v, x.shape())
         }
         Device::Gpu(ctx) => {
+            if let Some(y) = split::flat("elementwise", &[x], |c| unary_raw(&c[0], op))? {
+                return Ok(y);
+            }
             let n = x.numel();
             let out = ctx.alloc(n)?;
             let (code, a, b) = op.code();
@@ -165,6 +169,10 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
             Tensor::from_cpu(v, x.shape())
         }
         Device::Gpu(ctx) => {
+            if let Some(z) = split::flat("elementwise", &[x, y], |c| binary_raw(&c[0], &c[1], op))?
+            {
+                return Ok(z);
+            }
             let n = x.numel();
             let out = ctx.alloc(n)?;
             let (code, a, b) = op.code();

@@ -8,6 +8,7 @@
 
 use crate::engine::error::{invalid, Result};
 use crate::engine::gpu::{groups_for, u, Kernel};
+use crate::engine::split;
 use crate::engine::tape::{self, Backward};
 use crate::engine::tensor::Tensor;
 use crate::engine::Device;
@@ -129,6 +130,15 @@ impl Geometry {
         [self.n, self.c, self.oh, self.ow]
     }
 
+    fn in_shape(&self) -> [usize; 4] {
+        [self.n, self.c, self.h, self.w]
+    }
+
+    /// The same pooling over a chunk of `n` samples.
+    fn with_batch(&self, n: usize) -> Geometry {
+        Geometry { n, ..*self }
+    }
+
     fn planes(&self) -> usize {
         self.n * self.c
     }
@@ -228,6 +238,14 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
             ))
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample("max_pool2d", &[x], &[&shape, &shape], |c| {
+                let (out, arg) = max_pool_raw(&c[0], &g.with_batch(c[0].shape()[0]))?;
+                Ok(vec![out, arg])
+            })?;
+            if let Some(mut v) = split {
+                let arg = v.remove(1);
+                return Ok((v.remove(0), arg));
+            }
             let (out, arg) = (ctx.alloc(total)?, ctx.alloc(total)?);
             let b = [x.gpu()?, &out, &arg];
             ctx.dispatch(&MAX_FWD, &g.params(total), &b, groups_for(total, 256))?;
@@ -261,17 +279,28 @@ impl Backward for MaxPoolBack {
                 }
                 Tensor::from_cpu(dx, i[0].shape())?
             }
-            Device::Gpu(ctx) => {
-                let dx = ctx.alloc(total)?;
-                let b = [grad.gpu()?, &dx, self.argmax.gpu()?];
-                // One thread per input row.
-                let rows = total / g.w.max(1);
-                ctx.dispatch(&MAX_BWD, &g.params(rows), &b, groups_for(rows, 256))?;
-                Tensor::from_gpu(dx, i[0].shape())?
-            }
+            Device::Gpu(_) => max_pool_bwd_gpu(grad, &self.argmax, g)?,
         };
         Ok(vec![Some(dx)])
     }
+}
+
+fn max_pool_bwd_gpu(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let split =
+        split::per_sample_one("max_pool2d backward", &[grad, argmax], &g.in_shape(), |c| {
+            max_pool_bwd_gpu(&c[0], &c[1], &g.with_batch(c[0].shape()[0]))
+        })?;
+    if let Some(dx) = split {
+        return Ok(dx);
+    }
+    let ctx = grad.gpu()?.ctx();
+    let total = g.n * g.c * g.h * g.w;
+    let dx = ctx.alloc(total)?;
+    let b = [grad.gpu()?, &dx, argmax.gpu()?];
+    // One thread per input row.
+    let rows = total / g.w.max(1);
+    ctx.dispatch(&MAX_BWD, &g.params(rows), &b, groups_for(rows, 256))?;
+    Tensor::from_gpu(dx, &g.in_shape())
 }
 
 /// PyTorch's `max_pool2d` (dilation 1). Recorded.
@@ -310,6 +339,12 @@ fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
             Tensor::from_cpu(out, &shape)
         }
         Device::Gpu(ctx) => {
+            let split = split::per_sample_one("avg_pool2d", &[x], &shape, |c| {
+                avg_pool_raw(&c[0], &g.with_batch(c[0].shape()[0]))
+            })?;
+            if let Some(y) = split {
+                return Ok(y);
+            }
             let out = ctx.alloc(total)?;
             let b = [x.gpu()?, &out];
             ctx.dispatch(&AVG_FWD, &g.params(total), &b, groups_for(total, 256))?;
@@ -346,15 +381,25 @@ impl Backward for AvgPoolBack {
                 });
                 Tensor::from_cpu(dx, i[0].shape())?
             }
-            Device::Gpu(ctx) => {
-                let dx = ctx.alloc(total)?;
-                let b = [grad.gpu()?, &dx];
-                ctx.dispatch(&AVG_BWD, &g.params(total), &b, groups_for(total, 256))?;
-                Tensor::from_gpu(dx, i[0].shape())?
-            }
+            Device::Gpu(_) => avg_pool_bwd_gpu(grad, g)?,
         };
         Ok(vec![Some(dx)])
     }
+}
+
+fn avg_pool_bwd_gpu(grad: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let split = split::per_sample_one("avg_pool2d backward", &[grad], &g.in_shape(), |c| {
+        avg_pool_bwd_gpu(&c[0], &g.with_batch(c[0].shape()[0]))
+    })?;
+    if let Some(dx) = split {
+        return Ok(dx);
+    }
+    let ctx = grad.gpu()?.ctx();
+    let total = g.n * g.c * g.h * g.w;
+    let dx = ctx.alloc(total)?;
+    let b = [grad.gpu()?, &dx];
+    ctx.dispatch(&AVG_BWD, &g.params(total), &b, groups_for(total, 256))?;
+    Tensor::from_gpu(dx, &g.in_shape())
 }
 
 /// PyTorch's `avg_pool2d` (no divisor override). Recorded.

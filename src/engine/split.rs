@@ -1,0 +1,226 @@
+//! Tensors larger than one storage binding.
+//!
+//! wgpu binds at most `max_storage_buffer_binding_size` bytes of a buffer to one kernel binding
+//! (128 MiB on many adapters, llvmpipe among them), while a buffer itself may be much larger:
+//! MobileNetV2 at batch 64 and 224x224 has a 308 MB activation. Ops whose tensors exceed a
+//! binding therefore run chunk by chunk on views ([`GpuBuffer::view`]) of them:
+//! - per-sample ops (convolutions, pooling, channel ops) over batch chunks, each chunk's outputs
+//!   copied into the whole outputs ([`per_sample`]);
+//! - reductions over the batch (weight and bias gradients) as sums of chunk results
+//!   ([`batch_sum`]);
+//! - elementwise ops over flat ranges ([`flat`]);
+//! - batch norm, which couples the batch, combines per-chunk statistics in its own module.
+//!
+//! Every chunk starts on the adapter's storage offset alignment. On the CPU, and on a GPU when
+//! everything fits, these helpers return `None` and the op runs as usual.
+
+use std::ops::Range;
+
+use super::device::Device;
+use super::error::{shape_err, EngineError, Result};
+use super::gpu::{GpuBuffer, GpuContext};
+use super::ops::elementwise::{binary_raw, Binary};
+use super::tensor::{numel, Tensor};
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Batch ranges such that the chunk of every tensor (`per_sample` values per sample) fits one
+/// binding and starts on an aligned offset; `None` when every whole tensor fits already.
+pub(crate) fn batch_ranges(
+    ctx: &GpuContext,
+    op: &str,
+    n: usize,
+    per_sample: &[usize],
+) -> Result<Option<Vec<Range<usize>>>> {
+    let limit = ctx.max_binding_elems();
+    if per_sample.iter().all(|&s| n * s <= limit) {
+        return Ok(None);
+    }
+    let align = ctx.offset_align_elems();
+    // Chunks of `step` samples start every tensor's view on an aligned value.
+    let step = per_sample.iter().filter(|&&s| s > 0).fold(1, |acc, &s| {
+        let need = align / gcd(align, s);
+        acc / gcd(acc, need) * need
+    });
+    let widest = per_sample.iter().copied().max().unwrap_or(1).max(1);
+    let chunk = limit / widest / step * step;
+    if chunk == 0 {
+        return Err(EngineError::BindingTooLarge {
+            name: format!(
+                "{op}: {step} sample(s) of {widest} values (the smallest aligned batch chunk)"
+            ),
+            bytes: (step * widest * 4) as u64,
+            limit: ctx.max_binding_bytes(),
+        });
+    }
+    ctx.count_split();
+    Ok(Some(
+        (0..n)
+            .step_by(chunk)
+            .map(|s| s..(s + chunk).min(n))
+            .collect(),
+    ))
+}
+
+/// Samples `r` of a GPU tensor whose first dimension is the batch, as a view (no copy).
+pub(crate) fn chunk_view(t: &Tensor, r: &Range<usize>) -> Result<Tensor> {
+    let n = t.shape()[0];
+    let per = t.numel() / n.max(1);
+    let view = t.gpu()?.view(r.start * per, r.len() * per)?;
+    let mut shape = t.shape().to_vec();
+    shape[0] = r.len();
+    Tensor::from_gpu(view, &shape)
+}
+
+/// Values per sample of each shape, checking that each leads with the batch `n`.
+fn per_sample_sizes(op: &'static str, n: usize, shapes: &[&[usize]]) -> Result<Vec<usize>> {
+    shapes
+        .iter()
+        .map(|s| match s.first() {
+            Some(&m) if m == n => Ok(numel(s) / n),
+            _ => shape_err(op, format!("{s:?} does not lead with the batch size {n}")),
+        })
+        .collect()
+}
+
+fn gpu_of(t: &Tensor) -> Option<std::sync::Arc<GpuContext>> {
+    match t.device() {
+        Device::Gpu(ctx) => Some(ctx),
+        Device::Cpu => None,
+    }
+}
+
+/// Runs a per-sample op in batch chunks when one of its tensors exceeds a binding: `f` gets
+/// views of `batched` (all [N, ...]) for one chunk and returns that chunk's outputs, which are
+/// copied into whole outputs of `out_shapes` (all [N, ...]). `None` when no split is needed.
+pub(crate) fn per_sample(
+    op: &'static str,
+    batched: &[&Tensor],
+    out_shapes: &[&[usize]],
+    f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+) -> Result<Option<Vec<Tensor>>> {
+    let Some(ctx) = gpu_of(batched[0]) else {
+        return Ok(None);
+    };
+    let n = batched[0].shape().first().copied().unwrap_or(0);
+    if n == 0 {
+        return Ok(None);
+    }
+    let in_shapes: Vec<&[usize]> = batched.iter().map(|t| t.shape()).collect();
+    let ins = per_sample_sizes(op, n, &in_shapes)?;
+    let outs = per_sample_sizes(op, n, out_shapes)?;
+    let all: Vec<usize> = ins.iter().chain(&outs).copied().collect();
+    let Some(ranges) = batch_ranges(&ctx, op, n, &all)? else {
+        return Ok(None);
+    };
+    let whole: Vec<GpuBuffer> = out_shapes
+        .iter()
+        .map(|s| ctx.alloc(numel(s)))
+        .collect::<Result<_>>()?;
+    for r in &ranges {
+        let chunks: Vec<Tensor> = batched
+            .iter()
+            .map(|t| chunk_view(t, r))
+            .collect::<Result<_>>()?;
+        let ys = f(&chunks)?;
+        if ys.len() != whole.len() {
+            return Err(EngineError::Gpu(format!(
+                "{op}: a chunk gave {} outputs, expected {}",
+                ys.len(),
+                whole.len()
+            )));
+        }
+        for ((y, dst), &per) in ys.iter().zip(&whole).zip(&outs) {
+            if y.numel() != r.len() * per {
+                return shape_err(
+                    op,
+                    format!("chunk output {:?} for {} samples", y.shape(), r.len()),
+                );
+            }
+            ctx.copy(y.gpu()?, 0, dst, r.start * per, r.len() * per);
+        }
+    }
+    whole
+        .into_iter()
+        .zip(out_shapes)
+        .map(|(b, s)| Tensor::from_gpu(b, s))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+/// [`per_sample`] for an op with one output of `out_shape`.
+pub(crate) fn per_sample_one(
+    op: &'static str,
+    batched: &[&Tensor],
+    out_shape: &[usize],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    Ok(per_sample(op, batched, &[out_shape], |c| Ok(vec![f(c)?]))?.map(|mut v| v.remove(0)))
+}
+
+/// Sums `f` over batch chunks of `batched` when one of them, or an intermediate of `f` holding
+/// `intermediate` values per sample, exceeds a binding: reductions over the batch such as
+/// weight and bias gradients. `None` when no split is needed.
+pub(crate) fn batch_sum(
+    op: &'static str,
+    batched: &[&Tensor],
+    intermediate: &[usize],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let Some(ctx) = gpu_of(batched[0]) else {
+        return Ok(None);
+    };
+    let n = batched[0].shape().first().copied().unwrap_or(0);
+    if n == 0 {
+        return Ok(None);
+    }
+    let shapes: Vec<&[usize]> = batched.iter().map(|t| t.shape()).collect();
+    let mut sizes = per_sample_sizes(op, n, &shapes)?;
+    sizes.extend_from_slice(intermediate);
+    let Some(ranges) = batch_ranges(&ctx, op, n, &sizes)? else {
+        return Ok(None);
+    };
+    let mut total: Option<Tensor> = None;
+    for r in &ranges {
+        let chunks: Vec<Tensor> = batched
+            .iter()
+            .map(|t| chunk_view(t, r))
+            .collect::<Result<_>>()?;
+        let part = f(&chunks)?;
+        total = Some(match total {
+            None => part,
+            Some(t) => binary_raw(&t, &part, Binary::Axpby(1.0, 1.0))?,
+        });
+    }
+    Ok(total)
+}
+
+/// Runs an elementwise op over flat ranges when its operands exceed a binding: `f` gets
+/// same-length 1-D views of `inputs` (all of one size) and returns the range's output.
+pub(crate) fn flat(
+    op: &'static str,
+    inputs: &[&Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    let len = inputs[0].numel();
+    let Some(ctx) = gpu_of(inputs[0]) else {
+        return Ok(None);
+    };
+    if len <= ctx.max_binding_elems() {
+        return Ok(None);
+    }
+    let flat: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.reshape_raw(&[t.numel()]))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&Tensor> = flat.iter().collect();
+    per_sample_one(op, &refs, &[len], f)?
+        .map(|y| y.reshape_raw(inputs[0].shape()))
+        .transpose()
+}
