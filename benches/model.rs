@@ -1,7 +1,8 @@
 //! Whole-model benchmarks (cases of ../shared/peer-bench.md): a MobileNetV2 training step
 //! (forward, mean-square loss on the head's output, backward, AdamW) and the input gradient
 //! alone (the cost of one PGD iteration). The 224x224 cases run only on a real GPU (or with
-//! BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`.
+//! BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`; `-- memory` prints only the notes on
+//! peak memory and split ops of one forward+backward per model.
 
 mod common;
 
@@ -51,17 +52,53 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
     let net = EmbeddingNet::new(Backbone::MobileNetV2 { width }, 512, &d, &mut rng).expect("model");
     let x = Tensor::rand_uniform(&[batch, 3, size, size], 0.0, 1.0, &mut rng, &d).unwrap();
     let target = Tensor::randn(&[batch, 512], 0.05, &mut rng, &d).unwrap();
-    if let Device::Gpu(ctx) = &d {
-        let before = ctx.dispatches();
-        let y = net.forward(&x, ForwardMode::Train).unwrap();
-        let loss = mean(&square(&sub(&y, &target).unwrap()).unwrap()).unwrap();
-        let _ = loss.backward().unwrap();
-        println!(
-            "note: one mnv2 forward+backward{suffix} records {} dispatches",
-            ctx.dispatches() - before
-        );
-    }
+    memory_note(b, &format!("mnv2{suffix}"), &net, &x, &target);
     step_cases(b, &|name| format!("mnv2_{name}{suffix}"), &net, &x, &target);
+}
+
+/// One training forward+backward outside the timed cases: its dispatches, the peak of memory
+/// held by live tensors, and the ops split because a tensor exceeded one binding (SPEC: the
+/// 224x224 cases must fit a 16 GB GPU).
+fn memory_note(b: &Bench, name: &str, net: &EmbeddingNet, x: &Tensor, target: &Tensor) {
+    let Device::Gpu(ctx) = &b.device else {
+        return;
+    };
+    // Filtered like a case named memory_<name> (`-- memory` runs the notes alone).
+    if b.filter
+        .as_ref()
+        .is_some_and(|f| !format!("memory_{name}").contains(f.as_str()))
+    {
+        return;
+    }
+    ctx.sync().unwrap();
+    let (before, splits) = (ctx.dispatches(), ctx.split_ops());
+    ctx.reset_peak();
+    let started = std::time::Instant::now();
+    let y = net.forward(x, ForwardMode::Train).unwrap();
+    let loss = mean(&square(&sub(&y, target).unwrap()).unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    drop(grads);
+    ctx.sync().unwrap();
+    println!(
+        "note: one {name} forward+backward (input {:?}) records {} dispatches, {} ops split over \
+         the {} MiB binding limit, peak {:.2} GiB of live tensors, {:.1} s",
+        x.shape(),
+        ctx.dispatches() - before,
+        ctx.split_ops() - splits,
+        ctx.max_binding_bytes() >> 20,
+        ctx.peak_live_bytes() as f64 / (1u64 << 30) as f64,
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// BN-Inception at batch 32 and 224x224 (issue: must run on a 16 GB GPU): memory only.
+fn bn_inception_note(b: &Bench) {
+    let d = b.device.clone();
+    let mut rng = Rng::new(0);
+    let net = EmbeddingNet::new(Backbone::BnInception, 512, &d, &mut rng).expect("model");
+    let x = Tensor::rand_uniform(&[32, 3, 224, 224], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[32, 512], 0.05, &mut rng, &d).unwrap();
+    memory_note(b, "bn_inception_224", &net, &x, &target);
 }
 
 /// The quick preset's model and shapes (c2f2, batch 40, 32x32, 64-d embedding): what the
@@ -93,6 +130,7 @@ fn main() {
         matches!(&b.device, Device::Gpu(ctx) if ctx.info.device_type != wgpu::DeviceType::Cpu);
     if real_gpu || std::env::var("BENCH_LARGE").is_ok_and(|v| v == "1") {
         cases(&b, "_224", 1.0, 64, 224);
+        bn_inception_note(&b);
     } else {
         println!("skipped mnv2_train_step_224 / mnv2_input_grad_224: not a real GPU (set BENCH_LARGE=1 to force)");
     }
