@@ -92,6 +92,20 @@ fn resume_continues_bit_for_bit() {
     )
     .unwrap();
     first.train(&ds, &dir, true).unwrap();
+    // The RNG state is explicit metadata, checked against the seed and epoch on load.
+    let mut ck = robust_dml::nn::checkpoint::Checkpoint::load(dir.join(CHECKPOINT_FILE)).unwrap();
+    let state = ck.meta("rng_state").unwrap().to_string();
+    assert!(state.contains("\"next_epoch\":2"), "{state}");
+    ck.set_meta(
+        "rng_state",
+        state.replace("\"next_epoch\":2", "\"next_epoch\":1"),
+    );
+    let tampered = dir.join("tampered.safetensors");
+    ck.save(&tampered).unwrap();
+    let err = Run::load(&tampered, &ds, &d)
+        .err()
+        .expect("a tampered RNG state is refused");
+    assert!(err.to_string().contains("RNG state"), "{err}");
     let mut resumed = Run::load(&dir.join(CHECKPOINT_FILE), &ds, &d).unwrap();
     assert_eq!(resumed.epochs_done, 2);
     resumed.cfg.epochs = 3;

@@ -275,6 +275,7 @@ impl Run {
             ck.set_meta(&format!("{p}/adam_step"), m.opt.step.to_string());
         }
         ck.set_meta("epochs_done", self.epochs_done.to_string());
+        ck.set_meta("rng_state", self.rng_state());
         ck.set_meta("members", self.members.len().to_string());
         ck.set_meta(
             "config",
@@ -282,6 +283,17 @@ impl Run {
         );
         ck.save(path)?;
         Ok(())
+    }
+
+    /// The RNG state of the run, as checkpoint metadata. Every random stream is counter-based:
+    /// a fresh generator seeded from (seed, epoch, member, step) or (seed, epoch, sample), so
+    /// the seed and the next epoch are the whole state; resuming draws exactly what an
+    /// uninterrupted run would have drawn.
+    fn rng_state(&self) -> String {
+        format!(
+            "{{\"kind\":\"counter\",\"seed\":{},\"next_epoch\":{}}}",
+            self.cfg.seed, self.epochs_done
+        )
     }
 
     /// The configuration stored in a checkpoint.
@@ -326,6 +338,16 @@ impl Run {
             .meta_required("epochs_done")?
             .parse()
             .map_err(|_| Error::Config("bad epochs_done in checkpoint".into()))?;
+        // Checkpoints from before the key was written carry the same state implicitly.
+        if let Some(state) = ck.meta("rng_state") {
+            if state != run.rng_state() {
+                return Err(Error::Config(format!(
+                    "checkpoint RNG state {state} disagrees with its seed {} and epoch {}; \
+                     the file was edited or is corrupt",
+                    run.cfg.seed, run.epochs_done
+                )));
+            }
+        }
         Ok(run)
     }
 
