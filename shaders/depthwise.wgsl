@@ -215,3 +215,53 @@ fn dw_weight_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         workgroupBarrier();
     }
 }
+
+// Small planes: one invocation per (image slice, channel, tap), summing dy * x over its images'
+// planes; no workgroup reduction (for a plane of a few pixels, dw_weight_grad's 256-lane tree
+// costs far more than the products). The rows and columns whose tap falls inside the input are
+// clipped once, so the inner loop has no bounds checks. p.gm holds the invocation count.
+@compute @workgroup_size(64)
+fn dw_weight_grad_taps(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let t = wg_linear(wid, nwg) * 64u + lid;
+    if (t >= p.gm) { return; }
+    let khkw = p.kh * p.kw;
+    let tap = t % khkw;
+    let rest = t / khkw;
+    let co = rest % p.cout;
+    let split = rest / p.cout;
+    let ci = co / (p.cout / p.cin);
+    let ty = i32((tap / p.kw) * p.dh) - i32(p.ph);
+    let tx = i32((tap % p.kw) * p.dw) - i32(p.pw);
+    let oy_lo = clip_lo(ty, p.sh);
+    let oy_hi = clip_hi(ty, p.sh, p.h, p.oh);
+    let ox_lo = clip_lo(tx, p.sw);
+    let ox_hi = clip_hi(tx, p.sw, p.w, p.ow);
+    var acc = 0.0;
+    let img_end = min(p.n, (split + 1u) * p.k_chunk);
+    for (var img = split * p.k_chunk; img < img_end; img++) {
+        let dy_base = (img * p.cout + co) * p.oh * p.ow;
+        let x_base = (img * p.cin + ci) * p.h * p.w;
+        for (var oy = oy_lo; oy < oy_hi; oy++) {
+            let drow = dy_base + oy * p.ow;
+            let xrow = i32(x_base + (oy * p.sh) * p.w) + ty * i32(p.w) + tx;
+            for (var ox = ox_lo; ox < ox_hi; ox++) {
+                acc += a[drow + ox] * b[u32(xrow + i32(ox * p.sw))];
+            }
+        }
+    }
+    out[(split * p.cout + co) * khkw + tap] = acc;
+}
+
+// First output index o with o * stride + off >= 0.
+fn clip_lo(off: i32, stride: u32) -> u32 {
+    if (off >= 0) { return 0u; }
+    return (u32(-off) + stride - 1u) / stride;
+}
+
+// One past the last output index o < out_len with o * stride + off < len.
+fn clip_hi(off: i32, stride: u32, len: u32, out_len: u32) -> u32 {
+    let room = i32(len) - 1 - off;
+    if (room < 0) { return 0u; }
+    return min(out_len, u32(room) / stride + 1u);
+}

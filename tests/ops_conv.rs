@@ -185,6 +185,22 @@ fn conv_gpu_matches_cpu_tile_edges() {
             bias: true,
         },
         Case {
+            name: "depthwise plane over 256 pixels (workgroup weight gradient)",
+            x: [2, 3, 18, 17],
+            cout: 3,
+            k: (3, 3),
+            p: params(1, 1, 1, 3),
+            bias: false,
+        },
+        Case {
+            name: "depthwise dilation 2 stride 2",
+            x: [3, 4, 11, 9],
+            cout: 4,
+            k: (3, 3),
+            p: params(2, 2, 2, 4),
+            bias: false,
+        },
+        Case {
             name: "depthwise 5x5 (two tap chunks)",
             x: [2, 3, 9, 10],
             cout: 3,

@@ -79,6 +79,11 @@ const DW_WEIGHT_GRAD: Kernel = kernel!(
     "dw_weight_grad",
     [Read, Read, Read, ReadWrite]
 );
+const DW_WEIGHT_GRAD_TAPS: Kernel = kernel!(
+    "depthwise.wgsl",
+    "dw_weight_grad_taps",
+    [Read, Read, Read, ReadWrite]
+);
 
 /// Pixels of one row per invocation of the depthwise pixel kernels.
 const DW_RUN: usize = 8;
@@ -466,6 +471,12 @@ fn weight_grad_splits(g: &Geom, out_len: usize, base_groups: usize, limit: usize
     by_groups.min(by_length).min(by_memory).max(1)
 }
 
+/// Output planes up to this many pixels take the depthwise weight gradient one invocation per
+/// tap, with no workgroup reduction; larger ones one workgroup per channel.
+const DW_TAPS_MAX_PLANE: usize = 256;
+/// Invocations the per-tap kernel aims for, splitting the batch when channels x taps are fewer.
+const DW_TAPS_INVOCATIONS: usize = 4096;
+
 fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     if use_gemm_route(ctx, g) {
         return gemm_weight_grad(ctx, g, dy, x);
@@ -473,7 +484,21 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     let out_len = g.cout * g.cin_g * g.kh * g.kw;
     let shape = [g.cout, g.cin_g, g.kh, g.kw];
     let unused = dummy(ctx)?;
-    let (kernel, l) = if g.is_depthwise() {
+    let (kernel, l) = if g.is_depthwise() && g.oh * g.ow <= DW_TAPS_MAX_PLANE {
+        // One invocation per (image slice, channel, tap).
+        let per_split = g.cout * g.kh * g.kw;
+        let splits = DW_TAPS_INVOCATIONS.div_ceil(per_split).clamp(1, g.n.max(1));
+        let k_chunk = g.n.div_ceil(splits).max(1);
+        let splits = g.n.div_ceil(k_chunk).max(1);
+        let l = Launch {
+            gemm_m: per_split * splits,
+            splits,
+            k_chunk,
+            total_groups: (per_split * splits).div_ceil(64),
+            ..Default::default()
+        };
+        (&DW_WEIGHT_GRAD_TAPS, l)
+    } else if g.is_depthwise() {
         // One workgroup per (channel, slice of images).
         let splits = 256usize.div_ceil(g.cout).min(g.n).max(1);
         let per_slice = g.n.div_ceil(splits).max(1);
