@@ -313,3 +313,84 @@ fn bn_combine_grads(@builtin(global_invocation_id) gid: vec3<u32>) {
     }
     write_grad_coefs(c, sum_g, sum_gxhat, f32(p.hw), p.form == 0u);
 }
+
+// ---------------------------------------------------------------- small planes
+// When a channel holds few values (deep layers at small inputs: 4-64 pixels a plane), one
+// 256-lane workgroup per channel, its tree reduction and its mostly idle lanes cost far more
+// than the work. These variants give one invocation a whole channel (reductions) or a whole
+// plane (affine pass), with the same bindings, modes and outputs as the kernels above.
+
+@compute @workgroup_size(64)
+fn bn_batch_stats_serial(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.c) {
+        return;
+    }
+    // Sums shifted by the channel's first value stay near the data's spread.
+    let shift = x[plane_base(0u, c)];
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var n = 0u; n < p.n; n++) {
+        let base = plane_base(n, c);
+        for (var h = 0u; h < p.hw; h++) {
+            let d = x[base + h] - shift;
+            s1 += d;
+            s2 += d * d;
+        }
+    }
+    let count = f32(p.n * p.hw);
+    let mean = shift + s1 / count;
+    let m2 = max(s2 - s1 * s1 / count, 0.0);
+    if (p.form == 2u) {
+        chan[p.coef_off + c] = count;
+        chan[p.coef_off + p.c + c] = mean;
+        chan[p.coef_off + 2u * p.c + c] = m2;
+    } else {
+        write_forward_stats(c, count, mean, m2);
+    }
+}
+
+@compute @workgroup_size(64)
+fn bn_grad_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let c = gid.x;
+    if (c >= p.c) {
+        return;
+    }
+    let mean = chan[c];
+    let invstd = chan[p.c + c];
+    var sg = 0.0;
+    var sgx = 0.0;
+    for (var n = 0u; n < p.n; n++) {
+        let base = plane_base(n, c);
+        for (var h = 0u; h < p.hw; h++) {
+            let gv = g[base + h];
+            sg += gv;
+            sgx += gv * (x[base + h] - mean);
+        }
+    }
+    if (p.form == 2u) {
+        out[p.coef_off + c] = sgx * invstd;
+        out[p.coef_off + p.c + c] = sg;
+    } else {
+        write_grad_coefs(c, sg, sgx * invstd, f32(p.n * p.hw), p.form == 0u);
+    }
+}
+
+// One invocation per (image, channel) plane.
+@compute @workgroup_size(64)
+fn bn_affine_planes(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let t = wg_linear(wid, nwg) * 64u + lid;
+    if (t >= p.n * p.c) {
+        return;
+    }
+    let c = t % p.c;
+    let a = chan[p.coef_off + c];
+    let b = chan[p.coef_off + p.c + c];
+    let m = chan[p.coef_off + 2u * p.c + c];
+    let d = chan[p.coef_off + 3u * p.c + c];
+    let base = t * p.hw;
+    for (var h = 0u; h < p.hw; h++) {
+        affine_one(base + h, a, b, m, d);
+    }
+}

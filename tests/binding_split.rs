@@ -138,8 +138,9 @@ fn batch_norm_splits_with_whole_batch_statistics() {
     let Some(dev) = capped("batch_norm_splits_with_whole_batch_statistics", CAP) else {
         return;
     };
-    // Planes under a workgroup (several per pass) and over one (one plane per pass).
-    for shape in [X, [10, 3, 17, 16]] {
+    // Chunk reductions by one invocation per channel and by one workgroup per channel; planes of
+    // one invocation each, and over a workgroup.
+    for shape in [X, [10, 3, 17, 16], [12, 1, 60, 60]] {
         batch_norm_case(&dev, shape);
     }
 }

@@ -543,7 +543,15 @@ fn batch_norm_gpu_matches_cpu() {
     };
     // 7x5 planes (several planes per workgroup pass), 17x19 (planes wider than a workgroup),
     // 1x3 (many planes per pass, fewer than the batch).
-    for shape in [[2, 3, 7, 5], [2, 3, 17, 19], [90, 2, 1, 3]] {
+    // Serial reductions (<= 2,048 values a channel) and workgroup ones; affine passes with one
+    // plane per invocation (<= 64 pixels), several planes per workgroup, one plane per pass.
+    for shape in [
+        [2, 3, 7, 5],
+        [2, 3, 17, 19],
+        [90, 2, 1, 3],
+        [3, 3, 33, 25],
+        [40, 2, 9, 10],
+    ] {
         let inputs = bn_inputs(&shape, 11);
         assert_parity(
             &format!("batch_norm_train {shape:?}"),
@@ -569,8 +577,14 @@ fn batch_norm_running_stats_match_and_are_stable() {
     let Some(gpu) = gpu_or_skip("batch_norm_running_stats_match_and_are_stable") else {
         return;
     };
+    // Serial and workgroup reductions.
+    for shape in [[4, 3, 9, 11], [30, 3, 9, 11]] {
+        running_stats_case(&gpu, shape);
+    }
+}
+
+fn running_stats_case(gpu: &Device, shape: [usize; 4]) {
     // A large common offset: E[x^2] - E[x]^2 in f32 would lose the variance entirely.
-    let shape = [4, 3, 9, 11];
     let x: Vec<f32> = randn(&shape, 21)
         .to_vec()
         .unwrap()

@@ -224,6 +224,15 @@ fn binding_cap_from_env() -> Result<Option<u64>> {
     }
 }
 
+static AS_DISCRETE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes the kernel choices that depend on [`GpuContext::is_cpu_adapter`] act as on a discrete
+/// GPU, so that tests on a CPU adapter also cover the kernels real GPUs run (a test binary that
+/// calls this should run its cases sequentially).
+pub fn force_discrete_kernel_choice(on: bool) {
+    AS_DISCRETE.store(on, std::sync::atomic::Ordering::SeqCst);
+}
+
 impl GpuContext {
     /// The process-wide GPU context (created once; tests and the program share it).
     pub fn shared() -> Result<Arc<GpuContext>> {
@@ -336,6 +345,13 @@ impl GpuContext {
 
     pub fn max_binding_bytes(&self) -> u64 {
         (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+    }
+
+    /// Whether the adapter is a CPU (llvmpipe, WARP, SwiftShader): lanes there are SIMD lanes of
+    /// a few cores, so kernels prefer long per-invocation loops to wide workgroups.
+    pub fn is_cpu_adapter(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+            && !AS_DISCRETE.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Values that fit one storage binding.

@@ -35,6 +35,21 @@ const GRAD_REDUCE: Kernel = kernel!(
     "bn_grad_reduce",
     [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
 );
+const BATCH_STATS_SERIAL: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_batch_stats_serial",
+    [Read, Read, Read, Read, Read, Read, ReadWrite]
+);
+const GRAD_REDUCE_SERIAL: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_grad_reduce_serial",
+    [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
+);
+const AFFINE_PLANES: Kernel = kernel!(
+    "batchnorm.wgsl",
+    "bn_affine_planes",
+    [Read, Read, Read, Read, Read, Read, ReadWrite, ReadWrite]
+);
 const COMBINE_STATS: Kernel = kernel!(
     "batchnorm.wgsl",
     "bn_combine_stats",
@@ -54,6 +69,13 @@ const BWD_COEF_OFF: usize = 2;
 
 /// Elements of one channel each thread of the affine pass handles (as in the shader).
 const AFFINE_ITEMS: usize = 16;
+
+/// Channels of at most this many values are reduced by one invocation each (the `_serial`
+/// kernels), planes of at most this many pixels get one invocation each in the affine pass
+/// (every plane on CPU adapters, where that measured 30x faster at 32x32 planes): below these
+/// sizes a 256-lane workgroup per channel is mostly idle lanes and barriers.
+const SERIAL_CHANNEL_VALUES: usize = 2048;
+const PLANE_PER_INVOCATION: usize = 64;
 
 /// Forms of the affine pass (see the shader).
 const FORM_FORWARD: u32 = 0;
@@ -112,6 +134,35 @@ impl Layout {
         }
     }
 
+    /// Whether a reduction over each channel runs serially (one invocation per channel).
+    fn serial(&self) -> bool {
+        self.n * self.hw <= SERIAL_CHANNEL_VALUES
+    }
+
+    /// Dispatches a per-channel reduction: `kernel` (one workgroup per channel) or `serial`.
+    fn reduce(
+        &self,
+        ctx: &GpuContext,
+        kernels: (&Kernel, &Kernel),
+        params: &[u32],
+        b: &[&GpuBuffer],
+    ) -> Result<()> {
+        if self.serial() {
+            ctx.dispatch(kernels.1, params, b, groups_for(self.c, 64))
+        } else {
+            ctx.dispatch(kernels.0, params, b, self.c as u32)
+        }
+    }
+
+    /// Dispatches the affine pass over this layout.
+    fn affine(&self, ctx: &GpuContext, params: &[u32], b: &[&GpuBuffer]) -> Result<()> {
+        if self.hw <= PLANE_PER_INVOCATION || ctx.is_cpu_adapter() {
+            ctx.dispatch(&AFFINE_PLANES, params, b, groups_for(self.n * self.c, 64))
+        } else {
+            ctx.dispatch3(&AFFINE, params, b, self.affine_grid())
+        }
+    }
+
     fn params(&self, form: u32, coef_off: usize, momentum: f32, eps: f32) -> [u32; 9] {
         [
             u(self.n),
@@ -164,8 +215,11 @@ fn gpu_affine(
     let out = ctx.alloc(lay.n * lay.c * lay.hw)?;
     let Some(ranges) = batch_chunks(ctx, lay)? else {
         let params = lay.params(form, coef_off, 0.0, 0.0);
-        let b = [u_op, v_op, u_op, u_op, u_op, u_op, chan, &out];
-        ctx.dispatch3(&AFFINE, &params, &b, lay.affine_grid())?;
+        lay.affine(
+            ctx,
+            &params,
+            &[u_op, v_op, u_op, u_op, u_op, u_op, chan, &out],
+        )?;
         return Ok(out);
     };
     let per = lay.c * lay.hw;
@@ -178,8 +232,7 @@ fn gpu_affine(
             out.view(start, len)?,
         );
         let params = part.params(form, coef_off, 0.0, 0.0);
-        let b = [&u, &v, &u, &u, &u, &u, chan, &o];
-        ctx.dispatch3(&AFFINE, &params, &b, part.affine_grid())?;
+        part.affine(ctx, &params, &[&u, &v, &u, &u, &u, &u, chan, &o])?;
     }
     Ok(out)
 }
@@ -203,7 +256,8 @@ fn gpu_batch_stats(
     let chan = ctx.alloc(FWD_SLOTS * c)?;
     let Some(ranges) = batch_chunks(ctx, lay)? else {
         let b = [x, x, gamma, beta, rm, rv, &chan];
-        ctx.dispatch(&BATCH_STATS, &lay.params(0, 0, momentum, eps), &b, c as u32)?;
+        let params = lay.params(0, 0, momentum, eps);
+        lay.reduce(ctx, (&BATCH_STATS, &BATCH_STATS_SERIAL), &params, &b)?;
         return Ok(chan);
     };
     let partial = ctx.alloc(3 * c * ranges.len())?;
@@ -213,7 +267,7 @@ fn gpu_batch_stats(
         let xc = x.view(r.start * per, r.len() * per)?;
         let params = part.params(MODE_PARTIAL, 3 * j, momentum, eps);
         let b = [&xc, &xc, gamma, beta, rm, rv, &partial];
-        ctx.dispatch(&BATCH_STATS, &params, &b, c as u32)?;
+        part.reduce(ctx, (&BATCH_STATS, &BATCH_STATS_SERIAL), &params, &b)?;
     }
     let merge = Layout::new(ranges.len(), c, lay.hw);
     let b = [&partial, &partial, gamma, beta, rm, rv, &chan];
@@ -237,7 +291,8 @@ fn gpu_grad_reduce(
     let red = ctx.alloc(BWD_SLOTS * c)?;
     let Some(ranges) = batch_chunks(ctx, lay)? else {
         let b = [x, g, gamma, gamma, gamma, gamma, chan, &red];
-        ctx.dispatch(&GRAD_REDUCE, &lay.params(mode, 0, 0.0, 0.0), &b, c as u32)?;
+        let params = lay.params(mode, 0, 0.0, 0.0);
+        lay.reduce(ctx, (&GRAD_REDUCE, &GRAD_REDUCE_SERIAL), &params, &b)?;
         return Ok(red);
     };
     let partial = ctx.alloc(2 * c * ranges.len())?;
@@ -248,7 +303,7 @@ fn gpu_grad_reduce(
         let (xc, gc) = (x.view(start, len)?, g.view(start, len)?);
         let b = [&xc, &gc, gamma, gamma, gamma, gamma, chan, &partial];
         let params = part.params(MODE_PARTIAL, 2 * j, 0.0, 0.0);
-        ctx.dispatch(&GRAD_REDUCE, &params, &b, c as u32)?;
+        part.reduce(ctx, (&GRAD_REDUCE, &GRAD_REDUCE_SERIAL), &params, &b)?;
     }
     // The merge reads the element count per channel from the hw word.
     let merge = Layout::new(ranges.len(), c, lay.n * lay.hw);

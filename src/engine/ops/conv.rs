@@ -471,8 +471,9 @@ fn weight_grad_splits(g: &Geom, out_len: usize, base_groups: usize, limit: usize
     by_groups.min(by_length).min(by_memory).max(1)
 }
 
-/// Output planes up to this many pixels take the depthwise weight gradient one invocation per
-/// tap, with no workgroup reduction; larger ones one workgroup per channel.
+/// Output planes up to this many pixels (any size on CPU adapters) take the depthwise weight
+/// gradient one invocation per tap, with no workgroup reduction; larger ones one workgroup per
+/// channel.
 const DW_TAPS_MAX_PLANE: usize = 256;
 /// Invocations the per-tap kernel aims for, splitting the batch when channels x taps are fewer.
 const DW_TAPS_INVOCATIONS: usize = 4096;
@@ -484,7 +485,8 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     let out_len = g.cout * g.cin_g * g.kh * g.kw;
     let shape = [g.cout, g.cin_g, g.kh, g.kw];
     let unused = dummy(ctx)?;
-    let (kernel, l) = if g.is_depthwise() && g.oh * g.ow <= DW_TAPS_MAX_PLANE {
+    let per_tap = g.oh * g.ow <= DW_TAPS_MAX_PLANE || ctx.is_cpu_adapter();
+    let (kernel, l) = if g.is_depthwise() && per_tap {
         // One invocation per (image slice, channel, tap).
         let per_split = g.cout * g.kh * g.kw;
         let splits = DW_TAPS_INVOCATIONS.div_ceil(per_split).clamp(1, g.n.max(1));
