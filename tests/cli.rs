@@ -63,6 +63,28 @@ fn embed_matches_torchvision_on_a_non_square_input() {
     }
 }
 
+/// The input goes to the device a batch at a time; eval mode makes the batch size irrelevant.
+#[test]
+fn embed_batches_do_not_change_the_embeddings() {
+    let weights = fixture("mobilenet_v2_w050.weights.safetensors");
+    let read = |path: &std::path::Path| {
+        Checkpoint::load(path)
+            .unwrap()
+            .tensor("embedding", &Device::Cpu)
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    let whole = tmp("emb-whole.safetensors");
+    assert!(embed("0.5", &weights, &whole).status().unwrap().success());
+    let batched = tmp("emb-batched.safetensors");
+    let mut c = embed("0.5", &weights, &batched);
+    assert!(c.args(["--batch-size", "1"]).status().unwrap().success());
+    let (a, b) = (read(&whole), read(&batched));
+    assert!(a.len() > 64, "the fixture has more than one image");
+    assert_eq!(a, b);
+}
+
 /// Runs a command that must fail; returns its stderr after checking it is a message, not a panic.
 fn failure(mut c: Command) -> String {
     let out = c.output().unwrap();

@@ -219,6 +219,10 @@ pub struct EmbedArgs {
     pub embedding_dim: usize,
     #[arg(long, default_value_t = 1.0)]
     pub width_mult: f64,
+    /// Images per forward pass (eval mode, so the embeddings do not depend on it); the input
+    /// stays on the host and moves to the device a batch at a time.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -504,7 +508,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
             a.input.display()
         ))
     })?;
-    let x: Tensor = x.to_tensor(&device)?;
+    let x: Tensor = x.to_tensor(&Device::Cpu)?;
     if x.rank() != 4 || x.shape()[1] != 3 {
         return Err(Error::Config(format!(
             "{}: 'input' has shape {:?}; expected [N, 3, H, W]",
@@ -524,7 +528,16 @@ fn embed(a: EmbedArgs) -> Result<()> {
     let mut net = EmbeddingNet::new(backbone, a.embedding_dim, &device, &mut Rng::new(0))?;
     let report = net.load_weights(&a.weights, LoadMode::Strict)?;
     eprintln!("{}", report.summary());
-    let emb = crate::engine::no_grad(|| net.forward(&x, ForwardMode::Eval))?;
+    let n = x.shape()[0];
+    let batch = a.batch_size as usize;
+    let (mut values, mut dim) = (Vec::with_capacity(n * a.embedding_dim), a.embedding_dim);
+    for start in (0..n).step_by(batch) {
+        let rows = x.rows(start, batch.min(n - start))?.to_device(&device)?;
+        let e = crate::engine::no_grad(|| net.forward(&rows, ForwardMode::Eval))?;
+        dim = e.shape()[1];
+        values.extend(e.to_vec()?);
+    }
+    let emb = Tensor::from_cpu(values, &[n, dim])?;
     let mut out = Checkpoint::new();
     out.insert("embedding", &emb)?;
     out.save(&a.output)?;
