@@ -17,7 +17,9 @@ use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
 use robust_dml::engine::ops::elementwise::{add, relu6};
 use robust_dml::engine::ops::pool::{avg_pool2d, global_max_pool, max_pool2d, Pool2dParams};
 use robust_dml::engine::ops::reduce::sum;
-use robust_dml::engine::testing::{assert_close, assert_parity, gpu_or_skip, randn, uniform};
+use robust_dml::engine::testing::{
+    assert_close, assert_close_network, assert_parity, gpu_or_skip, randn, uniform,
+};
 use robust_dml::engine::{Device, EngineError, Rng, Tensor};
 use robust_dml::nn::embedding::{Backbone, EmbeddingNet};
 use robust_dml::nn::layers::ForwardMode;
@@ -358,13 +360,7 @@ fn mobilenet_v2_runs_with_activations_over_the_cap() {
         "{} split ops",
         ctx.split_ops() - splits_before
     );
-    // As in tests/models.rs: errors relative to the tensor's and the network's largest.
-    let max_abs = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
-    let global = want.iter().map(|(_, c)| max_abs(c)).fold(0.0f32, f32::max);
-    for ((name, g), (_, c)) in got.iter().zip(&want) {
-        let scale = max_abs(c) + 1e-3 * global;
-        assert_close(&format!("frozen-BN {name}"), g, c, 2e-3 * scale, 1e-2);
-    }
+    assert_close_network("frozen-BN", &got, &want, 2e-3, 1e-2);
     let train = |model: &EmbeddingNet, dev: &Device| {
         let xd = x.to_device(dev).unwrap();
         let e = robust_dml::engine::no_grad(|| model.forward(&xd, ForwardMode::Train)).unwrap();

@@ -15,6 +15,7 @@
 //! everything fits, these helpers return `None` and the op runs as usual.
 
 use std::ops::Range;
+use std::sync::Arc;
 
 use super::device::Device;
 use super::error::{shape_err, EngineError, Result};
@@ -89,11 +90,33 @@ fn per_sample_sizes(op: &'static str, n: usize, shapes: &[&[usize]]) -> Result<V
         .collect()
 }
 
-fn gpu_of(t: &Tensor) -> Option<std::sync::Arc<GpuContext>> {
-    match t.device() {
-        Device::Gpu(ctx) => Some(ctx),
-        Device::Cpu => None,
+/// Where an op's chunks run and which samples each covers.
+type Plan = (Arc<GpuContext>, Vec<Range<usize>>);
+
+/// The GPU context and batch ranges for an op over `batched` (all [N, ...]) whose other
+/// tensors (outputs, intermediates) hold `extra` values per sample; `None` on the CPU, for an
+/// empty batch, or when everything fits one binding.
+fn plan(
+    op: &'static str,
+    batched: &[&Tensor],
+    extra: &[usize],
+) -> Result<Option<Plan>> {
+    let Device::Gpu(ctx) = batched[0].device() else {
+        return Ok(None);
+    };
+    let n = batched[0].shape().first().copied().unwrap_or(0);
+    if n == 0 {
+        return Ok(None);
     }
+    let shapes: Vec<&[usize]> = batched.iter().map(|t| t.shape()).collect();
+    let mut sizes = per_sample_sizes(op, n, &shapes)?;
+    sizes.extend_from_slice(extra);
+    Ok(batch_ranges(&ctx, op, n, &sizes)?.map(|ranges| (ctx, ranges)))
+}
+
+/// Views of samples `r` of every tensor in `batched`.
+fn chunk_views(batched: &[&Tensor], r: &Range<usize>) -> Result<Vec<Tensor>> {
+    batched.iter().map(|t| chunk_view(t, r)).collect()
 }
 
 /// Runs a per-sample op in batch chunks when one of its tensors exceeds a binding: `f` gets
@@ -105,18 +128,12 @@ pub(crate) fn per_sample(
     out_shapes: &[&[usize]],
     f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
 ) -> Result<Option<Vec<Tensor>>> {
-    let Some(ctx) = gpu_of(batched[0]) else {
-        return Ok(None);
-    };
     let n = batched[0].shape().first().copied().unwrap_or(0);
     if n == 0 {
         return Ok(None);
     }
-    let in_shapes: Vec<&[usize]> = batched.iter().map(|t| t.shape()).collect();
-    let ins = per_sample_sizes(op, n, &in_shapes)?;
     let outs = per_sample_sizes(op, n, out_shapes)?;
-    let all: Vec<usize> = ins.iter().chain(&outs).copied().collect();
-    let Some(ranges) = batch_ranges(&ctx, op, n, &all)? else {
+    let Some((ctx, ranges)) = plan(op, batched, &outs)? else {
         return Ok(None);
     };
     let whole: Vec<GpuBuffer> = out_shapes
@@ -124,11 +141,7 @@ pub(crate) fn per_sample(
         .map(|s| ctx.alloc(numel(s)))
         .collect::<Result<_>>()?;
     for r in &ranges {
-        let chunks: Vec<Tensor> = batched
-            .iter()
-            .map(|t| chunk_view(t, r))
-            .collect::<Result<_>>()?;
-        let ys = f(&chunks)?;
+        let ys = f(&chunk_views(batched, r)?)?;
         if ys.len() != whole.len() {
             return Err(EngineError::Gpu(format!(
                 "{op}: a chunk gave {} outputs, expected {}",
@@ -173,26 +186,12 @@ pub(crate) fn batch_sum(
     intermediate: &[usize],
     f: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    let Some(ctx) = gpu_of(batched[0]) else {
-        return Ok(None);
-    };
-    let n = batched[0].shape().first().copied().unwrap_or(0);
-    if n == 0 {
-        return Ok(None);
-    }
-    let shapes: Vec<&[usize]> = batched.iter().map(|t| t.shape()).collect();
-    let mut sizes = per_sample_sizes(op, n, &shapes)?;
-    sizes.extend_from_slice(intermediate);
-    let Some(ranges) = batch_ranges(&ctx, op, n, &sizes)? else {
+    let Some((_, ranges)) = plan(op, batched, intermediate)? else {
         return Ok(None);
     };
     let mut total: Option<Tensor> = None;
     for r in &ranges {
-        let chunks: Vec<Tensor> = batched
-            .iter()
-            .map(|t| chunk_view(t, r))
-            .collect::<Result<_>>()?;
-        let part = f(&chunks)?;
+        let part = f(&chunk_views(batched, r)?)?;
         total = Some(match total {
             None => part,
             Some(t) => binary_raw(&t, &part, Binary::Axpby(1.0, 1.0))?,
@@ -209,7 +208,7 @@ pub(crate) fn flat(
     f: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
     let len = inputs[0].numel();
-    let Some(ctx) = gpu_of(inputs[0]) else {
+    let Device::Gpu(ctx) = inputs[0].device() else {
         return Ok(None);
     };
     if len <= ctx.max_binding_elems() {

@@ -72,6 +72,26 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
     }
 }
 
+/// Compares named tensors of a whole network (embeddings, gradients) with a tolerance scaled by
+/// each tensor's largest value plus 1e-3 of the network's largest: some gradients are zero in
+/// exact arithmetic (a BN bias ahead of a training-mode BN), so their values are rounding noise
+/// that only the network's scale measures. Panics naming `what` and the tensor.
+pub fn assert_close_network(
+    what: &str,
+    got: &[(String, Vec<f32>)],
+    want: &[(String, Vec<f32>)],
+    rel: f32,
+    rtol: f32,
+) {
+    assert_eq!(got.len(), want.len(), "{what}: tensor counts differ");
+    let max_abs = |v: &[f32]| v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    let global = want.iter().map(|(_, c)| max_abs(c)).fold(0.0f32, f32::max);
+    for ((name, g), (_, c)) in got.iter().zip(want) {
+        let scale = max_abs(c) + 1e-3 * global;
+        assert_close(&format!("{what} {name}"), g, c, rel * scale, rtol);
+    }
+}
+
 /// Options of the gradient checker.
 #[derive(Clone, Copy, Debug)]
 pub struct GradCheck {

@@ -478,6 +478,13 @@ const DW_TAPS_MAX_PLANE: usize = 256;
 /// Invocations the per-tap kernel aims for, splitting the batch when channels x taps are fewer.
 const DW_TAPS_INVOCATIONS: usize = 4096;
 
+/// Cuts `len` items into about `wanted` slices of equal length: (slices, items per slice),
+/// with no empty slice.
+fn slices(len: usize, wanted: usize) -> (usize, usize) {
+    let per = len.div_ceil(wanted.clamp(1, len.max(1))).max(1);
+    (len.div_ceil(per).max(1), per)
+}
+
 fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     if use_gemm_route(ctx, g) {
         return gemm_weight_grad(ctx, g, dy, x);
@@ -489,9 +496,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     let (kernel, l) = if g.is_depthwise() && per_tap {
         // One invocation per (image slice, channel, tap).
         let per_split = g.cout * g.kh * g.kw;
-        let splits = DW_TAPS_INVOCATIONS.div_ceil(per_split).clamp(1, g.n.max(1));
-        let k_chunk = g.n.div_ceil(splits).max(1);
-        let splits = g.n.div_ceil(k_chunk).max(1);
+        let (splits, k_chunk) = slices(g.n, DW_TAPS_INVOCATIONS.div_ceil(per_split));
         let l = Launch {
             gemm_m: per_split * splits,
             splits,
@@ -502,12 +507,10 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
         (&DW_WEIGHT_GRAD_TAPS, l)
     } else if g.is_depthwise() {
         // One workgroup per (channel, slice of images).
-        let splits = 256usize.div_ceil(g.cout).min(g.n).max(1);
-        let per_slice = g.n.div_ceil(splits).max(1);
-        let splits = g.n.div_ceil(per_slice).max(1);
+        let (splits, k_chunk) = slices(g.n, 256usize.div_ceil(g.cout));
         let l = Launch {
             splits,
-            k_chunk: per_slice,
+            k_chunk,
             total_groups: g.cout * splits,
             ..Default::default()
         };
@@ -519,9 +522,10 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
             n.div_ceil(PIXELS_PER_INVOCATION),
         );
         let base = row_blocks * col_blocks * g.groups;
-        let splits = weight_grad_splits(g, out_len, base, ctx.max_binding_elems());
-        let k_chunk = k.div_ceil(splits).max(1);
-        let splits = k.div_ceil(k_chunk).max(1);
+        let (splits, k_chunk) = slices(
+            k,
+            weight_grad_splits(g, out_len, base, ctx.max_binding_elems()),
+        );
         let l = Launch {
             gemm_k: k,
             tiles_m: row_blocks,
