@@ -25,14 +25,31 @@ pub enum Error {
     },
     #[error(
         "the loss became {value} at epoch {epoch}, member {member}, step {step}; training stopped. \
-         The last good checkpoint is kept; try a lower --lr or --grad-clip"
+         The last good checkpoint is kept. Likely cause: {cause}"
     )]
     NonFiniteLoss {
         epoch: usize,
         member: usize,
         step: usize,
         value: f32,
+        cause: String,
     },
+    #[error("{what} holds {value} in '{tensor}'{when}; {consequence}. Likely cause: {cause}")]
+    NonFiniteState {
+        /// "the model after epoch 3" or "checkpoint <path>".
+        what: String,
+        tensor: String,
+        value: f32,
+        when: String,
+        consequence: String,
+        cause: String,
+    },
+    #[error(
+        "run directory {} is in use by {}; wait for it to finish or choose another --out",
+        dir.display(),
+        holder.map_or("another process".to_string(), |p| format!("process {p}"))
+    )]
+    RunLocked { dir: PathBuf, holder: Option<u32> },
     #[error("{0}")]
     Config(String),
 }

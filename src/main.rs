@@ -1,9 +1,10 @@
 //! The `robust-dml` program; see `robust-dml --help`.
 
-use clap::Parser;
-
 fn main() {
-    let cli = robust_dml::cli::Cli::parse();
+    // Before any thread or GPU instance exists: Mesa prints an alarming "XDG_RUNTIME_DIR is
+    // invalid or not set" otherwise.
+    robust_dml::cli::ensure_runtime_dir();
+    let cli = robust_dml::cli::parse();
     if let Err(e) = robust_dml::cli::run(cli) {
         eprintln!("error: {e}");
         std::process::exit(1);

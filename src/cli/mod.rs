@@ -3,18 +3,22 @@
 
 use std::path::{Path, PathBuf};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::{self, Objective, PgdConfig};
 use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
 use crate::dml::evaluate::{embed_set, template_metrics, EvalSet};
-use crate::dml::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE};
+use crate::dml::run_dir::RunDir;
+use crate::dml::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::robust::defense::Method;
-use crate::robust::experiment::{model_metrics, run_experiment, EvalPlan, ExperimentConfig};
+use crate::robust::experiment::{
+    claim_experiment_dir, model_metrics, run_experiment, EvalPlan, ExperimentConfig,
+};
 use crate::robust::report::{table_markdown, MethodReport};
 
 #[derive(Parser, Debug)]
@@ -127,9 +131,16 @@ pub struct TrainArgs {
     /// Run directory (checkpoint, log).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
-    /// Continue from RUN_DIR/checkpoint.safetensors.
+    /// Continue from RUN_DIR/checkpoint.safetensors. Only --epochs (to extend the run),
+    /// --workers and --max-steps may differ from the run's stored settings.
     #[arg(long)]
     pub resume: bool,
+    /// Replace a run that already exists in --out (its checkpoint and log are deleted).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
+    /// The flags given on the command line (filled by [`parse`]), for --resume's rules.
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }
 
 impl TrainArgs {
@@ -261,9 +272,13 @@ pub struct ExperimentArgs {
     /// Override the preset's cap on evaluated test samples, spread evenly (0 = all).
     #[arg(long)]
     pub test_samples: Option<usize>,
-    /// Run directory (default: runs/experiment-<preset>-<dataset>).
+    /// Run directory (default: runs/experiment-<preset>-<dataset>). Rerunning the same
+    /// command resumes it.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Replace an experiment with other settings that already exists in --out.
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 /// The quick preset: sized to finish in minutes on a 2-core machine without a GPU.
@@ -335,6 +350,21 @@ pub fn paper_preset() -> ExperimentConfig {
     }
 }
 
+/// Parses the command line, recording which `train` flags were given explicitly (the rules of
+/// `--resume` depend on it).
+pub fn parse() -> Cli {
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
+        a.explicit = m
+            .ids()
+            .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+            .map(|id| id.to_string())
+            .collect();
+    }
+    cli
+}
+
 fn device() -> Result<Device> {
     let d = Device::from_env()?;
     eprintln!("device: {}", d.name());
@@ -358,28 +388,237 @@ pub fn run(cli: Cli) -> Result<()> {
     result
 }
 
-fn train(a: TrainArgs) -> Result<()> {
-    let device = device()?;
-    let dataset = a.data.load()?;
-    let ckpt = a.out.join(CHECKPOINT_FILE);
-    let mut run = if a.resume {
-        if !ckpt.exists() {
+/// Gives Mesa's Vulkan loader a private runtime directory when `XDG_RUNTIME_DIR` is unset or
+/// unusable (as `.ci/run` does). Call before any thread starts.
+pub fn ensure_runtime_dir() {
+    let usable = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .is_some_and(|d| d.is_absolute() && d.is_dir());
+    if usable {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("robust-dml-xdg-{}", current_uid()));
+    if std::fs::create_dir_all(&dir).is_ok() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        }
+        // Safe here: called first thing in main, before any other thread exists.
+        std::env::set_var("XDG_RUNTIME_DIR", &dir);
+    }
+}
+
+fn current_uid() -> u32 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata("/proc/self") {
+            return m.uid();
+        }
+    }
+    0
+}
+
+/// The train flags that may differ from the stored run on `--resume`.
+const CHANGEABLE_ON_RESUME: &[&str] = &["epochs", "workers", "max_steps"];
+/// Flags that say where the run is, not how it trains.
+const RUN_LOCATION_FLAGS: &[&str] = &["dataset", "data_dir", "out", "resume", "overwrite"];
+
+/// A train flag's value in a configuration, as the command line spells it.
+fn flag_value(c: &TrainConfig, flag: &str) -> Option<String> {
+    Some(match flag {
+        "arch" => serde_name(&c.arch),
+        "method" => serde_name(&c.defense.method),
+        "width_mult" => c.width_mult.to_string(),
+        "pretrained" => c
+            .pretrained
+            .as_ref()
+            .map_or("none".into(), |p| p.display().to_string()),
+        "epochs" => c.epochs.to_string(),
+        "batch_size" => c.batch_size.to_string(),
+        "lr" => c.lr.to_string(),
+        "weight_decay" => c.weight_decay.to_string(),
+        "proxy_lr_mult" => c.proxy_lr_mult.to_string(),
+        "lr_step" => c.lr_step_epochs.to_string(),
+        "lr_gamma" => c.lr_gamma.to_string(),
+        "warmup_epochs" => c.warmup_epochs.to_string(),
+        "bn_train" => (!c.bn_freeze).to_string(),
+        "grad_clip" => c.grad_clip.to_string(),
+        "embedding_dim" => c.embedding_dim.to_string(),
+        "image_size" => c.image_size.to_string(),
+        "seed" => c.seed.to_string(),
+        "workers" => c.workers.to_string(),
+        "train_eps" => (c.defense.attack.eps * 255.0).to_string(),
+        "train_steps" => c.defense.attack.steps.to_string(),
+        "ensemble_size" => c.defense.ensemble_size.to_string(),
+        "eat_beta" => c.defense.eat_beta.to_string(),
+        "trades_lambda" => c.defense.trades_lambda.to_string(),
+        "mixup_alpha" => c.defense.mixup_alpha.to_string(),
+        "max_steps" => c.max_steps_per_epoch.to_string(),
+        _ => return None,
+    })
+}
+
+/// A value's serde name (`c2f2`, `mobilenet-v2`, `eat`).
+fn serde_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn flag_name(id: &str) -> String {
+    format!("--{}", id.replace('_', "-"))
+}
+
+/// Applies the flags that may change on `--resume` and refuses those that may not, naming
+/// each with the run's stored value.
+fn apply_resume_flags(run: &mut Run, a: &TrainArgs, out: &Path) -> Result<()> {
+    let requested = a.config();
+    let mut refused = Vec::new();
+    for id in &a.explicit {
+        if CHANGEABLE_ON_RESUME.contains(&id.as_str()) || RUN_LOCATION_FLAGS.contains(&id.as_str())
+        {
+            continue;
+        }
+        let (Some(stored), Some(wanted)) = (flag_value(&run.cfg, id), flag_value(&requested, id))
+        else {
+            continue;
+        };
+        if stored != wanted {
+            refused.push(format!("{} {wanted} (the run has {stored})", flag_name(id)));
+        }
+    }
+    if !refused.is_empty() {
+        return Err(Error::Config(format!(
+            "--resume continues the run in {} with its stored settings; these flags differ and \
+             cannot change: {}. Drop them, or start a new run with another --out (or \
+             --overwrite). Only {} may change on resume",
+            out.display(),
+            refused.join(", "),
+            CHANGEABLE_ON_RESUME
+                .iter()
+                .map(|f| flag_name(f))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let given = |id: &str| a.explicit.iter().any(|e| e == id);
+    if given("epochs") {
+        if a.epochs < run.epochs_done {
             return Err(Error::Config(format!(
-                "--resume: no checkpoint at {}",
+                "--epochs {}: the run in {} has already trained {} epochs; pass --epochs {} or more",
+                a.epochs,
+                out.display(),
+                run.epochs_done,
+                run.epochs_done
+            )));
+        }
+        run.cfg.epochs = a.epochs;
+    }
+    if given("workers") {
+        run.cfg.workers = a.workers;
+    }
+    if given("max_steps") {
+        run.cfg.max_steps_per_epoch = a.max_steps;
+    }
+    if run.epochs_done >= run.cfg.epochs {
+        eprintln!(
+            "note: the run already finished its {} epochs; pass --epochs N (N > {}) to train further",
+            run.cfg.epochs, run.cfg.epochs
+        );
+    }
+    Ok(())
+}
+
+/// The dataset of a resumed run: the stored one unless --dataset names it (another is refused).
+fn resume_data_args(a: &TrainArgs, ck: &Checkpoint) -> Result<DataArgs> {
+    let stored = ck.meta("dataset").map(str::to_string);
+    let given = |id: &str| a.explicit.iter().any(|e| e == id);
+    let mut data = a.data.clone();
+    if let Some(stored) = stored {
+        if given("dataset") {
+            let wanted = DatasetKind::parse(&a.data.dataset)?.to_string();
+            if wanted != stored {
+                return Err(Error::Config(format!(
+                    "--resume: --dataset {} differs from the run's dataset {stored}; a run \
+                     continues on the data it started on",
+                    a.data.dataset
+                )));
+            }
+        } else {
+            data.dataset = stored;
+        }
+        if !given("data_dir") {
+            data.data_dir = ck.meta("data_dir").map(PathBuf::from).or(data.data_dir);
+        }
+    }
+    Ok(data)
+}
+
+/// Refuses to replace a run that exists in `out` unless --overwrite is given; with it, the
+/// old checkpoint and log are deleted.
+fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
+    let files = [out.join(CHECKPOINT_FILE), out.join(LOG_FILE)];
+    let existing: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| std::fs::symlink_metadata(f).is_ok())
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::Config(format!(
+            "{} already holds a run ({}); pass --resume to continue it, --overwrite to replace \
+             it, or choose another --out",
+            out.display(),
+            existing
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for f in existing {
+        if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(f).map_err(crate::error::io_err(f))?;
+        }
+    }
+    Ok(())
+}
+
+fn train(a: TrainArgs) -> Result<()> {
+    let run_dir = RunDir::lock(&a.out)?;
+    let ckpt = a.out.join(CHECKPOINT_FILE);
+    let device = device()?;
+    let (mut run, dataset) = if a.resume {
+        if !ckpt.is_file() {
+            return Err(Error::Config(format!(
+                "--resume: no checkpoint at {}; start the run without --resume",
                 ckpt.display()
             )));
         }
-        let run = Run::load(&ckpt, &dataset, &device)?;
+        let ck = Checkpoint::load(&ckpt)?;
+        let data = resume_data_args(&a, &ck)?;
+        let dataset = data.load()?;
+        let mut run = Run::from_checkpoint(&ck, &dataset, &device)?;
+        run.data_dir = data.data_dir.clone();
+        apply_resume_flags(&mut run, &a, &a.out)?;
         eprintln!(
             "resuming from {} after epoch {}",
             ckpt.display(),
             run.epochs_done
         );
-        run
+        (run, dataset)
     } else {
-        Run::new(a.config(), &dataset, &device)?
+        claim_run_dir(&a.out, a.overwrite)?;
+        let dataset = a.data.load()?;
+        let mut run = Run::new(a.config(), &dataset, &device)?;
+        run.data_dir = a.data.data_dir.clone();
+        (run, dataset)
     };
-    run.train(&dataset, &a.out, false)?;
+    run.train(&dataset, run_dir.path(), false)?;
     let set = EvalSet::of(&dataset);
     let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
     let emb = embed_set(
@@ -589,6 +828,8 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!("runs/experiment-{:?}-{}", a.preset, cfg.dataset).to_lowercase())
     });
+    let _lock = RunDir::lock(&out)?;
+    claim_experiment_dir(&cfg, &out, a.overwrite)?;
     let reports = run_experiment(&cfg, &dataset, &device, &out)?;
     println!(
         "{}",

@@ -5,4 +5,5 @@ pub mod evaluate;
 pub mod kmeans;
 pub mod loss;
 pub mod metrics;
+pub mod run_dir;
 pub mod train;

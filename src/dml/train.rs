@@ -4,7 +4,7 @@
 //! epoch and `--resume` that continues bit for bit (all randomness is derived from the seed,
 //! the epoch, the member and the step); a NaN guard; progress and a JSON-lines log.
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,6 +14,7 @@ use crate::config;
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::{Dataset, Sample};
 use crate::dml::loss::{init_proxies, ProxyAnchorConfig};
+use crate::dml::run_dir;
 use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};
@@ -185,6 +186,13 @@ pub struct Run {
     pub members: Vec<Member>,
     pub epochs_done: usize,
     pub device: Device,
+    /// One entry per finished epoch; saved in the checkpoint, so `train_log.jsonl` can always
+    /// be rewritten to agree with it.
+    pub log: Vec<EpochStats>,
+    /// The dataset the run trains on (`Dataset::name`) and its `--data-dir`, recorded so that
+    /// `--resume` and `eval` can name it.
+    pub dataset_name: String,
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Key prefix of member `i` in checkpoints.
@@ -260,6 +268,9 @@ impl Run {
             members,
             epochs_done: 0,
             device: device.clone(),
+            log: Vec::new(),
+            dataset_name: dataset.name.clone(),
+            data_dir: None,
         })
     }
 
@@ -281,6 +292,25 @@ impl Run {
             "config",
             serde_json::to_string(&self.cfg).map_err(|e| Error::Config(e.to_string()))?,
         );
+        ck.set_meta("train_log", log_lines(&self.log));
+        ck.set_meta("dataset", self.dataset_name.clone());
+        if let Some(dir) = &self.data_dir {
+            ck.set_meta("data_dir", dir.display().to_string());
+        }
+        // Never replace the last good checkpoint with a poisoned state.
+        if let Some((tensor, value)) = ck.first_non_finite() {
+            return Err(Error::NonFiniteState {
+                what: format!("the model after epoch {}", self.epochs_done),
+                tensor,
+                value,
+                when: String::new(),
+                consequence: format!(
+                    "training stopped and {} was not written, so the last good checkpoint is kept",
+                    path.display()
+                ),
+                cause: likely_cause(&self.cfg),
+            });
+        }
         ck.save(path)?;
         Ok(())
     }
@@ -306,7 +336,52 @@ impl Run {
     /// Restores a run from a checkpoint written by [`Run::save`].
     pub fn load(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> {
         let ck = Checkpoint::load(path)?;
-        let cfg = Self::config_of(&ck)?;
+        Self::from_checkpoint(&ck, dataset, device)
+    }
+
+    /// Refuses a checkpoint holding NaN or infinite values: evaluating or resuming it would
+    /// give meaningless numbers with a success exit.
+    pub fn check_finite(ck: &Checkpoint) -> Result<()> {
+        match ck.first_non_finite() {
+            None => Ok(()),
+            Some((tensor, value)) => Err(Error::NonFiniteState {
+                what: format!("checkpoint {}", ck_origin(ck)),
+                tensor,
+                value,
+                when: String::new(),
+                consequence: "it cannot be evaluated or resumed".into(),
+                cause: "the file was damaged or written by an older version without the \
+                        non-finite check; retrain from an earlier checkpoint or from scratch"
+                    .into(),
+            }),
+        }
+    }
+
+    /// Checks that the checkpoint's proxies fit `dataset` (the same number of training
+    /// classes), naming both datasets otherwise.
+    fn check_dataset(ck: &Checkpoint, cfg: &TrainConfig, dataset: &Dataset) -> Result<()> {
+        let stored = ck.get(&format!("{}/proxies", member_prefix(0)));
+        let classes = dataset.num_train_classes();
+        match stored {
+            Some(p) if p.shape != [classes, cfg.embedding_dim] => Err(Error::Config(format!(
+                "checkpoint {} was trained on {} ({} training classes); --dataset {} has {} \
+                 training classes. Pass the run's dataset (--dataset {})",
+                ck_origin(ck),
+                ck.meta("dataset").unwrap_or("another dataset"),
+                p.shape.first().copied().unwrap_or(0),
+                dataset.name,
+                classes,
+                ck.meta("dataset").unwrap_or("...")
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Restores a run from a loaded checkpoint.
+    pub fn from_checkpoint(ck: &Checkpoint, dataset: &Dataset, device: &Device) -> Result<Run> {
+        let cfg = Self::config_of(ck)?;
+        Self::check_finite(ck)?;
+        Self::check_dataset(ck, &cfg, dataset)?;
         let mut run = Run::new(
             TrainConfig {
                 pretrained: None,
@@ -338,6 +413,11 @@ impl Run {
             .meta_required("epochs_done")?
             .parse()
             .map_err(|_| Error::Config("bad epochs_done in checkpoint".into()))?;
+        run.log = parse_log(ck.meta("train_log").unwrap_or(""));
+        if let Some(name) = ck.meta("dataset") {
+            run.dataset_name = name.to_string();
+        }
+        run.data_dir = ck.meta("data_dir").map(PathBuf::from);
         // Checkpoints from before the key was written carry the same state implicitly.
         if let Some(state) = ck.meta("rng_state") {
             if state != run.rng_state() {
@@ -352,24 +432,40 @@ impl Run {
     }
 
     /// Trains until `cfg.epochs`, checkpointing into `out_dir` after every epoch.
+    ///
+    /// Before the first epoch: leftovers of killed writes are removed, both files are checked
+    /// to be writable, and the log is rewritten from the run's own record so that it agrees
+    /// with the checkpoint whatever moment an earlier run was killed at.
     pub fn train(&mut self, dataset: &Dataset, out_dir: &Path, quiet: bool) -> Result<()> {
         std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
         let ckpt = out_dir.join(CHECKPOINT_FILE);
         let log_path = out_dir.join(LOG_FILE);
+        run_dir::remove_stale_tmp(&[ckpt.clone(), log_path.clone()]);
+        run_dir::check_writable(&ckpt)?;
+        run_dir::check_writable(&log_path)?;
+        if self.log.is_empty() && self.epochs_done > 0 {
+            // A checkpoint from before the log was stored in it: keep the file's lines.
+            self.log = read_log_file(&log_path, self.epochs_done);
+        }
+        self.write_log(&log_path)?;
         while self.epochs_done < self.cfg.epochs {
             let epoch = self.epochs_done;
             let stats = self.train_epoch(dataset, epoch, quiet)?;
             self.epochs_done += 1;
-            self.save(&ckpt)?;
-            let mut log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .map_err(io_err(&log_path))?;
-            writeln!(log, "{}", serde_json::to_string(&stats).unwrap_or_default())
-                .map_err(io_err(&log_path))?;
+            self.log.push(stats);
+            if let Err(e) = self.save(&ckpt) {
+                self.epochs_done -= 1;
+                self.log.pop();
+                return Err(e);
+            }
+            self.write_log(&log_path)?;
         }
         Ok(())
+    }
+
+    /// Rewrites the JSON-lines log atomically from [`Run::log`].
+    fn write_log(&self, path: &Path) -> Result<()> {
+        run_dir::write_atomic(path, log_lines(&self.log).as_bytes())
     }
 
     fn set_warmup(&mut self, warm: bool) {
@@ -436,6 +532,7 @@ impl Run {
                         member: i,
                         step,
                         value: loss,
+                        cause: likely_cause(&cfg),
                     });
                 }
                 losses.push(loss as f64);
@@ -510,6 +607,78 @@ impl Run {
         drop(view_fns);
         self.members[i].opt.step(&grads, clip)?;
         Ok(value)
+    }
+}
+
+/// The log as JSON lines, one epoch a line.
+fn log_lines(log: &[EpochStats]) -> String {
+    log.iter()
+        .filter_map(|s| serde_json::to_string(s).ok())
+        .map(|l| l + "\n")
+        .collect()
+}
+
+fn parse_log(text: &str) -> Vec<EpochStats> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The entries of an existing log file for epochs up to `epochs_done` (the last of each epoch
+/// wins: an interrupted run may have logged an epoch twice).
+fn read_log_file(path: &Path, epochs_done: usize) -> Vec<EpochStats> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut by_epoch = std::collections::BTreeMap::new();
+    for s in parse_log(&text) {
+        if s.epoch >= 1 && s.epoch <= epochs_done {
+            by_epoch.insert(s.epoch, s);
+        }
+    }
+    by_epoch.into_values().collect()
+}
+
+fn ck_origin(ck: &Checkpoint) -> String {
+    ck.source
+        .as_ref()
+        .map_or("<in memory>".into(), |p| p.display().to_string())
+}
+
+/// The flags most likely to have made the state non-finite, for the error message.
+pub fn likely_cause(cfg: &TrainConfig) -> String {
+    let mut causes = Vec::new();
+    if cfg.lr > 1.0 {
+        causes.push(format!(
+            "--lr {} is far above the usual 1e-5 to 1e-2",
+            cfg.lr
+        ));
+    }
+    if cfg.lr * cfg.proxy_lr_mult > 100.0 && cfg.lr <= 1.0 {
+        causes.push(format!(
+            "--lr {} x --proxy-lr-mult {} gives the proxies a learning rate of {}",
+            cfg.lr,
+            cfg.proxy_lr_mult,
+            cfg.lr * cfg.proxy_lr_mult
+        ));
+    }
+    if cfg.weight_decay > 1.0 {
+        causes.push(format!(
+            "--weight-decay {} is far above the usual 1e-4",
+            cfg.weight_decay
+        ));
+    }
+    if cfg.lr_gamma > 1.0 {
+        causes.push(format!(
+            "--lr-gamma {} makes the learning rate grow",
+            cfg.lr_gamma
+        ));
+    }
+    if cfg.grad_clip == 0.0 {
+        causes.push("gradient clipping is off (--grad-clip 0)".into());
+    }
+    if causes.is_empty() {
+        "a learning rate too high for this model and data; try a lower --lr or --grad-clip".into()
+    } else {
+        causes.join("; ")
     }
 }
 

@@ -75,6 +75,11 @@ impl Rng {
 
     /// Gamma(shape, 1) by Marsaglia and Tsang; used for Beta sampling in Mix-Up.
     pub fn gamma(&mut self, shape: f32) -> f32 {
+        // The rejection loop below never accepts for a NaN or infinite shape: return NaN
+        // instead of hanging (configurations refuse such shapes before they get here).
+        if !(shape > 0.0 && shape.is_finite()) {
+            return f32::NAN;
+        }
         if shape < 1.0 {
             let u = self.uniform().max(1e-12);
             return self.gamma(shape + 1.0) * u.powf(1.0 / shape);

@@ -131,6 +131,16 @@ impl Checkpoint {
         })
     }
 
+    /// The first tensor (by name) holding a NaN or infinite value, with that value.
+    pub fn first_non_finite(&self) -> Option<(String, f32)> {
+        self.tensors.iter().find_map(|(name, t)| {
+            t.data
+                .iter()
+                .find(|v| !v.is_finite())
+                .map(|&v| (name.clone(), v))
+        })
+    }
+
     /// Serialises to safetensors bytes (all tensors F32).
     pub fn to_bytes(&self) -> NnResult<Vec<u8>> {
         let encoded: Vec<(&String, Vec<u8>, &Vec<usize>)> = self
@@ -164,8 +174,23 @@ impl Checkpoint {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io(dir))?;
         }
+        // A leftover of a killed write is replaced; anything else by that name (a link, a
+        // directory) is refused rather than written through.
+        if let Ok(m) = std::fs::symlink_metadata(&tmp) {
+            if !m.is_file() {
+                return Err(NnError::Config(format!(
+                    "{} exists and is not a regular file; remove it so the checkpoint can be written",
+                    tmp.display()
+                )));
+            }
+            std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+        }
         {
-            let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&tmp)
+                .map_err(io(&tmp))?;
             f.write_all(&bytes).map_err(io(&tmp))?;
             f.sync_all().map_err(io(&tmp))?;
         }

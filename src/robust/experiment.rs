@@ -15,7 +15,8 @@ use crate::dml::evaluate::{
     clustering, embed_set, full_metrics, retrieval, spread_indices, template_metrics, EvalSet,
     RECALL_KS,
 };
-use crate::dml::train::{Run, TrainConfig, CHECKPOINT_FILE};
+use crate::dml::run_dir;
+use crate::dml::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::engine::Device;
 use crate::error::{io_err, Error, Result};
 use crate::robust::defense::Method;
@@ -56,9 +57,54 @@ pub struct ExperimentConfig {
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io_err(path))
+    run_dir::write_atomic(path, text.as_bytes())
+}
+
+/// The files an experiment writes at its top level.
+const TOP_FILES: &[&str] = &["config.json", "table.md", "metrics.json", "report.html"];
+
+/// An experiment directory resumes only the same experiment: a different configuration is
+/// refused (naming the file), unless `overwrite` is set, which deletes the old results.
+pub fn claim_experiment_dir(cfg: &ExperimentConfig, out: &Path, overwrite: bool) -> Result<()> {
+    let config_path = out.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&config_path) else {
+        return Ok(());
+    };
+    // Methods may be added or left out: each has its own directory and report.
+    let same = serde_json::from_str::<ExperimentConfig>(&text).is_ok_and(|old| {
+        ExperimentConfig {
+            methods: cfg.methods.clone(),
+            ..old
+        } == *cfg
+    });
+    if same {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::Config(format!(
+            "{} holds an experiment with other settings ({}); rerun it with the same flags to \
+             resume it, pass --overwrite to replace it, or choose another --out",
+            out.display(),
+            config_path.display()
+        )));
+    }
+    for name in TOP_FILES {
+        remove_if_file(&out.join(name))?;
+    }
+    for method in Method::ALL {
+        let dir = out.join(method.key());
+        for name in [CHECKPOINT_FILE, LOG_FILE, "report.json"] {
+            remove_if_file(&dir.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_if_file(path: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+        std::fs::remove_file(path).map_err(io_err(path))?;
+    }
+    Ok(())
 }
 
 fn json<T: Serialize>(v: &T) -> String {
