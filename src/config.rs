@@ -77,3 +77,77 @@ impl PgdConfig {
         Self::new(EVAL_EPS, EVAL_STEPS)
     }
 }
+
+/// Most PGD steps an attack may take (the paper uses 10; beyond this a run only burns time).
+pub const MAX_PGD_STEPS: usize = 1000;
+/// Most image-decoding threads.
+pub const MAX_WORKERS: usize = 256;
+/// Most EAT ensemble members.
+pub const MAX_ENSEMBLE_SIZE: usize = 64;
+
+/// Refuses a flag value that is NaN, infinite or outside `[min, max]`, naming the flag and
+/// what it means.
+pub fn check_range(
+    flag: &str,
+    value: f64,
+    min: f64,
+    max: f64,
+    meaning: &str,
+) -> Result<(), String> {
+    if value.is_finite() && value >= min && value <= max {
+        return Ok(());
+    }
+    let bounds = match (min, max) {
+        (lo, hi) if hi == f64::MAX => format!("at least {lo}"),
+        (lo, hi) => format!("between {lo} and {hi}"),
+    };
+    Err(format!(
+        "{flag} {value} is not valid: {meaning} must be {bounds}"
+    ))
+}
+
+/// Like [`check_range`], for a value that must be strictly positive.
+pub fn check_positive(flag: &str, value: f64, meaning: &str) -> Result<(), String> {
+    if value.is_finite() && value > 0.0 {
+        return Ok(());
+    }
+    Err(format!(
+        "{flag} {value} is not valid: {meaning} must be a positive, finite number"
+    ))
+}
+
+impl PgdConfig {
+    /// Checks that this is an attack at all: eps and the step size positive and finite, at
+    /// least one step. `eps_flag` and `steps_flag` are the flags that set them.
+    pub fn validate(&self, eps_flag: &str, steps_flag: &str) -> Result<(), String> {
+        check_positive(
+            eps_flag,
+            self.eps as f64 * 255.0,
+            "the attack's eps (in 1/255)",
+        )?;
+        check_range(
+            eps_flag,
+            self.eps as f64 * 255.0,
+            0.0,
+            255.0,
+            "eps (in 1/255)",
+        )?;
+        if self.steps == 0 {
+            return Err(format!(
+                "{steps_flag} 0 runs no attack; PGD needs at least 1 step (clean metrics need no \
+                 attack at all)"
+            ));
+        }
+        if self.steps > MAX_PGD_STEPS {
+            return Err(format!(
+                "{steps_flag} {} is more than {MAX_PGD_STEPS} PGD steps; the paper uses 10",
+                self.steps
+            ));
+        }
+        check_positive(
+            "--alpha",
+            self.alpha as f64 * 255.0,
+            "the step size (in 1/255)",
+        )
+    }
+}

@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::config::{self, Objective, PgdConfig};
 use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
 use crate::dml::evaluate::{embed_set, template_metrics, EvalSet};
-use crate::dml::run_dir::RunDir;
+use crate::dml::run_dir::{check_output_path, RunDir};
 use crate::dml::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
@@ -19,7 +19,7 @@ use crate::robust::defense::Method;
 use crate::robust::experiment::{
     claim_experiment_dir, model_metrics, run_experiment, EvalPlan, ExperimentConfig,
 };
-use crate::robust::report::{table_markdown, MethodReport};
+use crate::robust::report::table_markdown;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -182,8 +182,8 @@ pub struct EvalArgs {
     /// Print the metrics as JSON.
     #[arg(long)]
     pub json: bool,
-    #[arg(long, default_value_t = 64)]
-    pub batch_size: usize,
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub batch_size: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -234,6 +234,12 @@ pub struct EmbedArgs {
     /// stays on the host and moves to the device a batch at a time.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub batch_size: u64,
+    /// Replace --output if it is an existing regular file (never a link, device or an input).
+    #[arg(long)]
+    pub overwrite: bool,
+    /// The flags given on the command line (filled by [`parse`]).
+    #[arg(skip)]
+    pub explicit: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -355,12 +361,18 @@ pub fn paper_preset() -> ExperimentConfig {
 pub fn parse() -> Cli {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    if let (Command::Train(a), Some(("train", m))) = (&mut cli.command, matches.subcommand()) {
-        a.explicit = m
-            .ids()
-            .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
-            .map(|id| id.to_string())
-            .collect();
+    let Some((_, m)) = matches.subcommand() else {
+        return cli;
+    };
+    let explicit: Vec<String> = m
+        .ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| id.to_string())
+        .collect();
+    match &mut cli.command {
+        Command::Train(a) => a.explicit = explicit,
+        Command::Embed(a) => a.explicit = explicit,
+        _ => {}
     }
     cli
 }
@@ -640,6 +652,13 @@ fn train(a: TrainArgs) -> Result<()> {
 }
 
 fn load_run(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> {
+    if path.is_dir() {
+        return Err(Error::Config(format!(
+            "--checkpoint {} is a directory; pass the checkpoint file inside it ({})",
+            path.display(),
+            path.join(CHECKPOINT_FILE).display()
+        )));
+    }
     if !path.exists() {
         return Err(Error::Config(format!(
             "checkpoint {} not found",
@@ -657,7 +676,51 @@ struct EvalOutput {
     #[serde(skip_serializing_if = "Option::is_none")]
     pgd_clustering: Option<crate::robust::report::Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pgd_template: Option<crate::robust::report::Metrics>,
+    pgd_template: Option<TemplateMetrics>,
+}
+
+/// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
+#[derive(Serialize)]
+struct TemplateMetrics {
+    /// Recall@1, @2, @4, @8.
+    recall: [f64; 4],
+    map_r: f64,
+}
+
+impl From<crate::robust::report::Metrics> for TemplateMetrics {
+    fn from(m: crate::robust::report::Metrics) -> Self {
+        TemplateMetrics {
+            recall: m.recall,
+            map_r: m.map_r,
+        }
+    }
+}
+
+/// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run).
+fn eval_table(out: &EvalOutput, label: &str, title: &str) -> String {
+    let mut s =
+        format!("### {title}\n\n| method | input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R |\n");
+    s += "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
+    let f = |v: f64| format!("{v:.2}");
+    let mut row = |input: &str, nmi: String, f1: String, r: [f64; 4], map_r: f64| {
+        s += &format!(
+            "| {label} | {input} | {nmi} | {f1} | {} | {} | {} | {} | {} |\n",
+            f(r[0]),
+            f(r[1]),
+            f(r[2]),
+            f(r[3]),
+            f(map_r)
+        );
+    };
+    let m = &out.clean;
+    row("clean", f(m.nmi), f(m.f1), m.recall, m.map_r);
+    if let Some(m) = &out.pgd_clustering {
+        row("PGD (clustering)", f(m.nmi), f(m.f1), m.recall, m.map_r);
+    }
+    if let Some(m) = &out.pgd_template {
+        row("PGD (template)", "-".into(), "-".into(), m.recall, m.map_r);
+    }
+    s
 }
 
 fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> Result<()> {
@@ -671,7 +734,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
         &nets,
         &set,
         run.cfg.image_size,
-        e.batch_size,
+        e.batch_size as usize,
         run.cfg.workers,
         &device,
         attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)),
@@ -697,7 +760,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
                     crate::robust::ensemble::mean_embedding(&emb.clean, emb.dim),
                 )
             };
-            out.pgd_template = Some(template_metrics(&a, &c, &set, emb.dim, &device)?);
+            out.pgd_template = Some(template_metrics(&a, &c, &set, emb.dim, &device)?.into());
         }
     }
     if e.json {
@@ -706,19 +769,10 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
             serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
         );
     } else {
-        let mut r = MethodReport {
-            label: run.cfg.defense.method.label().into(),
-            clean: out.clean.clone(),
-            ..Default::default()
-        };
-        r.pgd = out.pgd_clustering.clone().unwrap_or_default();
-        r.pgd_template = out.pgd_template.clone().unwrap_or_default();
+        let title = format!("{} on {}", e.checkpoint.display(), dataset.name);
         println!(
             "{}",
-            table_markdown(
-                &[r],
-                &format!("{} on {}", e.checkpoint.display(), dataset.name)
-            )
+            eval_table(&out, run.cfg.defense.method.label(), &title)
         );
     }
     Ok(())
@@ -735,46 +789,170 @@ fn attack(a: AttackArgs) -> Result<()> {
     }
     cfg.random_start = a.random_start;
     cfg.objective = Objective::EmbeddingShift;
+    cfg.validate("--eps", "--steps").map_err(Error::Config)?;
     evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))
 }
 
-fn embed(a: EmbedArgs) -> Result<()> {
-    let device = device()?;
-    let input = Checkpoint::load(&a.input)?;
+/// The `input` tensor of `embed`: [N, 3, H, W] with N, H, W > 0 and finite values.
+fn embed_input(path: &Path) -> Result<Tensor> {
+    let input = Checkpoint::load(path)?;
     let x = input.get("input").ok_or_else(|| {
         Error::Config(format!(
             "{}: no tensor named 'input' (expected [N, 3, H, W], RGB in [0, 1])",
-            a.input.display()
+            path.display()
         ))
     })?;
-    let x: Tensor = x.to_tensor(&Device::Cpu)?;
-    if x.rank() != 4 || x.shape()[1] != 3 {
+    let s = &x.shape;
+    if s.len() != 4 || s[1] != 3 || s[0] == 0 || s[2] == 0 || s[3] == 0 {
         return Err(Error::Config(format!(
-            "{}: 'input' has shape {:?}; expected [N, 3, H, W]",
-            a.input.display(),
-            x.shape()
+            "{}: 'input' has shape {s:?}; expected [N, 3, H, W] with N, H and W at least 1",
+            path.display()
         )));
     }
+    if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Config(format!(
+            "{}: 'input' holds {} at index {i}; images must be finite RGB values in [0, 1]",
+            path.display(),
+            x.data[i]
+        )));
+    }
+    if x.data.iter().any(|v| !(0.0..=1.0).contains(v)) {
+        eprintln!(
+            "warning: {}: 'input' has values outside [0, 1]; the models expect RGB in [0, 1]",
+            path.display()
+        );
+    }
+    Ok(x.to_tensor(&Device::Cpu)?)
+}
+
+/// The network `embed` runs: from a model weights file, or from member 0 of a training
+/// checkpoint (whose stored settings then decide the architecture).
+fn embed_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<EmbeddingNet> {
+    // Model weights files may hold tensors a checkpoint does not (torchvision's I64
+    // `num_batches_tracked`); only a file that reads as a checkpoint can be a training one.
+    let member0 = format!("{}/model", crate::dml::train::member_prefix(0));
+    let net = match Checkpoint::load(&a.weights) {
+        Ok(ck) if ck.meta("config").is_some() && !ck.group(&member0).is_empty() => {
+            checkpoint_net(a, &ck, &member0, hw, device)?
+        }
+        _ => weights_net(a, hw, device)?,
+    };
+    check_net_finite(&net, &a.weights)?;
+    Ok(net)
+}
+
+/// Refuses weights holding NaN or infinite values: their embeddings would be meaningless.
+fn check_net_finite(net: &EmbeddingNet, path: &Path) -> Result<()> {
+    for (name, t, _) in net.params().iter() {
+        if let Some(&value) = t.to_vec()?.iter().find(|v| !v.is_finite()) {
+            return Err(Error::NonFiniteState {
+                what: format!("weights file {}", path.display()),
+                tensor: name.to_string(),
+                value,
+                when: String::new(),
+                consequence: "its embeddings would be meaningless, so nothing was computed".into(),
+                cause: "the file was written from a diverged model or is damaged".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn weights_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<EmbeddingNet> {
     let backbone = match a.arch {
-        Arch::C2f2 => crate::nn::Backbone::C2f2 {
-            input_size: (x.shape()[2], x.shape()[3]),
-        },
+        Arch::C2f2 => crate::nn::Backbone::C2f2 { input_size: hw },
         Arch::MobilenetV2 => crate::nn::Backbone::MobileNetV2 {
             width: a.width_mult,
         },
         Arch::BnInception => crate::nn::Backbone::BnInception,
     };
-    let mut net = EmbeddingNet::new(backbone, a.embedding_dim, &device, &mut Rng::new(0))?;
+    let mut net = EmbeddingNet::new(backbone, a.embedding_dim, device, &mut Rng::new(0))?;
     let report = net.load_weights(&a.weights, LoadMode::Strict)?;
     eprintln!("{}", report.summary());
+    Ok(net)
+}
+
+/// Member 0 of a training checkpoint, refusing flags that contradict its stored settings.
+fn checkpoint_net(
+    a: &EmbedArgs,
+    ck: &Checkpoint,
+    prefix: &str,
+    hw: (usize, usize),
+    device: &Device,
+) -> Result<EmbeddingNet> {
+    let cfg = Run::config_of(ck)?;
+    let given = |id: &str| a.explicit.iter().any(|e| e == id);
+    let path = a.weights.display();
+    let mut conflicts = Vec::new();
+    if a.arch != cfg.arch {
+        conflicts.push(format!(
+            "--arch {} (it has {})",
+            serde_name(&a.arch),
+            serde_name(&cfg.arch)
+        ));
+    }
+    if given("embedding_dim") && a.embedding_dim != cfg.embedding_dim {
+        conflicts.push(format!(
+            "--embedding-dim {} (it has {})",
+            a.embedding_dim, cfg.embedding_dim
+        ));
+    }
+    if given("width_mult") && a.width_mult != cfg.width_mult {
+        conflicts.push(format!(
+            "--width-mult {} (it has {})",
+            a.width_mult, cfg.width_mult
+        ));
+    }
+    if cfg.arch == Arch::C2f2 && hw != (cfg.image_size, cfg.image_size) {
+        conflicts.push(format!(
+            "an input of {}x{} (its c2f2 takes {}x{} images)",
+            hw.0, hw.1, cfg.image_size, cfg.image_size
+        ));
+    }
+    if !conflicts.is_empty() {
+        return Err(Error::Config(format!(
+            "{path} is a training checkpoint (written by `train`); its model is used as stored, \
+             and these differ from it: {}",
+            conflicts.join(", ")
+        )));
+    }
+    let backbone = match cfg.arch {
+        Arch::C2f2 => crate::nn::Backbone::C2f2 { input_size: hw },
+        _ => cfg.backbone(),
+    };
+    let mut net = EmbeddingNet::new(backbone, cfg.embedding_dim, device, &mut Rng::new(0))?;
+    net.load_from(ck, prefix)?;
+    eprintln!(
+        "{path} is a training checkpoint: embedding with its model{}",
+        if cfg.members() > 1 {
+            format!(" (member 1 of the {}-model ensemble)", cfg.members())
+        } else {
+            String::new()
+        }
+    );
+    Ok(net)
+}
+
+fn embed(a: EmbedArgs) -> Result<()> {
+    check_output_path(&a.output, &[&a.weights, &a.input], a.overwrite)?;
+    let device = device()?;
+    let x = embed_input(&a.input)?;
+    let net = embed_net(&a, (x.shape()[2], x.shape()[3]), &device)?;
     let n = x.shape()[0];
-    let batch = a.batch_size as usize;
-    let (mut values, mut dim) = (Vec::with_capacity(n * a.embedding_dim), a.embedding_dim);
+    let batch = a.batch_size.min(n as u64) as usize;
+    let (mut values, mut dim) = (Vec::new(), a.embedding_dim);
     for start in (0..n).step_by(batch) {
         let rows = x.rows(start, batch.min(n - start))?.to_device(&device)?;
         let e = crate::engine::no_grad(|| net.forward(&rows, ForwardMode::Eval))?;
         dim = e.shape()[1];
         values.extend(e.to_vec()?);
+    }
+    if values.iter().any(|v| !v.is_finite()) {
+        return Err(Error::Config(format!(
+            "the embeddings of {} are not finite; nothing was written to {}",
+            a.input.display(),
+            a.output.display()
+        )));
     }
     let emb = Tensor::from_cpu(values, &[n, dim])?;
     let mut out = Checkpoint::new();

@@ -27,6 +27,11 @@ pub enum DataError {
     BadFile { path: PathBuf, detail: String },
     #[error("cannot decode image {path}: {detail}; the file is corrupt: re-download or delete it")]
     CorruptImage { path: PathBuf, detail: String },
+    #[error(
+        "image {path} exceeds the image-size limit of the decoder ({detail}); it is too large to \
+         decode safely (or a decompression bomb): resize or remove it"
+    )]
+    ImageTooLarge { path: PathBuf, detail: String },
     #[error("I/O error on {path}: {source}")]
     Io {
         path: PathBuf,

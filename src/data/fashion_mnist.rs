@@ -50,7 +50,13 @@ pub fn parse_idx(bytes: &[u8]) -> Result<IdxArray, String> {
             u32::from_be_bytes([bytes[o], bytes[o + 1], bytes[o + 2], bytes[o + 3]]) as usize
         })
         .collect();
-    let count: usize = dims.iter().product();
+    // Sizes come from the file: checked, so a hostile header is an error, not an overflow.
+    let count = dims
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            format!("IDX dimensions {dims:?} are too large (their product overflows)")
+        })?;
     if bytes.len() - header != count {
         return Err(format!(
             "IDX dimensions {dims:?} need {count} data bytes, file has {}",
@@ -63,14 +69,27 @@ pub fn parse_idx(bytes: &[u8]) -> Result<IdxArray, String> {
     })
 }
 
+/// The largest unpacked IDX file read (Fashion-MNIST's biggest is 47 MB).
+const MAX_IDX_BYTES: u64 = 4 << 30;
+
 /// Reads an IDX file; a `.gz` name is gunzipped.
 pub fn read_idx(path: &Path) -> DataResult<IdxArray> {
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
     let bytes = if path.extension().is_some_and(|e| e == "gz") {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(&raw[..])
+            .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| DataError::bad_file(path, format!("cannot gunzip: {e}")))?;
+        if out.len() as u64 > MAX_IDX_BYTES {
+            return Err(DataError::bad_file(
+                path,
+                format!(
+                    "unpacks to more than {} MiB, the limit for an IDX file",
+                    MAX_IDX_BYTES >> 20
+                ),
+            ));
+        }
         out
     } else {
         raw
@@ -118,6 +137,12 @@ fn read_set(dir: &Path, prefix: &str) -> DataResult<Vec<(MemImage, usize)>> {
         ));
     }
     let (h, w) = (images.dims[1], images.dims[2]);
+    if h == 0 || w == 0 {
+        return Err(DataError::bad_file(
+            &images_path,
+            format!("images are {h}x{w}; Fashion-MNIST images are 28x28"),
+        ));
+    }
     let mut out = Vec::with_capacity(labels.data.len());
     for (i, &label) in labels.data.iter().enumerate() {
         if label as usize >= CLASS_NAMES.len() {

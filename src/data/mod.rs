@@ -159,6 +159,55 @@ impl Dataset {
         s
     }
 
+    /// What makes the results of this dataset hard to read (empty classes, too few classes or
+    /// images), for warnings: such data is accepted but never silently.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (split, samples, names) in [
+            ("training", &self.train, &self.train_classes),
+            ("test", &self.test, &self.test_classes),
+        ] {
+            let mut counts = vec![0usize; names.len()];
+            for s in samples.iter() {
+                if let Some(c) = counts.get_mut(s.label) {
+                    *c += 1;
+                }
+            }
+            let empty: Vec<&str> = names
+                .iter()
+                .zip(&counts)
+                .filter(|(_, &c)| c == 0)
+                .map(|(n, _)| n.as_str())
+                .collect();
+            if !empty.is_empty() {
+                out.push(format!(
+                    "{} {split} class(es) have no images and are ignored: {}",
+                    empty.len(),
+                    empty.join(", ")
+                ));
+            }
+            let single = counts.iter().filter(|&&c| c == 1).count();
+            if single > 0 {
+                out.push(format!(
+                    "{single} {split} class(es) have a single image; Recall@k has no match for them"
+                ));
+            }
+        }
+        if self.num_train_classes() < 2 {
+            out.push(format!(
+                "{} training class: Proxy Anchor learns nothing without a second class",
+                self.num_train_classes()
+            ));
+        }
+        if self.num_test_classes() < 5 {
+            out.push(format!(
+                "only {} test classes: Recall@k is high by chance and NMI / F1 say little",
+                self.num_test_classes()
+            ));
+        }
+        out
+    }
+
     /// Checks the invariants every loader promises (non-empty splits, labels in range).
     pub fn validate(&self) -> DataResult<()> {
         if self.train.is_empty() || self.test.is_empty() {
@@ -276,6 +325,9 @@ pub fn load(kind: &DatasetKind, data_dir: Option<&Path>) -> DataResult<Dataset> 
     };
     dataset.validate()?;
     eprintln!("{}", dataset.summary());
+    for w in dataset.warnings() {
+        eprintln!("warning: dataset {}: {w}", dataset.name);
+    }
     Ok(dataset)
 }
 
@@ -301,10 +353,10 @@ pub(crate) fn check_image_header(path: &Path) -> Result<(), String> {
     if reader.format().is_none() {
         return Err("not a recognised image format (corrupt or truncated?)".into());
     }
-    reader
-        .into_dimensions()
-        .map(|_| ())
-        .map_err(|e| format!("corrupt image header: {e}"))
+    reader.into_dimensions().map(|_| ()).map_err(|e| match e {
+        image::ImageError::Limits(l) => format!("exceeds the image-size limit: {l}"),
+        e => format!("corrupt image header: {e}"),
+    })
 }
 
 /// Adds `path` as a sample if its header is readable, else records it as skipped.

@@ -46,7 +46,13 @@ pub fn decode_file(path: &Path) -> DataResult<RgbImage> {
         .map_err(|e| DataError::io(path, e))?;
     let img = reader
         .decode()
-        .map_err(|e| corrupt(e.to_string()))?
+        .map_err(|e| match e {
+            image::ImageError::Limits(l) => DataError::ImageTooLarge {
+                path: path.to_path_buf(),
+                detail: l.to_string(),
+            },
+            e => corrupt(e.to_string()),
+        })?
         .into_rgb8();
     let (w, h) = img.dimensions();
     if w == 0 || h == 0 {

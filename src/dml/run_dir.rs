@@ -152,6 +152,14 @@ fn kind_of(m: &std::fs::Metadata) -> &'static str {
 /// existing regular file, never a link, directory or device, and never one of the command's
 /// own inputs.
 pub fn check_output_path(output: &Path, inputs: &[&Path], overwrite: bool) -> Result<()> {
+    let tmp = tmp_path(output);
+    if std::fs::symlink_metadata(&tmp).is_ok() {
+        return Err(Error::Config(format!(
+            "{} exists (left by an interrupted write, or someone else's file); the output is \
+             written through it, so remove or rename it first",
+            tmp.display()
+        )));
+    }
     let meta = match std::fs::symlink_metadata(output) {
         Ok(m) => m,
         Err(_) => return check_parent(output),

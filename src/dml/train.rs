@@ -29,7 +29,13 @@ use crate::robust::pgd::EmbedFn;
 pub enum Arch {
     /// Small CNN for 28x28 / 32x32 inputs.
     C2f2,
+    /// Also spelled mobilenet_v2 (torchvision).
+    #[value(alias = "mobilenet_v2")]
+    #[serde(alias = "mobilenet_v2")]
     MobilenetV2,
+    /// Also spelled bn_inception / bninception (Cadene).
+    #[value(aliases = ["bn_inception", "bninception"])]
+    #[serde(alias = "bn_inception")]
     BnInception,
 }
 
@@ -124,6 +130,213 @@ impl TrainConfig {
     }
 }
 
+impl TrainConfig {
+    /// Refuses settings that cannot train, naming the flag and what would be valid.
+    pub fn validate(&self) -> Result<()> {
+        self.check_flags().map_err(Error::Config)
+    }
+
+    fn check_flags(&self) -> std::result::Result<(), String> {
+        use config::{check_positive, check_range};
+        if self.epochs == 0 {
+            return Err("--epochs 0 trains nothing; pass at least 1".into());
+        }
+        if self.batch_size == 0 {
+            return Err("--batch-size 0 is not valid: a batch needs at least 1 image".into());
+        }
+        check_positive("--lr", self.lr as f64, "the learning rate")?;
+        check_range(
+            "--weight-decay",
+            self.weight_decay as f64,
+            0.0,
+            f64::MAX,
+            "the weight decay",
+        )?;
+        check_positive(
+            "--proxy-lr-mult",
+            self.proxy_lr_mult as f64,
+            "the proxies' learning-rate multiplier",
+        )?;
+        if !(self.lr * self.proxy_lr_mult).is_finite() {
+            return Err(format!(
+                "--lr {} x --proxy-lr-mult {} overflows: the proxies' learning rate must be a \
+                 finite number; use a usual --lr (1e-5 to 1e-2)",
+                self.lr, self.proxy_lr_mult
+            ));
+        }
+        if self.lr_step_epochs == 0 {
+            return Err(
+                "--lr-step 0 is not valid: the learning rate steps every N epochs, N at least 1"
+                    .into(),
+            );
+        }
+        check_positive(
+            "--lr-gamma",
+            self.lr_gamma as f64,
+            "the learning-rate decay factor",
+        )?;
+        check_range(
+            "--grad-clip",
+            self.grad_clip as f64,
+            0.0,
+            f64::MAX,
+            "the gradient-norm clip (0 = off)",
+        )?;
+        if self.embedding_dim == 0 {
+            return Err(
+                "--embedding-dim 0 is not valid: embeddings need at least 1 dimension".into(),
+            );
+        }
+        if self.arch == Arch::MobilenetV2 {
+            check_range(
+                "--width-mult",
+                self.width_mult,
+                0.01,
+                100.0,
+                "MobileNetV2's width multiplier",
+            )?;
+        }
+        let min = min_image_size(self.arch);
+        if self.image_size < min {
+            return Err(format!(
+                "--image-size {} is too small for {}: its smallest input is {min}x{min}",
+                self.image_size,
+                serde_name(&self.arch)
+            ));
+        }
+        if self.workers > config::MAX_WORKERS {
+            return Err(format!(
+                "--workers {} is more than {} threads",
+                self.workers,
+                config::MAX_WORKERS
+            ));
+        }
+        check_range(
+            "--eat-beta",
+            self.defense.eat_beta as f64,
+            0.0,
+            1.0,
+            "EAT's beta",
+        )?;
+        check_range(
+            "--trades-lambda",
+            self.defense.trades_lambda as f64,
+            0.0,
+            f64::MAX,
+            "TRADES' lambda",
+        )?;
+        check_positive(
+            "--mixup-alpha",
+            self.defense.mixup_alpha as f64,
+            "Mix-Up's Beta(alpha, alpha) parameter",
+        )?;
+        let ensemble = self.defense.ensemble_size;
+        if self.defense.method.is_ensemble() && !(2..=config::MAX_ENSEMBLE_SIZE).contains(&ensemble)
+        {
+            return Err(format!(
+                "--ensemble-size {ensemble} is not valid: an EAT ensemble has 2 to {} members",
+                config::MAX_ENSEMBLE_SIZE
+            ));
+        }
+        if self.defense.method.uses_attack() {
+            self.defense
+                .attack
+                .validate("--train-eps", "--train-steps")?;
+        } else {
+            check_range(
+                "--train-eps",
+                self.defense.attack.eps as f64 * 255.0,
+                0.0,
+                255.0,
+                "eps (in 1/255)",
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the run needs at the least: parameters with their gradients and AdamW moments,
+    /// proxies, and the first layer's activations of one batch (the real need is larger).
+    pub fn memory_lower_bound(&self, classes: usize, train_images: usize) -> f64 {
+        let s = self.image_size as f64;
+        let dim = self.embedding_dim as f64;
+        let w = self.width_mult;
+        let (backbone, features, first_layer_per_image) = match self.arch {
+            Arch::C2f2 => {
+                let flat = 64.0 * (s / 4.0).floor().powi(2);
+                (flat * 1024.0, 1024.0, 32.0 * s * s)
+            }
+            Arch::MobilenetV2 => (3.4e6 * w * w, 1280.0 * w.max(1.0), 32.0 * w * s * s / 4.0),
+            Arch::BnInception => (10.2e6, 1024.0, 64.0 * s * s / 4.0),
+        };
+        let params = backbone + features * dim + classes as f64 * dim;
+        let batch = self.batch_size.min(train_images.max(1)) as f64;
+        let per_member = 4.0 * (4.0 * params + batch * 3.0 * s * s + batch * first_layer_per_image);
+        per_member * self.members() as f64
+    }
+
+    /// Refuses a run whose lower-bound memory need exceeds what the machine has.
+    pub fn check_memory(&self, classes: usize, train_images: usize) -> Result<()> {
+        let need = self.memory_lower_bound(classes, train_images);
+        let have = available_memory_bytes();
+        let limit = have.map_or(f64::from(u32::MAX) * 1024.0, |h| h as f64);
+        if need <= limit {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "this model needs at least {} (--arch {}, --width-mult {}, --embedding-dim {}, \
+             --image-size {}, --batch-size {}), but the machine has {}; choose smaller values",
+            human_bytes(need),
+            serde_name(&self.arch),
+            self.width_mult,
+            self.embedding_dim,
+            self.image_size,
+            self.batch_size,
+            have.map_or("no more than 4 TiB addressable here".into(), |h| format!(
+                "{} available",
+                human_bytes(h as f64)
+            ))
+        )))
+    }
+}
+
+/// Memory the OS reports available (Linux `MemAvailable`), if known.
+fn available_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn human_bytes(b: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b;
+    for unit in UNITS {
+        if v < 1024.0 {
+            return format!("{v:.1} {unit}");
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1e} EiB")
+}
+
+/// A value's command-line spelling (`c2f2`, `mobilenet-v2`).
+fn serde_name<T: Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// The smallest input each backbone accepts: c2f2's two 2x2 pools need 4 pixels, MobileNetV2
+/// downsamples 32x, and BN-Inception's ceil-mode pools need 32 to keep a pixel to the end.
+pub fn min_image_size(arch: Arch) -> usize {
+    match arch {
+        Arch::C2f2 => 4,
+        Arch::MobilenetV2 => 32,
+        Arch::BnInception => 32,
+    }
+}
+
 /// The input resolution each backbone is used at by default.
 pub fn default_image_size(arch: Arch) -> usize {
     match arch {
@@ -206,8 +419,19 @@ pub const LOG_FILE: &str = "train_log.jsonl";
 impl Run {
     /// Fresh members (random or pretrained backbones, new heads and proxies).
     pub fn new(cfg: TrainConfig, dataset: &Dataset, device: &Device) -> Result<Run> {
+        cfg.validate()?;
         let n = cfg.members();
         let classes = dataset.num_train_classes();
+        if cfg.batch_size > dataset.train.len() {
+            return Err(Error::Config(format!(
+                "--batch-size {} is larger than the training set of {} ({} images); pass at most {}",
+                cfg.batch_size,
+                dataset.name,
+                dataset.train.len(),
+                dataset.train.len()
+            )));
+        }
+        cfg.check_memory(classes, dataset.train.len())?;
         let mut rng = Rng::new(cfg.seed);
         let splits = if n > 1 {
             eat_member_indices(dataset.train.len(), n, &mut Rng::new(cfg.seed ^ 0xEA7))
@@ -562,8 +786,7 @@ impl Run {
     ) -> Result<f32> {
         let cfg = &self.cfg;
         let mode = cfg.train_mode();
-        let needs_attack =
-            cfg.defense.method != Method::None && cfg.defense.method != Method::MixUp;
+        let needs_attack = cfg.defense.method.uses_attack();
         // Attacks run on frozen views (no parameter gradients) in the training BN mode.
         let views: Vec<EmbeddingNet> = if !needs_attack {
             Vec::new()

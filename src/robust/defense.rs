@@ -65,6 +65,11 @@ impl Method {
     pub fn is_ensemble(self) -> bool {
         self == Method::Eat
     }
+
+    /// Whether the method attacks its training batches (Mix-Up and plain training do not).
+    pub fn uses_attack(self) -> bool {
+        !matches!(self, Method::None | Method::MixUp)
+    }
 }
 
 /// Hyper-parameters of the defenses.
