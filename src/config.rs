@@ -112,7 +112,8 @@ pub fn check_positive(flag: &str, value: f64, meaning: &str) -> Result<(), Strin
         return Ok(());
     }
     Err(format!(
-        "{flag} {value} is not valid: {meaning} must be a positive, finite number"
+        "{flag} {} is not valid: {meaning} must be a positive, finite number",
+        shortest(value)
     ))
 }
 

@@ -11,7 +11,6 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use robust_dml::dml::train::Run;
-use robust_dml::engine::Device;
 use robust_dml::nn::{Checkpoint, HostTensor};
 
 const BIN: &str = env!("CARGO_BIN_EXE_robust-dml");
@@ -118,33 +117,67 @@ impl Sandbox {
     }
 }
 
+/// One tiny trained run shared by the tests that only need a checkpoint (training is the slow
+/// part on a CPU).
+fn shared_run() -> &'static Path {
+    static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir =
+            std::env::temp_dir().join(format!("robust-dml-hostile-{}-shared", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = Command::new(BIN)
+            .current_dir(&dir)
+            .env("ROBUST_DML_DEVICE", "cpu")
+            .args(tiny_train("run", &[]))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("run")
+    })
+}
+
+impl Sandbox {
+    /// Copies the shared run's checkpoint and log into `<sandbox>/run`.
+    fn with_trained_run(name: &str) -> Sandbox {
+        let sb = Sandbox::new(name);
+        std::fs::create_dir_all(sb.path("run")).unwrap();
+        for f in ["checkpoint.safetensors", "train_log.jsonl"] {
+            std::fs::copy(shared_run().join(f), sb.path("run").join(f)).unwrap();
+        }
+        sb
+    }
+}
+
 impl Drop for Sandbox {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-/// A train command on the built-in synthetic data, as small as it gets.
+/// A train command on the built-in synthetic data, as small as it gets; a flag in `extra`
+/// replaces the default of the same name.
 fn tiny_train<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "train",
-        "--epochs",
-        "1",
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "8",
-        "--embedding-dim",
-        "8",
-        "--image-size",
-        "16",
-        "--warmup-epochs",
-        "0",
-        "--workers",
-        "0",
-        "--out",
-        out,
+    let defaults: [(&str, &str); 8] = [
+        ("--epochs", "1"),
+        ("--max-steps", "1"),
+        ("--batch-size", "8"),
+        ("--embedding-dim", "8"),
+        ("--image-size", "16"),
+        ("--warmup-epochs", "0"),
+        ("--workers", "0"),
+        ("--out", out),
     ];
+    let mut v = vec!["train"];
+    for (flag, value) in defaults {
+        if !extra.contains(&flag) {
+            v.extend([flag, value]);
+        }
+    }
     v.extend_from_slice(extra);
     v
 }
@@ -282,8 +315,7 @@ fn bad_training_flags_are_named_before_any_work() {
 
 #[test]
 fn bad_attack_and_eval_flags_are_named() {
-    let sb = Sandbox::new("attack-flags");
-    sb.succeeds(&tiny_train("run", &[]));
+    let sb = Sandbox::with_trained_run("attack-flags");
     let ck = "run/checkpoint.safetensors";
     let attack = |extra: &[&'static str]| {
         let mut v = vec!["attack", "--checkpoint", ck];
@@ -296,6 +328,7 @@ fn bad_attack_and_eval_flags_are_named() {
         (&["--eps", "0"][..], "--eps"),
         (&["--eps", "nan"][..], "--eps"),
         (&["--eps", "-8"][..], "--eps"),
+        (&["--eps=-8"][..], "--eps"),
         (&["--eps", "inf"][..], "--eps"),
         (&["--eps", "1000"][..], "--eps"),
         (&["--alpha", "nan"][..], "--alpha"),
@@ -358,8 +391,7 @@ fn a_diverged_state_is_never_saved() {
 /// refuses NaN images.
 #[test]
 fn non_finite_checkpoints_and_inputs_are_refused() {
-    let sb = Sandbox::new("nan-ckpt");
-    sb.succeeds(&tiny_train("run", &[]));
+    let sb = Sandbox::with_trained_run("nan-ckpt");
     let path = sb.path("run/checkpoint.safetensors");
     let mut ck = Checkpoint::load(&path).unwrap();
     let key = ck
@@ -437,8 +469,7 @@ fn non_finite_checkpoints_and_inputs_are_refused() {
 
 #[test]
 fn an_existing_run_is_never_replaced_without_overwrite() {
-    let sb = Sandbox::new("overwrite");
-    sb.succeeds(&tiny_train("run", &[]));
+    let sb = Sandbox::with_trained_run("overwrite");
     let before = sb.snapshot(None);
     let err = sb.refuses(&tiny_train("run", &[]), "already holds a run", None);
     assert!(
@@ -474,8 +505,7 @@ fn unwritable_outputs_are_found_before_training() {
 /// naming the stored values.
 #[test]
 fn resume_applies_changeable_flags_and_refuses_the_others() {
-    let sb = Sandbox::new("resume-flags");
-    sb.succeeds(&tiny_train("run", &[]));
+    let sb = Sandbox::with_trained_run("resume-flags");
     let err = sb.refuses(
         &[
             "train",
@@ -661,8 +691,7 @@ fn stale_tmp_is_removed_and_the_log_rebuilt_on_resume() {
 
 #[test]
 fn embed_writes_only_to_new_paths_or_regular_files_with_overwrite() {
-    let sb = Sandbox::new("embed-out");
-    sb.succeeds(&tiny_train("run", &[]));
+    let sb = Sandbox::with_trained_run("embed-out");
     write_tensor_file(
         &sb.path("x.safetensors"),
         "input",
@@ -799,8 +828,7 @@ fn arch_aliases_are_accepted() {
 /// eval without an attack prints no PGD row; the template scenario's JSON has no NMI or F1.
 #[test]
 fn eval_prints_only_what_it_measured() {
-    let sb = Sandbox::new("eval-out");
-    sb.succeeds(&tiny_train("run", &[]));
+    let sb = Sandbox::with_trained_run("eval-out");
     let out = sb.succeeds(&["eval", "--checkpoint", "run/checkpoint.safetensors"]);
     assert!(!out.contains("PGD"), "{out}");
     let out = sb.run(&[

@@ -359,7 +359,17 @@ pub fn paper_preset() -> ExperimentConfig {
 /// Parses the command line, recording which `train` flags were given explicitly (the rules of
 /// `--resume` depend on it).
 pub fn parse() -> Cli {
-    let matches = Cli::command().get_matches();
+    // `--lr -1` should reach the validation (which names the flag), not read as a flag.
+    let command = Cli::command().mut_subcommands(|sub| {
+        sub.mut_args(|arg| {
+            if arg.get_action().takes_values() {
+                arg.allow_negative_numbers(true)
+            } else {
+                arg
+            }
+        })
+    });
+    let matches = command.get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let Some((_, m)) = matches.subcommand() else {
         return cli;
@@ -573,6 +583,9 @@ fn resume_data_args(a: &TrainArgs, ck: &Checkpoint) -> Result<DataArgs> {
 /// old checkpoint and log are deleted.
 fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
     let files = [out.join(CHECKPOINT_FILE), out.join(LOG_FILE)];
+    for f in &files {
+        crate::dml::run_dir::check_writable(f)?;
+    }
     let existing: Vec<&PathBuf> = files
         .iter()
         .filter(|f| std::fs::symlink_metadata(f).is_ok())
@@ -1006,6 +1019,7 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     let out = a.out.clone().unwrap_or_else(|| {
         PathBuf::from(format!("runs/experiment-{:?}-{}", a.preset, cfg.dataset).to_lowercase())
     });
+    cfg.validate()?;
     let _lock = RunDir::lock(&out)?;
     claim_experiment_dir(&cfg, &out, a.overwrite)?;
     let reports = run_experiment(&cfg, &dataset, &device, &out)?;

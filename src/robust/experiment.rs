@@ -56,6 +56,21 @@ pub struct ExperimentConfig {
     pub eval: EvalPlan,
 }
 
+impl ExperimentConfig {
+    /// Refuses settings any of the methods could not train or evaluate with, before any work.
+    pub fn validate(&self) -> Result<()> {
+        for &method in &self.methods {
+            let mut t = self.train.clone();
+            t.defense.method = method;
+            t.validate()?;
+        }
+        self.eval
+            .attack
+            .validate("--eval-eps", "--eval-steps")
+            .map_err(Error::Config)
+    }
+}
+
 fn write(path: &Path, text: &str) -> Result<()> {
     run_dir::write_atomic(path, text.as_bytes())
 }
