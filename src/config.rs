@@ -102,8 +102,19 @@ pub fn check_range(
         (lo, hi) => format!("between {lo} and {hi}"),
     };
     Err(format!(
-        "{flag} {value} is not valid: {meaning} must be {bounds}"
+        "{flag} {} is not valid: {meaning} must be {bounds}",
+        shortest(value)
     ))
+}
+
+/// A flag value as the user typed it: f32 flags print without f64 noise (0.1, not
+/// 0.10000000149011612).
+fn shortest(value: f64) -> String {
+    if (value as f32) as f64 == value || value.is_nan() {
+        format!("{}", value as f32)
+    } else {
+        format!("{value}")
+    }
 }
 
 /// Like [`check_range`], for a value that must be strictly positive.

@@ -887,3 +887,70 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
         None,
     );
 }
+
+/// Degenerate data is accepted but never silently: empty classes, single-image classes and
+/// too few classes are named.
+#[test]
+fn degenerate_datasets_are_warned_about() {
+    use robust_dml::data::{Dataset, ImageSource, MemImage, Sample, SkipSummary};
+    let sample = |label| Sample {
+        source: ImageSource::Memory(MemImage::new(1, 1, 1, vec![0]).unwrap()),
+        label,
+    };
+    let ds = Dataset {
+        name: "imagefolder".into(),
+        train: vec![sample(0), sample(0)],
+        test: vec![sample(0), sample(1), sample(1)],
+        query_count: None,
+        train_classes: vec!["cat".into(), "empty_class".into()],
+        test_classes: vec!["dog".into(), "cow".into()],
+        skipped: SkipSummary::default(),
+    };
+    let w = ds.warnings().join("\n");
+    assert!(w.contains("no images") && w.contains("empty_class"), "{w}");
+    assert!(w.contains("single image"), "{w}");
+    assert!(w.contains("only 2 test classes"), "{w}");
+    let fine = Dataset {
+        train: (0..10).map(|i| sample(i % 5)).collect(),
+        test: (0..10).map(|i| sample(i % 5)).collect(),
+        train_classes: (0..5).map(|i| i.to_string()).collect(),
+        test_classes: (0..5).map(|i| i.to_string()).collect(),
+        ..ds
+    };
+    assert!(fine.warnings().is_empty(), "{:?}", fine.warnings());
+}
+
+/// A checkpoint evaluated on a dataset with another number of classes names both datasets.
+#[test]
+fn a_checkpoint_on_another_dataset_names_both() {
+    let sb = Sandbox::with_trained_run("other-dataset");
+    let mut ck = Checkpoint::load(sb.path("run/checkpoint.safetensors")).unwrap();
+    let proxies = ck.tensors.get_mut("member0/proxies").unwrap();
+    proxies.shape = vec![5, 8];
+    proxies.data.truncate(40);
+    ck.set_meta("dataset", "cub200");
+    ck.save(sb.path("cub.safetensors")).unwrap();
+    let err = sb.refuses(
+        &["eval", "--checkpoint", "cub.safetensors"],
+        "was trained on cub200 (5 training classes)",
+        None,
+    );
+    assert!(err.contains("--dataset synthetic has 20"), "{err}");
+}
+
+/// Mesa's "XDG_RUNTIME_DIR is invalid or not set" does not appear when it is unset: the
+/// program gives the loader a private directory first.
+#[test]
+fn no_mesa_runtime_dir_warning() {
+    let sb = Sandbox::new("xdg");
+    let out = Command::new(BIN)
+        .current_dir(&sb.dir)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("ROBUST_DML_DEVICE")
+        .args(["eval", "--checkpoint", "missing.safetensors"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
