@@ -872,6 +872,16 @@ fn check_net_finite(net: &EmbeddingNet, path: &Path) -> Result<()> {
 }
 
 fn weights_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<EmbeddingNet> {
+    // The same checks as training's: flag values, the model's smallest input, memory.
+    let mut c = TrainConfig::new(a.arch, Method::None);
+    c.embedding_dim = a.embedding_dim;
+    c.width_mult = a.width_mult;
+    c.batch_size = a.batch_size as usize;
+    c.image_size = hw.0.min(hw.1);
+    c.validate()
+        .map_err(|e| Error::Config(e.to_string().replace("--image-size", "an input of size")))?;
+    c.image_size = hw.0.max(hw.1);
+    c.check_memory(0, c.batch_size)?;
     let backbone = match a.arch {
         Arch::C2f2 => crate::nn::Backbone::C2f2 { input_size: hw },
         Arch::MobilenetV2 => crate::nn::Backbone::MobileNetV2 {

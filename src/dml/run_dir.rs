@@ -25,6 +25,11 @@ impl RunDir {
     /// Creates `dir` if need be and takes its lock. Fails at once, naming the holder's pid,
     /// when another live process holds it.
     pub fn lock(dir: &Path) -> Result<RunDir> {
+        if dir.as_os_str().is_empty() {
+            return Err(Error::Config(
+                "--out is empty; name a run directory (e.g. runs/my-run)".into(),
+            ));
+        }
         if dir.exists() && !dir.is_dir() {
             return Err(Error::Config(format!(
                 "run directory {} exists and is not a directory; choose another --out",

@@ -270,7 +270,9 @@ impl TrainConfig {
         };
         let params = backbone + features * dim + classes as f64 * dim;
         let batch = self.batch_size.min(train_images.max(1)) as f64;
-        let per_member = 4.0 * (4.0 * params + batch * 3.0 * s * s + batch * first_layer_per_image);
+        // Per parameter: the weight, its gradient, two AdamW moments, and the host copies a
+        // checkpoint save makes of the weight and the moments.
+        let per_member = 4.0 * (7.0 * params + batch * 3.0 * s * s + batch * first_layer_per_image);
         per_member * self.members() as f64
     }
 
@@ -283,7 +285,7 @@ impl TrainConfig {
             return Ok(());
         }
         Err(Error::Config(format!(
-            "this model needs at least {} (--arch {}, --width-mult {}, --embedding-dim {}, \
+            "this model needs an estimated {} or more (--arch {}, --width-mult {}, --embedding-dim {}, \
              --image-size {}, --batch-size {}), but the machine has {}; choose smaller values",
             human_bytes(need),
             serde_name(&self.arch),
