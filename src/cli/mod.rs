@@ -586,9 +586,10 @@ fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
     for f in &files {
         crate::dml::run_dir::check_writable(f)?;
     }
+    // An empty log is what a run killed before its first checkpoint leaves: nothing to lose.
     let existing: Vec<&PathBuf> = files
         .iter()
-        .filter(|f| std::fs::symlink_metadata(f).is_ok())
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.len() > 0))
         .collect();
     if existing.is_empty() {
         return Ok(());
