@@ -3,8 +3,8 @@
 //!
 //! Determinism: every output element is reduced by one thread in a fixed order. `gemm` splits
 //! only the output tiles over threads, never the K reduction, and the ops split over images,
-//! channels or rows, summing per-block partials in block order; block counts depend on the
-//! shapes only, so results do not depend on the thread count either.
+//! channels or rows, summing per-block partials in block order (block counts depend on the
+//! shapes only). Same inputs and thread count, same bits.
 
 use rayon::prelude::*;
 
@@ -167,4 +167,67 @@ pub fn block_ranges(items: usize, blocks: usize) -> Vec<std::ops::Range<usize>> 
     (0..blocks)
         .map(|b| (b * items / blocks)..((b + 1) * items / blocks))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::randn;
+
+    #[test]
+    fn parallel_maps_match_serial_loops() {
+        let len = 3 * FLAT_CHUNK + 7;
+        let a = randn(&[len], 1).to_vec().unwrap();
+        let b = randn(&[len], 2).to_vec().unwrap();
+        let serial: Vec<f32> = a.iter().map(|v| v.tanh()).collect();
+        assert_eq!(map(&a, f32::tanh), serial);
+        let serial: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y + 1.0).collect();
+        assert_eq!(zip_map(&a, &b, |x, y| x * y + 1.0), serial);
+    }
+
+    #[test]
+    fn partial_sums_are_added_in_block_order() {
+        let len = FLAT_CHUNK + 3;
+        let partials: Vec<Vec<f32>> = (0..5).map(|s| randn(&[len], s).to_vec().unwrap()).collect();
+        let serial: Vec<f32> = (0..len)
+            .map(|i| partials.iter().fold(0.0, |acc, p| acc + p[i]))
+            .collect();
+        assert_eq!(sum_partials(&partials, len), serial);
+    }
+
+    #[test]
+    fn block_ranges_cover_every_item_once() {
+        for (items, blocks) in [(0, 3), (1, 1), (17, 16), (100, 7)] {
+            let ranges = block_ranges(items, blocks);
+            let covered: Vec<usize> = ranges.into_iter().flatten().collect();
+            assert_eq!(covered, (0..items).collect::<Vec<_>>());
+        }
+    }
+
+    /// Multi-threaded SGEMMs give the same bits on every run (no split K reduction).
+    #[test]
+    fn parallel_sgemm_is_deterministic() {
+        let (m, n, k) = (97, 131, 301);
+        let a = randn(&[m * k], 3).to_vec().unwrap();
+        let b = randn(&[k * n], 4).to_vec().unwrap();
+        let run = || {
+            let mut c = vec![0.0; m * n];
+            sgemm(
+                (m, n, k),
+                &a,
+                Strides::rows(k),
+                &b,
+                Strides::rows(n),
+                &mut c,
+                n,
+                false,
+                true,
+            );
+            c
+        };
+        let first = run();
+        for _ in 0..3 {
+            assert_eq!(run(), first);
+        }
+    }
 }
