@@ -207,6 +207,7 @@ impl Geom {
     }
 
     /// Input row and column read by output (oy, ox) through tap (ky, kx), if inside the image.
+    #[cfg_attr(not(test), allow(dead_code))]
     fn input_at(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
         let iy = (oy * self.sh + ky * self.dh).checked_sub(self.ph)?;
         let ix = (ox * self.sw + kx * self.dw).checked_sub(self.pw)?;
@@ -215,10 +216,12 @@ impl Geom {
 }
 
 // ------------------------------------------------------------------ CPU reference
-// The plain loops every fast CPU kernel (and, through them, every WGSL kernel) is tested against.
+// The plain loops every fast CPU kernel (and, through them, every WGSL kernel) is tested
+// against; only the unit tests below call them.
 
 /// Calls `visit(x_index, w_index, y_index)` for every multiply of the convolution: the one
 /// loop nest that the CPU forward and both CPU gradients share.
+#[cfg_attr(not(test), allow(dead_code))]
 fn for_each_tap(g: &Geom, mut visit: impl FnMut(usize, usize, usize)) {
     for img in 0..g.n {
         for co in 0..g.cout {
@@ -244,6 +247,7 @@ fn for_each_tap(g: &Geom, mut visit: impl FnMut(usize, usize, usize)) {
     }
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 fn reference_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let plane = g.oh * g.ow;
     let mut y: Vec<f32> = (0..g.n * g.cout * plane)
@@ -253,18 +257,21 @@ fn reference_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Ve
     y
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 fn reference_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let mut dx = vec![0.0; g.n * g.cin * g.h * g.w];
     for_each_tap(g, |xi, wi, yi| dx[xi] += dy[yi] * w[wi]);
     dx
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 fn reference_weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
     let mut dw = vec![0.0; g.cout * g.cin_g * g.kh * g.kw];
     for_each_tap(g, |xi, wi, yi| dw[wi] += dy[yi] * x[xi]);
     dw
 }
 
+#[cfg_attr(not(test), allow(dead_code))]
 fn reference_bias_grad(g: &Geom, dy: &[f32]) -> Vec<f32> {
     let plane = g.oh * g.ow;
     let mut db = vec![0.0; g.cout];
@@ -340,26 +347,34 @@ fn image_columns<'a>(g: &Geom, x_img: &'a [f32], scratch: &'a mut Vec<f32>) -> &
         return x_img;
     }
     let (plane, rows) = (g.oh * g.ow, g.cin * g.kh * g.kw);
-    scratch.clear();
+    // Every element is written below (padding included), so old contents need no clearing.
     scratch.resize(rows * plane, 0.0);
-    for (row, col_row) in scratch.chunks_mut(plane).enumerate() {
+    for (row, col_row) in scratch[..rows * plane].chunks_mut(plane).enumerate() {
         let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
         let x_plane = &x_img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        let (lo, hi) = valid_columns(g, kx);
         for (oy, out_row) in col_row.chunks_mut(g.ow).enumerate() {
             let Some(iy) = (oy * g.sh + ky * g.dh)
                 .checked_sub(g.ph)
                 .filter(|&iy| iy < g.h)
             else {
-                continue; // stays zero: the tap reads padding
+                out_row.fill(0.0); // the tap reads padding
+                continue;
             };
             let x_row = &x_plane[iy * g.w..(iy + 1) * g.w];
-            let (lo, hi) = valid_columns(g, kx);
-            for ox in lo..hi {
-                out_row[ox] = x_row[ox * g.sw + kx * g.dw - g.pw];
+            out_row[..lo].fill(0.0);
+            out_row[hi..].fill(0.0);
+            if g.sw == 1 && lo < hi {
+                let start = lo + kx * g.dw - g.pw;
+                out_row[lo..hi].copy_from_slice(&x_row[start..start + hi - lo]);
+            } else {
+                for ox in lo..hi {
+                    out_row[ox] = x_row[ox * g.sw + kx * g.dw - g.pw];
+                }
             }
         }
     }
-    scratch
+    &scratch[..rows * plane]
 }
 
 /// 1x1, stride 1, no padding, one group: the input is the column matrix (any channel count).
@@ -390,11 +405,16 @@ fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     for_each_image(&mut dx, in_len, g.n, |img, dx_img, parallel_gemm, dcol| {
         let dy_img = &dy[img * out_len..(img + 1) * out_len];
         let pointwise = is_plain_pointwise(g);
+        let dcol_len = g.cin * g.kh * g.kw * plane;
         if !pointwise {
-            dcol.clear();
-            dcol.resize(g.cin * g.kh * g.kw * plane, 0.0);
+            // Fully written by the GEMMs (no accumulation), so old contents need no clearing.
+            dcol.resize(dcol_len, 0.0);
         }
-        let target: &mut [f32] = if pointwise { dx_img } else { dcol };
+        let target: &mut [f32] = if pointwise {
+            dx_img
+        } else {
+            &mut dcol[..dcol_len]
+        };
         for group in 0..g.groups {
             cpu::sgemm(
                 (k, plane, m),
@@ -430,8 +450,18 @@ fn col2im(g: &Geom, dcol: &[f32], dx_img: &mut [f32]) {
                 continue;
             };
             let dx_row = &mut dx_plane[iy * g.w..(iy + 1) * g.w];
-            for ox in lo..hi {
-                dx_row[ox * g.sw + kx * g.dw - g.pw] += d_row[ox];
+            if g.sw == 1 && lo < hi {
+                let start = lo + kx * g.dw - g.pw;
+                for (d, &v) in dx_row[start..start + hi - lo]
+                    .iter_mut()
+                    .zip(&d_row[lo..hi])
+                {
+                    *d += v;
+                }
+            } else {
+                for ox in lo..hi {
+                    dx_row[ox * g.sw + kx * g.dw - g.pw] += d_row[ox];
+                }
             }
         }
     }

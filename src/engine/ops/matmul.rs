@@ -268,7 +268,9 @@ fn cpu_gemm(p: &CpuGemm, av: &[f32], bv: &[f32]) -> Vec<f32> {
     out
 }
 
-/// The reference product: the plain triple loop the fast paths are tested against.
+/// The reference product: the plain triple loop the fast paths are tested against (by the unit
+/// tests below).
+#[cfg_attr(not(test), allow(dead_code))]
 fn reference_gemm(p: &CpuGemm, av: &[f32], bv: &[f32]) -> Vec<f32> {
     let (m, n, k) = (p.m, p.n, p.k);
     let mut out = vec![0.0f32; p.batch * m * n];
