@@ -668,13 +668,36 @@ fn depthwise_tap_dot(g: &Geom, ky: usize, kx: usize, x_plane: &[f32], dy_plane: 
             continue;
         };
         let x_row = &x_plane[iy * g.w..(iy + 1) * g.w];
-        let mut row_sum = 0.0;
-        for ox in lo..hi {
-            row_sum += dy_row[ox] * x_row[ox * g.sw + kx * g.dw - g.pw];
-        }
-        total += row_sum;
+        total += if g.sw == 1 && lo < hi {
+            let start = lo + kx * g.dw - g.pw;
+            lane_dot(&dy_row[lo..hi], &x_row[start..start + hi - lo])
+        } else {
+            (lo..hi)
+                .map(|ox| dy_row[ox] * x_row[ox * g.sw + kx * g.dw - g.pw])
+                .sum()
+        };
     }
     total
+}
+
+/// A dot product over 8 independent lanes (so it vectorises), the lanes then added in order:
+/// a fixed summation order for any thread count.
+fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut lanes = [0.0f32; LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a_blocks.zip(b_blocks) {
+        for i in 0..LANES {
+            lanes[i] += a[i] * b[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
 }
 
 // ------------------------------------------------------------------ GPU launches
