@@ -122,9 +122,30 @@ fn c2f2_cases(b: &Bench) {
     step_cases(b, &|name| format!("c2f2_{name}"), &net, &x, &target);
 }
 
+/// The peer script's c2f2 cases (`c2f2_train_step_b128_28px`, `c2f2_input_grad_b128_28px`):
+/// batch 128, 3x28x28, 128-d L2-normalised embedding, mean-square loss, AdamW.
+fn c2f2_peer_cases(b: &Bench) {
+    let d = b.device.clone();
+    let mut rng = Rng::new(0);
+    let backbone = Backbone::C2f2 {
+        input_size: (28, 28),
+    };
+    let net = EmbeddingNet::new(backbone, 128, &d, &mut rng).expect("model");
+    let x = Tensor::rand_uniform(&[128, 3, 28, 28], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[128, 128], 0.09, &mut rng, &d).unwrap();
+    step_cases(
+        b,
+        &|name| format!("c2f2_{name}_b128_28px"),
+        &net,
+        &x,
+        &target,
+    );
+}
+
 fn main() {
     let b = Bench::from_env();
     c2f2_cases(&b);
+    c2f2_peer_cases(&b);
     cases(&b, "", 0.5, 16, 64);
     let real_gpu =
         matches!(&b.device, Device::Gpu(ctx) if ctx.info.device_type != wgpu::DeviceType::Cpu);

@@ -70,7 +70,16 @@ fn training_beats_a_random_model() {
 
 #[test]
 fn resume_continues_bit_for_bit() {
-    let d = device();
+    resume_continues_bit_for_bit_on(device());
+}
+
+/// The fast CPU kernels reduce in a fixed order, so the CPU backend resumes bit for bit too.
+#[test]
+fn resume_continues_bit_for_bit_on_the_cpu_backend() {
+    resume_continues_bit_for_bit_on(Device::Cpu);
+}
+
+fn resume_continues_bit_for_bit_on(d: Device) {
     let ds = dataset();
     let mut cfg = small_config();
     cfg.epochs = 3;

@@ -17,6 +17,7 @@ use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{Device, Rng};
 use crate::kernel;
+use rayon::prelude::*;
 
 const FORWARD: Kernel = kernel!(
     "proxy_anchor.wgsl",
@@ -100,21 +101,28 @@ fn forward_raw(
     match cos.device() {
         Device::Cpu => {
             let cv = cos.cpu()?;
-            let mut lse = vec![0.0f32; 2 * c];
-            for p in 0..c {
-                let (mut pos, mut neg) = (Vec::new(), Vec::new());
-                for x in 0..b {
-                    let positive = label_idx[x] == p;
-                    let z = exponent(cv[x * c + p], positive, t);
-                    if positive {
-                        pos.push(z)
-                    } else {
-                        neg.push(z)
+            // One proxy per task, its rows in order.
+            let per_proxy: Vec<(f32, f32)> = (0..c)
+                .into_par_iter()
+                .map(|p| {
+                    let (mut pos, mut neg) = (Vec::new(), Vec::new());
+                    for x in 0..b {
+                        let positive = label_idx[x] == p;
+                        let z = exponent(cv[x * c + p], positive, t);
+                        if positive {
+                            pos.push(z)
+                        } else {
+                            neg.push(z)
+                        }
                     }
-                }
-                lse[p] = log1p_sum_exp(&pos);
-                lse[c + p] = log1p_sum_exp(&neg);
-            }
+                    (log1p_sum_exp(&pos), log1p_sum_exp(&neg))
+                })
+                .collect();
+            let lse: Vec<f32> = per_proxy
+                .iter()
+                .map(|l| l.0)
+                .chain(per_proxy.iter().map(|l| l.1))
+                .collect();
             // Proxies without positives contribute log(1) = 0 to the positive sum.
             let loss =
                 lse[..c].iter().sum::<f32>() * t.inv_pos + lse[c..].iter().sum::<f32>() * t.inv_c;
@@ -152,19 +160,22 @@ fn backward_raw(
         Device::Cpu => {
             let (cv, lv, gv) = (cos.cpu()?, lse.cpu()?, g.cpu()?);
             let mut out = vec![0.0f32; b * c];
-            for x in 0..b {
-                for p in 0..c {
-                    let positive = label_idx[x] == p;
-                    let z = exponent(cv[x * c + p], positive, t);
-                    // The softmax weight of z within its log-sum-exp, times dz/ds and 1/|P+| or 1/C.
-                    out[x * c + p] = gv[0]
-                        * if positive {
-                            -t.alpha * t.inv_pos * (z - lv[p]).exp()
-                        } else {
-                            t.alpha * t.inv_c * (z - lv[c + p]).exp()
-                        };
-                }
-            }
+            // One row per task.
+            out.par_chunks_mut(c.max(1))
+                .enumerate()
+                .for_each(|(x, row)| {
+                    for (p, o) in row.iter_mut().enumerate() {
+                        let positive = label_idx[x] == p;
+                        let z = exponent(cv[x * c + p], positive, t);
+                        // The softmax weight of z within its log-sum-exp, times dz/ds and 1/|P+| or 1/C.
+                        *o = gv[0]
+                            * if positive {
+                                -t.alpha * t.inv_pos * (z - lv[p]).exp()
+                            } else {
+                                t.alpha * t.inv_c * (z - lv[c + p]).exp()
+                            };
+                    }
+                });
             Tensor::from_cpu(out, &[b, c])
         }
         Device::Gpu(ctx) => {

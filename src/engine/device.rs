@@ -19,16 +19,26 @@ impl Device {
     }
 
     /// What the user asked for through `ROBUST_DML_DEVICE` (`cpu`, `gpu`, or part of an adapter
-    /// name). Unset: the GPU when an adapter exists, else the CPU, with a note on stderr.
+    /// name). Unset: the best adapter when it is a GPU; the CPU backend when it is a software
+    /// one (llvmpipe, lavapipe, SwiftShader, WARP: the CPU backend is faster) or when there is
+    /// none, said once on stderr.
     pub fn from_env() -> Result<Device> {
         let explicit = std::env::var("ROBUST_DML_DEVICE").is_ok();
         match DeviceRequest::from_env() {
             DeviceRequest::Cpu => Ok(Device::Cpu),
             _ if explicit => Device::gpu(),
             _ => match Device::gpu() {
+                Ok(Device::Gpu(ctx)) if ctx.info.device_type == wgpu::DeviceType::Cpu => {
+                    note_once(&format!(
+                        "the best adapter, {}, is a software one; running on the CPU backend \
+                         (ROBUST_DML_DEVICE=gpu uses the adapter)",
+                        ctx.info.name
+                    ));
+                    Ok(Device::Cpu)
+                }
                 Ok(d) => Ok(d),
                 Err(e) => {
-                    eprintln!("note: {e}; running on the CPU backend");
+                    note_once(&format!("{e}; running on the CPU backend"));
                     Ok(Device::Cpu)
                 }
             },
@@ -61,4 +71,10 @@ impl Device {
             Device::Gpu(ctx) => ctx.sync(),
         }
     }
+}
+
+/// Prints the device-choice note on the first call only (the choice is made more than once).
+fn note_once(text: &str) {
+    static PRINTED: std::sync::Once = std::sync::Once::new();
+    PRINTED.call_once(|| eprintln!("note: {text}"));
 }

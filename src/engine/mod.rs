@@ -1,5 +1,6 @@
 //! The compute engine: devices, tensors, the autograd tape and the ops.
 
+pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod gpu;

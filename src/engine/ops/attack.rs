@@ -6,7 +6,7 @@ use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{f, groups_for, u, Kernel};
 use crate::engine::split;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
 
 const PGD: Kernel = kernel!("pgd.wgsl", "pgd_step", [Read, Read, Read, ReadWrite]);
@@ -52,12 +52,10 @@ pub fn pgd_step(
     match same_device("pgd_step", &[x_adv, grad, x_orig])? {
         Device::Cpu => {
             let (xa, g, x0) = (x_adv.cpu()?, grad.cpu()?, x_orig.cpu()?);
-            let out = (0..xa.len())
-                .map(|i| {
-                    let stepped = xa[i] + alpha * sign0(g[i]);
-                    stepped.max(x0[i] - eps).min(x0[i] + eps).clamp(0.0, 1.0)
-                })
-                .collect();
+            let stepped = cpu::zip_map(&xa, &g, |xa, g| xa + alpha * sign0(g));
+            let out = cpu::zip_map(&stepped, &x0, |s, x0| {
+                s.max(x0 - eps).min(x0 + eps).clamp(0.0, 1.0)
+            });
             Tensor::from_cpu(out, x_adv.shape())
         }
         Device::Gpu(ctx) => {

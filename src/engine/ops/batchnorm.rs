@@ -12,6 +12,7 @@ use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
 use crate::kernel;
+use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
 
@@ -327,7 +328,9 @@ fn channel_indices(lay: (usize, usize, usize), c: usize) -> impl Iterator<Item =
 /// Mean and biased variance of each channel (f64 accumulation, two passes).
 fn cpu_batch_stats(x: &[f32], lay: (usize, usize, usize)) -> Vec<(f64, f64)> {
     let count = (lay.0 * lay.2) as f64;
+    // One channel per task: each channel's sums keep their serial order.
     (0..lay.1)
+        .into_par_iter()
         .map(|c| {
             let mean = channel_indices(lay, c).map(|i| x[i] as f64).sum::<f64>() / count;
             let var = channel_indices(lay, c)
@@ -349,11 +352,16 @@ fn cpu_normalize(
     beta: &[f32],
 ) -> Vec<f32> {
     let mut y = vec![0.0; x.len()];
-    for c in 0..lay.1 {
-        for i in channel_indices(lay, c) {
-            y[i] = gamma[c] * ((x[i] - mean[c]) * invstd[c]) + beta[c];
-        }
-    }
+    // One (image, channel) plane per task.
+    y.par_chunks_mut(lay.2.max(1))
+        .zip(x.par_chunks(lay.2.max(1)))
+        .enumerate()
+        .for_each(|(plane, (y, x))| {
+            let c = plane % lay.1;
+            for (y, &x) in y.iter_mut().zip(x) {
+                *y = gamma[c] * ((x - mean[c]) * invstd[c]) + beta[c];
+            }
+        });
     y
 }
 
@@ -569,6 +577,7 @@ impl BatchNormBack {
         let count = (lay.0 * lay.2) as f64;
         // Per channel: sum g and sum g * xhat (f64 accumulation).
         let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
             .map(|ch| {
                 channel_indices(lay, ch).fold((0.0, 0.0), |(sg, sgx), i| {
                     let xhat = ((xv[i] - mean[ch]) * invstd[ch]) as f64;
@@ -578,17 +587,23 @@ impl BatchNormBack {
             .collect();
         let dx = if want_dx {
             let mut dx = vec![0.0f32; xv.len()];
-            for (ch, &(sg, sgx)) in sums.iter().enumerate() {
+            let hw = lay.2.max(1);
+            // One (image, channel) plane per task.
+            dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
+                let ch = plane % c;
+                let (sg, sgx) = sums[ch];
                 let scale = gam[ch] * invstd[ch];
-                for i in channel_indices(lay, ch) {
-                    dx[i] = if self.train {
-                        let xhat = (xv[i] - mean[ch]) * invstd[ch];
-                        scale * (gv[i] - (sg / count) as f32 - xhat * (sgx / count) as f32)
+                let start = plane * hw;
+                let (xp, gp) = (&xv[start..start + dx.len()], &gv[start..start + dx.len()]);
+                for ((d, &x), &g) in dx.iter_mut().zip(xp).zip(gp) {
+                    *d = if self.train {
+                        let xhat = (x - mean[ch]) * invstd[ch];
+                        scale * (g - (sg / count) as f32 - xhat * (sgx / count) as f32)
                     } else {
-                        scale * gv[i]
+                        scale * g
                     };
                 }
-            }
+            });
             Some(Tensor::from_cpu(dx, x.shape())?)
         } else {
             None

@@ -6,7 +6,7 @@ use crate::engine::gpu::{f, groups_for, u, Kernel};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
 
 const UNARY: Kernel = kernel!("elementwise.wgsl", "unary", [Read, Read, ReadWrite]);
@@ -127,10 +127,8 @@ impl Binary {
 /// Applies `op` to every element, without recording (the building block of the ops below).
 pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
     match x.device() {
-        Device::Cpu => {
-            let v = x.cpu()?.iter().map(|&v| op.apply(v)).collect();
-            Tensor::from_cpu(v, x.shape())
-        }
+        // The scalar `apply` is the reference; the CPU backend maps it over all cores.
+        Device::Cpu => Tensor::from_cpu(cpu::map(&x.cpu()?, |v| op.apply(v)), x.shape()),
         Device::Gpu(ctx) => {
             if let Some(y) = split::flat("elementwise", &[x], |c| unary_raw(&c[0], op))? {
                 return Ok(y);
@@ -159,15 +157,10 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
         );
     }
     match same_device("elementwise", &[x, y])? {
-        Device::Cpu => {
-            let (xv, yv) = (x.cpu()?, y.cpu()?);
-            let v = xv
-                .iter()
-                .zip(yv.iter())
-                .map(|(&a, &b)| op.apply(a, b))
-                .collect();
-            Tensor::from_cpu(v, x.shape())
-        }
+        Device::Cpu => Tensor::from_cpu(
+            cpu::zip_map(&x.cpu()?, &y.cpu()?, |a, b| op.apply(a, b)),
+            x.shape(),
+        ),
         Device::Gpu(ctx) => {
             if let Some(z) = split::flat("elementwise", &[x, y], |c| binary_raw(&c[0], &c[1], op))?
             {

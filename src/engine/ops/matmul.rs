@@ -6,7 +6,7 @@ use crate::engine::error::{shape_err, Result};
 use crate::engine::gpu::{u, GpuBuffer, GpuContext, Kernel};
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
 
 const GEMM_TILED: Kernel = kernel!("matmul.wgsl", "matmul", [Read, Read, ReadWrite]);
@@ -198,19 +198,15 @@ pub fn gemm_raw_using(
     };
     match same_device("matmul", &[a, b])? {
         Device::Cpu => {
-            let (av, bv) = (a.cpu()?, b.cpu()?);
-            let mut out = vec![0.0f32; batch * m * n];
-            for bi in 0..batch {
-                for i in 0..m {
-                    for kk in 0..k {
-                        let x = av[bi * va.s_b + i * va.s_r + kk * va.s_c];
-                        let row = &mut out[(bi * m + i) * n..(bi * m + i + 1) * n];
-                        for (j, o) in row.iter_mut().enumerate() {
-                            *o += x * bv[bi * vb.s_b + kk * vb.s_r + j * vb.s_c];
-                        }
-                    }
-                }
-            }
+            let shape = CpuGemm {
+                m,
+                n,
+                k,
+                batch,
+                a: va,
+                b: vb,
+            };
+            let out = cpu_gemm(&shape, &a.cpu()?, &b.cpu()?);
             Tensor::from_cpu(out, &out_shape)
         }
         Device::Gpu(ctx) => {
@@ -231,6 +227,65 @@ pub fn gemm_raw_using(
             Tensor::from_gpu(out, &out_shape)
         }
     }
+}
+
+/// The sizes and operand views of one batched CPU product.
+struct CpuGemm {
+    m: usize,
+    n: usize,
+    k: usize,
+    batch: usize,
+    a: View,
+    b: View,
+}
+
+/// The fast CPU product: one SGEMM per batch entry, batch entries spread over the pool (each
+/// GEMM then single-threaded), or one multi-threaded SGEMM when there is one entry.
+fn cpu_gemm(p: &CpuGemm, av: &[f32], bv: &[f32]) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut out = vec![0.0f32; p.batch * p.m * p.n];
+    let entry = |bi: usize, c: &mut [f32], parallel: bool| {
+        let a = &av[bi * p.a.s_b..];
+        let b = &bv[bi * p.b.s_b..];
+        let sa = cpu::Strides {
+            row: p.a.s_r,
+            col: p.a.s_c,
+        };
+        let sb = cpu::Strides {
+            row: p.b.s_r,
+            col: p.b.s_c,
+        };
+        cpu::sgemm((p.m, p.n, p.k), a, sa, b, sb, c, p.n, false, parallel);
+    };
+    let per_entry = (p.m * p.n).max(1);
+    if p.batch == 1 {
+        entry(0, &mut out, true);
+    } else {
+        out.par_chunks_mut(per_entry)
+            .enumerate()
+            .for_each(|(bi, c)| entry(bi, c, false));
+    }
+    out
+}
+
+/// The reference product: the plain triple loop the fast paths are tested against (by the unit
+/// tests below).
+#[cfg_attr(not(test), allow(dead_code))]
+fn reference_gemm(p: &CpuGemm, av: &[f32], bv: &[f32]) -> Vec<f32> {
+    let (m, n, k) = (p.m, p.n, p.k);
+    let mut out = vec![0.0f32; p.batch * m * n];
+    for bi in 0..p.batch {
+        for i in 0..m {
+            for kk in 0..k {
+                let x = av[bi * p.a.s_b + i * p.a.s_r + kk * p.a.s_c];
+                let row = &mut out[(bi * m + i) * n..(bi * m + i + 1) * n];
+                for (j, o) in row.iter_mut().enumerate() {
+                    *o += x * bv[bi * p.b.s_b + kk * p.b.s_r + j * p.b.s_c];
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Sums a 3-D gradient over its batch when the operand it belongs to was a shared 2-D one.
@@ -380,5 +435,48 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     match b {
         Some(b) => add_row_bias(&y, b),
         None => Ok(y),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::{compare, randn};
+
+    /// The fast CPU product against the reference loop on odd shapes: every transpose pair,
+    /// batched and shared right operands, single- and multi-threaded GEMMs.
+    #[test]
+    fn fast_cpu_gemm_matches_reference() {
+        let shapes = [
+            (1, 1, 1, 1),
+            (1, 7, 13, 5),
+            (3, 33, 17, 65),
+            (1, 129, 67, 71),
+            (2, 64, 301, 9),
+        ];
+        let mut seed = 0;
+        for (batch, m, k, n) in shapes {
+            for (ta, tb, shared_b) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
+                seed += 1;
+                let a_dims = if ta { [batch, k, m] } else { [batch, m, k] };
+                let b_dims = if tb { [batch, n, k] } else { [batch, k, n] };
+                let a = randn(&a_dims, seed);
+                let b = randn(if shared_b { &b_dims[1..] } else { &b_dims }, seed + 100);
+                let p = CpuGemm {
+                    m,
+                    n,
+                    k,
+                    batch,
+                    a: view(&a, ta, batch).unwrap(),
+                    b: view(&b, tb, batch).unwrap(),
+                };
+                let (av, bv) = (a.to_vec().unwrap(), b.to_vec().unwrap());
+                let fast = cpu_gemm(&p, &av, &bv);
+                let want = reference_gemm(&p, &av, &bv);
+                compare(&fast, &want, 1e-4, 1e-4).unwrap_or_else(|e| {
+                    panic!("batch {batch} m {m} k {k} n {n} ta {ta} tb {tb} shared {shared_b}: {e}")
+                });
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@ use crate::engine::gpu::{f, groups_for, u, Kernel};
 use crate::engine::ops::elementwise::{unary_raw, Unary};
 use crate::engine::ops::reduce::sum_squares_raw;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
 
 const ADAMW: Kernel = kernel!(
@@ -71,15 +71,24 @@ pub fn adamw_step(
     }
     match same_device("adamw_step", &all)? {
         Device::Cpu => {
+            use rayon::prelude::*;
             let g = grad.cpu()?;
             let (mut p, mut mv, mut vv) = (param.cpu_mut()?, m.cpu_mut()?, v.cpu_mut()?);
-            for i in 0..p.len() {
-                p[i] *= 1.0 - h.lr * h.weight_decay;
-                mv[i] += (1.0 - h.beta1) * (g[i] - mv[i]);
-                vv[i] = vv[i] * h.beta2 + (1.0 - h.beta2) * g[i] * g[i];
-                let denom = vv[i].sqrt() / bc2_sqrt + h.eps;
-                p[i] -= step_size * (mv[i] / denom);
-            }
+            // Element by element, so the chunks over cores change no result.
+            let chunk = cpu::FLAT_CHUNK;
+            p.par_chunks_mut(chunk)
+                .zip(mv.par_chunks_mut(chunk))
+                .zip(vv.par_chunks_mut(chunk))
+                .zip(g.par_chunks(chunk))
+                .for_each(|(((p, mv), vv), g)| {
+                    for i in 0..p.len() {
+                        p[i] *= 1.0 - h.lr * h.weight_decay;
+                        mv[i] += (1.0 - h.beta1) * (g[i] - mv[i]);
+                        vv[i] = vv[i] * h.beta2 + (1.0 - h.beta2) * g[i] * g[i];
+                        let denom = vv[i].sqrt() / bc2_sqrt + h.eps;
+                        p[i] -= step_size * (mv[i] / denom);
+                    }
+                });
             Ok(())
         }
         Device::Gpu(ctx) => {

@@ -13,6 +13,7 @@ use crate::engine::tape::{self, Backward};
 use crate::engine::tensor::Tensor;
 use crate::engine::Device;
 use crate::kernel;
+use rayon::prelude::*;
 
 const MAX_FWD: Kernel = kernel!("pool.wgsl", "max_pool_fwd", [Read, ReadWrite, ReadWrite]);
 const AVG_FWD: Kernel = kernel!("pool.wgsl", "avg_pool_fwd", [Read, ReadWrite]);
@@ -196,11 +197,19 @@ impl Geometry {
         mut f: impl FnMut(usize, usize, usize, (usize, usize, usize), (usize, usize, usize)),
     ) {
         for plane in 0..self.planes() {
-            for oy in 0..self.oh {
-                let wy = self.window_y(oy);
-                for ox in 0..self.ow {
-                    f(plane, oy, ox, wy, self.window_x(ox));
-                }
+            self.for_each_plane_output(|oy, ox, wy, wx| f(plane, oy, ox, wy, wx));
+        }
+    }
+
+    /// Calls `f(oy, ox, window_y, window_x)` for every output of one plane, in raster order.
+    fn for_each_plane_output(
+        &self,
+        mut f: impl FnMut(usize, usize, (usize, usize, usize), (usize, usize, usize)),
+    ) {
+        for oy in 0..self.oh {
+            let wy = self.window_y(oy);
+            for ox in 0..self.ow {
+                f(oy, ox, wy, self.window_x(ox));
             }
         }
     }
@@ -215,23 +224,32 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
     match x.device() {
         Device::Cpu => {
             let xv = x.cpu()?;
-            let (mut out, mut arg) = (Vec::with_capacity(total), Vec::with_capacity(total));
-            g.for_each_output(|plane, _, _, wy, wx| {
-                let base = plane * g.h * g.w;
-                let (mut best, mut best_at) = (f32::NEG_INFINITY, wy.0 * g.w + wx.0);
-                for y in wy.0..wy.1 {
-                    for x in wx.0..wx.1 {
-                        let v = xv[base + y * g.w + x];
-                        // Strictly greater keeps the first maximum; NaN wins (PyTorch).
-                        if v > best || v.is_nan() {
-                            best = v;
-                            best_at = y * g.w + x;
+            let (mut out, mut arg) = (vec![0.0; total], vec![0.0; total]);
+            // One plane per task.
+            let per_plane = (g.oh * g.ow).max(1);
+            out.par_chunks_mut(per_plane)
+                .zip(arg.par_chunks_mut(per_plane))
+                .enumerate()
+                .for_each(|(plane, (out, arg))| {
+                    let x_plane = &xv[plane * g.h * g.w..(plane + 1) * g.h * g.w];
+                    let mut o = 0;
+                    g.for_each_plane_output(|_, _, wy, wx| {
+                        let (mut best, mut best_at) = (f32::NEG_INFINITY, wy.0 * g.w + wx.0);
+                        for y in wy.0..wy.1 {
+                            for x in wx.0..wx.1 {
+                                let v = x_plane[y * g.w + x];
+                                // Strictly greater keeps the first maximum; NaN wins (PyTorch).
+                                if v > best || v.is_nan() {
+                                    best = v;
+                                    best_at = y * g.w + x;
+                                }
+                            }
                         }
-                    }
-                }
-                out.push(best);
-                arg.push(best_at as f32);
-            });
+                        out[o] = best;
+                        arg[o] = best_at as f32;
+                        o += 1;
+                    });
+                });
             Ok((
                 Tensor::from_cpu(out, &shape)?,
                 Tensor::from_cpu(arg, &shape)?,
@@ -274,9 +292,15 @@ impl Backward for MaxPoolBack {
                 let (gv, arg) = (grad.cpu()?, self.argmax.cpu()?);
                 let mut dx = vec![0.0f32; total];
                 let per_out = g.oh * g.ow;
-                for (o, (&gval, &at)) in gv.iter().zip(arg.iter()).enumerate() {
-                    dx[(o / per_out) * g.h * g.w + at as usize] += gval;
-                }
+                // One plane per task; within it the outputs in order, as serially.
+                dx.par_chunks_mut((g.h * g.w).max(1))
+                    .enumerate()
+                    .for_each(|(plane, dx)| {
+                        let outputs = plane * per_out..(plane + 1) * per_out;
+                        for (&gval, &at) in gv[outputs.clone()].iter().zip(&arg[outputs]) {
+                            dx[at as usize] += gval;
+                        }
+                    });
                 Tensor::from_cpu(dx, i[0].shape())?
             }
             Device::Gpu(_) => max_pool_bwd_gpu(grad, &self.argmax, g)?,

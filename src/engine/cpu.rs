@@ -1,0 +1,233 @@
+//! Building blocks of the fast CPU backend: one SGEMM entry (the `gemm` crate, which picks its
+//! kernels from the CPU's features at run time) and the rule for splitting work over rayon's pool.
+//!
+//! Determinism: every output element is reduced by one thread in a fixed order. `gemm` splits
+//! only the output tiles over threads, never the K reduction, and the ops split over images,
+//! channels or rows, summing per-block partials in block order (block counts depend on the
+//! shapes only). Same inputs and thread count, same bits.
+
+use rayon::prelude::*;
+
+/// How a matrix is read: element (r, c) lives at `r * row + c * col`.
+#[derive(Clone, Copy, Debug)]
+pub struct Strides {
+    pub row: usize,
+    pub col: usize,
+}
+
+impl Strides {
+    /// Row-major storage with rows `len` long.
+    pub fn rows(len: usize) -> Strides {
+        Strides { row: len, col: 1 }
+    }
+    /// The transpose of row-major storage with rows `len` long.
+    pub fn transposed(len: usize) -> Strides {
+        Strides { row: 1, col: len }
+    }
+    fn last_index(&self, rows: usize, cols: usize) -> usize {
+        (rows - 1) * self.row + (cols - 1) * self.col
+    }
+}
+
+/// Below this many multiply-adds a GEMM runs on the calling thread: splitting costs more.
+const PARALLEL_GEMM_FLOPS: usize = 1 << 18;
+
+/// c[m, n] = a[m, k] b[k, n] (or `+=` when `accumulate`), c row-major with rows `c_row` long.
+/// `parallel` lets gemm split the output over the pool; callers that already run one GEMM per
+/// thread pass false.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    sa: Strides,
+    b: &[f32],
+    sb: Strides,
+    c: &mut [f32],
+    c_row: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        c.len() > (m - 1) * c_row + (n - 1),
+        "sgemm: output too short"
+    );
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                c[r * c_row..r * c_row + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    assert!(
+        a.len() > sa.last_index(m, k),
+        "sgemm: left operand too short"
+    );
+    assert!(
+        b.len() > sb.last_index(k, n),
+        "sgemm: right operand too short"
+    );
+    let parallelism = if parallel && m * n * k >= PARALLEL_GEMM_FLOPS && threads() > 1 {
+        gemm::Parallelism::Rayon(threads())
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index gemm forms inside the three slices, and `c`
+    // is borrowed mutably, so it aliases neither operand.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_row as isize,
+            accumulate,
+            a.as_ptr(),
+            sa.col as isize,
+            sa.row as isize,
+            b.as_ptr(),
+            sb.col as isize,
+            sb.row as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+/// Threads of the pool (RAYON_NUM_THREADS, else one per logical CPU).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
+
+/// Elements per task of the flat elementwise loops: large enough to amortise scheduling, small
+/// enough to stay in L2.
+pub const FLAT_CHUNK: usize = 1 << 14;
+
+/// out[i] = f(a[i]) over all cores.
+pub fn map(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
+    let mut out = vec![0.0; a.len()];
+    out.par_chunks_mut(FLAT_CHUNK)
+        .zip(a.par_chunks(FLAT_CHUNK))
+        .for_each(|(o, a)| {
+            for (o, &a) in o.iter_mut().zip(a) {
+                *o = f(a);
+            }
+        });
+    out
+}
+
+/// out[i] = f(a[i], b[i]) over all cores.
+pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
+    assert_eq!(a.len(), b.len(), "zip_map: lengths differ");
+    let mut out = vec![0.0; a.len()];
+    out.par_chunks_mut(FLAT_CHUNK)
+        .zip(a.par_chunks(FLAT_CHUNK).zip(b.par_chunks(FLAT_CHUNK)))
+        .for_each(|(o, (a, b))| {
+            for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+                *o = f(a, b);
+            }
+        });
+    out
+}
+
+/// Sums equal-length partial results element by element, in block order (deterministic).
+pub fn sum_partials(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
+    let mut out = vec![0.0; len];
+    out.par_chunks_mut(FLAT_CHUNK)
+        .enumerate()
+        .for_each(|(chunk, o)| {
+            let range = chunk * FLAT_CHUNK..chunk * FLAT_CHUNK + o.len();
+            for p in partials {
+                for (o, &v) in o.iter_mut().zip(&p[range.clone()]) {
+                    *o += v;
+                }
+            }
+        });
+    out
+}
+
+/// The number of blocks a reduction over `items` is cut into: a function of the size alone,
+/// so sums come out the same for any thread count.
+pub fn reduction_blocks(items: usize) -> usize {
+    const MAX_BLOCKS: usize = 16;
+    items.clamp(1, MAX_BLOCKS)
+}
+
+/// Half-open ranges cutting `0..items` into `blocks` near-equal consecutive pieces.
+pub fn block_ranges(items: usize, blocks: usize) -> Vec<std::ops::Range<usize>> {
+    let blocks = blocks.max(1);
+    (0..blocks)
+        .map(|b| (b * items / blocks)..((b + 1) * items / blocks))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::randn;
+
+    #[test]
+    fn parallel_maps_match_serial_loops() {
+        let len = 3 * FLAT_CHUNK + 7;
+        let a = randn(&[len], 1).to_vec().unwrap();
+        let b = randn(&[len], 2).to_vec().unwrap();
+        let serial: Vec<f32> = a.iter().map(|v| v.tanh()).collect();
+        assert_eq!(map(&a, f32::tanh), serial);
+        let serial: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x * y + 1.0).collect();
+        assert_eq!(zip_map(&a, &b, |x, y| x * y + 1.0), serial);
+    }
+
+    #[test]
+    fn partial_sums_are_added_in_block_order() {
+        let len = FLAT_CHUNK + 3;
+        let partials: Vec<Vec<f32>> = (0..5).map(|s| randn(&[len], s).to_vec().unwrap()).collect();
+        let serial: Vec<f32> = (0..len)
+            .map(|i| partials.iter().fold(0.0, |acc, p| acc + p[i]))
+            .collect();
+        assert_eq!(sum_partials(&partials, len), serial);
+    }
+
+    #[test]
+    fn block_ranges_cover_every_item_once() {
+        for (items, blocks) in [(0, 3), (1, 1), (17, 16), (100, 7)] {
+            let ranges = block_ranges(items, blocks);
+            let covered: Vec<usize> = ranges.into_iter().flatten().collect();
+            assert_eq!(covered, (0..items).collect::<Vec<_>>());
+        }
+    }
+
+    /// Multi-threaded SGEMMs give the same bits on every run (no split K reduction).
+    #[test]
+    fn parallel_sgemm_is_deterministic() {
+        let (m, n, k) = (97, 131, 301);
+        let a = randn(&[m * k], 3).to_vec().unwrap();
+        let b = randn(&[k * n], 4).to_vec().unwrap();
+        let run = || {
+            let mut c = vec![0.0; m * n];
+            sgemm(
+                (m, n, k),
+                &a,
+                Strides::rows(k),
+                &b,
+                Strides::rows(n),
+                &mut c,
+                n,
+                false,
+                true,
+            );
+            c
+        };
+        let first = run();
+        for _ in 0..3 {
+            assert_eq!(run(), first);
+        }
+    }
+}
