@@ -30,6 +30,10 @@ pub enum Arch {
     C2f2,
     MobilenetV2,
     BnInception,
+    /// torchvision's ResNet-18.
+    Resnet18,
+    /// torchvision's ResNet-50.
+    Resnet50,
 }
 
 /// Everything a training run depends on; stored in every checkpoint.
@@ -103,6 +107,8 @@ impl TrainConfig {
                 width: self.width_mult,
             },
             Arch::BnInception => Backbone::BnInception,
+            Arch::Resnet18 => Backbone::ResNet18,
+            Arch::Resnet50 => Backbone::ResNet50,
         }
     }
 
