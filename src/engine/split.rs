@@ -96,7 +96,11 @@ type Plan = (Arc<GpuContext>, Vec<Range<usize>>);
 /// The GPU context and batch ranges for an op over `batched` (all [N, ...]) whose other
 /// tensors (outputs, intermediates) hold `extra` values per sample; `None` on the CPU, for an
 /// empty batch, or when everything fits one binding.
-fn plan(op: &'static str, batched: &[&Tensor], extra: &[usize]) -> Result<Option<Plan>> {
+fn plan(
+    op: &'static str,
+    batched: &[&Tensor],
+    extra: &[usize],
+) -> Result<Option<Plan>> {
     let Device::Gpu(ctx) = batched[0].device() else {
         return Ok(None);
     };
