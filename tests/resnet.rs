@@ -341,3 +341,51 @@ fn run_embed(arch: &str, weights: &Path, input: &Path, output: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+// ------------------------------------------------------------------ deep layers on the GPU
+
+/// ResNet-50's deepest convolutions at odd input sizes (output planes of 2x3 pixels, batch 3):
+/// 3x3 convs over 512 channels and 1x1 convs over 2048, forward and both gradients, GPU against
+/// CPU. On llvmpipe a shader invocation's loops stop after about 65,535 iterations in all, so the
+/// implicit-GEMM kernels, looping over C_in x taps, returned wrong values here; and the weight
+/// gradient's sum over a batch that is not a multiple of 4 overflowed the grid of a dispatch.
+#[test]
+fn deep_convolutions_gpu_match_cpu() {
+    use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
+    use robust_dml::engine::testing::{assert_close, randn};
+    let Some(gpu) = gpu_or_skip("deep_convolutions_gpu_match_cpu") else {
+        return;
+    };
+    // (C_in, C_out, kernel, stride, padding, input H, W)
+    let layers = [
+        (512, 512, 3, 2, 1, 4, 6),
+        (512, 512, 3, 1, 1, 2, 3),
+        (2048, 512, 1, 1, 0, 2, 3),
+        (1024, 2048, 1, 2, 0, 4, 6),
+    ];
+    for (c_in, c_out, k, s, p, h, w) in layers {
+        let params = Conv2dParams {
+            stride: (s, s),
+            padding: (p, p),
+            ..Conv2dParams::default()
+        };
+        let run = |device: &Device| {
+            let x = randn(&[3, c_in, h, w], 1).to_device(device).unwrap().var();
+            let weight = randn(&[c_out, c_in, k, k], 2)
+                .to_device(device)
+                .unwrap()
+                .var();
+            let y = conv2d(&x, &weight, None, params).unwrap();
+            let dy = randn(y.shape(), 3).to_device(device).unwrap();
+            let values = y.to_vec().unwrap();
+            let grads = robust_dml::engine::tape::backward_with(y, dy).unwrap();
+            let grad = |t: &Tensor| grads.get(t).unwrap().to_vec().unwrap();
+            [values, grad(&x), grad(&weight)]
+        };
+        let (want, got) = (run(&Device::Cpu), run(&gpu));
+        for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+            let case = format!("{what} of {c_in}->{c_out} k{k} s{s} on {h}x{w}");
+            assert_close(&case, &got[i], &want[i], 1e-2, 1e-3);
+        }
+    }
+}
