@@ -1,8 +1,8 @@
-//! Whole-model benchmarks (cases of ../shared/peer-bench.md): a MobileNetV2 training step
-//! (forward, mean-square loss on the head's output, backward, AdamW) and the input gradient
-//! alone (the cost of one PGD iteration). The 224x224 cases run only on a real GPU (or with
-//! BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`; `-- memory` prints only the notes on
-//! peak memory and split ops of one forward+backward per model.
+//! Whole-model benchmarks (cases of ../shared/peer-bench.md): a MobileNetV2 and a ResNet-18
+//! training step (forward, mean-square loss on the head's output, backward, AdamW) and the input
+//! gradient alone (the cost of one PGD iteration). The 224x224 cases run only on a real GPU (or
+//! with BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`; `-- memory` prints only the notes
+//! on peak memory and split ops of one forward+backward per model.
 
 mod common;
 
@@ -101,6 +101,32 @@ fn bn_inception_note(b: &Bench) {
     memory_note(b, "bn_inception_224", &net, &x, &target);
 }
 
+/// ResNet-18 at batch 16 and 64x64 (the same shapes as the MobileNetV2 cases): a training step
+/// and the input gradient (one PGD iteration).
+fn resnet18_cases(b: &Bench) {
+    let d = b.device.clone();
+    let mut rng = Rng::new(0);
+    let net = EmbeddingNet::new(Backbone::ResNet18, 512, &d, &mut rng).expect("model");
+    let x = Tensor::rand_uniform(&[16, 3, 64, 64], 0.0, 1.0, &mut rng, &d).unwrap();
+    let target = Tensor::randn(&[16, 512], 0.05, &mut rng, &d).unwrap();
+    step_cases(b, &|name| format!("resnet18_{name}"), &net, &x, &target);
+}
+
+/// ResNet-18 at batch 64 and ResNet-50 at batch 32, 224x224: memory only.
+fn resnet_notes(b: &Bench) {
+    for (name, backbone, batch) in [
+        ("resnet18_224", Backbone::ResNet18, 64),
+        ("resnet50_224", Backbone::ResNet50, 32),
+    ] {
+        let d = b.device.clone();
+        let mut rng = Rng::new(0);
+        let net = EmbeddingNet::new(backbone, 512, &d, &mut rng).expect("model");
+        let x = Tensor::rand_uniform(&[batch, 3, 224, 224], 0.0, 1.0, &mut rng, &d).unwrap();
+        let target = Tensor::randn(&[batch, 512], 0.05, &mut rng, &d).unwrap();
+        memory_note(b, name, &net, &x, &target);
+    }
+}
+
 /// The quick preset's model and shapes (c2f2, batch 40, 32x32, 64-d embedding): what the
 /// README's main job spends its time on. C2F2_BATCH / C2F2_SIZE change the shapes.
 fn c2f2_cases(b: &Bench) {
@@ -147,11 +173,13 @@ fn main() {
     c2f2_cases(&b);
     c2f2_peer_cases(&b);
     cases(&b, "", 0.5, 16, 64);
+    resnet18_cases(&b);
     let real_gpu =
         matches!(&b.device, Device::Gpu(ctx) if ctx.info.device_type != wgpu::DeviceType::Cpu);
     if real_gpu || std::env::var("BENCH_LARGE").is_ok_and(|v| v == "1") {
         cases(&b, "_224", 1.0, 64, 224);
         bn_inception_note(&b);
+        resnet_notes(&b);
     } else {
         println!("skipped mnv2_train_step_224 / mnv2_input_grad_224: not a real GPU (set BENCH_LARGE=1 to force)");
     }

@@ -889,6 +889,8 @@ fn weights_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<Emb
             width: a.width_mult,
         },
         Arch::BnInception => crate::nn::Backbone::BnInception,
+        Arch::Resnet18 => crate::nn::Backbone::ResNet18,
+        Arch::Resnet50 => crate::nn::Backbone::ResNet50,
     };
     let mut net = EmbeddingNet::new(backbone, a.embedding_dim, device, &mut Rng::new(0))?;
     let report = net.load_weights(&a.weights, LoadMode::Strict)?;

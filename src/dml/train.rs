@@ -37,6 +37,10 @@ pub enum Arch {
     #[value(aliases = ["bn_inception", "bninception"])]
     #[serde(alias = "bn_inception")]
     BnInception,
+    /// torchvision's ResNet-18.
+    Resnet18,
+    /// torchvision's ResNet-50.
+    Resnet50,
 }
 
 /// Everything a training run depends on; stored in every checkpoint.
@@ -110,6 +114,8 @@ impl TrainConfig {
                 width: self.width_mult,
             },
             Arch::BnInception => Backbone::BnInception,
+            Arch::Resnet18 => Backbone::ResNet18,
+            Arch::Resnet50 => Backbone::ResNet50,
         }
     }
 

@@ -19,6 +19,7 @@ use super::error::NnResult;
 use super::layers::{ForwardMode, Init, Linear};
 use super::mobilenet_v2::{self, MobileNetV2};
 use super::params::ParamStore;
+use super::resnet::{self, ResNet, ResNetSpec};
 use super::weights::{self, LoadMode, LoadReport};
 
 /// Prefix of the embedding head's keys.
@@ -37,6 +38,10 @@ pub enum Backbone {
     BnInception,
     /// The small CNN for 28x28 / 32x32 inputs; the input size fixes its flattened width.
     C2f2 { input_size: (usize, usize) },
+    /// torchvision's ResNet-18 (basic blocks, 512 features).
+    ResNet18,
+    /// torchvision's ResNet-50 (bottleneck blocks, 2048 features).
+    ResNet50,
 }
 
 impl Backbone {
@@ -45,6 +50,8 @@ impl Backbone {
             Backbone::MobileNetV2 { width } => format!("MobileNetV2 (width {width})"),
             Backbone::BnInception => "BN-Inception".to_string(),
             Backbone::C2f2 { input_size } => format!("c2f2 ({}x{})", input_size.0, input_size.1),
+            Backbone::ResNet18 => "ResNet-18".to_string(),
+            Backbone::ResNet50 => "ResNet-50".to_string(),
         }
     }
 }
@@ -53,6 +60,13 @@ enum Body {
     MobileNetV2(MobileNetV2),
     BnInception(BnInception),
     C2f2(C2f2),
+    ResNet(ResNet),
+}
+
+/// A ResNet body and the width of its features.
+fn resnet_body(params: &mut ParamStore, spec: ResNetSpec, rng: &mut Rng) -> Result<(Body, usize)> {
+    let net = ResNet::new(params, spec, rng)?;
+    Ok((Body::ResNet(net), spec.out_channels()))
 }
 
 pub struct EmbeddingNet {
@@ -91,6 +105,8 @@ impl EmbeddingNet {
                 Body::C2f2(C2f2::new(&mut params, *input_size, rng)?),
                 c2f2::FEATURES,
             ),
+            Backbone::ResNet18 => resnet_body(&mut params, resnet::RESNET18, rng)?,
+            Backbone::ResNet50 => resnet_body(&mut params, resnet::RESNET50, rng)?,
         };
         let head = Linear::new(
             &mut params,
@@ -117,7 +133,8 @@ impl EmbeddingNet {
     /// Pixel space (RGB in [0, 1]) to what the backbone was trained on.
     pub fn normalize_input(&self, x: &Tensor) -> Result<Tensor> {
         match &*self.body {
-            Body::MobileNetV2(_) => {
+            // torchvision's ImageNet models share one normalisation.
+            Body::MobileNetV2(_) | Body::ResNet(_) => {
                 let (scale, shift) = mobilenet_v2::imagenet_affine();
                 channel_affine(x, &scale, &shift)
             }
@@ -146,6 +163,7 @@ impl EmbeddingNet {
             Body::MobileNetV2(m) => m.forward(p, &x, mode)?,
             Body::BnInception(b) => b.forward(p, &x, mode)?,
             Body::C2f2(c) => return c.forward(p, &x),
+            Body::ResNet(r) => r.forward(p, &x, mode)?,
         };
         add(&global_avg_pool(&fmap)?, &global_max_pool(&fmap)?)
     }

@@ -1,6 +1,7 @@
 //! Weight loading from safetensors files (F32, F16, BF16) into a [`ParamStore`].
 //!
-//! Accepted key names: torchvision's MobileNetV2 (`features.*`), Cadene's BN-Inception
+//! Accepted key names: torchvision's MobileNetV2 (`features.*`) and ResNets (`conv1`, `bn1`,
+//! `layer1.0.conv1`, ...; timm's ResNets are named alike), Cadene's BN-Inception
 //! (`conv1_7x7_s2.*`, `inception_*`), timm's MobileNetV2 (`conv_stem`, `bn1`, `blocks.i.j.*`,
 //! `conv_head`, `bn2`; renamed to torchvision's), optionally under a `module.` (DataParallel) or
 //! `model.` (Proxy-Anchor's wrapper) prefix. `num_batches_tracked` and the ImageNet classifier
@@ -59,6 +60,18 @@ impl LoadReport {
         );
         if !self.ignored.is_empty() {
             s += &format!("; ignored {} keys", self.ignored.len());
+            let classifier: Vec<&str> = self
+                .ignored
+                .iter()
+                .map(String::as_str)
+                .filter(|k| is_classifier_key(k))
+                .collect();
+            if !classifier.is_empty() {
+                s += &format!(
+                    " (among them the ImageNet classifier, which an embedding model does not use: {})",
+                    classifier.join(", ")
+                );
+            }
         }
         if !self.fresh.is_empty() {
             s += &format!(
@@ -159,7 +172,7 @@ const CLASSIFIER_ROOTS: [&str; 3] = ["classifier.", "last_linear.", "fc."];
 /// timm's MobileNetV2 names.
 pub fn map_key(key: &str) -> KeyAction {
     let k = strip_wrappers(key);
-    if k.ends_with("num_batches_tracked") || CLASSIFIER_ROOTS.iter().any(|r| k.starts_with(r)) {
+    if k.ends_with("num_batches_tracked") || is_classifier_key(k) {
         return KeyAction::Ignore;
     }
     if TIMM_ROOTS.iter().any(|r| k.starts_with(r)) {
@@ -168,6 +181,12 @@ pub fn map_key(key: &str) -> KeyAction {
         }
     }
     KeyAction::Load(k.to_string())
+}
+
+/// Whether a file key belongs to an ImageNet classifier (`fc.*`, `classifier.*`, ...).
+fn is_classifier_key(key: &str) -> bool {
+    let k = strip_wrappers(key);
+    CLASSIFIER_ROOTS.iter().any(|r| k.starts_with(r))
 }
 
 /// The key without `module.` / `model.` wrapper prefixes.
@@ -182,9 +201,16 @@ fn strip_wrappers(key: &str) -> &str {
     k
 }
 
-fn is_timm_key(key: &str) -> bool {
-    let k = strip_wrappers(key);
-    TIMM_ROOTS.iter().any(|r| k.starts_with(r)) && timm_to_torchvision(k).is_some()
+/// [`map_key`] for a particular model: a name the model itself has is taken literally, because
+/// timm's MobileNetV2 names overlap with other models' own (ResNet's stem BN is `bn1` too).
+fn resolve_key(key: &str, store: &ParamStore) -> KeyAction {
+    let literal = strip_wrappers(key);
+    match map_key(key) {
+        KeyAction::Load(_) if store.by_name(literal).is_some() => {
+            KeyAction::Load(literal.to_string())
+        }
+        action => action,
+    }
 }
 
 /// Index in torchvision's `features` of timm's `blocks.<stage>.<block>`.
@@ -265,7 +291,7 @@ pub fn load_into(
     let mut keys: Vec<&str> = st.names().into_iter().collect();
     keys.sort();
     for key in keys {
-        let name = match map_key(key) {
+        let name = match resolve_key(key, store) {
             KeyAction::Ignore => {
                 report.ignored.push(key.to_string());
                 continue;
@@ -276,7 +302,7 @@ pub fn load_into(
             report.ignored.push(key.to_string());
             continue;
         }
-        report.timm_names |= is_timm_key(key);
+        report.timm_names |= name != strip_wrappers(key);
         let Some(expected) = store.by_name(&name).map(|t| t.shape().to_vec()) else {
             return Err(NnError::UnexpectedKey {
                 path: path.to_path_buf(),

@@ -15,6 +15,7 @@
 
 use crate::engine::error::{shape_err, EngineError, Result};
 use crate::engine::gpu::{f, fold_grid, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::ops::elementwise::{binary_raw, Binary};
 use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
 use crate::engine::split;
 use crate::engine::tape::Backward;
@@ -1041,9 +1042,26 @@ fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
         1 => false,
         2 => fits,
         _ => {
-            fits && GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4 && (g.oh * g.ow) % 4 == 0
+            let vec4_rows =
+                GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4 && (g.oh * g.ow) % 4 == 0;
+            let too_long =
+                ctx.is_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
+            fits && (vec4_rows || too_long)
         }
     }
+}
+
+/// On llvmpipe the implicit-GEMM kernels return wrong values, silently, once an invocation's
+/// reduction is long: right at 2,700 (C_in x taps), wrong from about 3,000 (ResNet-50's 3x3
+/// convs on 512 channels, on 2x3 planes), most likely Mesa's loop limiter, which ends a shader
+/// invocation's loops after 65,535 iterations in all. Longer reductions than this take the
+/// GEMM route on CPU adapters (tests/resnet.rs::deep_convolutions_gpu_match_cpu).
+const CPU_ADAPTER_MAX_REDUCTION: usize = 2048;
+
+/// The longest reduction one implicit-GEMM invocation loops over: the forward's (input
+/// channels x taps) or the input gradient's (output channels x taps).
+fn implicit_reduction(g: &Geom) -> usize {
+    g.cin_g.max(g.cout_g) * g.kh * g.kw
 }
 
 /// Rows of the unfolded weight, padded to a multiple of 4 for vec4 reads.
@@ -1195,18 +1213,28 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     Tensor::from_gpu(dx, &[g.n, g.cin, g.h, g.w])
 }
 
+/// The sum of the rows of `per_image` [N, L]: a ones-vector GEMM when the vec4 kernel can read
+/// it (N a multiple of 4), else N - 1 elementwise adds, because the scalar GEMM would put L / 32
+/// workgroups on one grid axis, past the 65,535 limit for a layer of 512 x 4608 weights.
+fn sum_images(ctx: &Arc<GpuContext>, per_image: &Tensor) -> Result<Tensor> {
+    let n = per_image.shape()[0];
+    if n % 4 == 0 {
+        let ones = Tensor::full(1.0, &[1, n], &Device::Gpu(ctx.clone()))?;
+        return gemm_raw(&ones, per_image, false, false);
+    }
+    let mut total = per_image.rows(0, 1)?;
+    for i in 1..n {
+        total = binary_raw(&total, &per_image.rows(i, 1)?, Binary::Axpby(1.0, 1.0))?;
+    }
+    Ok(total)
+}
+
 fn gemm_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (kp, plane) = (padded_k(g), g.oh * g.ow);
     let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
-    // Per image [C_out, K'], then summed over images by a ones-vector GEMM.
+    // Per image [C_out, K'], then summed over images.
     let per_image = gemm_raw(&dy3, &columns(ctx, g, x)?, false, true)?;
-    let ones = Tensor::full(1.0, &[1, g.n], &Device::Gpu(ctx.clone()))?;
-    let summed = gemm_raw(
-        &ones,
-        &per_image.reshape_raw(&[g.n, g.cout * kp])?,
-        false,
-        false,
-    )?;
+    let summed = sum_images(ctx, &per_image.reshape_raw(&[g.n, g.cout * kp])?)?;
     let dw = resize_cols(ctx, g, &summed, g.cout, kp, g.cin * g.kh * g.kw)?;
     dw.reshape_raw(&[g.cout, g.cin, g.kh, g.kw])
 }
