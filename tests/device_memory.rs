@@ -127,3 +127,23 @@ fn memory_errors_scale_the_batch_and_others_pass_through() {
         "{other:?}"
     );
 }
+
+#[test]
+fn every_request_up_to_max_buffer_size_is_served() {
+    if gpu_or_skip("every_request_up_to_max_buffer_size_is_served").is_none() {
+        return;
+    }
+    // 1.2 MB: the pool's size bucket for 1.1 MB (1.5 MiB) is over it, the request is not.
+    let cap = 1_200_000;
+    let ctx = GpuContext::with_buffer_cap(cap).expect("capped device");
+    ctx.alloc(1_100_000 / 4)
+        .expect("a request under max_buffer_size must be served even where its bucket is over");
+    ctx.alloc(cap as usize / 4)
+        .expect("a request of exactly max_buffer_size");
+    match ctx.alloc(cap as usize / 4 + 1) {
+        Err(EngineError::BufferTooLarge { bytes, limit }) => {
+            assert_eq!((bytes, limit), (cap + 4, cap))
+        }
+        other => panic!("expected BufferTooLarge, got {:?}", other.map(|b| b.len())),
+    }
+}

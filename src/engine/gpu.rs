@@ -496,13 +496,20 @@ impl GpuContext {
     /// An uninitialised pooled buffer of `len` f32 values. Kernels must write every element.
     /// It may exceed one binding (ops then work on views of it), not the largest buffer.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<GpuBuffer> {
-        let size = bucket_size(len as u64 * 4);
-        if size > self.limits.max_buffer_size {
+        let bytes = len as u64 * 4;
+        if bytes > self.limits.max_buffer_size {
             return Err(EngineError::BufferTooLarge {
-                bytes: len as u64 * 4,
+                bytes,
                 limit: self.limits.max_buffer_size,
             });
         }
+        // Near the limit the bucket may round past it; the exact size is used there, so that
+        // every request up to max_buffer_size is served (and the batch the device-memory
+        // error suggests really fits).
+        let size = match bucket_size(bytes) {
+            b if b > self.limits.max_buffer_size => bytes.max(16),
+            b => b,
+        };
         let reused = {
             let mut pool = self.pool.lock().unwrap();
             let b = pool.free.get_mut(&size).and_then(|v| v.pop());
