@@ -36,11 +36,16 @@ done
 executables() {
     grep -o '"executable":"[^"]*"' | sed 's/"executable":"//; s/"$//'
 }
+# Test and bench harnesses live in deps/ (cargo also lists the program itself, which the CLI
+# tests run and which the bundle carries separately).
+harnesses() {
+    executables | grep '/deps/'
+}
 
 if [ -n "$make_bundle" ]; then
     export CARGO_TERM_COLOR=never
-    tests=$(cargo test --no-run --message-format=json | executables)
-    benches=$(cargo bench --no-run --message-format=json | executables)
+    tests=$(cargo test --no-run --message-format=json | harnesses)
+    benches=$(cargo bench --no-run --message-format=json | harnesses)
     list=$(mktemp)
     {
         for f in $tests $benches; do echo "${f#"$root"/}"; done
@@ -108,6 +113,11 @@ if [ -n "$bundle" ]; then
     tar -xzf "$bundle" -C "$root"
     manifest="$root/target/gpu-check-bundle.txt"
     build_root=$(sed -n 's/^build_root=//p' "$manifest")
+    built_commit=$(sed -n 's/^commit=//p' "$manifest")
+    here_commit=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    if [ "$built_commit" != "$here_commit" ]; then
+        echo "gpu-check: warning: the bundle was built from $built_commit, this checkout is $here_commit; shaders and fixtures come from the binaries' build, tests read fixtures from here" >&2
+    fi
     # Test binaries find fixtures and the CLI binary under the build machine's checkout path.
     if [ "$build_root" != "$root" ] && [ ! -e "$build_root" ]; then
         if mkdir -p "$(dirname "$build_root")" 2>/dev/null && ln -s "$root" "$build_root" 2>/dev/null; then
@@ -122,8 +132,8 @@ if [ -n "$bundle" ]; then
     }
 else
     echo "gpu-check: building the tests and benches; pass --bundle to skip this on the GPU machine"
-    test_list=$(cargo test --no-run --message-format=json 2>/dev/null | executables)
-    bench_list=$(cargo bench --no-run --message-format=json 2>/dev/null | executables)
+    test_list=$(cargo test --no-run --message-format=json 2>/dev/null | harnesses)
+    bench_list=$(cargo bench --no-run --message-format=json 2>/dev/null | harnesses)
     bench_bin() { echo "$bench_list" | grep "/$1-" | head -n1; }
     test_bins() { echo "$test_list"; }
 fi

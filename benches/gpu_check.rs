@@ -108,12 +108,12 @@ fn main() -> robust_dml::error::Result<()> {
     let report = evaluate_run(&run, &dataset, &plan, &device)?;
     let seconds = started.elapsed().as_secs_f64();
     println!(
-        "bench {name}_pgd10_eval images={} batch={} seconds={seconds:.2} images_per_s={:.2} recall1_clean={:.2} recall1_pgd={:.2}",
+        "bench {name}_pgd10_eval images={} batch={} seconds={seconds:.2} images_per_s={:.2} recall1_clean={:.1}% recall1_pgd={:.1}%",
         dataset.test.len(),
         s.batch,
         dataset.test.len() as f64 / seconds,
-        report.clean.recall[0] * 100.0,
-        report.pgd.recall[0] * 100.0
+        report.clean.recall[0],
+        report.pgd.recall[0]
     );
     if let Device::Gpu(ctx) = &device {
         println!(
