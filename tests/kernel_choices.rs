@@ -87,3 +87,81 @@ fn depthwise_cases(gpu: &Device) {
         );
     }
 }
+
+/// Every place where a kernel choice depends on the adapter type, and the test that forces the
+/// choice a discrete GPU makes and checks it against the CPU on llvmpipe. A new adapter-dependent
+/// choice fails here until it is forced somewhere and listed.
+const ADAPTER_CHOICES: &[(&str, usize, &str)] = &[
+    // batch norm's affine pass and the depthwise weight gradient: this file
+    (
+        "src/engine/ops/batchnorm.rs",
+        1,
+        "kernel_choices::discrete_gpu_kernels_match_cpu",
+    ),
+    (
+        "src/engine/ops/conv.rs",
+        1,
+        "kernel_choices::discrete_gpu_kernels_match_cpu",
+    ),
+    // GemmKernel::for_adapter: every kernel is run by gemm_raw_using
+    (
+        "src/engine/ops/matmul.rs",
+        1,
+        "ops_matmul::every_gemm_kernel_matches_cpu_on_edge_shapes",
+    ),
+    // the device top-k: FORCE_DEVICE_TOPK
+    (
+        "src/dml/eval.rs",
+        1,
+        "eval_device::gpu_neighbours_match_cpu",
+    ),
+];
+
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read src/") {
+        let path = entry.expect("dir entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn every_adapter_dependent_kernel_choice_is_covered() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let mut found = Vec::new();
+    for path in files {
+        let rel = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == "src/engine/gpu.rs" {
+            continue; // where is_cpu_adapter and the forcing switch are defined
+        }
+        let text = std::fs::read_to_string(&path).expect("read a source file");
+        let sites = text
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .filter(|l| l.contains("is_cpu_adapter()") || l.contains("device_type"))
+            .count();
+        if sites > 0 {
+            found.push((rel, sites));
+        }
+    }
+    found.sort();
+    let mut listed: Vec<(String, usize)> = ADAPTER_CHOICES
+        .iter()
+        .map(|(f, n, _)| (f.to_string(), *n))
+        .collect();
+    listed.sort();
+    assert_eq!(
+        found, listed,
+        "kernel choices that depend on the adapter type changed: force the discrete-GPU choice in a \
+         test that compares it with the CPU, then update ADAPTER_CHOICES in tests/kernel_choices.rs"
+    );
+}

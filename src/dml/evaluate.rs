@@ -118,19 +118,25 @@ pub fn embed_set(
     let mut clean = vec![Vec::with_capacity(set.samples.len() * dim); nets.len()];
     let mut attacked =
         attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
+    let model = format!("{:?} at {image_size}x{image_size}", nets[0].backbone);
     for batch in loader.epoch(0) {
-        let x = batch.images_tensor(device)?;
-        for (k, f) in fns.iter().enumerate() {
-            clean[k].extend(no_grad(|| f(&x))?.to_vec()?);
-        }
-        if let (Some((cfg, on, seed)), Some(adv_out)) = (attack, attacked.as_mut()) {
-            let targets: Vec<EmbedFn> = on.iter().map(|&k| fns[k].as_ref() as EmbedFn).collect();
-            let mut rng = Rng::new(seed ^ batch.batch_index as u64);
-            let adv = pgd(&targets, &x, cfg, &Goal::EmbeddingShift, &mut rng)?;
+        let mut embed_batch = || -> Result<()> {
+            let x = batch.images_tensor(device)?;
             for (k, f) in fns.iter().enumerate() {
-                adv_out[k].extend(no_grad(|| f(&adv))?.to_vec()?);
+                clean[k].extend(no_grad(|| f(&x))?.to_vec()?);
             }
-        }
+            if let (Some((cfg, on, seed)), Some(adv_out)) = (attack, attacked.as_mut()) {
+                let targets: Vec<EmbedFn> =
+                    on.iter().map(|&k| fns[k].as_ref() as EmbedFn).collect();
+                let mut rng = Rng::new(seed ^ batch.batch_index as u64);
+                let adv = pgd(&targets, &x, cfg, &Goal::EmbeddingShift, &mut rng)?;
+                for (k, f) in fns.iter().enumerate() {
+                    adv_out[k].extend(no_grad(|| f(&adv))?.to_vec()?);
+                }
+            }
+            Ok(())
+        };
+        embed_batch().map_err(|e| e.in_step(&model, batch.labels.len()))?;
     }
     Ok(Embedded {
         dim,

@@ -754,10 +754,16 @@ impl Run {
                 quiet,
             );
             for (step, batch) in loader.epoch(epoch as u64).take(total).enumerate() {
-                let x = batch.images_tensor(&self.device)?;
+                let model = format!("{:?} at {s}x{s}", cfg.arch, s = cfg.image_size);
+                let memory = |e: Error| e.in_step(&model, batch.labels.len());
+                let x = batch
+                    .images_tensor(&self.device)
+                    .map_err(|e| memory(e.into()))?;
                 let mut rng =
                     Rng::new(cfg.seed ^ ((epoch as u64) << 40) ^ ((i as u64) << 32) ^ step as u64);
-                let loss = self.member_step(i, &x, &batch.labels, &mut rng)?;
+                let loss = self
+                    .member_step(i, &x, &batch.labels, &mut rng)
+                    .map_err(memory)?;
                 if !loss.is_finite() {
                     return Err(Error::NonFiniteLoss {
                         epoch,

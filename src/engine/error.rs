@@ -24,6 +24,8 @@ pub enum EngineError {
     },
     #[error("a tensor of {bytes} bytes is over this adapter's max_buffer_size of {limit} bytes; use a smaller batch or input size")]
     BufferTooLarge { bytes: u64, limit: u64 },
+    #[error("out of device memory: a buffer of {bytes} bytes could not be allocated with {live_bytes} bytes already held by live tensors; use a smaller batch or input size")]
+    OutOfDeviceMemory { bytes: u64, live_bytes: u64 },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("invalid argument to {op}: {detail}")]

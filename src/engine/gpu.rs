@@ -13,6 +13,61 @@ use super::error::{EngineError, Result};
 /// Functions every shader may use; prepended to each WGSL file.
 const PRELUDE: &str = include_str!("../../shaders/prelude.wgsl");
 
+/// Every kernel file in `shaders/` (all but the prelude) with its text, so that tests can build
+/// each module exactly as the device gets it ([`shader_modules`]). `tests/shaders.rs` checks that
+/// this list matches the directory.
+pub const SHADER_FILES: &[(&str, &str)] = &[
+    ("adamw.wgsl", include_str!("../../shaders/adamw.wgsl")),
+    (
+        "batchnorm.wgsl",
+        include_str!("../../shaders/batchnorm.wgsl"),
+    ),
+    ("channels.wgsl", include_str!("../../shaders/channels.wgsl")),
+    ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
+    (
+        "depthwise.wgsl",
+        include_str!("../../shaders/depthwise.wgsl"),
+    ),
+    (
+        "elementwise.wgsl",
+        include_str!("../../shaders/elementwise.wgsl"),
+    ),
+    ("im2col.wgsl", include_str!("../../shaders/im2col.wgsl")),
+    ("kmeans.wgsl", include_str!("../../shaders/kmeans.wgsl")),
+    ("matmul.wgsl", include_str!("../../shaders/matmul.wgsl")),
+    (
+        "matmul_vec4.wgsl",
+        include_str!("../../shaders/matmul_vec4.wgsl"),
+    ),
+    (
+        "normalize.wgsl",
+        include_str!("../../shaders/normalize.wgsl"),
+    ),
+    ("pgd.wgsl", include_str!("../../shaders/pgd.wgsl")),
+    ("pool.wgsl", include_str!("../../shaders/pool.wgsl")),
+    (
+        "proxy_anchor.wgsl",
+        include_str!("../../shaders/proxy_anchor.wgsl"),
+    ),
+    ("reduce.wgsl", include_str!("../../shaders/reduce.wgsl")),
+    ("topk.wgsl", include_str!("../../shaders/topk.wgsl")),
+];
+
+/// The WGSL text handed to the device for a kernel file: the prelude, then the file. No
+/// overrides, constants or other substitutions are applied anywhere (pipelines are created with
+/// default compilation options), so this is the whole of what each backend compiles.
+pub fn assembled_source(file_text: &str) -> String {
+    format!("{PRELUDE}\n{file_text}")
+}
+
+/// Every shader module as it goes to the device: (file name, assembled WGSL).
+pub fn shader_modules() -> Vec<(&'static str, String)> {
+    SHADER_FILES
+        .iter()
+        .map(|(file, text)| (*file, assembled_source(text)))
+        .collect()
+}
+
 /// Workgroup counts above this are folded into a second grid dimension.
 pub const MAX_GRID_DIM: u32 = 65_535;
 
@@ -96,6 +151,8 @@ pub struct GpuContext {
     pub info: wgpu::AdapterInfo,
     pub limits: wgpu::Limits,
     pub features: wgpu::Features,
+    /// Whether the device was opened at the WebGPU baseline limits ([`WEBGPU_LIMITS_ENV`]).
+    pub webgpu_baseline: bool,
     modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
     pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>,
     pool: Mutex<BufferPool>,
@@ -224,6 +281,33 @@ fn binding_cap_from_env() -> Result<Option<u64>> {
     }
 }
 
+/// Set to `1` to open the device at `wgpu::Limits::default()`, the WebGPU baseline every
+/// adapter meets (128 MiB per storage binding, 16 KiB of workgroup memory, 256 invocations per
+/// workgroup, 8 storage buffers per stage, 65,535 workgroups per dimension), instead of the
+/// adapter's own limits. CI runs the GPU tests a second time this way.
+pub const WEBGPU_LIMITS_ENV: &str = "ROBUST_DML_WEBGPU_LIMITS";
+
+fn webgpu_limits_from_env() -> Result<bool> {
+    match std::env::var(WEBGPU_LIMITS_ENV) {
+        Err(_) => Ok(false),
+        Ok(v) if v.is_empty() || v == "0" => Ok(false),
+        Ok(v) if v == "1" => Ok(true),
+        Ok(v) => Err(EngineError::Gpu(format!(
+            "{WEBGPU_LIMITS_ENV}={v:?}: expected 1 (open the device at the WebGPU baseline limits) or 0"
+        ))),
+    }
+}
+
+/// The limits the device is opened with: the adapter's own, or the WebGPU baseline when asked
+/// for (the adapter must meet it; `request_device` says which limit it does not).
+fn requested_limits(adapter: &wgpu::Limits, webgpu_baseline: bool) -> wgpu::Limits {
+    if webgpu_baseline {
+        wgpu::Limits::default()
+    } else {
+        adapter.clone()
+    }
+}
+
 static AS_DISCRETE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Makes the kernel choices that depend on [`GpuContext::is_cpu_adapter`] act as on a discrete
@@ -243,7 +327,7 @@ impl GpuContext {
                     _ => None,
                 };
                 let cap = binding_cap_from_env().map_err(|e| e.to_string())?;
-                pollster::block_on(Self::create(req.as_deref(), cap))
+                pollster::block_on(Self::create(req.as_deref(), cap, None))
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
             })
@@ -255,10 +339,25 @@ impl GpuContext {
     /// `max_binding_bytes` (the device is opened with that limit, so wgpu enforces it). Tests
     /// use it to run the splitting of large tensors at small sizes.
     pub fn with_binding_cap(max_binding_bytes: u64) -> Result<Arc<GpuContext>> {
-        pollster::block_on(Self::create(None, Some(max_binding_bytes))).map(Arc::new)
+        pollster::block_on(Self::create(None, Some(max_binding_bytes), None)).map(Arc::new)
     }
 
-    async fn create(name_filter: Option<&str>, binding_cap: Option<u64>) -> Result<GpuContext> {
+    /// A separate context on the default adapter whose buffers are capped at `max_buffer_bytes`
+    /// (bindings too). Tests use it to run into `max_buffer_size` at small sizes.
+    pub fn with_buffer_cap(max_buffer_bytes: u64) -> Result<Arc<GpuContext>> {
+        pollster::block_on(Self::create(
+            None,
+            Some(max_buffer_bytes),
+            Some(max_buffer_bytes),
+        ))
+        .map(Arc::new)
+    }
+
+    async fn create(
+        name_filter: Option<&str>,
+        binding_cap: Option<u64>,
+        buffer_cap: Option<u64>,
+    ) -> Result<GpuContext> {
         let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
             backends: wgpu::Backends::PRIMARY,
             ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
@@ -288,7 +387,8 @@ impl GpuContext {
                 .map_err(|e| EngineError::NoAdapter(e.to_string()))?,
         };
         let info = adapter.get_info();
-        let mut limits = adapter.limits();
+        let webgpu_baseline = webgpu_limits_from_env()?;
+        let mut limits = requested_limits(&adapter.limits(), webgpu_baseline);
         if let Some(cap) = binding_cap {
             // Whole values, and at least the offset alignment so that a view can start anywhere.
             let floor = limits.min_storage_buffer_offset_alignment as u64;
@@ -296,9 +396,12 @@ impl GpuContext {
             limits.max_storage_buffer_binding_size =
                 limits.max_storage_buffer_binding_size.min(cap);
         }
-        let wanted = wgpu::Features::TIMESTAMP_QUERY
-            | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS
-            | wgpu::Features::SHADER_F16;
+        if let Some(cap) = buffer_cap {
+            limits.max_buffer_size = limits.max_buffer_size.min(cap / 4 * 4);
+        }
+        // Timestamps only (for benchmarks). No shader uses f16 or subgroups, so neither is asked for.
+        let wanted =
+            wgpu::Features::TIMESTAMP_QUERY | wgpu::Features::TIMESTAMP_QUERY_INSIDE_ENCODERS;
         let features = adapter.features() & wanted;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -312,7 +415,11 @@ impl GpuContext {
             .await
             .map_err(|e| EngineError::DeviceRequest {
                 adapter: info.name.clone(),
-                reason: e.to_string(),
+                reason: if webgpu_baseline {
+                    format!("{e} (with {WEBGPU_LIMITS_ENV}=1: the adapter is below the WebGPU baseline limits; unset it)")
+                } else {
+                    e.to_string()
+                },
             })?;
         Ok(GpuContext {
             device,
@@ -320,6 +427,7 @@ impl GpuContext {
             info,
             limits,
             features,
+            webgpu_baseline,
             modules: Mutex::default(),
             pipelines: Mutex::default(),
             pool: Mutex::default(),
@@ -334,12 +442,17 @@ impl GpuContext {
 
     pub fn describe(&self) -> String {
         format!(
-            "{} ({:?}, {:?}, driver {} {})",
+            "{} ({:?}, {:?}, driver {} {}){}",
             self.info.name,
             self.info.backend,
             self.info.device_type,
             self.info.driver,
-            self.info.driver_info
+            self.info.driver_info,
+            if self.webgpu_baseline {
+                ", WebGPU baseline limits"
+            } else {
+                ""
+            }
         )
     }
 
@@ -383,13 +496,20 @@ impl GpuContext {
     /// An uninitialised pooled buffer of `len` f32 values. Kernels must write every element.
     /// It may exceed one binding (ops then work on views of it), not the largest buffer.
     pub fn alloc(self: &Arc<Self>, len: usize) -> Result<GpuBuffer> {
-        let size = bucket_size(len as u64 * 4);
-        if size > self.limits.max_buffer_size {
+        let bytes = len as u64 * 4;
+        if bytes > self.limits.max_buffer_size {
             return Err(EngineError::BufferTooLarge {
-                bytes: len as u64 * 4,
+                bytes,
                 limit: self.limits.max_buffer_size,
             });
         }
+        // Near the limit the bucket may round past it; the exact size is used there, so that
+        // every request up to max_buffer_size is served (and the batch the device-memory
+        // error suggests really fits).
+        let size = match bucket_size(bytes) {
+            b if b > self.limits.max_buffer_size => bytes.max(16),
+            b => b,
+        };
         let reused = {
             let mut pool = self.pool.lock().unwrap();
             let b = pool.free.get_mut(&size).and_then(|v| v.pop());
@@ -400,16 +520,13 @@ impl GpuContext {
             pool.peak_bytes = pool.peak_bytes.max(pool.live_bytes);
             b
         };
-        let buffer = reused.unwrap_or_else(|| {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: None,
-                size,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_SRC
-                    | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        });
+        let buffer = match reused {
+            Some(b) => b,
+            None => self.create_storage_buffer(size).inspect_err(|_| {
+                let mut pool = self.pool.lock().unwrap();
+                pool.live_bytes = pool.live_bytes.saturating_sub(size);
+            })?,
+        };
         Ok(GpuBuffer {
             buffer: Some(buffer),
             len,
@@ -417,6 +534,44 @@ impl GpuContext {
             pooled: true,
             ctx: self.clone(),
         })
+    }
+
+    /// A new storage buffer of `size` bytes. Running out of device memory is caught through an
+    /// error scope (wgpu would otherwise report it to its uncaptured-error handler, which
+    /// panics); the free pool is then emptied and the allocation tried once more before the
+    /// typed [`EngineError::OutOfDeviceMemory`] is returned.
+    fn create_storage_buffer(&self, size: u64) -> Result<wgpu::Buffer> {
+        let attempt = || {
+            let scope = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+            let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: None,
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_SRC
+                    | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            match pollster::block_on(scope.pop()) {
+                None => Some(buffer),
+                Some(_) => None,
+            }
+        };
+        if let Some(buffer) = attempt() {
+            return Ok(buffer);
+        }
+        self.drop_free_buffers();
+        let _ = self.sync();
+        attempt().ok_or_else(|| EngineError::OutOfDeviceMemory {
+            bytes: size,
+            live_bytes: self.memory_stats().0.saturating_sub(size),
+        })
+    }
+
+    /// Destroys the pooled free buffers (their memory returns to the device).
+    fn drop_free_buffers(&self) {
+        let mut pool = self.pool.lock().unwrap();
+        pool.free.clear();
+        pool.free_bytes = 0;
     }
 
     fn release(&self, buf: wgpu::Buffer) {
@@ -587,7 +742,7 @@ impl GpuContext {
         modules
             .entry(k.file)
             .or_insert_with(|| {
-                let src = format!("{PRELUDE}\n{}", k.source);
+                let src = assembled_source(k.source);
                 Arc::new(
                     self.device
                         .create_shader_module(wgpu::ShaderModuleDescriptor {

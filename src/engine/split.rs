@@ -11,8 +11,9 @@
 //! - elementwise ops over flat ranges ([`flat`]);
 //! - batch norm, which couples the batch, combines per-chunk statistics in its own module.
 //!
-//! Every chunk starts on the adapter's storage offset alignment. On the CPU, and on a GPU when
-//! everything fits, these helpers return `None` and the op runs as usual.
+//! Chunks start on the adapter's storage offset alignment where they can (views); otherwise
+//! their inputs are copied. On the CPU, and on a GPU when everything fits, these helpers
+//! return `None` and the op runs as usual.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -50,13 +51,17 @@ pub(crate) fn batch_ranges(
         acc / gcd(acc, need) * need
     });
     let widest = per_sample.iter().copied().max().unwrap_or(1).max(1);
-    let chunk = limit / widest / step * step;
+    // Aligned chunks are views (no copy). Where the smallest aligned chunk is over a binding
+    // (odd sample sizes and a 256-byte alignment, the WebGPU baseline), chunks of any size
+    // are used and the unaligned ones are copied ([`read_range`]).
+    let chunk = match limit / widest / step * step {
+        0 => limit / widest,
+        aligned => aligned,
+    };
     if chunk == 0 {
         return Err(EngineError::BindingTooLarge {
-            name: format!(
-                "{op}: {step} sample(s) of {widest} values (the smallest aligned batch chunk)"
-            ),
-            bytes: (step * widest * 4) as u64,
+            name: format!("{op}: one sample of {widest} values"),
+            bytes: (widest * 4) as u64,
             limit: ctx.max_binding_bytes(),
         });
     }
@@ -69,11 +74,29 @@ pub(crate) fn batch_ranges(
     ))
 }
 
-/// Samples `r` of a GPU tensor whose first dimension is the batch, as a view (no copy).
+/// Whether values from `start` on in `buf` can be bound directly (the adapter's storage offset
+/// alignment).
+pub(crate) fn is_aligned(buf: &GpuBuffer, start: usize) -> bool {
+    (buf.offset() + start) % buf.ctx().offset_align_elems() == 0
+}
+
+/// Values `start..start + len` of `buf` for reading: a view where the start is aligned, else
+/// a copy (buffer copies need only 4-byte offsets), recorded in order with the dispatches.
+pub(crate) fn read_range(buf: &GpuBuffer, start: usize, len: usize) -> Result<GpuBuffer> {
+    if is_aligned(buf, start) {
+        return buf.view(start, len);
+    }
+    let copy = buf.ctx().alloc(len)?;
+    buf.ctx().copy(buf, start, &copy, 0, len);
+    Ok(copy)
+}
+
+/// Samples `r` of a GPU tensor whose first dimension is the batch, for reading (a view, or a
+/// copy where the chunk does not start on the alignment).
 pub(crate) fn chunk_view(t: &Tensor, r: &Range<usize>) -> Result<Tensor> {
     let n = t.shape()[0];
     let per = t.numel() / n.max(1);
-    let view = t.gpu()?.view(r.start * per, r.len() * per)?;
+    let view = read_range(t.gpu()?, r.start * per, r.len() * per)?;
     let mut shape = t.shape().to_vec();
     shape[0] = r.len();
     Tensor::from_gpu(view, &shape)

@@ -227,13 +227,22 @@ fn gpu_affine(
     for r in ranges {
         let part = Layout::new(r.len(), lay.c, lay.hw);
         let (start, len) = (r.start * per, r.len() * per);
-        let (u, v, o) = (
-            u_op.view(start, len)?,
-            v_op.view(start, len)?,
-            out.view(start, len)?,
+        let (u, v) = (
+            split::read_range(u_op, start, len)?,
+            split::read_range(v_op, start, len)?,
         );
+        // An unaligned chunk is written to its own buffer, then copied into place.
+        let direct = split::is_aligned(&out, start);
+        let o = if direct {
+            out.view(start, len)?
+        } else {
+            ctx.alloc(len)?
+        };
         let params = part.params(form, coef_off, 0.0, 0.0);
         part.affine(ctx, &params, &[&u, &v, &u, &u, &u, &u, chan, &o])?;
+        if !direct {
+            ctx.copy(&o, 0, &out, start, len);
+        }
     }
     Ok(out)
 }
@@ -265,7 +274,7 @@ fn gpu_batch_stats(
     let per = c * lay.hw;
     for (j, r) in ranges.iter().enumerate() {
         let part = Layout::new(r.len(), c, lay.hw);
-        let xc = x.view(r.start * per, r.len() * per)?;
+        let xc = split::read_range(x, r.start * per, r.len() * per)?;
         let params = part.params(MODE_PARTIAL, 3 * j, momentum, eps);
         let b = [&xc, &xc, gamma, beta, rm, rv, &partial];
         part.reduce(ctx, (&BATCH_STATS, &BATCH_STATS_SERIAL), &params, &b)?;
@@ -301,7 +310,10 @@ fn gpu_grad_reduce(
     for (j, r) in ranges.iter().enumerate() {
         let part = Layout::new(r.len(), c, lay.hw);
         let (start, len) = (r.start * per, r.len() * per);
-        let (xc, gc) = (x.view(start, len)?, g.view(start, len)?);
+        let (xc, gc) = (
+            split::read_range(x, start, len)?,
+            split::read_range(g, start, len)?,
+        );
         let b = [&xc, &gc, gamma, gamma, gamma, gamma, chan, &partial];
         let params = part.params(MODE_PARTIAL, 2 * j, 0.0, 0.0);
         part.reduce(ctx, (&GRAD_REDUCE, &GRAD_REDUCE_SERIAL), &params, &b)?;
