@@ -273,6 +273,8 @@ impl TrainConfig {
             }
             Arch::MobilenetV2 => (3.4e6 * w * w, 1280.0 * w.max(1.0), 32.0 * w * s * s / 4.0),
             Arch::BnInception => (10.2e6, 1024.0, 64.0 * s * s / 4.0),
+            Arch::Resnet18 => (11.2e6, 512.0, 64.0 * s * s / 4.0),
+            Arch::Resnet50 => (23.5e6, 2048.0, 64.0 * s * s / 4.0),
         };
         let params = backbone + features * dim + classes as f64 * dim;
         let batch = self.batch_size.min(train_images.max(1)) as f64;
@@ -337,11 +339,13 @@ fn serde_name<T: Serialize>(v: &T) -> String {
 
 /// The smallest input each backbone accepts: c2f2's two 2x2 pools need 4 pixels, MobileNetV2
 /// downsamples 32x, and BN-Inception's ceil-mode pools need 32 to keep a pixel to the end.
+/// ResNet's strided convolutions and stem pool all pad, so every stage keeps at least a pixel.
 pub fn min_image_size(arch: Arch) -> usize {
     match arch {
         Arch::C2f2 => 4,
         Arch::MobilenetV2 => 32,
         Arch::BnInception => 32,
+        Arch::Resnet18 | Arch::Resnet50 => 1,
     }
 }
 
