@@ -18,7 +18,8 @@ use robust_dml::engine::ops::elementwise::{add, relu6};
 use robust_dml::engine::ops::pool::{avg_pool2d, global_max_pool, max_pool2d, Pool2dParams};
 use robust_dml::engine::ops::reduce::sum;
 use robust_dml::engine::testing::{
-    assert_close, assert_close_network, assert_parity, gpu_or_skip, randn, uniform,
+    assert_close, assert_close_network, assert_close_network_l2, assert_parity, gpu_or_skip, randn,
+    uniform,
 };
 use robust_dml::engine::{Device, EngineError, Rng, Tensor};
 use robust_dml::nn::embedding::{Backbone, EmbeddingNet};
@@ -360,7 +361,10 @@ fn mobilenet_v2_runs_with_activations_over_the_cap() {
         "{} split ops",
         ctx.split_ops() - splits_before
     );
-    assert_close_network("frozen-BN", &got, &want, 2e-3, 1e-2);
+    // The embedding is a continuous function of the rounding; the gradients are not (see
+    // assert_close_network_l2), so they are compared by norm, per tensor.
+    assert_close_network("frozen-BN", &got[..1], &want[..1], 2e-3, 1e-2);
+    assert_close_network_l2("frozen-BN", &got[1..], &want[1..], 0.1);
     let train = |model: &EmbeddingNet, dev: &Device| {
         let xd = x.to_device(dev).unwrap();
         let e = robust_dml::engine::no_grad(|| model.forward(&xd, ForwardMode::Train)).unwrap();
