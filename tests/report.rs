@@ -84,3 +84,25 @@ fn pca_separates_two_clusters_along_the_first_axis() {
     let (p, _) = pca_2d(&a, &a, 3);
     assert!(p[0].0.signum() == p[1].0.signum() && p[0].0.signum() != p[2].0.signum());
 }
+
+#[test]
+fn template_rows_in_json_have_no_clustering_metrics() {
+    let reports = sample();
+    let json = serde_json::to_value(&reports).unwrap();
+    let template = &json[0]["pgd_template"];
+    assert!(template.get("recall").is_some(), "{template}");
+    assert!(template.get("map_r").is_some(), "{template}");
+    assert!(
+        template.get("nmi").is_none(),
+        "NMI was not computed: {template}"
+    );
+    assert!(
+        template.get("f1").is_none(),
+        "F1 was not computed: {template}"
+    );
+    // Measured rows keep theirs, and a saved report reads back (a resumed experiment does).
+    assert!(json[0]["pgd"].get("nmi").is_some());
+    let back: Vec<MethodReport> = serde_json::from_value(json).unwrap();
+    assert_eq!(back[0].pgd_template.recall, reports[0].pgd_template.recall);
+    assert_eq!(back[0].pgd, reports[0].pgd);
+}

@@ -690,24 +690,7 @@ struct EvalOutput {
     #[serde(skip_serializing_if = "Option::is_none")]
     pgd_clustering: Option<crate::robust::report::Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pgd_template: Option<TemplateMetrics>,
-}
-
-/// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
-#[derive(Serialize)]
-struct TemplateMetrics {
-    /// Recall@1, @2, @4, @8.
-    recall: [f64; 4],
-    map_r: f64,
-}
-
-impl From<crate::robust::report::Metrics> for TemplateMetrics {
-    fn from(m: crate::robust::report::Metrics) -> Self {
-        TemplateMetrics {
-            recall: m.recall,
-            map_r: m.map_r,
-        }
-    }
+    pgd_template: Option<crate::robust::report::TemplateMetrics>,
 }
 
 /// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run).
@@ -774,7 +757,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
                     crate::robust::ensemble::mean_embedding(&emb.clean, emb.dim),
                 )
             };
-            out.pgd_template = Some(template_metrics(&a, &c, &set, emb.dim, &device)?.into());
+            out.pgd_template = Some((&template_metrics(&a, &c, &set, emb.dim, &device)?).into());
         }
     }
     if e.json {

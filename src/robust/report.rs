@@ -5,12 +5,15 @@
 use std::fmt::Write as _;
 
 use plotters::prelude::*;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// Retrieval and clustering metrics of one evaluation, in percent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
+    /// Absent from a template-matching row's JSON, which has no clustering (read back as 0).
+    #[serde(default)]
     pub nmi: f64,
+    #[serde(default)]
     pub f1: f64,
     /// Recall@1, @2, @4, @8.
     pub recall: [f64; 4],
@@ -34,7 +37,9 @@ pub struct MethodReport {
     pub clean: Metrics,
     /// Clustering scenario: every test sample perturbed.
     pub pgd: Metrics,
-    /// Template-matching scenario: queries perturbed, gallery clean (Recall@k only).
+    /// Template-matching scenario: queries perturbed, gallery clean (Recall@k only). Its JSON
+    /// has no NMI or F1: a metric that was not computed is absent, never 0.
+    #[serde(serialize_with = "serialize_retrieval_only")]
     pub pgd_template: Metrics,
     pub steps_curve: Vec<CurvePoint>,
     pub eps_curve: Vec<CurvePoint>,
@@ -45,6 +50,27 @@ pub struct MethodReport {
     /// 2-D projection of clean and attacked test embeddings with labels (Figure 1).
     pub projection: Option<Projection>,
     pub train_seconds: f64,
+}
+
+/// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TemplateMetrics {
+    /// Recall@1, @2, @4, @8.
+    pub recall: [f64; 4],
+    pub map_r: f64,
+}
+
+impl From<&Metrics> for TemplateMetrics {
+    fn from(m: &Metrics) -> Self {
+        TemplateMetrics {
+            recall: m.recall,
+            map_r: m.map_r,
+        }
+    }
+}
+
+fn serialize_retrieval_only<S: Serializer>(m: &Metrics, s: S) -> Result<S::Ok, S::Error> {
+    TemplateMetrics::from(m).serialize(s)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
