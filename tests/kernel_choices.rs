@@ -98,10 +98,22 @@ const ADAPTER_CHOICES: &[(&str, usize, &str)] = &[
         1,
         "kernel_choices::discrete_gpu_kernels_match_cpu",
     ),
+    // the depthwise weight gradient (forced here) and, on CPU adapters, the im2col route for
+    // reductions over 2,048 (C x taps). A discrete GPU takes the implicit-GEMM route there; that
+    // route is forced by ops_conv_routes at shorter reductions only, because llvmpipe's loop
+    // limit makes the implicit kernels wrong beyond about 3,000 (benches/gpu-check.sh runs the
+    // long ones on a real GPU). The CPU-adapter side: resnet::deep_convolutions_gpu_match_cpu.
     (
         "src/engine/ops/conv.rs",
+        2,
+        "kernel_choices::discrete_gpu_kernels_match_cpu, resnet::deep_convolutions_gpu_match_cpu",
+    ),
+    // not a kernel choice: with ROBUST_DML_DEVICE unset, a software adapter means the CPU
+    // backend; every GPU test opens the adapter explicitly (Device::gpu)
+    (
+        "src/engine/device.rs",
         1,
-        "kernel_choices::discrete_gpu_kernels_match_cpu",
+        "hostile_inputs (the binary on the default device)",
     ),
     // GemmKernel::for_adapter: every kernel is run by gemm_raw_using
     (
