@@ -950,3 +950,52 @@ fn small_in_memory_images_are_not_cropped() {
         "flip never (or always) happened in 16 draws"
     );
 }
+
+/// A PNG whose header claims 50,000 x 50,000 RGB pixels (7.5 GB decoded) in a few dozen bytes:
+/// a decompression bomb. The decoder's allocation limit refuses it, and the message says that
+/// the image exceeds the image-size limit, not that it is corrupt.
+#[test]
+fn decompression_bomb_is_named_as_too_large() {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+        out
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&50_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&50_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    let tmp = TempDir::new("bomb");
+    let path = tmp.path().join("bomb.png");
+    write_bytes(&path, &png);
+    let err = decode_file(&path)
+        .expect_err("a 7.5 GB image must be refused")
+        .to_string();
+    assert!(err.contains("exceeds the image-size limit"), "{err}");
+    assert!(err.contains("bomb.png"), "{err}");
+    assert!(!err.contains("corrupt"), "{err}");
+}

@@ -899,6 +899,25 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
         "other settings",
         Some("exp/run.lock"),
     );
+    // --overwrite replaces the run's own files and leaves the user's.
+    write_file(&sb.path("exp/notes.txt"), b"mine");
+    sb.succeeds(&[
+        "experiment",
+        "--out",
+        "exp",
+        "--overwrite",
+        "--methods",
+        "none",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--test-samples",
+        "40",
+    ]);
+    let config = std::fs::read_to_string(sb.path("exp/config.json")).unwrap();
+    assert!(config.contains("\"synthetic\""), "{config}");
+    assert_eq!(std::fs::read(sb.path("exp/notes.txt")).unwrap(), b"mine");
 }
 
 /// Degenerate data is accepted but never silently: empty classes, single-image classes and
