@@ -13,44 +13,36 @@ use super::error::{EngineError, Result};
 /// Functions every shader may use; prepended to each WGSL file.
 const PRELUDE: &str = include_str!("../../shaders/prelude.wgsl");
 
+/// A kernel file's name and text, the stem written once.
+macro_rules! shader_file {
+    ($stem:literal) => {
+        (
+            concat!($stem, ".wgsl"),
+            include_str!(concat!("../../shaders/", $stem, ".wgsl")),
+        )
+    };
+}
+
 /// Every kernel file in `shaders/` (all but the prelude) with its text, so that tests can build
 /// each module exactly as the device gets it ([`shader_modules`]). `tests/shaders.rs` checks that
 /// this list matches the directory.
 pub const SHADER_FILES: &[(&str, &str)] = &[
-    ("adamw.wgsl", include_str!("../../shaders/adamw.wgsl")),
-    (
-        "batchnorm.wgsl",
-        include_str!("../../shaders/batchnorm.wgsl"),
-    ),
-    ("channels.wgsl", include_str!("../../shaders/channels.wgsl")),
-    ("conv2d.wgsl", include_str!("../../shaders/conv2d.wgsl")),
-    (
-        "depthwise.wgsl",
-        include_str!("../../shaders/depthwise.wgsl"),
-    ),
-    (
-        "elementwise.wgsl",
-        include_str!("../../shaders/elementwise.wgsl"),
-    ),
-    ("im2col.wgsl", include_str!("../../shaders/im2col.wgsl")),
-    ("kmeans.wgsl", include_str!("../../shaders/kmeans.wgsl")),
-    ("matmul.wgsl", include_str!("../../shaders/matmul.wgsl")),
-    (
-        "matmul_vec4.wgsl",
-        include_str!("../../shaders/matmul_vec4.wgsl"),
-    ),
-    (
-        "normalize.wgsl",
-        include_str!("../../shaders/normalize.wgsl"),
-    ),
-    ("pgd.wgsl", include_str!("../../shaders/pgd.wgsl")),
-    ("pool.wgsl", include_str!("../../shaders/pool.wgsl")),
-    (
-        "proxy_anchor.wgsl",
-        include_str!("../../shaders/proxy_anchor.wgsl"),
-    ),
-    ("reduce.wgsl", include_str!("../../shaders/reduce.wgsl")),
-    ("topk.wgsl", include_str!("../../shaders/topk.wgsl")),
+    shader_file!("adamw"),
+    shader_file!("batchnorm"),
+    shader_file!("channels"),
+    shader_file!("conv2d"),
+    shader_file!("depthwise"),
+    shader_file!("elementwise"),
+    shader_file!("im2col"),
+    shader_file!("kmeans"),
+    shader_file!("matmul"),
+    shader_file!("matmul_vec4"),
+    shader_file!("normalize"),
+    shader_file!("pgd"),
+    shader_file!("pool"),
+    shader_file!("proxy_anchor"),
+    shader_file!("reduce"),
+    shader_file!("topk"),
 ];
 
 /// The WGSL text handed to the device for a kernel file: the prelude, then the file. No
