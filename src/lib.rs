@@ -3,8 +3,11 @@
 //! - [`engine`]: devices, tensors, autograd and the ops (WGSL kernels + CPU reference).
 //! - [`data`]: datasets with their class-disjoint splits, image transforms, the batch loader.
 //! - [`nn`]: layers, MobileNetV2 / BN-Inception / c2f2, the embedding head, weights and checkpoints.
-//! - [`dml`]: the Proxy Anchor loss, evaluation and metrics.
+//! - [`dml`]: the Proxy Anchor loss, retrieval and clustering metrics, k-means.
 //! - [`robust`]: PGD attacks, defenses and EAT ensembles.
+//! - [`pipeline`]: training, evaluation, the experiment and its report (above `dml` and
+//!   `robust`).
+//! - [`cli`]: argument parsing, calling the pipeline.
 //! - [`config`]: every hyper-parameter default.
 
 pub mod cli;
@@ -14,4 +17,5 @@ pub mod dml;
 pub mod engine;
 pub mod error;
 pub mod nn;
+pub mod pipeline;
 pub mod robust;

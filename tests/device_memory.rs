@@ -3,7 +3,7 @@
 //! batch, the estimated need and a batch size that fits; that batch then trains.
 
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
-use robust_dml::dml::train::{Arch, Run, TrainConfig};
+use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
 use robust_dml::engine::gpu::GpuContext;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{Device, EngineError};

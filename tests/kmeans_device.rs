@@ -4,7 +4,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use robust_dml::dml::evaluate::{clustering, EvalSet};
+use robust_dml::pipeline::evaluate::{clustering, EvalSet};
 use robust_dml::dml::kmeans::{kmeans_on, lloyd_on, KMeansConfig, KMeansResult};
 use robust_dml::dml::metrics::{kmeans, nmi};
 use robust_dml::engine::testing::{assert_close, gpu_or_skip};

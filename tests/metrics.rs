@@ -237,7 +237,7 @@ fn metrics_reject_bad_shapes() {
     assert!(nmi(&[], &[]).is_err());
 }
 
-fn eval_set(labels: &[usize], query_count: Option<usize>) -> robust_dml::dml::evaluate::EvalSet {
+fn eval_set(labels: &[usize], query_count: Option<usize>) -> robust_dml::pipeline::evaluate::EvalSet {
     use robust_dml::data::{ImageSource, Sample};
     let samples = labels
         .iter()
@@ -246,7 +246,7 @@ fn eval_set(labels: &[usize], query_count: Option<usize>) -> robust_dml::dml::ev
             label,
         })
         .collect();
-    robust_dml::dml::evaluate::EvalSet {
+    robust_dml::pipeline::evaluate::EvalSet {
         samples,
         labels: labels.to_vec(),
         query_count,
@@ -257,7 +257,7 @@ fn eval_set(labels: &[usize], query_count: Option<usize>) -> robust_dml::dml::ev
 /// Capping a class-ordered test set keeps every class (a prefix would keep the first few).
 #[test]
 fn capped_eval_set_spreads_over_classes() {
-    use robust_dml::dml::evaluate::spread_indices;
+    use robust_dml::pipeline::evaluate::spread_indices;
     assert_eq!(spread_indices(10, 4), vec![0, 2, 5, 7]);
     assert_eq!(spread_indices(3, 5), vec![0, 1, 2]);
     let labels: Vec<usize> = (0..5).flat_map(|c| [c; 10]).collect();

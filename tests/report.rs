@@ -1,6 +1,6 @@
 //! The experiment report: Table 1 layout and an HTML page with the plots.
 
-use robust_dml::robust::report::{
+use robust_dml::pipeline::report::{
     html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
 };
 

@@ -15,7 +15,7 @@ use common::{
     scratch, D,
 };
 use robust_dml::cli::{self, Cli};
-use robust_dml::dml::train::Arch;
+use robust_dml::pipeline::train::Arch;
 use robust_dml::engine::ops::elementwise::{square, sub};
 use robust_dml::engine::ops::reduce::sum;
 use robust_dml::engine::testing::gpu_or_skip;

@@ -2,8 +2,8 @@
 //! wide margin, and a run resumed from its checkpoint continues bit for bit.
 
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
-use robust_dml::dml::evaluate::{embed_set, full_metrics, EvalSet};
-use robust_dml::dml::train::{Arch, Run, TrainConfig, CHECKPOINT_FILE};
+use robust_dml::pipeline::evaluate::{embed_set, full_metrics, EvalSet};
+use robust_dml::pipeline::train::{Arch, Run, TrainConfig, CHECKPOINT_FILE};
 use robust_dml::engine::Device;
 use robust_dml::robust::defense::Method;
 
@@ -138,11 +138,40 @@ fn resume_continues_bit_for_bit_on(d: Device) {
     );
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("robust-dml-test-{name}-{}", std::process::id()));
+/// A fresh scratch directory, removed when the test ends (pass or fail): each run of this file
+/// writes about 100 MB of checkpoints, and leftovers filled a CI machine's disk.
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for TempDir {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Unique per call: the resume test runs on both devices at once in this process.
+fn tempdir(name: &str) -> TempDir {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!(
+        "robust-dml-test-{name}-{}-{n}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir(d)
 }
 
 #[test]

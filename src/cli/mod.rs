@@ -9,17 +9,17 @@ use serde::Serialize;
 
 use crate::config::{self, Objective, PgdConfig};
 use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
-use crate::dml::evaluate::{embed_set, template_metrics, EvalSet};
-use crate::dml::run_dir::{check_output_path, RunDir};
-use crate::dml::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
+use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
+use crate::pipeline::run_dir::{check_output_path, RunDir};
+use crate::pipeline::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::robust::defense::Method;
-use crate::robust::experiment::{
+use crate::pipeline::experiment::{
     claim_experiment_dir, model_metrics, run_experiment, EvalPlan, ExperimentConfig,
 };
-use crate::robust::report::table_markdown;
+use crate::pipeline::report::table_markdown;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -584,7 +584,7 @@ fn resume_data_args(a: &TrainArgs, ck: &Checkpoint) -> Result<DataArgs> {
 fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
     let files = [out.join(CHECKPOINT_FILE), out.join(LOG_FILE)];
     for f in &files {
-        crate::dml::run_dir::check_writable(f)?;
+        crate::pipeline::run_dir::check_writable(f)?;
     }
     // An empty log is what a run killed before its first checkpoint leaves: nothing to lose.
     let existing: Vec<&PathBuf> = files
@@ -686,11 +686,11 @@ fn load_run(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> {
 struct EvalOutput {
     checkpoint: String,
     dataset: String,
-    clean: crate::robust::report::Metrics,
+    clean: crate::pipeline::report::Metrics,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pgd_clustering: Option<crate::robust::report::Metrics>,
+    pgd_clustering: Option<crate::pipeline::report::Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pgd_template: Option<crate::robust::report::TemplateMetrics>,
+    pgd_template: Option<crate::pipeline::report::TemplateMetrics>,
 }
 
 /// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run).
@@ -827,7 +827,7 @@ fn embed_input(path: &Path) -> Result<Tensor> {
 fn embed_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<EmbeddingNet> {
     // Model weights files may hold tensors a checkpoint does not (torchvision's I64
     // `num_batches_tracked`); only a file that reads as a checkpoint can be a training one.
-    let member0 = format!("{}/model", crate::dml::train::member_prefix(0));
+    let member0 = format!("{}/model", crate::pipeline::train::member_prefix(0));
     let net = match Checkpoint::load(&a.weights) {
         Ok(ck) if ck.meta("config").is_some() && !ck.group(&member0).is_empty() => {
             checkpoint_net(a, &ck, &member0, hw, device)?

@@ -1,8 +1,6 @@
 //! Adversarial robustness: PGD attacks on embeddings, the defenses, EAT ensembles and their
-//! voting inference, the experiment pipeline and its report.
+//! voting inference. Built on `dml`; training and evaluation live above, in `pipeline`.
 
 pub mod defense;
 pub mod ensemble;
-pub mod experiment;
 pub mod pgd;
-pub mod report;

@@ -14,7 +14,7 @@ use crate::config;
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::{Dataset, Sample};
 use crate::dml::loss::{init_proxies, ProxyAnchorConfig};
-use crate::dml::run_dir;
+use crate::pipeline::run_dir;
 use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};

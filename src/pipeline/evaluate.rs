@@ -12,7 +12,7 @@ use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
 use crate::robust::pgd::{pgd, EmbedFn, Goal};
-use crate::robust::report::Metrics;
+use crate::pipeline::report::Metrics;
 
 pub const RECALL_KS: [usize; 4] = [1, 2, 4, 8];
 

@@ -1,0 +1,9 @@
+//! The pipeline: training runs, evaluation (clean and attacked), the experiment and its report,
+//! and the run directory they write. It sits above `dml` and `robust` and uses both; neither
+//! imports it.
+
+pub mod evaluate;
+pub mod experiment;
+pub mod report;
+pub mod run_dir;
+pub mod train;
