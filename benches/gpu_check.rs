@@ -9,10 +9,10 @@ use std::time::Instant;
 
 use robust_dml::config::{Objective, PgdConfig};
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
-use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
 use robust_dml::engine::Device;
-use robust_dml::robust::defense::Method;
 use robust_dml::pipeline::experiment::{evaluate_run, EvalPlan};
+use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
+use robust_dml::robust::defense::Method;
 
 /// Sizes of one check.
 struct Sizes {

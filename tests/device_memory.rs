@@ -3,11 +3,11 @@
 //! batch, the estimated need and a batch size that fits; that batch then trains.
 
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
-use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
 use robust_dml::engine::gpu::GpuContext;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{Device, EngineError};
 use robust_dml::error::Error;
+use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
 use robust_dml::robust::defense::Method;
 
 /// 1 MiB buffers: c2f2's largest weight at 8x8 input (the 256 x 1024 layer) just fits, and its

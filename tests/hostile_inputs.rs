@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use robust_dml::pipeline::train::Run;
 use robust_dml::nn::{Checkpoint, HostTensor};
+use robust_dml::pipeline::train::Run;
 
 const BIN: &str = env!("CARGO_BIN_EXE_robust-dml");
 

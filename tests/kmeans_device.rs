@@ -4,11 +4,11 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use robust_dml::pipeline::evaluate::{clustering, EvalSet};
 use robust_dml::dml::kmeans::{kmeans_on, lloyd_on, KMeansConfig, KMeansResult};
 use robust_dml::dml::metrics::{kmeans, nmi};
 use robust_dml::engine::testing::{assert_close, gpu_or_skip};
 use robust_dml::engine::{Device, Rng};
+use robust_dml::pipeline::evaluate::{clustering, EvalSet};
 
 /// Serialises the GPU tests of this file, so that the dispatch counter sees only its own test.
 static GPU_LOCK: Mutex<()> = Mutex::new(());

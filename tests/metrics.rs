@@ -237,7 +237,10 @@ fn metrics_reject_bad_shapes() {
     assert!(nmi(&[], &[]).is_err());
 }
 
-fn eval_set(labels: &[usize], query_count: Option<usize>) -> robust_dml::pipeline::evaluate::EvalSet {
+fn eval_set(
+    labels: &[usize],
+    query_count: Option<usize>,
+) -> robust_dml::pipeline::evaluate::EvalSet {
     use robust_dml::data::{ImageSource, Sample};
     let samples = labels
         .iter()

@@ -15,13 +15,13 @@ use common::{
     scratch, D,
 };
 use robust_dml::cli::{self, Cli};
-use robust_dml::pipeline::train::Arch;
 use robust_dml::engine::ops::elementwise::{square, sub};
 use robust_dml::engine::ops::reduce::sum;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{no_grad, Device, Rng, Tensor};
 use robust_dml::nn::weights::{read_safetensors, write_safetensors, FileTensor};
 use robust_dml::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
+use robust_dml::pipeline::train::Arch;
 use safetensors::Dtype;
 
 fn io(name: &str) -> BTreeMap<String, FileTensor> {

@@ -2,9 +2,9 @@
 //! wide margin, and a run resumed from its checkpoint continues bit for bit.
 
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
+use robust_dml::engine::Device;
 use robust_dml::pipeline::evaluate::{embed_set, full_metrics, EvalSet};
 use robust_dml::pipeline::train::{Arch, Run, TrainConfig, CHECKPOINT_FILE};
-use robust_dml::engine::Device;
 use robust_dml::robust::defense::Method;
 
 fn device() -> Device {
@@ -165,10 +165,7 @@ impl Drop for TempDir {
 fn tempdir(name: &str) -> TempDir {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let d = std::env::temp_dir().join(format!(
-        "robust-dml-test-{name}-{}-{n}",
-        std::process::id()
-    ));
+    let d = std::env::temp_dir().join(format!("robust-dml-test-{name}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     TempDir(d)

@@ -9,17 +9,19 @@ use serde::Serialize;
 
 use crate::config::{self, Objective, PgdConfig};
 use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
-use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
-use crate::pipeline::run_dir::{check_output_path, RunDir};
-use crate::pipeline::train::{default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
-use crate::robust::defense::Method;
+use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
 use crate::pipeline::experiment::{
     claim_experiment_dir, model_metrics, run_experiment, EvalPlan, ExperimentConfig,
 };
 use crate::pipeline::report::table_markdown;
+use crate::pipeline::run_dir::{check_output_path, RunDir};
+use crate::pipeline::train::{
+    default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE,
+};
+use crate::robust::defense::Method;
 
 #[derive(Parser, Debug)]
 #[command(

@@ -11,8 +11,8 @@ use crate::dml::metrics::{f1_pairs, nmi};
 use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
-use crate::robust::pgd::{pgd, EmbedFn, Goal};
 use crate::pipeline::report::Metrics;
+use crate::robust::pgd::{pgd, EmbedFn, Goal};
 
 pub const RECALL_KS: [usize; 4] = [1, 2, 4, 8];
 

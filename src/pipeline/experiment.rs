@@ -11,20 +11,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::PgdConfig;
 use crate::data::Dataset;
+use crate::engine::Device;
+use crate::error::{io_err, Error, Result};
 use crate::pipeline::evaluate::{
     clustering, embed_set, full_metrics, retrieval, spread_indices, template_metrics, EvalSet,
     RECALL_KS,
 };
+use crate::pipeline::report::{
+    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
+};
 use crate::pipeline::run_dir;
 use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
-use crate::engine::Device;
-use crate::error::{io_err, Error, Result};
 use crate::robust::defense::Method;
 use crate::robust::ensemble::{
     mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels,
-};
-use crate::pipeline::report::{
-    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
 };
 
 /// How the evaluation attacks and sweeps are run.

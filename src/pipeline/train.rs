@@ -14,11 +14,11 @@ use crate::config;
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::{Dataset, Sample};
 use crate::dml::loss::{init_proxies, ProxyAnchorConfig};
-use crate::pipeline::run_dir;
 use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};
 use crate::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
+use crate::pipeline::run_dir;
 use crate::robust::defense::{eat_member_indices, step_loss, DefenseConfig, Method, StepContext};
 use crate::robust::pgd::EmbedFn;
 
