@@ -44,6 +44,7 @@ fn sample() -> Vec<MethodReport> {
                 clean: vec![(0.0, 0.0), (1.0, 1.0)],
                 attacked: vec![(0.5, 0.1), (0.9, 1.2)],
                 labels: vec![0, 1],
+                class_names: vec!["a".into(), "b".into()],
             }),
             ..Default::default()
         },

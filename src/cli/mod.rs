@@ -8,14 +8,13 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
 use crate::config::{self, Objective, PgdConfig};
-use crate::data::{self, Dataset, DatasetKind, SyntheticConfig};
+use crate::data::{self, Dataset, DatasetKind};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
-use crate::pipeline::experiment::{
-    claim_experiment_dir, model_metrics, run_experiment, EvalPlan, ExperimentConfig,
-};
+use crate::pipeline::experiment::{claim_experiment_dir, model_metrics, run_experiment};
+use crate::pipeline::presets::Preset;
 use crate::pipeline::report::table_markdown;
 use crate::pipeline::run_dir::{check_output_path, RunDir};
 use crate::pipeline::train::{
@@ -244,19 +243,12 @@ pub struct EmbedArgs {
     pub explicit: Vec<String>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Preset {
-    /// Built-in synthetic data, c2f2, short training: minutes on a 2-core CPU.
-    Quick,
-    /// The paper's settings: MobileNetV2, 200 epochs, lr 1e-4, train PGD 16/255 x10, test 8/255 x10.
-    Paper,
-}
-
 #[derive(Args, Debug, Clone)]
 pub struct ExperimentArgs {
     #[arg(long, value_enum, default_value_t = Preset::Quick)]
     pub preset: Preset,
-    /// Dataset (default: synthetic for quick, cub200 for paper).
+    /// Dataset (default: the preset's: fashion-mnist-embedded for quick, fashion-mnist-zero-shot
+    /// for fashion-mnist, cub200 for paper).
     #[arg(long)]
     pub dataset: Option<String>,
     #[arg(long)]
@@ -287,75 +279,6 @@ pub struct ExperimentArgs {
     /// Replace an experiment with other settings that already exists in --out.
     #[arg(long)]
     pub overwrite: bool,
-}
-
-/// The quick preset: sized to finish in minutes on a 2-core machine without a GPU.
-pub fn quick_preset() -> (ExperimentConfig, SyntheticConfig) {
-    let synth = SyntheticConfig {
-        num_classes: 40,
-        train_per_class: 20,
-        test_per_class: 10,
-        // 24x24 rather than the dataset's default 32x32: c2f2 costs 0.56x as much, which is
-        // what brings all six methods under 10 minutes on two cores without a GPU.
-        image_size: 24,
-        seed: 0,
-    };
-    let mut t = TrainConfig::new(Arch::C2f2, Method::None);
-    t.image_size = 24;
-    t.embedding_dim = 64;
-    t.epochs = 4;
-    t.batch_size = 40;
-    t.lr = 1e-3;
-    t.lr_step_epochs = 4;
-    t.warmup_epochs = 0;
-    t.workers = 0;
-    // Bounds only large datasets (the synthetic set has 10 steps an epoch).
-    t.max_steps_per_epoch = 50;
-    t.defense.attack = PgdConfig::new(16.0 / 255.0, 2);
-    let eval = EvalPlan {
-        attack: PgdConfig::new(8.0 / 255.0, 10),
-        steps_sweep: vec![1, 2, 5, 10, 20],
-        eps_sweep: vec![8.0, 16.0, 32.0],
-        curve_samples: 40,
-        // Bounds only large datasets (Fashion-MNIST's 10,000 test images): 100 per class there.
-        max_test_samples: 1000,
-        batch_size: 100,
-        seed: 1,
-    };
-    (
-        ExperimentConfig {
-            dataset: "synthetic".into(),
-            methods: Method::ALL.to_vec(),
-            train: t,
-            eval,
-        },
-        synth,
-    )
-}
-
-/// The paper's preset (Table 1): MobileNetV2, PAL, 200 epochs, lr 1e-4, PGD 16/255 x10 in
-/// training, 8/255 x10 in evaluation.
-pub fn paper_preset() -> ExperimentConfig {
-    let mut t = TrainConfig::new(Arch::MobilenetV2, Method::None);
-    t.epochs = 200;
-    t.batch_size = 150;
-    t.lr = 1e-4;
-    t.defense.attack = PgdConfig::new(16.0 / 255.0, 10);
-    let eval = EvalPlan {
-        attack: PgdConfig::new(8.0 / 255.0, 10),
-        steps_sweep: vec![1, 2, 5, 10, 20],
-        eps_sweep: vec![8.0, 16.0, 24.0, 32.0],
-        curve_samples: 1000,
-        max_test_samples: 0,
-        batch_size: 100,
-        seed: 1,
-    };
-    ExperimentConfig {
-        dataset: "cub200".into(),
-        methods: Method::ALL.to_vec(),
-        train: t,
-        eval,
-    }
 }
 
 /// Parses the command line, recording which `train` flags were given explicitly (the rules of
@@ -979,10 +902,7 @@ fn embed(a: EmbedArgs) -> Result<()> {
 
 fn experiment(a: ExperimentArgs) -> Result<()> {
     let device = device()?;
-    let (mut cfg, synth) = match a.preset {
-        Preset::Quick => quick_preset(),
-        Preset::Paper => (paper_preset(), SyntheticConfig::default()),
-    };
+    let (mut cfg, synth) = a.preset.config();
     if let Some(d) = &a.dataset {
         cfg.dataset = d.clone();
     }
@@ -1015,7 +935,7 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     };
     let dataset = data::load(&kind, a.data_dir.as_deref())?;
     let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(format!("runs/experiment-{:?}-{}", a.preset, cfg.dataset).to_lowercase())
+        PathBuf::from(format!("runs/experiment-{}-{}", a.preset.key(), cfg.dataset).to_lowercase())
     });
     cfg.validate()?;
     let _lock = RunDir::lock(&out)?;

@@ -75,15 +75,21 @@ const MAX_IDX_BYTES: u64 = 4 << 30;
 /// Reads an IDX file; a `.gz` name is gunzipped.
 pub fn read_idx(path: &Path) -> DataResult<IdxArray> {
     let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    let bytes = if path.extension().is_some_and(|e| e == "gz") {
+    let gzipped = path.extension().is_some_and(|e| e == "gz");
+    idx_from_bytes(&raw, gzipped, path)
+}
+
+/// Parses IDX bytes, gunzipping them first when `gzipped`; `origin` names them in errors.
+fn idx_from_bytes(raw: &[u8], gzipped: bool, origin: &Path) -> DataResult<IdxArray> {
+    let bytes = if gzipped {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
+        flate2::read::GzDecoder::new(raw)
             .take(MAX_IDX_BYTES + 1)
             .read_to_end(&mut out)
-            .map_err(|e| DataError::bad_file(path, format!("cannot gunzip: {e}")))?;
+            .map_err(|e| DataError::bad_file(origin, format!("cannot gunzip: {e}")))?;
         if out.len() as u64 > MAX_IDX_BYTES {
             return Err(DataError::bad_file(
-                path,
+                origin,
                 format!(
                     "unpacks to more than {} MiB, the limit for an IDX file",
                     MAX_IDX_BYTES >> 20
@@ -92,9 +98,9 @@ pub fn read_idx(path: &Path) -> DataResult<IdxArray> {
         }
         out
     } else {
-        raw
+        raw.to_vec()
     };
-    parse_idx(&bytes).map_err(|d| DataError::bad_file(path, d))
+    parse_idx(&bytes).map_err(|d| DataError::bad_file(origin, d))
 }
 
 /// Finds `<stem>` or `<stem>.gz` (also the `train-images.idx3-ubyte` spelling) in `dir`.
@@ -127,9 +133,19 @@ fn read_set(dir: &Path, prefix: &str) -> DataResult<Vec<(MemImage, usize)>> {
     let labels_path = find_idx(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
     let images = read_idx(&images_path)?;
     let labels = read_idx(&labels_path)?;
+    pair_set(&images, &labels, &images_path, &labels_path)
+}
+
+/// Pairs an IDX image array [N, H, W] with its label array [N].
+fn pair_set(
+    images: &IdxArray,
+    labels: &IdxArray,
+    images_path: &Path,
+    labels_path: &Path,
+) -> DataResult<Vec<(MemImage, usize)>> {
     if images.dims.len() != 3 || labels.dims.len() != 1 || images.dims[0] != labels.dims[0] {
         return Err(DataError::bad_file(
-            &images_path,
+            images_path,
             format!(
                 "images {:?} and labels {:?} do not match (want [N,28,28] and [N])",
                 images.dims, labels.dims
@@ -139,7 +155,7 @@ fn read_set(dir: &Path, prefix: &str) -> DataResult<Vec<(MemImage, usize)>> {
     let (h, w) = (images.dims[1], images.dims[2]);
     if h == 0 || w == 0 {
         return Err(DataError::bad_file(
-            &images_path,
+            images_path,
             format!("images are {h}x{w}; Fashion-MNIST images are 28x28"),
         ));
     }
@@ -147,7 +163,7 @@ fn read_set(dir: &Path, prefix: &str) -> DataResult<Vec<(MemImage, usize)>> {
     for (i, &label) in labels.data.iter().enumerate() {
         if label as usize >= CLASS_NAMES.len() {
             return Err(DataError::bad_file(
-                &labels_path,
+                labels_path,
                 format!("label {label} at index {i} is not a Fashion-MNIST class (0-9)"),
             ));
         }
@@ -175,6 +191,60 @@ fn to_samples(set: Vec<(MemImage, usize)>, classes: std::ops::Range<usize>) -> V
 pub fn load_fashion_mnist(dir: &Path, split: FashionSplit) -> DataResult<Dataset> {
     let train_set = read_set(dir, "train")?;
     let test_set = read_set(dir, "t10k")?;
+    Ok(fashion_dataset(train_set, test_set, split))
+}
+
+/// The subset compiled into the binary (`data/fashion-mnist-subset/README.md`): classes 0-4 of
+/// the official training set (1,000 images each) and classes 5-9 of the official test set (500
+/// each), gzipped IDX, MIT licence (Zalando SE). Only the zero-shot split can be made from it.
+const EMBEDDED: [(&str, &[u8]); 4] = [
+    (
+        "train-images-idx3-ubyte.gz",
+        include_bytes!("../../data/fashion-mnist-subset/train-images-idx3-ubyte.gz"),
+    ),
+    (
+        "train-labels-idx1-ubyte.gz",
+        include_bytes!("../../data/fashion-mnist-subset/train-labels-idx1-ubyte.gz"),
+    ),
+    (
+        "t10k-images-idx3-ubyte.gz",
+        include_bytes!("../../data/fashion-mnist-subset/t10k-images-idx3-ubyte.gz"),
+    ),
+    (
+        "t10k-labels-idx1-ubyte.gz",
+        include_bytes!("../../data/fashion-mnist-subset/t10k-labels-idx1-ubyte.gz"),
+    ),
+];
+
+/// Name of the embedded subset on the command line and in run directories.
+pub const EMBEDDED_NAME: &str = "fashion-mnist-embedded";
+
+/// The embedded subset as the zero-shot split: 5,000 training images (classes 0-4), 2,500 test
+/// images (classes 5-9).
+pub fn load_embedded() -> DataResult<Dataset> {
+    let origin = |name: &str| PathBuf::from(format!("<embedded {EMBEDDED_NAME}>/{name}"));
+    let arrays = EMBEDDED
+        .iter()
+        .map(|(name, bytes)| idx_from_bytes(bytes, true, &origin(name)))
+        .collect::<DataResult<Vec<_>>>()?;
+    let set = |i: usize| {
+        pair_set(
+            &arrays[i],
+            &arrays[i + 1],
+            &origin(EMBEDDED[i].0),
+            &origin(EMBEDDED[i + 1].0),
+        )
+    };
+    let mut dataset = fashion_dataset(set(0)?, set(2)?, FashionSplit::ZeroShot);
+    dataset.name = EMBEDDED_NAME.into();
+    Ok(dataset)
+}
+
+fn fashion_dataset(
+    train_set: Vec<(MemImage, usize)>,
+    test_set: Vec<(MemImage, usize)>,
+    split: FashionSplit,
+) -> Dataset {
     let names = |r: std::ops::Range<usize>| -> Vec<String> {
         CLASS_NAMES[r].iter().map(|s| s.to_string()).collect()
     };
@@ -182,7 +252,7 @@ pub fn load_fashion_mnist(dir: &Path, split: FashionSplit) -> DataResult<Dataset
         FashionSplit::Standard => (0..10, 0..10),
         FashionSplit::ZeroShot => (0..5, 5..10),
     };
-    Ok(Dataset {
+    Dataset {
         name: match split {
             FashionSplit::Standard => "fashion-mnist".into(),
             FashionSplit::ZeroShot => "fashion-mnist-zero-shot".into(),
@@ -193,5 +263,5 @@ pub fn load_fashion_mnist(dir: &Path, split: FashionSplit) -> DataResult<Dataset
         train_classes: names(train_classes),
         test_classes: names(test_classes),
         skipped: Default::default(),
-    })
+    }
 }

@@ -250,13 +250,16 @@ pub enum DatasetKind {
     InShop,
     Sop,
     FashionMnist(FashionSplit),
+    /// The Fashion-MNIST subset compiled into the binary (zero-shot split).
+    FashionMnistEmbedded,
     ImageFolder,
     Synthetic(SyntheticConfig),
 }
 
 impl DatasetKind {
     /// Parses a command-line name: cub200, cars196, inshop, sop, fashion-mnist (standard split),
-    /// fashion-mnist-zero-shot, imagefolder, synthetic.
+    /// fashion-mnist-zero-shot, fashion-mnist-embedded (the built-in subset, zero-shot),
+    /// imagefolder, synthetic.
     pub fn parse(name: &str) -> DataResult<Self> {
         let lower = name.to_ascii_lowercase().replace('_', "-");
         Ok(match lower.as_str() {
@@ -270,12 +273,13 @@ impl DatasetKind {
             "fashion-mnist-zero-shot" | "fmnist-zero-shot" | "fashion-mnist-zeroshot" => {
                 DatasetKind::FashionMnist(FashionSplit::ZeroShot)
             }
+            "fashion-mnist-embedded" | "fmnist-embedded" => DatasetKind::FashionMnistEmbedded,
             "imagefolder" | "image-folder" | "folder" => DatasetKind::ImageFolder,
             "synthetic" | "synth" => DatasetKind::Synthetic(SyntheticConfig::default()),
             _ => {
                 return Err(DataError::Invalid(format!(
                     "unknown dataset '{name}'; expected one of cub200, cars196, inshop, sop, \
-                     fashion-mnist, fashion-mnist-zero-shot, imagefolder, synthetic"
+                     fashion-mnist, fashion-mnist-zero-shot, fashion-mnist-embedded, imagefolder, synthetic"
                 )))
             }
         })
@@ -291,6 +295,7 @@ impl fmt::Display for DatasetKind {
             DatasetKind::Sop => "sop",
             DatasetKind::FashionMnist(FashionSplit::Standard) => "fashion-mnist",
             DatasetKind::FashionMnist(FashionSplit::ZeroShot) => "fashion-mnist-zero-shot",
+            DatasetKind::FashionMnistEmbedded => fashion_mnist::EMBEDDED_NAME,
             DatasetKind::ImageFolder => "imagefolder",
             DatasetKind::Synthetic(_) => "synthetic",
         };
@@ -320,6 +325,7 @@ pub fn load(kind: &DatasetKind, data_dir: Option<&Path>) -> DataResult<Dataset> 
                 .unwrap_or_else(|| PathBuf::from(fashion_mnist::DEFAULT_DIR));
             fashion_mnist::load_fashion_mnist(&dir, *split)?
         }
+        DatasetKind::FashionMnistEmbedded => fashion_mnist::load_embedded()?,
         DatasetKind::ImageFolder => folders::load_image_folder(need_dir()?)?,
         DatasetKind::Synthetic(cfg) => synthetic::load_synthetic(cfg)?,
     };

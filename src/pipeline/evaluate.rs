@@ -88,6 +88,8 @@ pub struct Embedded {
     pub clean: Vec<Vec<f32>>,
     /// Embeddings of the attacked inputs (absent without an attack).
     pub attacked: Option<Vec<Vec<f32>>>,
+    /// With an attack: the mean and the largest per-image max |x_adv - x|.
+    pub attack_linf: Option<(f32, f32)>,
 }
 
 /// Embeds the set with every net (eval-mode BatchNorm); with `attack`, also embeds PGD inputs
@@ -119,6 +121,7 @@ pub fn embed_set(
     let mut attacked =
         attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
     let model = format!("{:?} at {image_size}x{image_size}", nets[0].backbone);
+    let mut linf: Vec<f32> = Vec::new();
     for batch in loader.epoch(0) {
         let mut embed_batch = || -> Result<()> {
             let x = batch.images_tensor(device)?;
@@ -130,6 +133,7 @@ pub fn embed_set(
                     on.iter().map(|&k| fns[k].as_ref() as EmbedFn).collect();
                 let mut rng = Rng::new(seed ^ batch.batch_index as u64);
                 let adv = pgd(&targets, &x, cfg, &Goal::EmbeddingShift, &mut rng)?;
+                linf.extend(per_image_linf(&x, &adv)?);
                 for (k, f) in fns.iter().enumerate() {
                     adv_out[k].extend(no_grad(|| f(&adv))?.to_vec()?);
                 }
@@ -138,11 +142,31 @@ pub fn embed_set(
         };
         embed_batch().map_err(|e| e.in_step(&model, batch.labels.len()))?;
     }
+    let attack_linf = (!linf.is_empty()).then(|| {
+        let mean = linf.iter().map(|&v| v as f64).sum::<f64>() / linf.len() as f64;
+        (mean as f32, linf.iter().copied().fold(0.0, f32::max))
+    });
     Ok(Embedded {
         dim,
         clean,
         attacked,
+        attack_linf,
     })
+}
+
+/// max |adv - x| of each image of a batch (on the host: a batch is small).
+fn per_image_linf(x: &Tensor, adv: &Tensor) -> Result<Vec<f32>> {
+    let per_image = x.shape()[1..].iter().product::<usize>().max(1);
+    let (x, adv) = (x.to_vec()?, adv.to_vec()?);
+    Ok(x.chunks(per_image)
+        .zip(adv.chunks(per_image))
+        .map(|(a, b)| {
+            a.iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0, f32::max)
+        })
+        .collect())
 }
 
 /// Neighbour lists for retrieval: query rows against gallery rows (self excluded when the

@@ -27,6 +27,9 @@ use crate::robust::ensemble::{
     mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels,
 };
 
+/// Most test samples drawn in the clean-versus-attacked projection.
+const PROJECTION_SAMPLES: usize = 250;
+
 /// How the evaluation attacks and sweeps are run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EvalPlan {
@@ -154,8 +157,10 @@ pub fn run_experiment(
         let start = Instant::now();
         let run = train_method(cfg, method, dataset, device, &dir)?;
         let train_seconds = start.elapsed().as_secs_f64();
+        let start = Instant::now();
         let mut report = evaluate_run(&run, dataset, &cfg.eval, device)?;
         report.train_seconds = train_seconds;
+        report.eval_seconds = start.elapsed().as_secs_f64();
         write(&report_path, &json(&report))?;
         eprintln!(
             "{}",
@@ -278,12 +283,15 @@ pub fn evaluate_run(
     };
     let sub_clean: Vec<Vec<f32>> = emb.clean.iter().map(rows_of).collect();
     let sub_attacked: Vec<Vec<f32>> = attacked.iter().map(rows_of).collect();
+    // Both curves start at the clean point (0 steps, eps 0): the same images, not attacked.
+    let clean_point = model_metrics(&sub_clean, &sub, dim, device, plan.seed)?;
     let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
-        // The evaluation attack itself is a point of both curves: reuse its embeddings (PGD
-        // treats samples independently, eval-mode BatchNorm included).
-        let fresh;
-        let adv = if cfg == plan.attack {
-            &sub_attacked
+        let m = if cfg.steps == 0 || cfg.eps == 0.0 {
+            clean_point.clone()
+        } else if cfg == plan.attack {
+            // The evaluation attack itself is a point of both curves: reuse its embeddings
+            // (PGD treats samples independently, eval-mode BatchNorm included).
+            model_metrics(&sub_attacked, &sub, dim, device, plan.seed)?
         } else {
             let e = embed_set(
                 &nets,
@@ -294,10 +302,9 @@ pub fn evaluate_run(
                 device,
                 Some((&cfg, &all, plan.seed)),
             )?;
-            fresh = e.attacked.expect("attack requested");
-            &fresh
+            let adv = e.attacked.expect("attack requested");
+            model_metrics(&adv, &sub, dim, device, plan.seed)?
         };
-        let m = model_metrics(adv, &sub, dim, device, plan.seed)?;
         Ok(CurvePoint {
             x,
             recall1: m.recall[0],
@@ -320,15 +327,27 @@ pub fn evaluate_run(
         };
         report.eps_curve.push(curve_point(cfg, e255 as f64)?);
     }
+    report.curve_samples = picks.len();
+    report.test_samples = set.samples.len();
+    report.attack_linf = emb.attack_linf;
+    // The projection draws a line per sample: a few hundred stay readable.
+    let shown = spread_indices(picks.len(), PROJECTION_SAMPLES);
+    let rows = |m: &[f32]| -> Vec<f32> {
+        shown
+            .iter()
+            .flat_map(|&i| m[i * dim..(i + 1) * dim].iter().copied())
+            .collect()
+    };
     let (clean2d, adv2d) = pca_2d(
-        &mean_embedding(&sub_clean, dim),
-        &mean_embedding(&sub_attacked, dim),
+        &rows(&mean_embedding(&sub_clean, dim)),
+        &rows(&mean_embedding(&sub_attacked, dim)),
         dim,
     );
     report.projection = Some(Projection {
         clean: clean2d,
         attacked: adv2d,
-        labels: sub.labels.clone(),
+        labels: shown.iter().map(|&i| sub.labels[i]).collect(),
+        class_names: dataset.test_classes.clone(),
     });
     Ok(report)
 }

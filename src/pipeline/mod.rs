@@ -4,6 +4,7 @@
 
 pub mod evaluate;
 pub mod experiment;
+pub mod presets;
 pub mod report;
 pub mod run_dir;
 pub mod train;

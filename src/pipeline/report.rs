@@ -50,6 +50,19 @@ pub struct MethodReport {
     /// 2-D projection of clean and attacked test embeddings with labels (Figure 1).
     pub projection: Option<Projection>,
     pub train_seconds: f64,
+    /// Wall time of the evaluation: clean, attacked, curves and projection.
+    #[serde(default)]
+    pub eval_seconds: f64,
+    /// Test images in the table's rows.
+    #[serde(default)]
+    pub test_samples: usize,
+    /// Test images behind each curve point and the projection.
+    #[serde(default)]
+    pub curve_samples: usize,
+    /// How far the evaluation attack moved the images: the mean and the largest per-image
+    /// max |x_adv - x| (the attack should reach its eps).
+    #[serde(default)]
+    pub attack_linf: Option<(f32, f32)>,
 }
 
 /// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
@@ -78,6 +91,9 @@ pub struct Projection {
     pub clean: Vec<(f32, f32)>,
     pub attacked: Vec<(f32, f32)>,
     pub labels: Vec<usize>,
+    /// Names of the test classes, by label (empty in reports written before they were kept).
+    #[serde(default)]
+    pub class_names: Vec<String>,
 }
 
 /// The paper's Table 1: NMI, F1, R@1/2/4/8 for clean and PGD rows of each method, plus the

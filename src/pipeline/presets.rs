@@ -1,0 +1,146 @@
+//! The experiment presets (`robust-dml experiment --preset ...`): the Fashion-MNIST protocol of
+//! `../shared/SPEC.md` section 10 at two scales, and the paper's CUB200 settings. The CLI only
+//! picks one and applies the user's overrides.
+
+use crate::config::PgdConfig;
+use crate::data::SyntheticConfig;
+use crate::pipeline::experiment::{EvalPlan, ExperimentConfig};
+use crate::pipeline::train::{Arch, TrainConfig};
+use crate::robust::defense::Method;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "kebab-case")]
+pub enum Preset {
+    /// The Fashion-MNIST protocol at reduced scale on the subset built into the binary
+    /// (5,000 training and 2,500 test images): under 10 minutes on a 2-core CPU.
+    Quick,
+    /// The Fashion-MNIST protocol at full scale on the installed dataset (zero-shot split,
+    /// 3 epochs of 78 steps, all 5,000 test images): about an hour on a 2-core CPU.
+    FashionMnist,
+    /// The paper's settings: MobileNetV2, 200 epochs, lr 1e-4, train PGD 16/255 x10, test 8/255 x10.
+    Paper,
+}
+
+impl Preset {
+    /// The preset's experiment, and the synthetic set used when `--dataset synthetic` is given.
+    pub fn config(self) -> (ExperimentConfig, SyntheticConfig) {
+        let cfg = match self {
+            Preset::Quick => quick(),
+            Preset::FashionMnist => fashion_mnist(),
+            Preset::Paper => paper(),
+        };
+        let image_size = cfg.train.image_size;
+        (cfg, synthetic_stand_in(image_size))
+    }
+
+    /// The preset's name in run directory names (`runs/experiment-<name>-<dataset>`).
+    pub fn key(self) -> &'static str {
+        match self {
+            Preset::Quick => "quick",
+            Preset::FashionMnist => "fashion-mnist",
+            Preset::Paper => "paper",
+        }
+    }
+}
+
+/// A small synthetic set at the preset's image size, for tests and `--dataset synthetic`.
+fn synthetic_stand_in(image_size: usize) -> SyntheticConfig {
+    SyntheticConfig {
+        num_classes: 40,
+        train_per_class: 20,
+        test_per_class: 10,
+        image_size: image_size.min(32),
+        seed: 0,
+    }
+}
+
+const FASHION_SIZE: usize = 28;
+/// The protocol's attacks: eps 0.1 (25.5/255) in training (5 steps) and evaluation (10 steps).
+const FASHION_EPS: f32 = 0.1;
+const FASHION_TRAIN_STEPS: usize = 5;
+const FASHION_EVAL_STEPS: usize = 10;
+
+/// SPEC section 10: c2f2 at 28x28 with a 128-d embedding, Proxy Anchor, AdamW lr 1e-3,
+/// batch 128, no warm-up and no schedule, clipping at 10; embedding-shift PGD eps 0.1 x5 in
+/// training (alpha 2.5 eps / steps), x10 in evaluation (alpha eps / 4); EAT with 3 members.
+fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> ExperimentConfig {
+    let mut t = TrainConfig::new(Arch::C2f2, Method::None);
+    t.image_size = FASHION_SIZE;
+    t.embedding_dim = 128;
+    t.epochs = epochs;
+    t.batch_size = 128;
+    t.lr = 1e-3;
+    t.weight_decay = 1e-4;
+    t.proxy_lr_mult = 100.0;
+    t.lr_gamma = 1.0;
+    t.warmup_epochs = 0;
+    t.grad_clip = 10.0;
+    t.seed = 0;
+    // In-memory images: decoding threads would only add overhead.
+    t.workers = 0;
+    t.max_steps_per_epoch = steps_per_epoch;
+    t.defense.attack = PgdConfig::new(FASHION_EPS, FASHION_TRAIN_STEPS);
+    t.defense.ensemble_size = 3;
+    t.defense.eat_beta = 0.5;
+    let eps255 = FASHION_EPS * 255.0;
+    ExperimentConfig {
+        dataset: dataset.into(),
+        methods: Method::ALL.to_vec(),
+        train: t,
+        eval: EvalPlan {
+            attack: PgdConfig::new(FASHION_EPS, FASHION_EVAL_STEPS),
+            steps_sweep: vec![0, 1, 2, 5, 10, 20],
+            eps_sweep: vec![0.0, eps255 / 2.0, eps255, 1.5 * eps255, 2.0 * eps255],
+            // One image is 0.2 points; each point beyond the evaluation attack costs a PGD run
+            // on these images (three for an ensemble), which is most of the evaluation's time.
+            curve_samples: 500,
+            max_test_samples: 0,
+            batch_size: 128,
+            seed: 1,
+        },
+    }
+}
+
+/// The quick preset: the protocol on the embedded subset, sized to finish all six methods in
+/// under 10 minutes on a 2-core CPU: 2 epochs of 16 steps (EAT's members: 16 steps each on their
+/// two thirds), all 2,500 test images in the table, 500 per curve point (one image is 0.2
+/// points), and shorter sweeps (each extra point costs a PGD run on the curve images).
+pub fn quick() -> ExperimentConfig {
+    let mut cfg = fashion_protocol(crate::data::fashion_mnist::EMBEDDED_NAME, 2, 16);
+    let eps255 = FASHION_EPS * 255.0;
+    cfg.eval.steps_sweep = vec![0, 1, 2, 5, 10];
+    cfg.eval.eps_sweep = vec![0.0, eps255 / 2.0, eps255, 2.0 * eps255];
+    cfg.eval.curve_samples = 500;
+    cfg
+}
+
+/// The full protocol on the installed Fashion-MNIST (zero-shot split): 3 epochs of 78 steps
+/// (about 10,000 images each), all 5,000 test images in the table, 500 per curve point.
+pub fn fashion_mnist() -> ExperimentConfig {
+    fashion_protocol("fashion-mnist-zero-shot", 3, 78)
+}
+
+/// The paper's preset (Table 1): MobileNetV2, PAL, 200 epochs, lr 1e-4, PGD 16/255 x10 in
+/// training, 8/255 x10 in evaluation.
+pub fn paper() -> ExperimentConfig {
+    let mut t = TrainConfig::new(Arch::MobilenetV2, Method::None);
+    t.epochs = 200;
+    t.batch_size = 150;
+    t.lr = 1e-4;
+    t.defense.attack = PgdConfig::new(16.0 / 255.0, 10);
+    let eval = EvalPlan {
+        attack: PgdConfig::new(8.0 / 255.0, 10),
+        steps_sweep: vec![0, 1, 2, 5, 10, 20],
+        eps_sweep: vec![0.0, 8.0, 16.0, 24.0, 32.0],
+        curve_samples: 1000,
+        max_test_samples: 0,
+        batch_size: 100,
+        seed: 1,
+    };
+    ExperimentConfig {
+        dataset: "cub200".into(),
+        methods: Method::ALL.to_vec(),
+        train: t,
+        eval,
+    }
+}
