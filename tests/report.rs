@@ -1,7 +1,7 @@
 //! The experiment report: Table 1 layout and an HTML page with the plots.
 
 use robust_dml::pipeline::report::{
-    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
+    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
 };
 
 fn sample() -> Vec<MethodReport> {
@@ -66,11 +66,31 @@ fn table_has_clean_and_pgd_rows_per_method() {
 
 #[test]
 fn html_report_holds_every_figure() {
-    let h = html_report(&sample(), "test run", "{}").unwrap();
+    let info = RunInfo {
+        title: "test run".into(),
+        settings: vec![("dataset".into(), "tiny <set>".into())],
+        config_json: "{}".into(),
+    };
+    let h = html_report(&sample(), &info).unwrap();
     // Four curves, the members chart and one projection.
     assert_eq!(h.matches("<svg").count(), 6, "figures missing");
     assert!(h.contains("members alone"));
     assert!(h.contains("+ EAT"));
+    // Every figure says how to read it; the settings are shown (escaped).
+    assert_eq!(h.matches("<figcaption><b>How to read this:").count(), 6);
+    assert!(h.contains("tiny &lt;set&gt;"));
+    // The ensemble's members are numbered 1, 2, 3 on the axis, never 0.0 or 2.0.
+    let members = &h[h.find("members alone").unwrap()..];
+    let members = &members[..members.find("</svg>").unwrap()];
+    for k in ["1", "2", "3"] {
+        assert!(
+            members.contains(&format!(">{k}</text>")),
+            "member {k} unlabelled"
+        );
+    }
+    assert!(!members.contains(">0.0<") && !members.contains(">2.0<"));
+    // The projection names its classes in a legend.
+    assert!(h.contains(">a</text>") && h.contains(">b</text>"));
 }
 
 #[test]

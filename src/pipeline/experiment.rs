@@ -18,7 +18,7 @@ use crate::pipeline::evaluate::{
     RECALL_KS,
 };
 use crate::pipeline::report::{
-    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection,
+    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
 };
 use crate::pipeline::run_dir;
 use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
@@ -179,14 +179,120 @@ pub fn run_experiment(
     );
     write(&out.join("table.md"), &table)?;
     write(&out.join("metrics.json"), &json(&reports))?;
-    let html = html_report(
-        &reports,
-        &format!("robust-dml experiment: {title}"),
-        &json(cfg),
-    )
-    .map_err(Error::Config)?;
+    let info = RunInfo {
+        title: format!("robust-dml experiment: {title}"),
+        settings: settings_rows(cfg, dataset, device, &reports),
+        config_json: json(cfg),
+    };
+    let html = html_report(&reports, &info).map_err(Error::Config)?;
     write(&out.join("report.html"), &html)?;
     Ok(reports)
+}
+
+/// The report's settings table: what was run, on what, and how long it took.
+fn settings_rows(
+    cfg: &ExperimentConfig,
+    dataset: &Dataset,
+    device: &Device,
+    reports: &[MethodReport],
+) -> Vec<(String, String)> {
+    let t = &cfg.train;
+    let attack = |a: &PgdConfig| {
+        format!(
+            "PGD, embedding shift, eps {:.3} ({:.1}/255), {} steps, alpha {:.4}, start {}",
+            a.eps,
+            a.eps * 255.0,
+            a.steps,
+            a.alpha,
+            if a.random_start {
+                "uniform in the eps-ball".to_string()
+            } else {
+                format!("x + {} N(0, 1)", crate::config::PGD_START_NOISE)
+            }
+        )
+    };
+    let tested = reports.iter().map(|r| r.test_samples).max().unwrap_or(0);
+    let curves = reports.iter().map(|r| r.curve_samples).max().unwrap_or(0);
+    let steps = match t.max_steps_per_epoch {
+        0 => "whole epochs".to_string(),
+        s => format!("at most {s} steps an epoch (per member for EAT)"),
+    };
+    let total: f64 = reports
+        .iter()
+        .map(|r| r.train_seconds + r.eval_seconds)
+        .sum();
+    let device_name = match device {
+        Device::Cpu => format!("CPU backend, {} threads", rayon::current_num_threads()),
+        d => d.name(),
+    };
+    let times = reports
+        .iter()
+        .map(|r| format!("{} {:.0}+{:.0}", r.label, r.train_seconds, r.eval_seconds))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = |k: &str, v: String| (k.to_string(), v);
+    vec![
+        row(
+            "dataset",
+            format!(
+                "{}: {} training images ({} classes), {} test images ({} classes)",
+                dataset.name,
+                dataset.train.len(),
+                dataset.num_train_classes(),
+                dataset.test.len(),
+                dataset.num_test_classes()
+            ),
+        ),
+        row(
+            "evaluated",
+            format!("{tested} test images in the table, {curves} per curve point and projection"),
+        ),
+        row(
+            "model",
+            format!(
+                "{:?} at {}x{}, {}-d embedding, Proxy Anchor (alpha {}, delta {})",
+                t.arch, t.image_size, t.image_size, t.embedding_dim, t.pa_alpha, t.pa_delta
+            ),
+        ),
+        row(
+            "training",
+            format!(
+                "{} epoch(s), {steps}, batch {}, AdamW lr {} (proxies x{}), weight decay {}, \
+                 warm-up {} epochs, gradient clip {}",
+                t.epochs,
+                t.batch_size,
+                t.lr,
+                t.proxy_lr_mult,
+                t.weight_decay,
+                t.warmup_epochs,
+                t.grad_clip
+            ),
+        ),
+        row("training attack", attack(&t.defense.attack)),
+        row(
+            "defenses",
+            format!(
+                "EAT {} members, beta {}; TRADES lambda {}; Mix-Up Beta({a}, {a})",
+                t.defense.ensemble_size,
+                t.defense.eat_beta,
+                t.defense.trades_lambda,
+                a = t.defense.mixup_alpha
+            ),
+        ),
+        row("evaluation attack", attack(&cfg.eval.attack)),
+        row(
+            "seeds",
+            format!("training {}, evaluation {}", t.seed, cfg.eval.seed),
+        ),
+        row("device", device_name),
+        row(
+            "wall time",
+            format!(
+                "{:.1} min in all; per method, train+evaluation (s): {times}",
+                total / 60.0
+            ),
+        ),
+    ]
 }
 
 /// Trains one method, resuming from its checkpoint when one exists.

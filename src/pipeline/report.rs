@@ -193,8 +193,10 @@ fn curve_svg(
                 .draw_series(pts.into_iter().map(|p| Circle::new(p, 3, color.filled())))
                 .map_err(svg_error)?;
         }
+        // Attacks pull the curves down to the right: the lower left stays clear.
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::LowerLeft)
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
@@ -204,7 +206,7 @@ fn curve_svg(
     Ok(svg)
 }
 
-/// Figure 4: clean and PGD Recall@1 of each ensemble member alone.
+/// Figure 4: clean and PGD Recall@1 of each ensemble member alone (members numbered from 1).
 fn members_svg(r: &MethodReport) -> Result<String, String> {
     let mut svg = String::new();
     {
@@ -216,13 +218,24 @@ fn members_svg(r: &MethodReport) -> Result<String, String> {
             .x_label_area_size(36)
             .y_label_area_size(44)
             .caption(format!("{}: members alone", r.label), ("sans-serif", 16))
-            .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0..100.0)
+            .build_cartesian_2d(0.5f64..(n as f64 + 0.5), 0.0..100.0)
             .map_err(svg_error)?;
+        // Ticks only at the members' whole numbers: 1, 2, 3 (never 0.0 or 1.5).
+        let whole = |x: &f64| {
+            let k = x.round();
+            if (x - k).abs() < 1e-6 && k >= 1.0 && k <= n as f64 {
+                format!("{k:.0}")
+            } else {
+                String::new()
+            }
+        };
         chart
             .configure_mesh()
             .x_desc("member")
             .y_desc("Recall@1 (%)")
-            .x_labels(n.max(1))
+            .x_labels(2 * n + 1)
+            .x_label_formatter(&whole)
+            .disable_x_mesh()
             .draw()
             .map_err(svg_error)?;
         for (series, (offset, color, name)) in
@@ -233,7 +246,7 @@ fn members_svg(r: &MethodReport) -> Result<String, String> {
             chart
                 .draw_series(r.members.iter().enumerate().map(|(i, m)| {
                     let v = if series == 0 { m.0 } else { m.1 };
-                    let x = i as f64 + offset;
+                    let x = (i + 1) as f64 + offset;
                     Rectangle::new([(x - 0.12, 0.0), (x + 0.12, v)], color.filled())
                 }))
                 .map_err(svg_error)?
@@ -244,6 +257,8 @@ fn members_svg(r: &MethodReport) -> Result<String, String> {
         }
         chart
             .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .draw()
             .map_err(svg_error)?;
@@ -252,11 +267,12 @@ fn members_svg(r: &MethodReport) -> Result<String, String> {
     Ok(svg)
 }
 
-/// Figure 1: clean (dots) and attacked (crosses) test embeddings in 2-D, coloured by class.
+/// Figure 1: clean (dots) and attacked (crosses) test embeddings in 2-D, coloured by class,
+/// with a line from each clean point to its attacked one.
 fn projection_svg(label: &str, p: &Projection) -> Result<String, String> {
     let mut svg = String::new();
     {
-        let root = SVGBackend::with_string(&mut svg, (420, 420)).into_drawing_area();
+        let root = SVGBackend::with_string(&mut svg, (520, 470)).into_drawing_area();
         root.fill(&WHITE).map_err(svg_error)?;
         let all = p.clean.iter().chain(&p.attacked);
         let (mut lo, mut hi) = ((f32::MAX, f32::MAX), (f32::MIN, f32::MIN));
@@ -275,8 +291,10 @@ fn projection_svg(label: &str, p: &Projection) -> Result<String, String> {
         let (y0, y1) = pad(lo.1, hi.1);
         let mut chart = ChartBuilder::on(&root)
             .margin(10)
+            .x_label_area_size(28)
+            .y_label_area_size(36)
             .caption(
-                format!("{label}: clean (o) vs attacked (x)"),
+                format!("{label}: clean (o), attacked (x)"),
                 ("sans-serif", 15),
             )
             .build_cartesian_2d(x0..x1, y0..y1)
@@ -284,23 +302,56 @@ fn projection_svg(label: &str, p: &Projection) -> Result<String, String> {
         chart
             .configure_mesh()
             .disable_mesh()
+            .x_desc("PC 1")
+            .y_desc("PC 2")
+            .x_labels(5)
+            .y_labels(5)
             .draw()
             .map_err(svg_error)?;
+        let color = |l: usize| PALETTE[l % PALETTE.len()];
         chart
             .draw_series(
                 p.clean
                     .iter()
+                    .zip(&p.attacked)
                     .zip(&p.labels)
-                    .map(|(&pt, &l)| Circle::new(pt, 3, PALETTE[l % 8].filled())),
+                    .map(|((&a, &b), &l)| PathElement::new(vec![a, b], color(l).mix(0.45))),
             )
             .map_err(svg_error)?;
-        chart
-            .draw_series(
-                p.attacked
+        let mut classes: Vec<usize> = p.labels.clone();
+        classes.sort_unstable();
+        classes.dedup();
+        for &class in &classes {
+            let name = p
+                .class_names
+                .get(class)
+                .cloned()
+                .unwrap_or_else(|| format!("class {class}"));
+            let c = color(class);
+            let of_class = || {
+                p.labels
                     .iter()
-                    .zip(&p.labels)
-                    .map(|(&pt, &l)| Cross::new(pt, 3, PALETTE[l % 8].stroke_width(1))),
-            )
+                    .enumerate()
+                    .filter(move |&(_, &l)| l == class)
+            };
+            chart
+                .draw_series(of_class().map(|(i, _)| Circle::new(p.clean[i], 3, c.filled())))
+                .map_err(svg_error)?
+                .label(name)
+                .legend(move |(x, y)| Circle::new((x + 6, y), 4, c.filled()));
+            chart
+                .draw_series(
+                    of_class().map(|(i, _)| Cross::new(p.attacked[i], 3, c.stroke_width(1))),
+                )
+                .map_err(svg_error)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 12))
+            .draw()
             .map_err(svg_error)?;
         root.present().map_err(svg_error)?;
     }
@@ -313,22 +364,144 @@ fn html_escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
-/// A self-contained HTML page: the table, the robustness curves, Figure 4 and Figure 1.
-pub fn html_report(
-    reports: &[MethodReport],
-    title: &str,
-    config_json: &str,
-) -> Result<String, String> {
+/// What the report states about the run besides the measurements: the data, the device and
+/// the settings (label, value), in the order shown.
+#[derive(Clone, Debug, Default)]
+pub struct RunInfo {
+    pub title: String,
+    pub settings: Vec<(String, String)>,
+    /// The experiment's configuration as JSON (shown folded, for the record).
+    pub config_json: String,
+}
+
+const STYLE: &str = "body{font-family:sans-serif;max-width:1120px;margin:auto;padding:0 12px;color:#222}\
+table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}\
+th{background:#f4f4f4}td.l,th.l{text-align:left}figure{display:inline-block;margin:6px;vertical-align:top}\
+figcaption,p.how{font-size:13px;color:#555;max-width:520px}p.how{max-width:none}";
+
+/// The sentence under a figure that says how to read it.
+fn how(text: &str) -> String {
+    format!(
+        "<figcaption><b>How to read this:</b> {}</figcaption>",
+        html_escape(text)
+    )
+}
+
+fn figure(svg: &str, caption: &str) -> String {
+    format!("<figure>{svg}{}</figure>", how(caption))
+}
+
+/// A self-contained HTML page: the run's settings, the table, the robustness curves, Figure 4
+/// (EAT's members) and Figure 1 (the projection), each with a line on how to read it.
+pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, String> {
     let mut h = String::new();
     let _ = write!(
         h,
         "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title>\
-         <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}}table{{border-collapse:collapse}}\
-         td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}figure{{display:inline-block;margin:6px}}</style>\
-         </head><body><h1>{t}</h1>",
-        t = html_escape(title)
+         <style>{STYLE}</style></head><body><h1>{t}</h1>",
+        t = html_escape(&info.title)
     );
-    h.push_str("<h2>Table 1 layout (percent)</h2><table><tr><th>method</th><th>input</th><th>NMI</th><th>F1</th><th>R@1</th><th>R@2</th><th>R@4</th><th>R@8</th><th>MAP@R</th><th>R@1 template</th></tr>");
+    h.push_str(&results_table(reports));
+    h.push_str("<h2>Robustness curves (clustering scenario)</h2>");
+    let samples = reports.iter().map(|r| r.curve_samples).max().unwrap_or(0);
+    let on = if samples > 0 {
+        format!(
+            " Each point is measured on the same {samples} test images (one image is {:.2} points); \
+             Recall@1 among fewer images is lower, so the clean point sits below the table's clean \
+             row.",
+            100.0 / samples as f64
+        )
+    } else {
+        String::new()
+    };
+    let steps_how = format!(
+        "Recall@1 of every method as the attack gets more PGD steps at the evaluation eps; \
+         0 steps is the clean score. A flat line is a robust model; the higher the line at the \
+         right, the better.{on}"
+    );
+    let eps_how = format!(
+        "The same, as the attack's budget eps grows at the evaluation steps; eps 0 is the clean \
+         score.{on}"
+    );
+    let f1_how = "Pair-counting F1 of k-means clustering (the paper's clustering metric) on \
+                  the same attacked images; higher is better.";
+    let figures = [
+        (
+            curve_svg(
+                reports,
+                |r| &r.steps_curve,
+                |p| p.recall1,
+                "PGD steps",
+                "Recall@1 (%)",
+            )?,
+            steps_how.clone(),
+        ),
+        (
+            curve_svg(reports, |r| &r.steps_curve, |p| p.f1, "PGD steps", "F1 (%)")?,
+            f1_how.to_string(),
+        ),
+        (
+            curve_svg(
+                reports,
+                |r| &r.eps_curve,
+                |p| p.recall1,
+                "eps (x/255)",
+                "Recall@1 (%)",
+            )?,
+            eps_how,
+        ),
+        (
+            curve_svg(reports, |r| &r.eps_curve, |p| p.f1, "eps (x/255)", "F1 (%)")?,
+            f1_how.to_string(),
+        ),
+    ];
+    for (svg, caption) in &figures {
+        h.push_str(&figure(svg, caption));
+    }
+    for r in reports.iter().filter(|r| !r.members.is_empty()) {
+        let _ = write!(
+            h,
+            "<h2>{}: ensemble members (Figure 4)</h2>{}",
+            html_escape(&r.label),
+            figure(
+                &members_svg(r)?,
+                "Recall@1 of each member alone, clean (blue) and under the attack on the whole \
+                 ensemble (red). The table's row is the members' vote; a vote above every \
+                 member's red bar is what the ensemble adds."
+            )
+        );
+    }
+    h.push_str("<h2>Clean versus attacked embeddings (Figure 1)</h2>");
+    for r in reports {
+        if let Some(p) = &r.projection {
+            h.push_str(&figure(
+                &projection_svg(&r.label, p)?,
+                &format!(
+                    "{} test images projected on the two main axes of their clean embeddings \
+                     (PCA; ensembles: the members' mean). Dots are clean, crosses attacked, \
+                     colour is the class; each line is one image's shift. Short lines and \
+                     crosses that stay in their own colour's cluster mean a robust model.",
+                    p.labels.len()
+                ),
+            ));
+        }
+    }
+    h.push_str(&settings_html(reports, info));
+    let _ = write!(
+        h,
+        "<details><summary>Configuration (JSON)</summary><pre>{}</pre></details></body></html>",
+        html_escape(&info.config_json)
+    );
+    Ok(h)
+}
+
+/// The Table 1 layout as HTML, with how to read it.
+fn results_table(reports: &[MethodReport]) -> String {
+    let mut h = String::from(
+        "<h2>Results (Table 1 layout, percent)</h2><table><tr><th class=\"l\">method</th>\
+         <th>input</th><th>NMI</th><th>F1</th><th>R@1</th><th>R@2</th><th>R@4</th><th>R@8</th>\
+         <th>MAP@R</th><th>R@1 template</th></tr>",
+    );
     for r in reports {
         for (input, m, t) in [
             ("clean", &r.clean, String::new()),
@@ -336,53 +509,69 @@ pub fn html_report(
         ] {
             let _ = write!(
                 h,
-                "<tr><td style=\"text-align:left\">{}</td><td>{input}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{t}</td></tr>",
+                "<tr><td class=\"l\">{}</td><td>{input}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{t}</td></tr>",
                 html_escape(&r.label), m.nmi, m.f1, m.recall[0], m.recall[1], m.recall[2], m.recall[3], m.map_r
             );
         }
     }
-    h.push_str("</table><h2>Robustness curves (clustering scenario)</h2>");
-    let figures = [
-        curve_svg(
-            reports,
-            |r| &r.steps_curve,
-            |p| p.recall1,
-            "PGD steps",
-            "Recall@1 (%)",
-        )?,
-        curve_svg(reports, |r| &r.steps_curve, |p| p.f1, "PGD steps", "F1 (%)")?,
-        curve_svg(
-            reports,
-            |r| &r.eps_curve,
-            |p| p.recall1,
-            "eps (x/255)",
-            "Recall@1 (%)",
-        )?,
-        curve_svg(reports, |r| &r.eps_curve, |p| p.f1, "eps (x/255)", "F1 (%)")?,
-    ];
-    for f in figures {
-        let _ = write!(h, "<figure>{f}</figure>");
-    }
-    for r in reports.iter().filter(|r| !r.members.is_empty()) {
-        let _ = write!(
-            h,
-            "<h2>{}: ensemble members (Figure 4)</h2><figure>{}</figure>",
-            html_escape(&r.label),
-            members_svg(r)?
-        );
-    }
-    h.push_str("<h2>Clean versus attacked embeddings (Figure 1)</h2>");
-    for r in reports {
-        if let Some(p) = &r.projection {
-            let _ = write!(h, "<figure>{}</figure>", projection_svg(&r.label, p)?);
-        }
-    }
+    let tested = reports.iter().map(|r| r.test_samples).max().unwrap_or(0);
+    let per_image = if tested > 0 {
+        format!(
+            " The rows use {tested} test images (one image is {:.2} points of R@1).",
+            100.0 / tested as f64
+        )
+    } else {
+        String::new()
+    };
     let _ = write!(
         h,
-        "<h2>Configuration</h2><pre>{}</pre></body></html>",
-        html_escape(config_json)
+        "</table><p class=\"how\"><b>How to read this:</b> each method has a clean row and a \
+         PGD row. PGD is the clustering scenario: every test image attacked, metrics on the \
+         attacked embeddings alone. R@1 template is the template-matching scenario: attacked \
+         queries against the clean gallery. Higher is better everywhere; robustness is the PGD \
+         row, its cost the clean row's drop against PAL. An ensemble's rows are its members' \
+         vote.{per_image}</p>"
     );
-    Ok(h)
+    h
+}
+
+/// The run's settings, and per method its wall times and how far its attack moved the images.
+fn settings_html(reports: &[MethodReport], info: &RunInfo) -> String {
+    let mut h = String::from("<h2>Settings</h2><table>");
+    for (k, v) in &info.settings {
+        let _ = write!(
+            h,
+            "<tr><th class=\"l\">{}</th><td class=\"l\">{}</td></tr>",
+            html_escape(k),
+            html_escape(v)
+        );
+    }
+    h.push_str(
+        "</table><h2>Per method</h2><table><tr><th class=\"l\">method</th><th>train (s)</th>\
+         <th>evaluation (s)</th><th>test images</th><th>curve images</th>\
+         <th>mean max|x_adv - x|</th><th>largest max|x_adv - x|</th></tr>",
+    );
+    let linf = |v: Option<f32>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    for r in reports {
+        let _ = write!(
+            h,
+            "<tr><td class=\"l\">{}</td><td>{:.0}</td><td>{:.0}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            html_escape(&r.label),
+            r.train_seconds,
+            r.eval_seconds,
+            r.test_samples,
+            r.curve_samples,
+            linf(r.attack_linf.map(|a| a.0)),
+            linf(r.attack_linf.map(|a| a.1)),
+        );
+    }
+    h.push_str(
+        "</table><p class=\"how\"><b>How to read this:</b> wall times on the device above. \
+         The last two columns are the evaluation attack's per-image movement (L-infinity, \
+         images in [0, 1]): an attack that works reaches its eps; one that stays near 0 \
+         never left the clean point.</p>",
+    );
+    h
 }
 
 /// A 2-D PCA projection of rows of `a` and `b` (D wide) on the top two principal axes of `a`
