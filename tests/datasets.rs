@@ -611,6 +611,37 @@ fn real_fashion_mnist_if_installed() {
     assert_eq!((zs.train.len(), zs.test.len()), (30_000, 5_000));
 }
 
+/// The subset compiled into the binary: the zero-shot split, class-balanced, with the counts
+/// its README states, under the 4 MB it may take, and images that are real (not blank).
+#[test]
+fn embedded_fashion_mnist_is_the_balanced_zero_shot_subset() {
+    let ds = data::load(&DatasetKind::parse("fashion-mnist-embedded").unwrap(), None).unwrap();
+    assert_eq!(ds.name, "fashion-mnist-embedded");
+    assert_eq!((ds.train.len(), ds.test.len()), (5_000, 2_000));
+    let per_class = |samples: &[robust_dml::data::Sample]| {
+        let mut counts = vec![0usize; 5];
+        for s in samples {
+            counts[s.label] += 1;
+        }
+        counts
+    };
+    assert_eq!(per_class(&ds.train), vec![1_000; 5]);
+    assert_eq!(per_class(&ds.test), vec![400; 5]);
+    assert_eq!(ds.train_classes[0], "T-shirt/top");
+    assert_eq!(ds.test_classes[0], "Sandal");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/fashion-mnist-subset");
+    let bytes: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(bytes <= 4 << 20, "the embedded subset takes {bytes} bytes");
+    assert!(dir.join("LICENSE").exists());
+    let ImageSource::Memory(img) = &ds.test[0].source else {
+        panic!("embedded images are in memory")
+    };
+    assert!(img.pixels.iter().any(|&p| p > 100) && img.pixels.iter().any(|&p| p == 0));
+}
+
 // ---------------------------------------------------------------- synthetic
 
 fn small_synthetic(seed: u64) -> SyntheticConfig {

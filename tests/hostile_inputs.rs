@@ -855,7 +855,18 @@ fn eval_prints_only_what_it_measured() {
         "template",
     ]);
     assert!(out.status.success());
+    // stdout is the JSON alone; progress went to stderr as one line per phase (no bar redraws
+    // when stderr is not a terminal).
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PGD-1 at eps") && err.contains(" img in "),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\r'),
+        "a progress bar was drawn into a non-terminal: {err}"
+    );
     let t = &v["pgd_template"];
     assert!(t["recall"].is_array(), "{v}");
     assert!(t.get("nmi").is_none_or(|n| n.is_null()), "{v}");
@@ -903,6 +914,8 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
     write_file(&sb.path("exp/notes.txt"), b"mine");
     sb.succeeds(&[
         "experiment",
+        "--dataset",
+        "synthetic",
         "--out",
         "exp",
         "--overwrite",
@@ -918,6 +931,15 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
     let config = std::fs::read_to_string(sb.path("exp/config.json")).unwrap();
     assert!(config.contains("\"synthetic\""), "{config}");
     assert_eq!(std::fs::read(sb.path("exp/notes.txt")).unwrap(), b"mine");
+    // Both curves start at the clean point (0 steps, eps 0), on the same images.
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.path("exp/none/report.json")).unwrap())
+            .unwrap();
+    let (steps, eps) = (&report["steps_curve"], &report["eps_curve"]);
+    assert_eq!(steps[0]["x"], 0.0, "{report}");
+    assert_eq!(eps[0]["x"], 0.0, "{report}");
+    assert_eq!(steps[0]["recall1"], eps[0]["recall1"], "{report}");
+    assert_eq!(report["test_samples"], 40, "{report}");
 }
 
 /// Degenerate data is accepted but never silently: empty classes, single-image classes and

@@ -84,13 +84,18 @@ fn html_report_holds_every_figure() {
     let members = &members[..members.find("</svg>").unwrap()];
     for k in ["1", "2", "3"] {
         assert!(
-            members.contains(&format!(">{k}</text>")),
+            members.contains(&format!(">\n{k}\n</text>")),
             "member {k} unlabelled"
         );
     }
-    assert!(!members.contains(">0.0<") && !members.contains(">2.0<"));
+    for wrong in ["0.5", "1.0", "1.5", "2.0"] {
+        assert!(
+            !members.contains(&format!(">\n{wrong}\n</text>")),
+            "tick {wrong}"
+        );
+    }
     // The projection names its classes in a legend.
-    assert!(h.contains(">a</text>") && h.contains(">b</text>"));
+    assert!(h.contains(">\na\n</text>") && h.contains(">\nb\n</text>"));
 }
 
 #[test]

@@ -13,7 +13,7 @@ import numpy as np
 SRC = sys.argv[1] if len(sys.argv) > 1 else "/usr/share/datasets/fashion-mnist"
 SEED = 0
 TRAIN_CLASSES, TRAIN_PER_CLASS = range(0, 5), 1000
-TEST_CLASSES, TEST_PER_CLASS = range(5, 10), 500
+TEST_CLASSES, TEST_PER_CLASS = range(5, 10), 400
 
 
 def read_idx(name):

@@ -15,6 +15,7 @@ use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
 use crate::pipeline::experiment::{claim_experiment_dir, model_metrics, run_experiment};
 use crate::pipeline::presets::Preset;
+use crate::pipeline::progress::Progress;
 use crate::pipeline::report::table_markdown;
 use crate::pipeline::run_dir::{check_output_path, RunDir};
 use crate::pipeline::train::{
@@ -875,12 +876,16 @@ fn embed(a: EmbedArgs) -> Result<()> {
     let n = x.shape()[0];
     let batch = a.batch_size.min(n as u64) as usize;
     let (mut values, mut dim) = (Vec::new(), a.embedding_dim);
+    let bar = Progress::new("embed", n as u64, "img", false);
     for start in (0..n).step_by(batch) {
-        let rows = x.rows(start, batch.min(n - start))?.to_device(&device)?;
+        let count = batch.min(n - start);
+        let rows = x.rows(start, count)?.to_device(&device)?;
         let e = crate::engine::no_grad(|| net.forward(&rows, ForwardMode::Eval))?;
         dim = e.shape()[1];
         values.extend(e.to_vec()?);
+        bar.inc(count as u64);
     }
+    bar.finish("");
     if values.iter().any(|v| !v.is_finite()) {
         return Err(Error::Config(format!(
             "the embeddings of {} are not finite; nothing was written to {}",

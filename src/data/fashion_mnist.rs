@@ -195,7 +195,7 @@ pub fn load_fashion_mnist(dir: &Path, split: FashionSplit) -> DataResult<Dataset
 }
 
 /// The subset compiled into the binary (`data/fashion-mnist-subset/README.md`): classes 0-4 of
-/// the official training set (1,000 images each) and classes 5-9 of the official test set (500
+/// the official training set (1,000 images each) and classes 5-9 of the official test set (400
 /// each), gzipped IDX, MIT licence (Zalando SE). Only the zero-shot split can be made from it.
 const EMBEDDED: [(&str, &[u8]); 4] = [
     (
@@ -219,7 +219,7 @@ const EMBEDDED: [(&str, &[u8]); 4] = [
 /// Name of the embedded subset on the command line and in run directories.
 pub const EMBEDDED_NAME: &str = "fashion-mnist-embedded";
 
-/// The embedded subset as the zero-shot split: 5,000 training images (classes 0-4), 2,500 test
+/// The embedded subset as the zero-shot split: 5,000 training images (classes 0-4), 2,000 test
 /// images (classes 5-9).
 pub fn load_embedded() -> DataResult<Dataset> {
     let origin = |name: &str| PathBuf::from(format!("<embedded {EMBEDDED_NAME}>/{name}"));

@@ -11,6 +11,7 @@ use crate::dml::metrics::{f1_pairs, nmi};
 use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
+use crate::pipeline::progress::Progress;
 use crate::pipeline::report::Metrics;
 use crate::robust::pgd::{pgd, EmbedFn, Goal};
 
@@ -122,6 +123,21 @@ pub fn embed_set(
         attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
     let model = format!("{:?} at {image_size}x{image_size}", nets[0].backbone);
     let mut linf: Vec<f32> = Vec::new();
+    let label = match attack {
+        Some((cfg, on, _)) => format!(
+            "PGD-{} at eps {:.1}/255 on {} model{}",
+            cfg.steps,
+            cfg.eps * 255.0,
+            on.len(),
+            if on.len() == 1 { "" } else { "s" }
+        ),
+        None => format!(
+            "embedding with {} model{}",
+            nets.len(),
+            if nets.len() == 1 { "" } else { "s" }
+        ),
+    };
+    let bar = Progress::new(label, set.samples.len() as u64, "img", false);
     for batch in loader.epoch(0) {
         let mut embed_batch = || -> Result<()> {
             let x = batch.images_tensor(device)?;
@@ -141,7 +157,9 @@ pub fn embed_set(
             Ok(())
         };
         embed_batch().map_err(|e| e.in_step(&model, batch.labels.len()))?;
+        bar.inc(batch.labels.len() as u64);
     }
+    bar.finish("");
     let attack_linf = (!linf.is_empty()).then(|| {
         let mean = linf.iter().map(|&v| v as f64).sum::<f64>() / linf.len() as f64;
         (mean as f32, linf.iter().copied().fold(0.0, f32::max))

@@ -5,6 +5,7 @@
 pub mod evaluate;
 pub mod experiment;
 pub mod presets;
+pub mod progress;
 pub mod report;
 pub mod run_dir;
 pub mod train;

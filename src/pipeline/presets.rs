@@ -12,7 +12,7 @@ use crate::robust::defense::Method;
 #[value(rename_all = "kebab-case")]
 pub enum Preset {
     /// The Fashion-MNIST protocol at reduced scale on the subset built into the binary
-    /// (5,000 training and 2,500 test images): under 10 minutes on a 2-core CPU.
+    /// (5,000 training and 2,000 test images): under 10 minutes on a 2-core CPU.
     Quick,
     /// The Fashion-MNIST protocol at full scale on the installed dataset (zero-shot split,
     /// 3 epochs of 78 steps, all 5,000 test images): about an hour on a 2-core CPU.
@@ -102,11 +102,11 @@ fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> Exp
 }
 
 /// The quick preset: the protocol on the embedded subset, sized to finish all six methods in
-/// under 10 minutes on a 2-core CPU: 2 epochs of 16 steps (EAT's members: 16 steps each on their
-/// two thirds), all 2,500 test images in the table, 500 per curve point (one image is 0.2
+/// under 10 minutes on a 2-core CPU: 2 epochs of 12 steps (EAT's members: 12 steps each on their
+/// two thirds), all 2,000 test images in the table, 500 per curve point (one image is 0.2
 /// points), and shorter sweeps (each extra point costs a PGD run on the curve images).
 pub fn quick() -> ExperimentConfig {
-    let mut cfg = fashion_protocol(crate::data::fashion_mnist::EMBEDDED_NAME, 2, 16);
+    let mut cfg = fashion_protocol(crate::data::fashion_mnist::EMBEDDED_NAME, 2, 12);
     let eps255 = FASHION_EPS * 255.0;
     cfg.eval.steps_sweep = vec![0, 1, 2, 5, 10];
     cfg.eval.eps_sweep = vec![0.0, eps255 / 2.0, eps255, 2.0 * eps255];

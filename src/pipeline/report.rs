@@ -147,6 +147,22 @@ fn svg_error(e: impl std::fmt::Display) -> String {
     format!("plotting failed: {e}")
 }
 
+/// The bottom of a curve chart: low enough that the lowest point sits above the lower 35% of
+/// the chart (the legend's place), a multiple of 10, never below 0. Differences of a few
+/// points stay visible, which a fixed 0-100 axis flattens.
+fn curve_y_floor(
+    reports: &[MethodReport],
+    curve: &impl Fn(&MethodReport) -> &Vec<CurvePoint>,
+    value: &impl Fn(&CurvePoint) -> f64,
+) -> f64 {
+    let lowest = reports
+        .iter()
+        .flat_map(|r| curve(r).iter().map(value))
+        .fold(100.0f64, f64::min);
+    let floor = lowest - 0.6 * (100.0 - lowest);
+    ((floor / 10.0).floor() * 10.0).clamp(0.0, 90.0)
+}
+
 /// One line per method of `value` against the curve's x.
 fn curve_svg(
     reports: &[MethodReport],
@@ -171,7 +187,7 @@ fn curve_svg(
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(44)
-            .build_cartesian_2d(x0..x1, 0.0..100.0)
+            .build_cartesian_2d(x0..x1, curve_y_floor(reports, &curve, &value)..100.0)
             .map_err(svg_error)?;
         chart
             .configure_mesh()

@@ -4,7 +4,6 @@
 //! epoch and `--resume` that continues bit for bit (all randomness is derived from the seed,
 //! the epoch, the member and the step); a NaN guard; progress and a JSON-lines log.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -18,6 +17,7 @@ use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};
 use crate::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
+use crate::pipeline::progress::Progress;
 use crate::pipeline::run_dir;
 use crate::robust::defense::{eat_member_indices, step_loss, DefenseConfig, Method, StepContext};
 use crate::robust::pgd::EmbedFn;
@@ -741,22 +741,19 @@ impl Run {
             )
             .for_samples(&samples);
             lc.workers = cfg.workers;
+            let loader_len = samples.len();
             let loader = BatchLoader::new(samples, lc)?;
             let total = match cfg.max_steps_per_epoch {
                 0 => loader.batches_per_epoch(),
                 s => s.min(loader.batches_per_epoch()),
             };
-            let mut bar = Progress::new(
-                format!(
-                    "epoch {}/{} member {}/{}",
-                    epoch + 1,
-                    cfg.epochs,
-                    i + 1,
-                    self.members.len()
-                ),
-                total,
-                quiet,
-            );
+            let label = match self.members.len() {
+                1 => format!("epoch {}/{}", epoch + 1, cfg.epochs),
+                n => format!("epoch {}/{} member {}/{n}", epoch + 1, cfg.epochs, i + 1),
+            };
+            let batch = cfg.batch_size.min(loader_len);
+            let bar = Progress::new(label, (total * batch) as u64, "img", quiet);
+            let first_loss = losses.len();
             for (step, batch) in loader.epoch(epoch as u64).take(total).enumerate() {
                 let model = format!("{:?} at {s}x{s}", cfg.arch, s = cfg.image_size);
                 let memory = |e: Error| e.in_step(&model, batch.labels.len());
@@ -779,9 +776,12 @@ impl Run {
                 }
                 losses.push(loss as f64);
                 images += batch.len();
-                bar.tick(loss, batch.len());
+                bar.inc(batch.len() as u64);
+                bar.set_message(format!("loss {loss:.4}"));
             }
-            bar.finish();
+            let member_losses = &losses[first_loss..];
+            let mean = member_losses.iter().sum::<f64>() / member_losses.len().max(1) as f64;
+            bar.finish(&format!("mean loss {mean:.4}"));
         }
         let seconds = start.elapsed().as_secs_f64();
         Ok(EpochStats {
@@ -932,74 +932,4 @@ pub struct EpochStats {
     pub seconds: f64,
     pub images_per_second: f64,
     pub warmup: bool,
-}
-
-/// A one-line progress bar on stderr (redrawn on a terminal, a line every 10% otherwise) with
-/// the loss, throughput and ETA.
-struct Progress {
-    label: String,
-    total: usize,
-    done: usize,
-    images: usize,
-    loss: f32,
-    start: Instant,
-    tty: bool,
-    quiet: bool,
-    last_decile: usize,
-}
-
-impl Progress {
-    fn new(label: String, total: usize, quiet: bool) -> Progress {
-        Progress {
-            label,
-            total,
-            done: 0,
-            images: 0,
-            loss: 0.0,
-            start: Instant::now(),
-            tty: std::io::stderr().is_terminal(),
-            quiet,
-            last_decile: 0,
-        }
-    }
-
-    fn tick(&mut self, loss: f32, images: usize) {
-        self.done += 1;
-        self.images += images;
-        self.loss = loss;
-        if self.quiet {
-            return;
-        }
-        let decile = self.done * 10 / self.total.max(1);
-        if self.tty || decile > self.last_decile {
-            self.last_decile = decile;
-            self.draw();
-        }
-    }
-
-    fn draw(&self) {
-        let el = self.start.elapsed().as_secs_f64();
-        let rate = self.images as f64 / el.max(1e-9);
-        let eta = el / self.done.max(1) as f64 * (self.total - self.done) as f64;
-        let width = 24;
-        let filled = width * self.done / self.total.max(1);
-        let bar: String = (0..width)
-            .map(|k| if k < filled { '=' } else { ' ' })
-            .collect();
-        let line = format!(
-            "{} [{bar}] {}/{} loss {:.4} {:.1} img/s ETA {:.0}s",
-            self.label, self.done, self.total, self.loss, rate, eta
-        );
-        if self.tty {
-            eprint!("\r{line}\x1b[K");
-        } else {
-            eprintln!("{line}");
-        }
-    }
-
-    fn finish(&self) {
-        if self.tty && !self.quiet {
-            eprintln!();
-        }
-    }
 }
