@@ -147,20 +147,25 @@ fn svg_error(e: impl std::fmt::Display) -> String {
     format!("plotting failed: {e}")
 }
 
-/// The bottom of a curve chart: low enough that the lowest point sits above the lower 35% of
-/// the chart (the legend's place), a multiple of 10, never below 0. Differences of a few
-/// points stay visible, which a fixed 0-100 axis flattens.
-fn curve_y_floor(
+/// The y range of a curve chart: from a multiple of 10 above the highest point down to one low
+/// enough that the lowest point sits above the lower 35% of the chart (the legend's place),
+/// within 0-100. Differences of a few points stay visible, which a fixed 0-100 axis flattens.
+fn curve_y_range(
     reports: &[MethodReport],
     curve: &impl Fn(&MethodReport) -> &Vec<CurvePoint>,
     value: &impl Fn(&CurvePoint) -> f64,
-) -> f64 {
-    let lowest = reports
+) -> std::ops::Range<f64> {
+    let values: Vec<f64> = reports
         .iter()
         .flat_map(|r| curve(r).iter().map(value))
-        .fold(100.0f64, f64::min);
-    let floor = lowest - 0.6 * (100.0 - lowest);
-    ((floor / 10.0).floor() * 10.0).clamp(0.0, 90.0)
+        .collect();
+    let lowest = values.iter().copied().fold(100.0f64, f64::min);
+    let highest = values.iter().copied().fold(0.0f64, f64::max);
+    let top = ((highest + 5.0) / 10.0).ceil() * 10.0;
+    let top = top.clamp(10.0, 100.0);
+    let bottom = lowest - 0.6 * (top - lowest);
+    let bottom = ((bottom / 10.0).floor() * 10.0).clamp(0.0, top - 10.0);
+    bottom..top
 }
 
 /// One line per method of `value` against the curve's x.
@@ -187,7 +192,7 @@ fn curve_svg(
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(44)
-            .build_cartesian_2d(x0..x1, curve_y_floor(reports, &curve, &value)..100.0)
+            .build_cartesian_2d(x0..x1, curve_y_range(reports, &curve, &value))
             .map_err(svg_error)?;
         chart
             .configure_mesh()
