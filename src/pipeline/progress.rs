@@ -6,7 +6,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// One phase's progress, counted in `unit`s (images).
 pub struct Progress {
@@ -28,10 +28,14 @@ impl Progress {
         } else {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             let template = format!(
-                "{{prefix}} [{{bar:24}}] {{pos}}/{{len}} {unit} {{per_sec}} ETA {{eta}} {{msg}}"
+                "{{prefix}} [{{bar:24}}] {{pos}}/{{len}} {unit} {{rate}} ETA {{eta}} {{msg}}"
             );
             if let Ok(style) = ProgressStyle::with_template(&template) {
-                bar.set_style(style.progress_chars("=> "));
+                // indicatif's own {per_sec} prints four decimals.
+                let rate = move |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1} {unit}/s", s.per_sec());
+                };
+                bar.set_style(style.with_key("rate", rate).progress_chars("=> "));
             }
             bar.set_prefix(label.clone());
             bar.enable_steady_tick(Duration::from_millis(250));
@@ -60,6 +64,10 @@ impl Progress {
     /// the count, the time and the rate, and `extra` (e.g. the mean loss).
     pub fn finish(self, extra: &str) {
         self.bar.finish();
+        if !self.bar.is_hidden() {
+            // The finished bar stays; what comes next starts on its own line.
+            eprintln!();
+        }
         if self.summary_line {
             let seconds = self.start.elapsed().as_secs_f64();
             let done = self.bar.position();
