@@ -4,6 +4,8 @@
 
 pub mod evaluate;
 pub mod experiment;
+pub mod ranking;
 pub mod report;
 pub mod run_dir;
+pub mod sanity;
 pub mod train;

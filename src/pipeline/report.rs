@@ -50,6 +50,15 @@ pub struct MethodReport {
     /// 2-D projection of clean and attacked test embeddings with labels (Figure 1).
     pub projection: Option<Projection>,
     pub train_seconds: f64,
+    /// The ranking-attack suite and its ERS (SPEC section 11), when the plan asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<crate::pipeline::ranking::RankingReport>,
+    /// Sanity checks of the evaluation attack, each pass or fail with its numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sanity: Vec<crate::pipeline::sanity::SanityCheck>,
+    /// What the sanity probe measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sanity_probe: Option<crate::pipeline::sanity::AttackProbe>,
 }
 
 /// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
@@ -291,7 +300,7 @@ fn projection_svg(label: &str, p: &Projection) -> Result<String, String> {
     Ok(svg)
 }
 
-fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -361,6 +370,8 @@ pub fn html_report(
             let _ = write!(h, "<figure>{}</figure>", projection_svg(&r.label, p)?);
         }
     }
+    h.push_str(&crate::pipeline::sanity::sanity_html(reports));
+    h.push_str(&crate::pipeline::ranking::ranking_html(reports));
     let _ = write!(
         h,
         "<h2>Configuration</h2><pre>{}</pre></body></html>",
