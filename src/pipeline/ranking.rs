@@ -129,7 +129,7 @@ pub fn run_ranking_suite(
             items: &items,
         };
         for (a, &attack) in attacks.iter().enumerate() {
-            let salt = (a as u64) << 40 ^ batch.batch_index as u64;
+            let salt = ((a as u64) << 40) ^ batch.batch_index as u64;
             let t0 = Instant::now();
             let mut rng = Rng::new(seed ^ salt);
             let (v, loss) = attack_batch(
