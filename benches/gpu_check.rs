@@ -103,6 +103,7 @@ fn main() -> robust_dml::error::Result<()> {
         max_test_samples: 0,
         batch_size: s.batch,
         seed: 0,
+        ranking: None,
     };
     let started = Instant::now();
     let report = evaluate_run(&run, &dataset, &plan, &device)?;

@@ -58,6 +58,14 @@ pub struct PgdConfig {
     pub steps: usize,
     pub random_start: bool,
     pub objective: Objective,
+    /// Runs from uniform random starts, keeping per image the one with the largest objective
+    /// (1 = a single run from the configured start).
+    #[serde(default = "one")]
+    pub restarts: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl PgdConfig {
@@ -68,6 +76,7 @@ impl PgdConfig {
             steps,
             random_start: false,
             objective: Objective::EmbeddingShift,
+            restarts: 1,
         }
     }
     pub fn train_default() -> Self {
@@ -80,6 +89,8 @@ impl PgdConfig {
 
 /// Most PGD steps an attack may take (the paper uses 10; beyond this a run only burns time).
 pub const MAX_PGD_STEPS: usize = 1000;
+/// Most PGD restarts an attack may run.
+pub const MAX_RESTARTS: usize = 100;
 /// Most image-decoding threads.
 pub const MAX_WORKERS: usize = 256;
 /// Most EAT ensemble members.
@@ -163,3 +174,43 @@ impl PgdConfig {
         )
     }
 }
+
+/// The ranking-attack suite's PGD profiles (SPEC section 11, robrank's): 28 px images
+/// (Fashion-MNIST) and 224 px images. No random start; alpha and steps as robrank's code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RankProfile {
+    /// eps 77/255, alpha 3/255, 32 steps.
+    Rob28,
+    /// eps 8/255, alpha 3/255, 32 steps.
+    Rob224,
+}
+
+impl RankProfile {
+    /// (eps, alpha, steps) in [0, 1] pixel units.
+    pub fn params(self) -> (f32, f32, usize) {
+        match self {
+            RankProfile::Rob28 => (77.0 / 255.0, 3.0 / 255.0, 32),
+            RankProfile::Rob224 => (8.0 / 255.0, 3.0 / 255.0, 32),
+        }
+    }
+    /// rob28 for small images (up to 64 px), rob224 for ImageNet-sized ones.
+    pub fn for_image_size(size: usize) -> RankProfile {
+        if size <= 64 {
+            RankProfile::Rob28
+        } else {
+            RankProfile::Rob224
+        }
+    }
+    pub fn key(self) -> &'static str {
+        match self {
+            RankProfile::Rob28 => "rob28",
+            RankProfile::Rob224 => "rob224",
+        }
+    }
+}
+
+/// Queries (test images attacked) of the ranking suite in an experiment: the suite runs 9
+/// attacks of 32 steps each, so it attacks a spread subset while the database stays the whole
+/// test set.
+pub const RANK_SUITE_QUERIES: usize = 500;

@@ -7,7 +7,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::config::{self, Objective, PgdConfig};
+use crate::config::{self, Objective, PgdConfig, RankProfile};
 use crate::data::{self, Dataset, DatasetKind};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
@@ -16,6 +16,7 @@ use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
 use crate::pipeline::experiment::{claim_experiment_dir, model_metrics, run_experiment};
 use crate::pipeline::presets::Preset;
 use crate::pipeline::progress::Progress;
+use crate::pipeline::ranking::{ranking_markdown, run_ranking_suite, RankingPlan};
 use crate::pipeline::report::table_markdown;
 use crate::pipeline::run_dir::{check_output_path, RunDir};
 use crate::pipeline::train::{
@@ -211,8 +212,28 @@ pub struct AttackArgs {
     pub steps: usize,
     #[arg(long)]
     pub random_start: bool,
+    /// PGD runs from uniform random starts, keeping per image the one with the largest
+    /// objective; the single-run figures are reported beside them.
+    #[arg(long, default_value_t = 1)]
+    pub restarts: usize,
     #[arg(long, value_enum, default_value_t = Scenario::Both)]
     pub scenario: Scenario,
+    /// Run an attack suite instead of PGD: `ranking` is robrank's ranking attacks and ERS.
+    #[arg(long, value_enum)]
+    pub suite: Option<Suite>,
+    /// The ranking suite's PGD profile (rob28: eps 77/255 for 28 px images; rob224: 8/255).
+    #[arg(long, value_enum, default_value_t = RankProfile::Rob28)]
+    pub profile: RankProfile,
+    /// Test images the ranking suite attacks, spread over the test set (0 = all); the
+    /// database is always the whole test set.
+    #[arg(long, default_value_t = 0)]
+    pub queries: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Suite {
+    /// CA+, CA-, QA+, QA-, ES, TMA, LTM, GTM, GTT and ERS (SPEC section 11).
+    Ranking,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -273,6 +294,10 @@ pub struct ExperimentArgs {
     /// Override the preset's cap on evaluated test samples, spread evenly (0 = all).
     #[arg(long)]
     pub test_samples: Option<usize>,
+    /// Run the ranking-attack suite (SPEC section 11) on this many test images per method,
+    /// spread over the test set (0 = off); profile rob28 up to 64 px, rob224 above.
+    #[arg(long)]
+    pub ranking_queries: Option<usize>,
     /// Run directory (default: runs/experiment-<preset>-<dataset>). Rerunning the same
     /// command resumes it.
     #[arg(long)]
@@ -617,6 +642,10 @@ struct EvalOutput {
     pgd_clustering: Option<crate::pipeline::report::Metrics>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pgd_template: Option<crate::pipeline::report::TemplateMetrics>,
+    /// The attack's parameters and the wall time of the embedding pass with it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attack: Option<PgdConfig>,
+    seconds: f64,
 }
 
 /// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run).
@@ -653,6 +682,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
     let set = EvalSet::of(&dataset);
     let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
     let all: Vec<usize> = (0..nets.len()).collect();
+    let start = std::time::Instant::now();
     let emb = embed_set(
         &nets,
         &set,
@@ -662,6 +692,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
         &device,
         attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)),
     )?;
+    let seconds = start.elapsed().as_secs_f64();
     let metrics = |embs: &[Vec<f32>]| model_metrics(embs, &set, emb.dim, &device, 0);
     let mut out = EvalOutput {
         checkpoint: e.checkpoint.display().to_string(),
@@ -669,6 +700,8 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
         clean: metrics(&emb.clean)?,
         pgd_clustering: None,
         pgd_template: None,
+        attack: attack.map(|(c, _)| c),
+        seconds,
     };
     if let (Some((_, scenario)), Some(adv)) = (attack, emb.attacked.as_ref()) {
         if scenario != Scenario::Template {
@@ -692,7 +725,24 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
             serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
         );
     } else {
-        let title = format!("{} on {}", e.checkpoint.display(), dataset.name);
+        let title = match &out.attack {
+            Some(c) => format!(
+                "{} on {}: PGD-{} eps {:.1}/255 alpha {:.2}/255{}{}, {:.1} s",
+                e.checkpoint.display(),
+                dataset.name,
+                c.steps,
+                c.eps * 255.0,
+                c.alpha * 255.0,
+                if c.random_start { ", random start" } else { "" },
+                if c.restarts > 1 {
+                    format!(", best of {} random restarts", c.restarts)
+                } else {
+                    String::new()
+                },
+                out.seconds
+            ),
+            None => format!("{} on {}", e.checkpoint.display(), dataset.name),
+        };
         println!(
             "{}",
             eval_table(&out, run.cfg.defense.method.label(), &title)
@@ -706,6 +756,9 @@ fn eval(a: EvalArgs) -> Result<()> {
 }
 
 fn attack(a: AttackArgs) -> Result<()> {
+    if a.suite == Some(Suite::Ranking) {
+        return ranking_suite(&a);
+    }
     let mut cfg = PgdConfig::new(a.eps / 255.0, a.steps);
     if let Some(alpha) = a.alpha {
         cfg.alpha = alpha / 255.0;
@@ -713,7 +766,59 @@ fn attack(a: AttackArgs) -> Result<()> {
     cfg.random_start = a.random_start;
     cfg.objective = Objective::EmbeddingShift;
     cfg.validate("--eps", "--steps").map_err(Error::Config)?;
-    evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))
+    if !(1..=config::MAX_RESTARTS).contains(&a.restarts) {
+        return Err(Error::Config(format!(
+            "--restarts {} is not valid: between 1 and {} PGD runs",
+            a.restarts,
+            config::MAX_RESTARTS
+        )));
+    }
+    evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
+    if a.restarts > 1 {
+        cfg.restarts = a.restarts;
+        evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
+    }
+    Ok(())
+}
+
+/// `attack --suite ranking`: the ranking attacks on the checkpoint's model (an ensemble
+/// through its mean embedding), as a table or JSON.
+fn ranking_suite(a: &AttackArgs) -> Result<()> {
+    let e = &a.eval;
+    let device = device()?;
+    let dataset = e.data.load()?;
+    let run = load_run(&e.checkpoint, &dataset, &device)?;
+    let set = EvalSet::of(&dataset);
+    let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
+    let plan = RankingPlan {
+        profile: a.profile,
+        queries: a.queries,
+    };
+    let report = run_ranking_suite(
+        &nets,
+        &set,
+        run.cfg.image_size,
+        e.batch_size as usize,
+        run.cfg.workers,
+        &device,
+        &plan,
+        1,
+    )?;
+    if e.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).map_err(|err| Error::Config(err.to_string()))?
+        );
+    } else {
+        let label = format!(
+            "{} ({} on {})",
+            run.cfg.defense.method.label(),
+            e.checkpoint.display(),
+            dataset.name
+        );
+        println!("{}", ranking_markdown(&label, &report));
+    }
+    Ok(())
 }
 
 /// The `input` tensor of `embed`: [N, 3, H, W] with N, H, W > 0 and finite values.
@@ -930,6 +1035,12 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     }
     if let Some(t) = a.test_samples {
         cfg.eval.max_test_samples = t;
+    }
+    if let Some(q) = a.ranking_queries {
+        cfg.eval.ranking = (q > 0).then(|| RankingPlan {
+            profile: RankProfile::for_image_size(cfg.train.image_size),
+            queries: q,
+        });
     }
     if !a.methods.is_empty() {
         cfg.methods = a.methods.clone();

@@ -17,10 +17,12 @@ use crate::pipeline::evaluate::{
     clustering, embed_set, full_metrics, retrieval, spread_indices, template_metrics, EvalSet,
     RECALL_KS,
 };
+use crate::pipeline::ranking::{ranking_markdown, ranking_tables, run_ranking_suite, RankingPlan};
 use crate::pipeline::report::{
     html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
 };
 use crate::pipeline::run_dir;
+use crate::pipeline::sanity::{failed_lines, run_sanity, sanity_tables};
 use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::robust::defense::Method;
 use crate::robust::ensemble::{
@@ -47,6 +49,9 @@ pub struct EvalPlan {
     pub max_test_samples: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// The ranking-attack suite (SPEC section 11) on a subset of queries; absent = not run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<RankingPlan>,
 }
 
 /// One experiment: the methods to train and how to train and evaluate them.
@@ -166,6 +171,12 @@ pub fn run_experiment(
             "{}",
             table_markdown(std::slice::from_ref(&report), method.label())
         );
+        if let Some(r) = &report.ranking {
+            eprintln!("{}", ranking_markdown(method.label(), r));
+        }
+        for line in failed_lines(method.label(), &report.sanity) {
+            eprintln!("{line}");
+        }
         reports.push(report);
     }
     let title = format!("{} / {:?}", cfg.dataset, cfg.train.arch);
@@ -177,7 +188,10 @@ pub fn run_experiment(
             cfg.eval.attack.eps * 255.0
         ),
     );
-    write(&out.join("table.md"), &table)?;
+    write(
+        &out.join("table.md"),
+        &(table + &sanity_tables(&reports) + &ranking_tables(&reports)),
+    )?;
     write(&out.join("metrics.json"), &json(&reports))?;
     let info = RunInfo {
         title: format!("robust-dml experiment: {title}"),
@@ -455,6 +469,33 @@ pub fn evaluate_run(
         labels: shown.iter().map(|&i| sub.labels[i]).collect(),
         class_names: dataset.test_classes.clone(),
     });
+    let (probe, checks) = run_sanity(
+        &nets,
+        &set,
+        &picks,
+        &emb.clean,
+        dim,
+        size,
+        plan.batch_size,
+        device,
+        &plan.attack,
+        plan.seed,
+        &report,
+    )?;
+    report.sanity = checks;
+    report.sanity_probe = Some(probe);
+    if let Some(rp) = &plan.ranking {
+        report.ranking = Some(run_ranking_suite(
+            &nets,
+            &set,
+            size,
+            plan.batch_size,
+            workers,
+            device,
+            rp,
+            plan.seed,
+        )?);
+    }
     Ok(report)
 }
 

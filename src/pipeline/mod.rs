@@ -6,6 +6,8 @@ pub mod evaluate;
 pub mod experiment;
 pub mod presets;
 pub mod progress;
+pub mod ranking;
 pub mod report;
 pub mod run_dir;
+pub mod sanity;
 pub mod train;

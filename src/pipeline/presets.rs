@@ -2,9 +2,10 @@
 //! `../shared/SPEC.md` section 10 at two scales, and the paper's CUB200 settings. The CLI only
 //! picks one and applies the user's overrides.
 
-use crate::config::PgdConfig;
+use crate::config::{PgdConfig, RankProfile};
 use crate::data::SyntheticConfig;
 use crate::pipeline::experiment::{EvalPlan, ExperimentConfig};
+use crate::pipeline::ranking::RankingPlan;
 use crate::pipeline::train::{Arch, TrainConfig};
 use crate::robust::defense::Method;
 
@@ -97,6 +98,9 @@ fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> Exp
             max_test_samples: 0,
             batch_size: 128,
             seed: 1,
+            // The ranking suite is opt-in here (--ranking-queries N): at 32 steps a query it
+            // would more than double the quick preset's budget.
+            ranking: None,
         },
     }
 }
@@ -136,6 +140,10 @@ pub fn paper() -> ExperimentConfig {
         max_test_samples: 0,
         batch_size: 100,
         seed: 1,
+        ranking: Some(RankingPlan {
+            profile: RankProfile::Rob224,
+            queries: crate::config::RANK_SUITE_QUERIES,
+        }),
     };
     ExperimentConfig {
         dataset: "cub200".into(),

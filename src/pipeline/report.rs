@@ -63,6 +63,15 @@ pub struct MethodReport {
     /// max |x_adv - x| (the attack should reach its eps).
     #[serde(default)]
     pub attack_linf: Option<(f32, f32)>,
+    /// The ranking-attack suite and its ERS (SPEC section 11), when the plan asks for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ranking: Option<crate::pipeline::ranking::RankingReport>,
+    /// Sanity checks of the evaluation attack, each pass or fail with its numbers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sanity: Vec<crate::pipeline::sanity::SanityCheck>,
+    /// What the sanity probe measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sanity_probe: Option<crate::pipeline::sanity::AttackProbe>,
 }
 
 /// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
@@ -379,7 +388,7 @@ fn projection_svg(label: &str, p: &Projection) -> Result<String, String> {
     Ok(svg)
 }
 
-fn html_escape(s: &str) -> String {
+pub(crate) fn html_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
@@ -507,6 +516,8 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
             ));
         }
     }
+    h.push_str(&crate::pipeline::sanity::sanity_html(reports));
+    h.push_str(&crate::pipeline::ranking::ranking_html(reports));
     h.push_str(&settings_html(reports, info));
     let _ = write!(
         h,

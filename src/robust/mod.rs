@@ -4,3 +4,5 @@
 pub mod defense;
 pub mod ensemble;
 pub mod pgd;
+pub mod ranking;
+pub mod restarts;

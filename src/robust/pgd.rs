@@ -79,6 +79,10 @@ pub fn pgd(
     if cfg.eps == 0.0 || cfg.steps == 0 {
         return Ok(x.detach());
     }
+    if cfg.restarts > 1 {
+        return crate::robust::restarts::pgd_restarts(members, x, cfg, goal, cfg.restarts, rng)
+            .map(|(adv, _)| adv);
+    }
     let x = x.detach();
     let clean: Vec<Tensor> = match goal {
         Goal::EmbeddingShift => no_grad(|| {

@@ -1,0 +1,388 @@
+//! Sanity checks of an evaluation attack (Carlini et al. 2019, "On Evaluating Adversarial
+//! Robustness"): evidence, with numbers, that the attack was strong enough for its figures to
+//! mean something. Each check passes or fails; failures are printed in the terminal summary.
+//!
+//! The probe (one batch of test images) measures:
+//! - eps 0 is the identity, and at eps > 0 the inputs move: max |x_adv - x| reaches eps (a model
+//!   that masks its gradients, e.g. by rounding its input, leaves PGD where it started);
+//! - the input gradient is not zero almost everywhere;
+//! - PGD with R random restarts (per image, the run with the largest objective) reaches at least
+//!   the objective of the single run; if it does but Recall@1 rises, that is reported.
+//!
+//! From the evaluation's curves and rows:
+//! - Recall@1 does not increase with PGD steps or with eps, beyond 2 binomial standard errors;
+//! - for ensembles, the mean-embedding and voting outputs under attack: the weaker attack's
+//!   figure is named as an upper bound.
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::PgdConfig;
+use crate::data::loader::{BatchLoader, LoaderConfig};
+use crate::engine::ops::elementwise::{add, square, sub};
+use crate::engine::ops::reduce::sum;
+use crate::engine::{no_grad, Device, Rng, Tensor};
+use crate::error::Result;
+use crate::nn::{EmbeddingNet, ForwardMode};
+use crate::pipeline::evaluate::EvalSet;
+use crate::pipeline::report::{CurvePoint, MethodReport};
+use crate::robust::ensemble::mean_embedding;
+use crate::robust::pgd::{pgd, start_point, EmbedFn, Goal};
+use crate::robust::restarts::{per_image_objective, pgd_restarts};
+
+/// Random restarts the probe compares with the single PGD run.
+pub const PROBE_RESTARTS: usize = 3;
+/// A gradient with more exactly-zero entries than this is masked.
+pub const MAX_ZERO_GRADIENT_FRACTION: f64 = 0.5;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SanityCheck {
+    pub name: String,
+    pub passed: bool,
+    pub detail: String,
+}
+
+/// What the probe measured on one batch.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttackProbe {
+    pub images: usize,
+    pub eps: f32,
+    pub max_move: f32,
+    pub max_move_at_eps0: f32,
+    pub zero_gradient_fraction: f64,
+    /// Mean per-image objective of the single run and of the best of the restarts.
+    pub objective_single: f64,
+    pub objective_restarts: f64,
+    pub restarts: usize,
+    /// Recall@1 (%) of the probe's attacked images against the clean set, single and restarts.
+    pub recall1_single: Option<f64>,
+    pub recall1_restarts: Option<f64>,
+    pub seconds_single: f64,
+    pub seconds_restarts: f64,
+}
+
+/// Attacks one batch `x` of `members` with `cfg` (embedding shift), once and with restarts.
+/// `recall1` maps attacked embeddings (the members' mean, host, [B, D]) to a Recall@1.
+pub fn probe_attack(
+    members: &[EmbedFn],
+    x: &Tensor,
+    cfg: &PgdConfig,
+    restarts: usize,
+    seed: u64,
+    recall1: Option<&dyn Fn(&Tensor) -> Result<f64>>,
+) -> Result<AttackProbe> {
+    let goal = Goal::EmbeddingShift;
+    let max_move = |a: &Tensor| -> Result<f32> {
+        let (a, b) = (a.to_vec()?, x.to_vec()?);
+        Ok(a.iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max))
+    };
+    let t0 = std::time::Instant::now();
+    let single = pgd(members, x, cfg, &goal, &mut Rng::new(seed))?;
+    let seconds_single = t0.elapsed().as_secs_f64();
+    let zero = PgdConfig { eps: 0.0, ..*cfg };
+    let at_zero = pgd(members, x, &zero, &goal, &mut Rng::new(seed))?;
+    let t1 = std::time::Instant::now();
+    let (best, best_obj) = pgd_restarts(members, x, cfg, &goal, restarts, &mut Rng::new(seed + 1))?;
+    let seconds_restarts = t1.elapsed().as_secs_f64();
+    let single_obj = per_image_objective(members, x, &single, &goal)?;
+    let mean = |v: &[f32]| v.iter().map(|&s| s as f64).sum::<f64>() / v.len().max(1) as f64;
+    let (r_single, r_restarts) = match recall1 {
+        Some(f) => (Some(f(&single)?), Some(f(&best)?)),
+        None => (None, None),
+    };
+    Ok(AttackProbe {
+        images: x.shape().first().copied().unwrap_or(0),
+        eps: cfg.eps,
+        max_move: max_move(&single)?,
+        max_move_at_eps0: max_move(&at_zero)?,
+        zero_gradient_fraction: zero_gradient_fraction(members, x, cfg, seed)?,
+        objective_single: mean(&single_obj),
+        objective_restarts: mean(&best_obj),
+        restarts,
+        recall1_single: r_single,
+        recall1_restarts: r_restarts,
+        seconds_single,
+        seconds_restarts,
+    })
+}
+
+/// The fraction of exactly-zero entries of d(embedding shift)/dx at the attack's start point.
+fn zero_gradient_fraction(
+    members: &[EmbedFn],
+    x: &Tensor,
+    cfg: &PgdConfig,
+    seed: u64,
+) -> Result<f64> {
+    let start = no_grad(|| start_point(x, cfg, &mut Rng::new(seed)))?;
+    let var = start.var();
+    let mut total: Option<Tensor> = None;
+    for m in members {
+        let clean = no_grad(|| m(x))?;
+        let term = sum(&square(&sub(&m(&var)?, &clean)?)?)?;
+        total = Some(match total {
+            Some(t) => add(&t, &term)?,
+            None => term,
+        });
+    }
+    let Some(total) = total else {
+        return Ok(1.0);
+    };
+    let grads = total.backward()?;
+    let Some(g) = grads.get(&var) else {
+        return Ok(1.0);
+    };
+    let g = g.to_vec()?;
+    Ok(g.iter().filter(|&&v| v == 0.0).count() as f64 / g.len().max(1) as f64)
+}
+
+/// The checks of one method from its probe and its evaluation report.
+pub fn sanity_checks(
+    probe: &AttackProbe,
+    report: &MethodReport,
+    curve_n: usize,
+) -> Vec<SanityCheck> {
+    let mut checks = Vec::new();
+    let mut check = |name: &str, passed: bool, detail: String| {
+        checks.push(SanityCheck {
+            name: name.into(),
+            passed,
+            detail,
+        })
+    };
+    check(
+        "eps 0 is the identity",
+        probe.max_move_at_eps0 == 0.0,
+        format!("max |x_adv - x| = {:.2e} at eps 0", probe.max_move_at_eps0),
+    );
+    check(
+        "inputs reach eps",
+        probe.max_move >= probe.eps * (1.0 - 1e-4),
+        format!(
+            "max |x_adv - x| = {:.4} for eps {:.4} ({} images)",
+            probe.max_move, probe.eps, probe.images
+        ),
+    );
+    check(
+        "gradients flow",
+        probe.zero_gradient_fraction <= MAX_ZERO_GRADIENT_FRACTION,
+        format!(
+            "{:.1}% of input-gradient entries are exactly 0 (limit {:.0}%)",
+            100.0 * probe.zero_gradient_fraction,
+            100.0 * MAX_ZERO_GRADIENT_FRACTION
+        ),
+    );
+    let restarts_ok = probe.objective_restarts >= probe.objective_single;
+    let mut detail = format!(
+        "mean objective {:.4} with {} random restarts ({:.1} s) vs {:.4} for one run ({:.1} s)",
+        probe.objective_restarts,
+        probe.restarts,
+        probe.seconds_restarts,
+        probe.objective_single,
+        probe.seconds_single
+    );
+    if let (Some(a), Some(b)) = (probe.recall1_single, probe.recall1_restarts) {
+        detail += &format!("; probe R@1 {a:.2} -> {b:.2}");
+        if restarts_ok && b > a {
+            detail += " (the stronger objective raised R@1: the embedding shift is only a proxy)";
+        }
+    }
+    check("restarts reach the single run", restarts_ok, detail);
+    for (name, curve) in [
+        ("R@1 falls with steps", &report.steps_curve),
+        ("R@1 falls with eps", &report.eps_curve),
+    ] {
+        let (passed, detail) = monotone(curve, curve_n);
+        check(name, passed, detail);
+    }
+    if let Some((_, mean_adv)) = &report.mean_embedding {
+        let (voted, mean) = (report.pgd.recall[0], mean_adv.recall[0]);
+        let weaker = if voted >= mean {
+            format!("voting's {voted:.2}")
+        } else {
+            format!("the mean embedding's {mean:.2}")
+        };
+        check(
+            "ensemble outputs both attacked",
+            true,
+            format!(
+                "attacked R@1: voting {voted:.2}, mean embedding {mean:.2}; the attack sums the \
+                 members' objectives (eq. 10), so the weaker figure, {weaker}, is only an upper \
+                 bound"
+            ),
+        );
+    }
+    checks
+}
+
+/// Recall@1 never rises between consecutive curve points by more than two binomial standard
+/// errors on `n` samples.
+fn monotone(curve: &[CurvePoint], n: usize) -> (bool, String) {
+    let mut worst: Option<(f64, f64, f64, f64)> = None;
+    for w in curve.windows(2) {
+        let (a, b) = (w[0].recall1, w[1].recall1);
+        let p = (a / 100.0).clamp(0.0, 1.0);
+        let allowance = 200.0 * (p * (1.0 - p) / n.max(1) as f64).sqrt() + 1e-9;
+        if b - a > allowance && worst.is_none_or(|(_, _, rise, _)| b - a > rise) {
+            worst = Some((w[0].x, w[1].x, b - a, allowance));
+        }
+    }
+    let values: Vec<String> = curve
+        .iter()
+        .map(|p| format!("{}: {:.2}", p.x, p.recall1))
+        .collect();
+    match worst {
+        None => (
+            true,
+            format!(
+                "R@1 {} (no rise beyond 2 standard errors)",
+                values.join(", ")
+            ),
+        ),
+        Some((x0, x1, rise, allow)) => (
+            false,
+            format!(
+                "R@1 rose by {rise:.2} from {x0} to {x1} (allowance {allow:.2}): {}",
+                values.join(", ")
+            ),
+        ),
+    }
+}
+
+/// The checks as a Markdown table ("Sanity").
+pub fn sanity_markdown(label: &str, checks: &[SanityCheck]) -> String {
+    let mut s =
+        format!("#### Sanity: {label}\n\n| check | result | numbers |\n| --- | --- | --- |\n");
+    for c in checks {
+        s += &format!(
+            "| {} | {} | {} |\n",
+            c.name,
+            if c.passed { "pass" } else { "**FAIL**" },
+            c.detail
+        );
+    }
+    s
+}
+
+/// Sanity tables of every method that has checks.
+pub fn sanity_tables(reports: &[MethodReport]) -> String {
+    reports
+        .iter()
+        .filter(|r| !r.sanity.is_empty())
+        .map(|r| format!("\n{}", sanity_markdown(&r.label, &r.sanity)))
+        .collect()
+}
+
+/// Failed checks, one line each, for the terminal summary.
+pub fn failed_lines(label: &str, checks: &[SanityCheck]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| format!("SANITY FAIL [{label}] {}: {}", c.name, c.detail))
+        .collect()
+}
+
+/// The HTML "Sanity" section.
+pub fn sanity_html(reports: &[MethodReport]) -> String {
+    let mut h = String::new();
+    for r in reports.iter().filter(|r| !r.sanity.is_empty()) {
+        h += &format!(
+            "<h2>Sanity: {}</h2><table><tr><th>check</th><th>result</th><th>numbers</th></tr>",
+            crate::pipeline::report::html_escape(&r.label)
+        );
+        for c in &r.sanity {
+            h += &format!(
+                "<tr><td style=\"text-align:left\">{}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>",
+                crate::pipeline::report::html_escape(&c.name),
+                if c.passed { "pass" } else { "<b>FAIL</b>" },
+                crate::pipeline::report::html_escape(&c.detail)
+            );
+        }
+        h += "</table>";
+    }
+    h
+}
+
+/// Probes the attack on the first batch of `picks` (indices into `set`) and returns the probe
+/// and every check for `report`. `clean` holds the members' clean embeddings of the whole set.
+#[allow(clippy::too_many_arguments)]
+pub fn run_sanity(
+    nets: &[&EmbeddingNet],
+    set: &EvalSet,
+    picks: &[usize],
+    clean: &[Vec<f32>],
+    dim: usize,
+    image_size: usize,
+    batch_size: usize,
+    device: &Device,
+    cfg: &PgdConfig,
+    seed: u64,
+    report: &MethodReport,
+) -> Result<(AttackProbe, Vec<SanityCheck>)> {
+    let probe_rows: Vec<usize> = picks.iter().copied().take(batch_size.max(1)).collect();
+    let sub = set.subset(&probe_rows);
+    let lc = LoaderConfig::eval(probe_rows.len().max(1), image_size).for_samples(&sub.samples);
+    let loader = BatchLoader::new(sub.samples.clone(), LoaderConfig { workers: 0, ..lc })?;
+    let Some(batch) = loader.epoch(0).next() else {
+        return Ok((AttackProbe::default(), Vec::new()));
+    };
+    let x = batch.images_tensor(device)?;
+    let frozen: Vec<EmbeddingNet> = nets
+        .iter()
+        .map(|n| n.frozen_view(device).map_err(Into::into))
+        .collect::<Result<_>>()?;
+    let fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = frozen
+        .iter()
+        .map(|v| {
+            Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>
+        })
+        .collect();
+    let members: Vec<EmbedFn> = fns.iter().map(|f| f.as_ref() as EmbedFn).collect();
+    let gallery = match clean {
+        [single] => single.clone(),
+        many => mean_embedding(many, dim),
+    };
+    let rows: Vec<usize> = batch.indices.iter().map(|&k| probe_rows[k]).collect();
+    let recall1 = |adv: &Tensor| -> Result<f64> {
+        let embs: Vec<Vec<f32>> = no_grad(|| {
+            fns.iter()
+                .map(|f| f(adv).and_then(|e| e.to_vec()))
+                .collect::<crate::engine::Result<_>>()
+        })?;
+        let q = match embs.as_slice() {
+            [single] => single.clone(),
+            many => mean_embedding(many, dim),
+        };
+        Ok(recall1_against(&q, &rows, &gallery, &set.labels, dim))
+    };
+    let probe = probe_attack(&members, &x, cfg, PROBE_RESTARTS, seed, Some(&recall1))?;
+    let checks = sanity_checks(&probe, report, picks.len());
+    Ok((probe, checks))
+}
+
+/// Recall@1 (%) of query rows (set indices `rows`) against the clean gallery, each query's own
+/// clean copy dropped.
+fn recall1_against(
+    q: &[f32],
+    rows: &[usize],
+    gallery: &[f32],
+    labels: &[usize],
+    dim: usize,
+) -> f64 {
+    let hits = rows
+        .iter()
+        .enumerate()
+        .filter(|&(i, &me)| {
+            let qi = &q[i * dim..(i + 1) * dim];
+            let best = gallery
+                .chunks(dim)
+                .enumerate()
+                .filter(|&(j, _)| j != me)
+                .map(|(j, g)| (qi.iter().zip(g).map(|(a, b)| a * b).sum::<f32>(), j))
+                .max_by(|a, b| a.0.total_cmp(&b.0));
+            best.is_some_and(|(_, j)| labels[j] == labels[me])
+        })
+        .count();
+    100.0 * hits as f64 / rows.len().max(1) as f64
+}

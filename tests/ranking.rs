@@ -1,0 +1,188 @@
+//! The ranking-attack suite (SPEC section 11): every attack moves its score in the intended
+//! direction further than uniform +-eps sign noise of the same size, on a tiny model whose
+//! clean retrieval is perfect; ERS matches a row computed by hand.
+
+use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
+use robust_dml::engine::ops::elementwise::relu;
+use robust_dml::engine::ops::matmul::linear;
+use robust_dml::engine::ops::normalize::l2_normalize;
+use robust_dml::engine::ops::reduce::mean_dim;
+use robust_dml::engine::testing::gpu_or_skip;
+use robust_dml::engine::{no_grad, Device, Result, Rng, Tensor};
+use robust_dml::robust::ranking::{
+    attack_batch, Database, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
+};
+
+/// A tiny embedding net: conv 3x3 -> relu -> spatial mean -> linear -> L2 normalise.
+struct Tiny {
+    w: Tensor,
+    fc: Tensor,
+}
+
+impl Tiny {
+    fn new(seed: u64, d: &Device) -> Tiny {
+        let mut r = Rng::new(seed);
+        Tiny {
+            w: Tensor::randn(&[16, 3, 3, 3], 0.5, &mut r, d).unwrap(),
+            fc: Tensor::randn(&[8, 16], 0.5, &mut r, d).unwrap(),
+        }
+    }
+    fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        let p = Conv2dParams {
+            padding: (1, 1),
+            ..Default::default()
+        };
+        let h = relu(&conv2d(x, &self.w, None, p)?)?;
+        let (n, c, hh, ww) = h.dims4("tiny")?;
+        let pooled = mean_dim(&h.reshape(&[n, c, hh * ww])?, 2)?;
+        l2_normalize(&linear(&pooled, &self.fc, None)?, 1, 1e-12)
+    }
+}
+
+const CLASSES: usize = 4;
+const PER_CLASS: usize = 10;
+const SHAPE: [usize; 3] = [3, 6, 5];
+
+/// Class-structured images: one random base image per class plus small noise, so that the
+/// clean model retrieves its own class; labels in class order.
+fn dataset(d: &Device) -> (Tensor, Vec<usize>) {
+    let mut r = Rng::new(7);
+    let px: usize = SHAPE.iter().product();
+    let bases: Vec<Vec<f32>> = (0..CLASSES)
+        .map(|_| (0..px).map(|_| r.uniform()).collect())
+        .collect();
+    let mut data = Vec::new();
+    let mut labels = Vec::new();
+    for (c, base) in bases.iter().enumerate() {
+        for _ in 0..PER_CLASS {
+            data.extend(base.iter().map(|v| (v + 0.03 * r.normal()).clamp(0.0, 1.0)));
+            labels.push(c);
+        }
+    }
+    let n = labels.len();
+    let x = Tensor::from_vec(data, &[n, SHAPE[0], SHAPE[1], SHAPE[2]], d).unwrap();
+    (x, labels)
+}
+
+/// Scores of every attack, attacked and under noise, on a batch of 8 images (2 per class).
+fn suite(d: &Device) -> (RankScores, RankScores, Vec<(f64, f64)>) {
+    let m = Tiny::new(1, d);
+    let f = |x: &Tensor| m.embed(x);
+    let (x, labels) = dataset(d);
+    let emb = no_grad(|| m.embed(&x)).unwrap().to_vec().unwrap();
+    let db = Database::new(emb, labels, 8, d).unwrap();
+    let items: Vec<usize> = (0..CLASSES)
+        .flat_map(|c| [c * PER_CLASS, c * PER_CLASS + 5])
+        .collect();
+    let px: usize = SHAPE.iter().product();
+    let all = x.to_vec().unwrap();
+    let rows: Vec<f32> = items
+        .iter()
+        .flat_map(|&i| all[i * px..(i + 1) * px].to_vec())
+        .collect();
+    let xb = Tensor::from_vec(rows, &[items.len(), SHAPE[0], SHAPE[1], SHAPE[2]], d).unwrap();
+    let batch = RankBatch {
+        x: &xb,
+        items: &items,
+    };
+    let pgd = RankPgd {
+        eps: 77.0 / 255.0,
+        alpha: 3.0 / 255.0,
+        steps: 32,
+    };
+    let (mut attacked, mut noise) = (RankScores::default(), RankScores::default());
+    let mut losses = Vec::new();
+    for (k, attack) in RankAttack::ALL.into_iter().enumerate() {
+        let run = |p| attack_batch(&f, &batch, &db, attack, &pgd, p, &mut Rng::new(k as u64));
+        let (a, la) = run(Perturbation::Attack).unwrap();
+        let (n, ln) = run(Perturbation::Noise).unwrap();
+        attacked.set(attack, &a);
+        noise.set(attack, &n);
+        losses.push((la, ln));
+    }
+    (attacked, noise, losses)
+}
+
+fn check_suite(d: &Device) {
+    let (a, n, losses) = suite(d);
+    eprintln!("attacked {a:?}\nnoise    {n:?}\nlosses   {losses:?}");
+    for (attack, (la, ln)) in RankAttack::ALL.iter().zip(&losses) {
+        assert!(
+            la < ln,
+            "{}: final loss {la} not below the noise's {ln}",
+            attack.label()
+        );
+    }
+    // Each score moves the way its attack intends, further than noise does.
+    let lower = [
+        ("CA+", a.ca_plus, n.ca_plus),
+        ("QA+", a.qa_plus, n.qa_plus),
+        ("ES:R", a.es_r, n.es_r),
+        ("LTM", a.ltm, n.ltm),
+        ("GTM", a.gtm, n.gtm),
+        ("GTT", a.gtt, n.gtt),
+    ];
+    for (name, att, noi) in lower {
+        assert!(att < noi, "{name}: attacked {att} not below noise {noi}");
+    }
+    let higher = [
+        ("CA-", a.ca_minus, n.ca_minus),
+        ("QA-", a.qa_minus, n.qa_minus),
+        ("ES:D", a.es_d, n.es_d),
+        ("TMA", a.tma, n.tma),
+    ];
+    for (name, att, noi) in higher {
+        assert!(att > noi, "{name}: attacked {att} not above noise {noi}");
+    }
+    assert!(
+        a.ers() < n.ers(),
+        "ERS {} not below noise's {}",
+        a.ers(),
+        n.ers()
+    );
+}
+
+#[test]
+fn ranking_attacks_beat_noise_cpu() {
+    check_suite(&Device::Cpu);
+}
+
+#[test]
+fn ranking_attacks_beat_noise_gpu() {
+    if let Some(gpu) = gpu_or_skip("ranking_attacks_beat_noise_gpu") {
+        check_suite(&gpu);
+    }
+}
+
+#[test]
+fn ers_of_a_hand_computed_row() {
+    let s = RankScores {
+        ca_plus: 10.0,
+        ca_minus: 90.0,
+        qa_plus: 5.0,
+        qa_minus: 80.0,
+        es_d: 1.2,
+        es_r: 20.0,
+        tma: 0.9,
+        ltm: 10.0,
+        gtm: 15.0,
+        gtt: 30.0,
+    };
+    // 2*10, 100-90, 2*5, 100-80, 100*(1-0.9), 100*(2-1.2)/2, 20, 10, 15, 30
+    let terms = [20.0, 10.0, 10.0, 20.0, 10.0, 40.0, 20.0, 10.0, 15.0, 30.0];
+    for (got, want) in s.ers_terms().iter().zip(terms) {
+        assert!((got - want).abs() < 1e-9, "term {got} != {want}");
+    }
+    assert!((s.ers() - 18.5).abs() < 1e-9, "ERS {}", s.ers());
+    // Nothing is clipped: an ES shift over 2 gives a negative term.
+    let over = RankScores { es_d: 2.5, ..s };
+    assert!((over.ers_terms()[5] + 25.0).abs() < 1e-9);
+}
+
+#[test]
+fn database_refuses_inconsistent_rows() {
+    let d = Device::Cpu;
+    assert!(Database::new(vec![0.0; 5], vec![0, 1], 2, &d).is_err());
+    assert!(Database::new(vec![0.0; 2], vec![0], 2, &d).is_err());
+    assert!(Database::new(vec![], vec![], 0, &d).is_err());
+}
