@@ -93,11 +93,16 @@ fn memory_bound_cases(b: &Bench, d: &Device) {
     });
     b.case("mean_all_fwd_bwd", mb(2.0 * numel), || fwd_bwd(|| mean(&x)));
     let x7 = randn(&[64, 1280, 7, 7], 8, d).var();
-    b.case("global_avg_pool_fwd_bwd", mb(2.0 * x7.numel() as f64), || {
-        fwd_bwd(|| global_avg_pool(&x7))
-    });
+    b.case(
+        "global_avg_pool_fwd_bwd",
+        mb(2.0 * x7.numel() as f64),
+        || fwd_bwd(|| global_avg_pool(&x7)),
+    );
 
-    let (l, r) = (randn(&[8, 48, 56, 56], 9, d).var(), randn(&[8, 48, 56, 56], 10, d).var());
+    let (l, r) = (
+        randn(&[8, 48, 56, 56], 9, d).var(),
+        randn(&[8, 48, 56, 56], 10, d).var(),
+    );
     b.case("concat_channels_fwd_bwd", mb(4.0 * numel), || {
         fwd_bwd(|| concat_channels(&[&l, &r]))
     });
@@ -123,7 +128,9 @@ fn memory_bound_cases(b: &Bench, d: &Device) {
         fwd_bwd(|| add_row_bias(&m, &bias))
     });
     let e = randn(&[4096, 512], 14, d).var();
-    b.case("l2_normalize_4096x512_fwd_bwd", mb(5.0 * e.numel() as f64), || {
-        fwd_bwd(|| l2_normalize(&e, 1, 1e-12))
-    });
+    b.case(
+        "l2_normalize_4096x512_fwd_bwd",
+        mb(5.0 * e.numel() as f64),
+        || fwd_bwd(|| l2_normalize(&e, 1, 1e-12)),
+    );
 }
