@@ -7,9 +7,8 @@ use crate::engine::ops::matmul;
 use crate::engine::ops::reduce::outer_n_inner;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::Device;
 use crate::kernel;
-use rayon::prelude::*;
 
 const FORWARD: Kernel = kernel!("normalize.wgsl", "l2n_forward", [Read, Read, ReadWrite]);
 const BACKWARD: Kernel = kernel!("normalize.wgsl", "l2n_backward", [Read, Read, ReadWrite]);
@@ -24,38 +23,6 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     Ok(())
 }
 
-/// Runs `f(out_slab, x_slab, g_slab)` for every slab [n, inner] (one index of the outer
-/// dimensions) over all cores, several small slabs per task. Each slab is one task's, so every
-/// sum in it has a fixed order.
-fn for_each_slab(
-    out: &mut [f32],
-    x: &[f32],
-    g: Option<&[f32]>,
-    (n, inner): (usize, usize),
-    f: impl Fn(&mut [f32], &[f32], Option<&[f32]>) + Sync,
-) {
-    let slab = (n * inner).max(1);
-    out.par_chunks_mut(slab)
-        .enumerate()
-        .with_min_len(cpu::rows_per_task(slab))
-        .for_each(|(o, out)| {
-            let range = o * slab..o * slab + out.len();
-            f(out, &x[range.clone()], g.map(|g| &g[range]));
-        });
-}
-
-/// Per column i of two [n, inner] slabs: the sum over rows k = 0, 1, ... (in that order) of
-/// a[k, i] * b[k, i].
-fn column_dots(a: &[f32], b: &[f32], inner: usize) -> Vec<f32> {
-    let mut sums = vec![0.0f32; inner];
-    for (a_row, b_row) in a.chunks_exact(inner).zip(b.chunks_exact(inner)) {
-        for ((s, &u), &v) in sums.iter_mut().zip(a_row).zip(b_row) {
-            *s += u * v;
-        }
-    }
-    sums
-}
-
 /// x / max(||x||, eps) along `dim`, not recorded.
 fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
     let (outer, n, inner) = outer_n_inner(x.shape(), dim, "l2_normalize")?;
@@ -63,24 +30,16 @@ fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
         Device::Cpu => {
             let xv = x.cpu()?;
             let mut out = vec![0.0f32; xv.len()];
-            for_each_slab(&mut out, &xv, None, (n, inner), |o, x, _| {
-                let denom: Vec<f32> = column_dots(x, x, inner)
-                    .iter()
-                    .map(|sq| sq.sqrt().max(eps))
-                    .collect();
-                if let [d] = denom[..] {
-                    // One column (normalising rows): a contiguous loop.
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = x / d;
-                    }
-                    return;
-                }
-                for (o_row, x_row) in o.chunks_exact_mut(inner).zip(x.chunks_exact(inner)) {
-                    for ((o, &x), &d) in o_row.iter_mut().zip(x_row).zip(&denom) {
-                        *o = x / d;
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    let norm = (0..n).map(|k| xv[at(k)] * xv[at(k)]).sum::<f32>().sqrt();
+                    let denom = norm.max(eps);
+                    for k in 0..n {
+                        out[at(k)] = xv[at(k)] / denom;
                     }
                 }
-            });
+            }
             Tensor::from_cpu(out, x.shape())
         }
         Device::Gpu(ctx) => {
@@ -101,21 +60,20 @@ fn l2_normalize_backward_raw(x: &Tensor, g: &Tensor, dim: usize, eps: f32) -> Re
         Device::Cpu => {
             let (xv, gv) = (x.cpu()?, g.cpu()?);
             let mut out = vec![0.0f32; xv.len()];
-            for_each_slab(&mut out, &xv, Some(&gv), (n, inner), |o, x, g| {
-                let g = g.expect("the gradient slab");
-                let (sq, gx) = (column_dots(x, x, inner), column_dots(g, x, inner));
-                let rows = o.chunks_exact_mut(inner).zip(x.chunks_exact(inner));
-                for ((o_row, x_row), g_row) in rows.zip(g.chunks_exact(inner)) {
-                    for i in 0..inner {
-                        let r = sq[i].sqrt();
-                        o_row[i] = if r > eps {
-                            (g_row[i] - (x_row[i] / r) * (gx[i] / r)) / r
+            for o in 0..outer {
+                for i in 0..inner {
+                    let at = |k: usize| (o * n + k) * inner + i;
+                    let r = (0..n).map(|k| xv[at(k)] * xv[at(k)]).sum::<f32>().sqrt();
+                    let g_dot_x: f32 = (0..n).map(|k| gv[at(k)] * xv[at(k)]).sum();
+                    for k in 0..n {
+                        out[at(k)] = if r > eps {
+                            (gv[at(k)] - (xv[at(k)] / r) * (g_dot_x / r)) / r
                         } else {
-                            g_row[i] / eps
+                            gv[at(k)] / eps
                         };
                     }
                 }
-            });
+            }
             Tensor::from_cpu(out, x.shape())
         }
         Device::Gpu(ctx) => {
