@@ -5,8 +5,12 @@ mod common;
 
 use common::{Bench, Work};
 use robust_dml::engine::ops::batchnorm::batch_norm_train;
+use robust_dml::engine::ops::channels::{channel_affine, concat_channels, permute_channels};
 use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
-use robust_dml::engine::ops::matmul::matmul;
+use robust_dml::engine::ops::matmul::{add_row_bias, matmul};
+use robust_dml::engine::ops::normalize::l2_normalize;
+use robust_dml::engine::ops::pool::{avg_pool2d, global_avg_pool, Pool2dParams};
+use robust_dml::engine::ops::reduce::{logsumexp_dim, mean, sum_dim};
 use robust_dml::engine::tape::backward_with;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
 
@@ -72,4 +76,61 @@ fn main() {
     b.case("batchnorm_train_fwd_bwd", Work::Bytes(bn_bytes), || {
         fwd_bwd(|| batch_norm_train(&xv, &gamma, &beta, &rm, &rv, 0.1, 1e-5))
     });
+
+    memory_bound_cases(&b, &d);
+}
+
+/// The memory-bound ops besides batch norm (pooling, channel ops, reductions, normalisation,
+/// the row bias), forward and backward; bytes are those read and written at least once.
+fn memory_bound_cases(b: &Bench, d: &Device) {
+    let mb = |elements: f64| Work::Bytes(elements * 4.0);
+    let x = randn(&[8, 96, 56, 56], 7, d).var();
+    let numel = x.numel() as f64;
+    let p = Pool2dParams::square(3, 2, 1);
+    // Forward reads x, writes y (a quarter); backward reads dy, writes dx.
+    b.case("avg_pool3x3_s2_fwd_bwd", mb(2.5 * numel), || {
+        fwd_bwd(|| avg_pool2d(&x, p))
+    });
+    b.case("mean_all_fwd_bwd", mb(2.0 * numel), || fwd_bwd(|| mean(&x)));
+    let x7 = randn(&[64, 1280, 7, 7], 8, d).var();
+    b.case(
+        "global_avg_pool_fwd_bwd",
+        mb(2.0 * x7.numel() as f64),
+        || fwd_bwd(|| global_avg_pool(&x7)),
+    );
+
+    let (l, r) = (
+        randn(&[8, 48, 56, 56], 9, d).var(),
+        randn(&[8, 48, 56, 56], 10, d).var(),
+    );
+    b.case("concat_channels_fwd_bwd", mb(4.0 * numel), || {
+        fwd_bwd(|| concat_channels(&[&l, &r]))
+    });
+    let img = randn(&[32, 3, 224, 224], 11, d).var();
+    let inumel = img.numel() as f64;
+    b.case("channel_affine_fwd_bwd", mb(4.0 * inumel), || {
+        fwd_bwd(|| channel_affine(&img, &[4.4, 4.5, 4.6], &[-2.1, -2.0, -1.8]))
+    });
+    b.case("permute_channels_fwd_bwd", mb(4.0 * inumel), || {
+        fwd_bwd(|| permute_channels(&img, &[2, 1, 0]))
+    });
+
+    let m = randn(&[1024, 1024], 12, d).var();
+    let mnumel = m.numel() as f64;
+    b.case("sum_dim0_1024x1024_fwd_bwd", mb(2.0 * mnumel), || {
+        fwd_bwd(|| sum_dim(&m, 0))
+    });
+    b.case("logsumexp_dim1_1024x1024_fwd_bwd", mb(3.0 * mnumel), || {
+        fwd_bwd(|| logsumexp_dim(&m, 1))
+    });
+    let bias = randn(&[1024], 13, d).var();
+    b.case("row_bias_1024x1024_fwd_bwd", mb(3.0 * mnumel), || {
+        fwd_bwd(|| add_row_bias(&m, &bias))
+    });
+    let e = randn(&[4096, 512], 14, d).var();
+    b.case(
+        "l2_normalize_4096x512_fwd_bwd",
+        mb(5.0 * e.numel() as f64),
+        || fwd_bwd(|| l2_normalize(&e, 1, 1e-12)),
+    );
 }

@@ -138,6 +138,57 @@ pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<
     out
 }
 
+/// Rows (or planes) of `len` elements one task takes: about [`FLAT_CHUNK`] elements, so that
+/// short rows are not scheduled one by one.
+pub fn rows_per_task(len: usize) -> usize {
+    (FLAT_CHUNK / len.max(1)).max(1)
+}
+
+/// Independent accumulators of the lane sums below: enough for the compiler to vectorise.
+const LANES: usize = 8;
+
+/// sum of a[i] * b[i] over 8 independent lanes (so it vectorises), the lanes then added in
+/// order: a fixed summation order for any thread count.
+pub fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (a, b) in a_blocks.zip(b_blocks) {
+        for i in 0..LANES {
+            lanes[i] += a[i] * b[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// sum of value(a[i]) in f64, over 8 lanes (so it vectorises) added in a fixed order.
+pub fn lane_sum_f64(a: &[f32], value: impl Fn(f32) -> f64) -> f64 {
+    lane_sum2_f64(a, a, |v, _| value(v))
+}
+
+/// sum of value(a[i], b[i]) in f64, over 8 lanes added in a fixed order.
+pub fn lane_sum2_f64(a: &[f32], b: &[f32], value: impl Fn(f32, f32) -> f64) -> f64 {
+    let mut lanes = [0.0f64; LANES];
+    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f64 = a_blocks
+        .remainder()
+        .iter()
+        .zip(b_blocks.remainder())
+        .map(|(&u, &v)| value(u, v))
+        .sum();
+    for (a, b) in a_blocks.zip(b_blocks) {
+        for i in 0..LANES {
+            lanes[i] += value(a[i], b[i]);
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
 /// Sums equal-length partial results element by element, in block order (deterministic).
 pub fn sum_partials(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
     let mut out = vec![0.0; len];

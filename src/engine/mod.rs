@@ -6,6 +6,7 @@ pub mod error;
 pub mod gpu;
 pub mod ops;
 pub mod optim;
+pub mod reference;
 pub mod rng;
 pub(crate) mod split;
 pub mod tape;

@@ -10,7 +10,7 @@ use crate::engine::gpu::{f, groups_for, u, GpuBuffer, GpuContext, Kernel};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
 use rayon::prelude::*;
 use std::ops::Range;
@@ -328,25 +328,25 @@ fn gpu_grad_reduce(
 
 // ------------------------------------------------------------------ CPU reference
 
-/// Visits every element of channel `c` of an [N, C, HW] array.
-fn channel_indices(lay: (usize, usize, usize), c: usize) -> impl Iterator<Item = usize> {
+/// The planes (one per image) of channel `c` of an [N, C, HW] array, each contiguous.
+fn channel_planes(x: &[f32], lay: (usize, usize, usize), c: usize) -> impl Iterator<Item = &[f32]> {
     let (n, ch, hw) = lay;
-    (0..n).flat_map(move |b| {
-        let base = (b * ch + c) * hw;
-        base..base + hw
-    })
+    (0..n).map(move |b| &x[(b * ch + c) * hw..(b * ch + c + 1) * hw])
 }
 
 /// Mean and biased variance of each channel (f64 accumulation, two passes).
 fn cpu_batch_stats(x: &[f32], lay: (usize, usize, usize)) -> Vec<(f64, f64)> {
     let count = (lay.0 * lay.2) as f64;
-    // One channel per task: each channel's sums keep their serial order.
+    // One channel per task, its planes in image order: a fixed summation order.
     (0..lay.1)
         .into_par_iter()
         .map(|c| {
-            let mean = channel_indices(lay, c).map(|i| x[i] as f64).sum::<f64>() / count;
-            let var = channel_indices(lay, c)
-                .map(|i| (x[i] as f64 - mean).powi(2))
+            let mean = channel_planes(x, lay, c)
+                .map(|p| cpu::lane_sum_f64(p, |v| v as f64))
+                .sum::<f64>()
+                / count;
+            let var = channel_planes(x, lay, c)
+                .map(|p| cpu::lane_sum_f64(p, |v| (v as f64 - mean).powi(2)))
                 .sum::<f64>()
                 / count;
             (mean, var)
@@ -368,10 +368,12 @@ fn cpu_normalize(
     y.par_chunks_mut(lay.2.max(1))
         .zip(x.par_chunks(lay.2.max(1)))
         .enumerate()
+        .with_min_len(cpu::rows_per_task(lay.2))
         .for_each(|(plane, (y, x))| {
             let c = plane % lay.1;
+            let (m, s, g, b) = (mean[c], invstd[c], gamma[c], beta[c]);
             for (y, &x) in y.iter_mut().zip(x) {
-                *y = gamma[c] * ((x - mean[c]) * invstd[c]) + beta[c];
+                *y = g * ((x - m) * s) + b;
             }
         });
     y
@@ -591,31 +593,41 @@ impl BatchNormBack {
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                channel_indices(lay, ch).fold((0.0, 0.0), |(sg, sgx), i| {
-                    let xhat = ((xv[i] - mean[ch]) * invstd[ch]) as f64;
-                    (sg + gv[i] as f64, sgx + gv[i] as f64 * xhat)
+                let (m, s) = (mean[ch], invstd[ch]);
+                let planes = channel_planes(&xv, lay, ch).zip(channel_planes(&gv, lay, ch));
+                planes.fold((0.0, 0.0), |(sg, sgx), (xp, gp)| {
+                    (
+                        sg + cpu::lane_sum_f64(gp, |g| g as f64),
+                        sgx + cpu::lane_sum2_f64(xp, gp, |x, g| g as f64 * ((x - m) * s) as f64),
+                    )
                 })
             })
             .collect();
         let dx = if want_dx {
             let mut dx = vec![0.0f32; xv.len()];
             let hw = lay.2.max(1);
-            // One (image, channel) plane per task.
-            dx.par_chunks_mut(hw).enumerate().for_each(|(plane, dx)| {
-                let ch = plane % c;
-                let (sg, sgx) = sums[ch];
-                let scale = gam[ch] * invstd[ch];
-                let start = plane * hw;
-                let (xp, gp) = (&xv[start..start + dx.len()], &gv[start..start + dx.len()]);
-                for ((d, &x), &g) in dx.iter_mut().zip(xp).zip(gp) {
-                    *d = if self.train {
-                        let xhat = (x - mean[ch]) * invstd[ch];
-                        scale * (g - (sg / count) as f32 - xhat * (sgx / count) as f32)
+            // One (image, channel) plane per task (several when planes are small).
+            dx.par_chunks_mut(hw)
+                .enumerate()
+                .with_min_len(cpu::rows_per_task(hw))
+                .for_each(|(plane, dx)| {
+                    let ch = plane % c;
+                    let (m, s) = (mean[ch], invstd[ch]);
+                    let scale = gam[ch] * s;
+                    let start = plane * hw;
+                    let (xp, gp) = (&xv[start..start + dx.len()], &gv[start..start + dx.len()]);
+                    if self.train {
+                        let (mean_g, mean_gx) =
+                            ((sums[ch].0 / count) as f32, (sums[ch].1 / count) as f32);
+                        for ((d, &x), &g) in dx.iter_mut().zip(xp).zip(gp) {
+                            *d = scale * (g - mean_g - ((x - m) * s) * mean_gx);
+                        }
                     } else {
-                        scale * g
-                    };
-                }
-            });
+                        for (d, &g) in dx.iter_mut().zip(gp) {
+                            *d = scale * g;
+                        }
+                    }
+                });
             Some(Tensor::from_cpu(dx, x.shape())?)
         } else {
             None

@@ -10,8 +10,9 @@ use crate::engine::gpu::{groups_for, u, GpuContext, Kernel};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
+use rayon::prelude::*;
 
 const COPY: Kernel = kernel!(
     "channels.wgsl",
@@ -57,15 +58,20 @@ struct Slice {
 }
 
 impl Slice {
-    /// out[n, dst_off + c, s] = src[n, src_off + c, s] on the host.
+    /// out[n, dst_off + c, s] = src[n, src_off + c, s] on the host, one image per task.
     fn copy_cpu(&self, src: &[f32], out: &mut [f32]) {
-        for n in 0..self.batch {
-            for c in 0..self.count {
-                let from = (n * self.src_c + self.src_off + c) * self.hw;
-                let to = (n * self.dst_c + self.dst_off + c) * self.hw;
-                out[to..to + self.hw].copy_from_slice(&src[from..from + self.hw]);
-            }
-        }
+        let per_image = (self.dst_c * self.hw).max(1);
+        out.par_chunks_mut(per_image)
+            .enumerate()
+            .for_each(|(img, out_img)| self.copy_image(img, src, out_img));
+    }
+
+    /// The copy for image `img`, into that image's part of the output. The channels copied are
+    /// consecutive in both tensors, so it is one contiguous block.
+    fn copy_image(&self, img: usize, src: &[f32], out_img: &mut [f32]) {
+        let len = self.count * self.hw;
+        let from = (img * self.src_c + self.src_off) * self.hw;
+        out_img[self.dst_off * self.hw..][..len].copy_from_slice(&src[from..from + len]);
     }
 
     /// The same copy recorded as one dispatch.
@@ -132,10 +138,16 @@ fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
         .collect();
     match device {
         Device::Cpu => {
+            let guards = xs.iter().map(|x| x.cpu()).collect::<Result<Vec<_>>>()?;
             let mut out = vec![0.0f32; batch * total_c * hw];
-            for (x, s) in xs.iter().zip(&slices) {
-                s.copy_cpu(&x.cpu()?, &mut out);
-            }
+            // One image per task, every input's slice of it in turn.
+            out.par_chunks_mut((total_c * hw).max(1))
+                .enumerate()
+                .for_each(|(img, out_img)| {
+                    for (x, s) in guards.iter().zip(&slices) {
+                        s.copy_image(img, x, out_img);
+                    }
+                });
             Tensor::from_cpu(out, &out_shape)
         }
         Device::Gpu(ctx) => {
@@ -230,12 +242,14 @@ fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
         Device::Cpu => {
             let xv = x.cpu()?;
             let mut out = vec![0.0f32; batch * out_c * hw];
-            for n in 0..batch {
-                for (i, &from) in index.iter().enumerate() {
-                    let src = &xv[(n * c + from) * hw..(n * c + from + 1) * hw];
-                    out[(n * out_c + i) * hw..(n * out_c + i + 1) * hw].copy_from_slice(src);
-                }
-            }
+            // One output plane per task (several when planes are small).
+            out.par_chunks_mut(hw.max(1))
+                .enumerate()
+                .with_min_len(cpu::rows_per_task(hw))
+                .for_each(|(plane, out_plane)| {
+                    let from = (plane / out_c) * c + index[plane % out_c];
+                    out_plane.copy_from_slice(&xv[from * hw..(from + 1) * hw]);
+                });
             Tensor::from_cpu(out, &shape)
         }
         Device::Gpu(ctx) => {
@@ -278,14 +292,18 @@ fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => {
             let xv = x.cpu()?;
-            let out = xv
-                .iter()
+            let mut out = vec![0.0f32; xv.len()];
+            // One plane per task (several when planes are small); constants per plane.
+            out.par_chunks_mut(hw.max(1))
+                .zip(xv.par_chunks(hw.max(1)))
                 .enumerate()
-                .map(|(i, &v)| {
-                    let ch = (i / hw) % c;
-                    v * scale[ch] + shift[ch]
-                })
-                .collect();
+                .with_min_len(cpu::rows_per_task(hw))
+                .for_each(|(plane, (o, x))| {
+                    let (a, b) = (scale[plane % c], shift[plane % c]);
+                    for (o, &x) in o.iter_mut().zip(x) {
+                        *o = x * a + b;
+                    }
+                });
             Tensor::from_cpu(out, x.shape())
         }
         Device::Gpu(ctx) => {

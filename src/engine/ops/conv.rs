@@ -206,83 +206,10 @@ impl Geom {
             && self.groups == 1
             && self.cin % 4 == 0
     }
-
-    /// Input row and column read by output (oy, ox) through tap (ky, kx), if inside the image.
-    #[cfg_attr(not(test), allow(dead_code))]
-    fn input_at(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-        let iy = (oy * self.sh + ky * self.dh).checked_sub(self.ph)?;
-        let ix = (ox * self.sw + kx * self.dw).checked_sub(self.pw)?;
-        (iy < self.h && ix < self.w).then_some((iy, ix))
-    }
-}
-
-// ------------------------------------------------------------------ CPU reference
-// The plain loops every fast CPU kernel (and, through them, every WGSL kernel) is tested
-// against; only the unit tests below call them.
-
-/// Calls `visit(x_index, w_index, y_index)` for every multiply of the convolution: the one
-/// loop nest that the CPU forward and both CPU gradients share.
-#[cfg_attr(not(test), allow(dead_code))]
-fn for_each_tap(g: &Geom, mut visit: impl FnMut(usize, usize, usize)) {
-    for img in 0..g.n {
-        for co in 0..g.cout {
-            let group = co / g.cout_g;
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    let yi = ((img * g.cout + co) * g.oh + oy) * g.ow + ox;
-                    for cig in 0..g.cin_g {
-                        let ci = group * g.cin_g + cig;
-                        for ky in 0..g.kh {
-                            for kx in 0..g.kw {
-                                if let Some((iy, ix)) = g.input_at(oy, ox, ky, kx) {
-                                    let xi = ((img * g.cin + ci) * g.h + iy) * g.w + ix;
-                                    let wi = ((co * g.cin_g + cig) * g.kh + ky) * g.kw + kx;
-                                    visit(xi, wi, yi);
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-fn reference_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let plane = g.oh * g.ow;
-    let mut y: Vec<f32> = (0..g.n * g.cout * plane)
-        .map(|i| bias.map_or(0.0, |b| b[(i / plane) % g.cout]))
-        .collect();
-    for_each_tap(g, |xi, wi, yi| y[yi] += x[xi] * w[wi]);
-    y
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-fn reference_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
-    let mut dx = vec![0.0; g.n * g.cin * g.h * g.w];
-    for_each_tap(g, |xi, wi, yi| dx[xi] += dy[yi] * w[wi]);
-    dx
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-fn reference_weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
-    let mut dw = vec![0.0; g.cout * g.cin_g * g.kh * g.kw];
-    for_each_tap(g, |xi, wi, yi| dw[wi] += dy[yi] * x[xi]);
-    dw
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-fn reference_bias_grad(g: &Geom, dy: &[f32]) -> Vec<f32> {
-    let plane = g.oh * g.ow;
-    let mut db = vec![0.0; g.cout];
-    for (i, v) in dy.iter().enumerate() {
-        db[(i / plane) % g.cout] += v;
-    }
-    db
 }
 
 // ------------------------------------------------------------------ CPU fast path
+// Tested against the plain loops of `engine::reference` by tests/cpu_reference.rs.
 
 /// The fast CPU forward: depthwise convolutions by direct loops, the others as one GEMM per
 /// image and group over an im2col matrix (the input itself for pointwise convolutions).
@@ -671,7 +598,7 @@ fn depthwise_tap_dot(g: &Geom, ky: usize, kx: usize, x_plane: &[f32], dy_plane: 
         let x_row = &x_plane[iy * g.w..(iy + 1) * g.w];
         total += if g.sw == 1 && lo < hi {
             let start = lo + kx * g.dw - g.pw;
-            lane_dot(&dy_row[lo..hi], &x_row[start..start + hi - lo])
+            cpu::lane_dot(&dy_row[lo..hi], &x_row[start..start + hi - lo])
         } else {
             (lo..hi)
                 .map(|ox| dy_row[ox] * x_row[ox * g.sw + kx * g.dw - g.pw])
@@ -679,26 +606,6 @@ fn depthwise_tap_dot(g: &Geom, ky: usize, kx: usize, x_plane: &[f32], dy_plane: 
         };
     }
     total
-}
-
-/// A dot product over 8 independent lanes (so it vectorises), the lanes then added in order:
-/// a fixed summation order for any thread count.
-fn lane_dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 8;
-    let mut lanes = [0.0f32; LANES];
-    let (a_blocks, b_blocks) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail: f32 = a_blocks
-        .remainder()
-        .iter()
-        .zip(b_blocks.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (a, b) in a_blocks.zip(b_blocks) {
-        for i in 0..LANES {
-            lanes[i] += a[i] * b[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }
 
 // ------------------------------------------------------------------ GPU launches
@@ -1418,97 +1325,4 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, p: Conv2dParams) ->
         Some(b) => y.record(back, &[x, w, b]),
         None => y.record(back, &[x, w]),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::engine::testing::{compare, randn};
-
-    fn conv(
-        stride: (usize, usize),
-        padding: (usize, usize),
-        dilation: (usize, usize),
-        groups: usize,
-    ) -> Conv2dParams {
-        Conv2dParams {
-            stride,
-            padding,
-            dilation,
-            groups,
-        }
-    }
-
-    /// Odd geometries covering every fast route: im2col with stride, padding and dilation,
-    /// plain pointwise, padded 1x1, grouped, depthwise (multiplier 1 and 2, strided), one image
-    /// (multi-threaded GEMMs) and more images than reduction blocks.
-    fn geometries() -> Vec<([usize; 4], [usize; 4], Conv2dParams)> {
-        vec![
-            ([3, 5, 11, 9], [7, 5, 3, 3], conv((1, 1), (1, 1), (1, 1), 1)),
-            (
-                [2, 3, 13, 10],
-                [4, 3, 5, 5],
-                conv((2, 2), (2, 2), (1, 1), 1),
-            ),
-            ([2, 4, 9, 7], [6, 2, 3, 2], conv((1, 2), (1, 0), (2, 1), 2)),
-            ([3, 6, 7, 5], [5, 6, 1, 1], conv((1, 1), (0, 0), (1, 1), 1)),
-            ([1, 2, 3, 3], [3, 2, 1, 1], conv((1, 1), (2, 2), (1, 1), 1)),
-            ([2, 5, 9, 11], [5, 1, 3, 3], conv((1, 1), (1, 1), (1, 1), 5)),
-            ([2, 3, 10, 9], [6, 1, 3, 3], conv((2, 2), (1, 1), (1, 1), 3)),
-            ([1, 4, 7, 6], [4, 1, 5, 5], conv((1, 1), (1, 3), (1, 2), 4)),
-            (
-                [1, 7, 33, 31],
-                [9, 7, 3, 3],
-                conv((1, 1), (1, 1), (1, 1), 1),
-            ),
-            ([19, 3, 5, 5], [4, 3, 3, 3], conv((1, 1), (1, 1), (1, 1), 1)),
-            // MobileNetV2's small planes: stride-2 depthwise down to 1x1, pointwise on 2x2.
-            ([8, 6, 4, 4], [6, 1, 3, 3], conv((1, 1), (1, 1), (1, 1), 6)),
-            ([8, 6, 4, 4], [6, 1, 3, 3], conv((2, 2), (1, 1), (1, 1), 6)),
-            ([8, 6, 2, 2], [6, 1, 3, 3], conv((2, 2), (1, 1), (1, 1), 6)),
-            ([8, 6, 2, 2], [10, 6, 1, 1], conv((1, 1), (0, 0), (1, 1), 1)),
-            (
-                [8, 3, 16, 16],
-                [8, 3, 3, 3],
-                conv((2, 2), (1, 1), (1, 1), 1),
-            ),
-        ]
-    }
-
-    /// Every fast CPU convolution kernel, forward and backward, against the reference loops.
-    #[test]
-    fn fast_cpu_conv_matches_reference() {
-        for (case, (xs, ws, p)) in geometries().into_iter().enumerate() {
-            let g = Geom::new(&xs, &ws, p).unwrap();
-            let seed = 10 * case as u64;
-            let x = randn(&xs, seed).to_vec().unwrap();
-            let w = randn(&ws, seed + 1).to_vec().unwrap();
-            let b = randn(&[g.cout], seed + 2).to_vec().unwrap();
-            let dy = randn(&g.out_shape(), seed + 3).to_vec().unwrap();
-            let check = |what: &str, got: Vec<f32>, want: Vec<f32>| {
-                compare(&got, &want, 1e-4, 1e-4)
-                    .unwrap_or_else(|e| panic!("{what}, x {xs:?} w {ws:?} {p:?}: {e}"));
-            };
-            check(
-                "forward",
-                fast_forward(&g, &x, &w, Some(&b)),
-                reference_forward(&g, &x, &w, Some(&b)),
-            );
-            check(
-                "input gradient",
-                fast_input_grad(&g, &dy, &w),
-                reference_input_grad(&g, &dy, &w),
-            );
-            check(
-                "weight gradient",
-                fast_weight_grad(&g, &dy, &x),
-                reference_weight_grad(&g, &dy, &x),
-            );
-            check(
-                "bias gradient",
-                fast_bias_grad(&g, &dy),
-                reference_bias_grad(&g, &dy),
-            );
-        }
-    }
 }

@@ -11,7 +11,7 @@ use crate::engine::gpu::{groups_for, u, Kernel};
 use crate::engine::split;
 use crate::engine::tape::{self, Backward};
 use crate::engine::tensor::Tensor;
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
 use rayon::prelude::*;
 
@@ -191,16 +191,6 @@ impl Geometry {
         ]
     }
 
-    /// Calls `f(plane, oy, ox, window_y, window_x)` for every output, in raster order.
-    fn for_each_output(
-        &self,
-        mut f: impl FnMut(usize, usize, usize, (usize, usize, usize), (usize, usize, usize)),
-    ) {
-        for plane in 0..self.planes() {
-            self.for_each_plane_output(|oy, ox, wy, wx| f(plane, oy, ox, wy, wx));
-        }
-    }
-
     /// Calls `f(oy, ox, window_y, window_x)` for every output of one plane, in raster order.
     fn for_each_plane_output(
         &self,
@@ -230,6 +220,7 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
             out.par_chunks_mut(per_plane)
                 .zip(arg.par_chunks_mut(per_plane))
                 .enumerate()
+                .with_min_len(cpu::rows_per_task(g.h * g.w))
                 .for_each(|(plane, (out, arg))| {
                     let x_plane = &xv[plane * g.h * g.w..(plane + 1) * g.h * g.w];
                     let mut o = 0;
@@ -295,6 +286,7 @@ impl Backward for MaxPoolBack {
                 // One plane per task; within it the outputs in order, as serially.
                 dx.par_chunks_mut((g.h * g.w).max(1))
                     .enumerate()
+                    .with_min_len(cpu::rows_per_task(g.h * g.w))
                     .for_each(|(plane, dx)| {
                         let outputs = plane * per_out..(plane + 1) * per_out;
                         for (&gval, &at) in gv[outputs.clone()].iter().zip(&arg[outputs]) {
@@ -345,21 +337,30 @@ fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => {
             let xv = x.cpu()?;
-            let mut out = Vec::with_capacity(total);
-            g.for_each_output(|plane, _, _, wy, wx| {
-                let base = plane * g.h * g.w;
-                if wy.0 >= wy.1 || wx.0 >= wx.1 {
-                    out.push(0.0);
-                    return;
-                }
-                let mut s = 0.0f32;
-                for y in wy.0..wy.1 {
-                    for x in wx.0..wx.1 {
-                        s += xv[base + y * g.w + x];
-                    }
-                }
-                out.push(s / g.avg_divisor(wy, wx));
-            });
+            let mut out = vec![0.0; total];
+            let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+            // One plane per task (several when planes are small); each window summed row by
+            // row in raster order, as the reference does.
+            out.par_chunks_mut(out_plane.max(1))
+                .enumerate()
+                .with_min_len(cpu::rows_per_task(in_plane))
+                .for_each(|(plane, out)| {
+                    let x_plane = &xv[plane * in_plane..(plane + 1) * in_plane];
+                    let mut o = 0;
+                    g.for_each_plane_output(|_, _, wy, wx| {
+                        // An empty window (all padding) gives 0, not 0 / 0.
+                        if wy.0 < wy.1 && wx.0 < wx.1 {
+                            let mut s = 0.0f32;
+                            for y in wy.0..wy.1 {
+                                for &v in &x_plane[y * g.w + wx.0..y * g.w + wx.1] {
+                                    s += v;
+                                }
+                            }
+                            out[o] = s / g.avg_divisor(wy, wx);
+                        }
+                        o += 1;
+                    });
+                });
             Tensor::from_cpu(out, &shape)
         }
         Device::Gpu(ctx) => {
@@ -392,17 +393,28 @@ impl Backward for AvgPoolBack {
             Device::Cpu => {
                 let gv = grad.cpu()?;
                 let mut dx = vec![0.0f32; total];
-                let mut o = 0;
-                g.for_each_output(|plane, _, _, wy, wx| {
-                    let share = gv[o] / g.avg_divisor(wy, wx);
-                    o += 1;
-                    let base = plane * g.h * g.w;
-                    for y in wy.0..wy.1 {
-                        for x in wx.0..wx.1 {
-                            dx[base + y * g.w + x] += share;
-                        }
-                    }
-                });
+                let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+                // One plane per task (several when planes are small); within it the outputs
+                // in raster order, so every sum has a fixed order.
+                dx.par_chunks_mut(in_plane.max(1))
+                    .enumerate()
+                    .with_min_len(cpu::rows_per_task(in_plane))
+                    .for_each(|(plane, dx)| {
+                        let g_plane = &gv[plane * out_plane..(plane + 1) * out_plane];
+                        let mut o = 0;
+                        g.for_each_plane_output(|_, _, wy, wx| {
+                            let share = g_plane[o] / g.avg_divisor(wy, wx);
+                            o += 1;
+                            if wx.0 >= wx.1 {
+                                return;
+                            }
+                            for y in wy.0..wy.1 {
+                                for d in &mut dx[y * g.w + wx.0..y * g.w + wx.1] {
+                                    *d += share;
+                                }
+                            }
+                        });
+                    });
                 Tensor::from_cpu(dx, i[0].shape())?
             }
             Device::Gpu(_) => avg_pool_bwd_gpu(grad, g)?,

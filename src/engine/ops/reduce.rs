@@ -8,8 +8,9 @@ use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{f, groups_for, u, GpuBuffer, Kernel};
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
-use crate::engine::Device;
+use crate::engine::{cpu, Device};
 use crate::kernel;
+use rayon::prelude::*;
 
 const REDUCE_DIM: Kernel = kernel!("reduce.wgsl", "reduce_dim", [Read, Read, Read, ReadWrite]);
 const SUM_PARTIAL: Kernel = kernel!("reduce.wgsl", "sum_partial", [Read, Read, Read, ReadWrite]);
@@ -60,6 +61,83 @@ pub fn logsumexp_slice(v: impl Iterator<Item = f32> + Clone) -> f32 {
     shift + v.map(|x| (x - shift).exp()).sum::<f32>().ln()
 }
 
+/// Output columns one task of a strided reduction (inner > 1) takes.
+const COLUMNS_PER_TASK: usize = 1024;
+
+/// The CPU reduction of x [outer, n, inner] along n, into [outer, inner]. Each output is
+/// reduced by one task in index order (k = 0, 1, ...): the same bits for any thread count.
+fn cpu_reduce_dim(x: &[f32], (outer, n, inner): (usize, usize, usize), op: DimOp) -> Vec<f32> {
+    let mut out = vec![0.0f32; outer * inner];
+    if out.is_empty() {
+        return out;
+    }
+    if inner == 1 {
+        // Each output reduces one contiguous row; rows in tasks of about FLAT_CHUNK elements.
+        out.par_iter_mut()
+            .enumerate()
+            .with_min_len(cpu::rows_per_task(n))
+            .for_each(|(o, out)| {
+                let row = &x[o * n..(o + 1) * n];
+                *out = match op {
+                    DimOp::ScaledSum(s) => row.iter().sum::<f32>() * s,
+                    DimOp::LogSumExp => logsumexp_slice(row.iter().copied()),
+                };
+            });
+        return out;
+    }
+    // Strided: a task owns a block of columns of one output row and accumulates the n input
+    // rows into it, contiguous and vectorisable.
+    let rows = out.par_chunks_mut(inner).enumerate();
+    rows.with_min_len(cpu::rows_per_task(n * inner))
+        .for_each(|(o, out_row)| {
+            out_row
+                .par_chunks_mut(COLUMNS_PER_TASK)
+                .enumerate()
+                .for_each(|(block, cols)| {
+                    let (first, len) = (block * COLUMNS_PER_TASK, cols.len());
+                    let input_row = |k: usize| &x[(o * n + k) * inner + first..][..len];
+                    match op {
+                        DimOp::ScaledSum(s) => {
+                            for k in 0..n {
+                                for (c, &v) in cols.iter_mut().zip(input_row(k)) {
+                                    *c += v;
+                                }
+                            }
+                            for c in cols.iter_mut() {
+                                *c *= s;
+                            }
+                        }
+                        DimOp::LogSumExp => logsumexp_columns(n, input_row, cols),
+                    }
+                });
+        });
+    out
+}
+
+/// Column-wise [`logsumexp_slice`] of n rows given by `row(k)`, into `out`.
+fn logsumexp_columns<'a>(n: usize, row: impl Fn(usize) -> &'a [f32], out: &mut [f32]) {
+    let mut shift = vec![f32::NEG_INFINITY; out.len()];
+    for k in 0..n {
+        for (m, &v) in shift.iter_mut().zip(row(k)) {
+            *m = m.max(v);
+        }
+    }
+    for m in shift.iter_mut() {
+        if !m.is_finite() {
+            *m = 0.0;
+        }
+    }
+    out.fill(0.0);
+    for k in 0..n {
+        for ((s, &v), &m) in out.iter_mut().zip(row(k)).zip(&shift) {
+            *s += (v - m).exp();
+        }
+    }
+    for (s, &m) in out.iter_mut().zip(&shift) {
+        *s = m + s.ln();
+    }
+}
+
 /// Reduces along `dim` without recording.
 fn reduce_dim_raw(x: &Tensor, dim: usize, op: DimOp, name: &'static str) -> Result<Tensor> {
     let (outer, n, inner) = outer_n_inner(x.shape(), dim, name)?;
@@ -72,17 +150,7 @@ fn reduce_dim_raw(x: &Tensor, dim: usize, op: DimOp, name: &'static str) -> Resu
     let out_shape = reduced_shape(x.shape(), dim);
     match x.device() {
         Device::Cpu => {
-            let xv = x.cpu()?;
-            let mut out = vec![0.0f32; outer * inner];
-            for o in 0..outer {
-                for i in 0..inner {
-                    let column = (0..n).map(|k| xv[(o * n + k) * inner + i]);
-                    out[o * inner + i] = match op {
-                        DimOp::ScaledSum(s) => column.sum::<f32>() * s,
-                        DimOp::LogSumExp => logsumexp_slice(column),
-                    };
-                }
-            }
+            let out = cpu_reduce_dim(&x.cpu()?, (outer, n, inner), op);
             Tensor::from_cpu(out, &out_shape)
         }
         Device::Gpu(ctx) => {
@@ -106,17 +174,19 @@ fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
     match x.device() {
         Device::Cpu => {
             let xv = x.cpu()?;
-            // f64 accumulation keeps the reference accurate for large tensors.
-            let s: f64 = xv
-                .iter()
-                .map(|&v| {
+            // f64 accumulation keeps large sums accurate. The blocks depend on the length
+            // alone and their partials are added in order: the same bits for any thread count.
+            let partials: Vec<f64> = xv
+                .par_chunks(cpu::FLAT_CHUNK)
+                .map(|block| {
                     if squares {
-                        v as f64 * v as f64
+                        cpu::lane_sum_f64(block, |v| v as f64 * v as f64)
                     } else {
-                        v as f64
+                        cpu::lane_sum_f64(block, |v| v as f64)
                     }
                 })
-                .sum();
+                .collect();
+            let s: f64 = partials.iter().sum();
             Tensor::from_cpu(vec![(s * scale as f64) as f32], &[1])
         }
         Device::Gpu(ctx) => {
@@ -174,18 +244,30 @@ fn expand_raw(
                 Some(y) => Some((like.cpu()?, y.cpu()?)),
                 None => None,
             };
-            for o in 0..outer {
-                for k in 0..n {
-                    for i in 0..inner {
-                        let idx = (o * n + k) * inner + i;
-                        let col = o * inner + i;
-                        out[idx] = match &xy {
-                            Some((xv, yv)) => gv[col] * (xv[idx] - yv[col]).exp(),
-                            None => gv[col] * scale,
-                        };
+            let xy = xy.as_ref().map(|(x, y)| (&x[..], &y[..]));
+            // Row r of the [outer * n, inner] view gets row r / n of g; rows in tasks of
+            // about FLAT_CHUNK elements.
+            out.par_chunks_mut(inner.max(1))
+                .enumerate()
+                .with_min_len(cpu::rows_per_task(inner))
+                .for_each(|(r, out_row)| {
+                    let col = (r / n.max(1)) * inner;
+                    let g_row = &gv[col..col + inner];
+                    match xy {
+                        Some((xv, yv)) => {
+                            let (x_row, y_row) =
+                                (&xv[r * inner..(r + 1) * inner], &yv[col..col + inner]);
+                            for i in 0..inner {
+                                out_row[i] = g_row[i] * (x_row[i] - y_row[i]).exp();
+                            }
+                        }
+                        None => {
+                            for (o, &g) in out_row.iter_mut().zip(g_row) {
+                                *o = g * scale;
+                            }
+                        }
                     }
-                }
-            }
+                });
             Tensor::from_cpu(out, like.shape())
         }
         Device::Gpu(ctx) => {
