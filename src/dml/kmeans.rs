@@ -89,7 +89,7 @@ pub fn lloyd_on(
     init: &[f32],
     iterations: usize,
 ) -> Result<KMeansResult> {
-    let k = if dim == 0 { 0 } else { init.len() / dim };
+    let k = init.len().checked_div(dim).unwrap_or(0);
     check_args("lloyd_on", data, dim, k)?;
     if init.len() != k * dim {
         return invalid(

@@ -117,7 +117,7 @@ fn bucket_size(bytes: u64) -> u64 {
     let bytes = bytes.max(16);
     let p = bytes.next_power_of_two();
     let three_quarters = p / 4 * 3;
-    if bytes <= three_quarters && three_quarters % 4 == 0 {
+    if bytes <= three_quarters && three_quarters.is_multiple_of(4) {
         three_quarters
     } else {
         p
@@ -209,7 +209,7 @@ impl GpuBuffer {
             )));
         }
         let offset = self.offset + start;
-        if offset % self.ctx.offset_align_elems() != 0 {
+        if !offset.is_multiple_of(self.ctx.offset_align_elems()) {
             return Err(EngineError::Gpu(format!(
                 "view at value {offset} is not on the adapter's {}-byte storage offset alignment",
                 self.ctx.limits.min_storage_buffer_offset_alignment
@@ -449,7 +449,9 @@ impl GpuContext {
     }
 
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// Whether the adapter is a CPU (llvmpipe, WARP, SwiftShader): lanes there are SIMD lanes of
@@ -1059,7 +1061,7 @@ mod tests {
     fn buckets_cover_request() {
         for b in [1u64, 4, 16, 17, 100, 1000, 4096, 5000, 6145, 1 << 20] {
             let s = bucket_size(b);
-            assert!(s >= b && s % 4 == 0, "{b} -> {s}");
+            assert!(s >= b && s.is_multiple_of(4), "{b} -> {s}");
             assert!(
                 s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16,
                 "{b} -> {s} wastes too much"

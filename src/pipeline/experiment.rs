@@ -258,9 +258,9 @@ pub fn evaluate_run(
             full_metrics(&mean_clean, &set, dim, device, plan.seed)?,
             full_metrics(&mean_adv, &set, dim, device, plan.seed)?,
         ));
-        for k in 0..nets.len() {
-            let (c, _, _) = retrieval(&emb.clean[k], &emb.clean[k], &set, dim, true, device)?;
-            let (a, _, _) = retrieval(&attacked[k], &attacked[k], &set, dim, true, device)?;
+        for (clean, adv) in emb.clean.iter().zip(attacked).take(nets.len()) {
+            let (c, _, _) = retrieval(clean, clean, &set, dim, true, device)?;
+            let (a, _, _) = retrieval(adv, adv, &set, dim, true, device)?;
             report.members.push((c[0], a[0]));
         }
     }

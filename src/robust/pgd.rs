@@ -14,6 +14,9 @@ use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
 /// BatchNorm mode the caller chose).
 pub type EmbedFn<'a> = &'a (dyn Fn(&Tensor) -> Result<Tensor> + 'a);
 
+/// An owned [`EmbedFn`], for lists of members built at run time.
+pub type BoxedEmbedFn<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
+
 /// What the attack maximises, with the data the metric-loss objective needs.
 pub enum Goal<'a> {
     EmbeddingShift,

@@ -204,7 +204,7 @@ impl Geom {
             && self.ph == 0
             && self.pw == 0
             && self.groups == 1
-            && self.cin % 4 == 0
+            && self.cin.is_multiple_of(4)
     }
 
     /// Input row and column read by output (oy, ox) through tap (ky, kx), if inside the image.
@@ -1042,8 +1042,8 @@ fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
         1 => false,
         2 => fits,
         _ => {
-            let vec4_rows =
-                GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4 && (g.oh * g.ow) % 4 == 0;
+            let vec4_rows = GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4
+                && (g.oh * g.ow).is_multiple_of(4);
             let too_long =
                 ctx.is_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
             fits && (vec4_rows || too_long)
@@ -1192,7 +1192,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
     // W^T made explicit when its rows can be read as vec4s: the GEMM with a k-contiguous left
     // operand runs about 1.3x faster on llvmpipe than the one reading it transposed.
-    let dcol = if g.cout % 4 == 0 {
+    let dcol = if g.cout.is_multiple_of(4) {
         gemm_raw(&transposed_weight(ctx, g, w)?, &dy3, false, false)?
     } else {
         gemm_raw(&weight_matrix(ctx, g, w)?, &dy3, true, false)?
@@ -1218,7 +1218,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
 /// workgroups on one grid axis, past the 65,535 limit for a layer of 512 x 4608 weights.
 fn sum_images(ctx: &Arc<GpuContext>, per_image: &Tensor) -> Result<Tensor> {
     let n = per_image.shape()[0];
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         let ones = Tensor::full(1.0, &[1, n], &Device::Gpu(ctx.clone()))?;
         return gemm_raw(&ones, per_image, false, false);
     }

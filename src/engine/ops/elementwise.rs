@@ -274,8 +274,7 @@ pub fn relu6(x: &Tensor) -> Result<Tensor> {
 
 /// Clamps to [lo, hi]; the gradient passes where lo <= x <= hi (PyTorch's convention).
 pub fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
-    Ok(unary_raw(x, Unary::Clamp(lo, hi))?
-        .record(MaskBack(|a, b| Binary::ClampBack(a, b), lo, hi), &[x]))
+    Ok(unary_raw(x, Unary::Clamp(lo, hi))?.record(MaskBack(Binary::ClampBack, lo, hi), &[x]))
 }
 
 struct ZeroBack;

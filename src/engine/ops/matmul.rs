@@ -220,8 +220,9 @@ pub fn gemm_raw_using(
                 a: va,
                 b: vb,
                 accumulate: false,
-                vec4_layout: (stored_row_len(a) % 4 == 0 && stored_row_len(b) % 4 == 0)
-                    .then_some((!ta, tb)),
+                vec4_layout: (stored_row_len(a).is_multiple_of(4)
+                    && stored_row_len(b).is_multiple_of(4))
+                .then_some((!ta, tb)),
             };
             dispatch_gemm(&ctx, kernel, &params, [a.gpu()?, b.gpu()?, &out])?;
             Tensor::from_gpu(out, &out_shape)
