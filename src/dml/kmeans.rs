@@ -1,4 +1,4 @@
-//! k-means for the clustering metrics (SPEC.md section 6): k-means++ seeding, restarts, Lloyd
+//! k-means for the clustering metrics (docs/DESIGN.md, Metrics): k-means++ seeding, restarts, Lloyd
 //! iterations, an empty cluster takes the farthest point. One Lloyd loop drives two backends:
 //! the CPU reference (plain loops) and the GPU (`shaders/kmeans.wgsl` plus the engine's GEMM).
 //!

@@ -1,4 +1,4 @@
-//! Proxy Anchor loss (Kim et al. 2020), as in the official code (SPEC section 4):
+//! Proxy Anchor loss (Kim et al. 2020), as in the official code (docs/DESIGN.md, Proxy Anchor loss):
 //!
 //! ```text
 //! L = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x,p) - delta)))

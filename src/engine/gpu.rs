@@ -1,7 +1,7 @@
 //! The wgpu side of the engine: adapter and device, pipeline cache, buffer pool and the
 //! command recorder that batches every dispatch of a step into one encoder.
 //!
-//! Hazard rule (SPEC section 2): `queue.write_buffer` executes before every command of the next
+//! Hazard rule (docs/DESIGN.md, Engine): `queue.write_buffer` executes before every command of the next
 //! submit, so it is only used on buffers no pending command can touch (uniforms recycled after
 //! a submit). Storage uploads go through a fresh staging buffer and an in-order copy.
 

@@ -347,7 +347,7 @@ pub fn model_metrics(
     }
 }
 
-/// Ensemble metrics by voting (SPEC section 8): retrieval votes over the members' rankings,
+/// Ensemble metrics by voting (docs/DESIGN.md, Defenses): retrieval votes over the members' rankings,
 /// clustering votes over the members' aligned k-means clusters; MAP@R of the mean embedding.
 pub fn voted_metrics(
     embs: &[Vec<f32>],

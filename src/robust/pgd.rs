@@ -1,4 +1,4 @@
-//! PGD on embeddings (SPEC section 7): L-infinity, sign-gradient steps fused with the
+//! PGD on embeddings (docs/DESIGN.md, Attacks): L-infinity, sign-gradient steps fused with the
 //! projection and [0, 1] clipping in one kernel (`shaders/pgd.wgsl`), on one model or on an
 //! ensemble (members' objectives summed, so their gradients are summed before the sign).
 

@@ -1,5 +1,5 @@
 //! The fused PGD update: one step along the sign of the gradient, projected onto the
-//! L-infinity ball around the clean input and clipped to [0, 1] (SPEC section 7).
+//! L-infinity ball around the clean input and clipped to [0, 1] (docs/DESIGN.md, Attacks).
 //! GPU: `shaders/pgd.wgsl`.
 
 use crate::engine::error::{invalid, shape_err, Result};
