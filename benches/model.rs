@@ -57,8 +57,8 @@ fn cases(b: &Bench, suffix: &str, width: f64, batch: usize, size: usize) {
 }
 
 /// One training forward+backward outside the timed cases: its dispatches, the peak of memory
-/// held by live tensors, and the ops split because a tensor exceeded one binding (SPEC: the
-/// 224x224 cases must fit a 16 GB GPU).
+/// held by live tensors, and the ops split because a tensor exceeded one binding (the issue
+/// asks that the 224x224 cases fit a 16 GB GPU).
 fn memory_note(b: &Bench, name: &str, net: &EmbeddingNet, x: &Tensor, target: &Tensor) {
     let Device::Gpu(ctx) = &b.device else {
         return;

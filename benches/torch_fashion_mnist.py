@@ -1,4 +1,4 @@
-"""Peer timing of the Fashion-MNIST protocol (../shared/SPEC.md section 10) in PyTorch on the CPU:
+"""Peer timing of the Fashion-MNIST protocol (docs/DESIGN.md, The Fashion-MNIST protocol) in PyTorch on the CPU:
 one PAL training epoch (c2f2, Proxy Anchor, batch 128, 78 steps, AdamW, proxies at 100x, gradient
 clipping at 10) and PGD-10 (embedding shift, eps 0.1) on the 5,000 zero-shot test images, both
 scenarios' attacks (every test image perturbed once; template matching reuses them as queries).

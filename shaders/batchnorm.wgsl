@@ -6,9 +6,9 @@
 //   forward:  [mean | invstd | new running mean | new running var | a | b | m | d]
 //   backward: [dgamma | dbeta | a | b | m | d]
 // and the affine pass computes, per element of channel c (coefficients at p.coef_off):
-//   form 0: b * (v - m) + d            (forward: v = x)
-//   form 1: b * u                      (eval-mode dx = gamma * invstd * g, from forward coefs)
-//   form 2: a * u + b * (v - m) + d    (training dx: u = g, v = x)
+//   FORM_FORWARD:  b * (v - m) + d          (forward: v = x)
+//   FORM_SCALE_U:  b * u                    (eval-mode dx = gamma * invstd * g, from forward coefs)
+//   FORM_TRAIN_DX: a * u + b * (v - m) + d  (training dx: u = g, v = x)
 //
 // Element addressing avoids a division per element: a workgroup covers P = max(1, 256 / HW)
 // planes of HWC = min(HW, 256) positions, so each thread splits its index once.
@@ -19,7 +19,7 @@ struct Params {
     hw: u32,         // H * W
     planes: u32,     // P: planes one workgroup pass covers
     hwc: u32,        // positions of a plane one workgroup pass covers
-    form: u32,       // affine form, or mode of the reductions (0 training, 1 eval, 2 partial)
+    form: u32,       // affine FORM_*, or MODE_* of the reductions
     coef_off: u32,   // offset of the a coefficients in `chan`
     momentum: f32,
     eps: f32,
@@ -36,6 +36,16 @@ struct Params {
 @group(0) @binding(8) var<storage, read_write> out: array<f32>;
 
 const WG: u32 = 256u;
+
+// Forms of the affine pass (Rust: batchnorm::FORM_CODES).
+const FORM_FORWARD: u32 = 0u;
+const FORM_SCALE_U: u32 = 1u;
+const FORM_TRAIN_DX: u32 = 2u;
+// Modes of the reductions (Rust: batchnorm::MODE_CODES); partial: per-chunk results, when x
+// exceeds one binding.
+const MODE_TRAIN: u32 = 0u;
+const MODE_EVAL: u32 = 1u;
+const MODE_PARTIAL: u32 = 2u;
 var<workgroup> red_a: array<f32, 256>;
 var<workgroup> red_b: array<f32, 256>;
 
@@ -80,7 +90,7 @@ fn write_forward_stats(c: u32, count: f32, mean: f32, m2: f32) {
 // sums shifted by the first value it reads (so they stay near the data's spread, not its
 // offset), then the workgroup merges (count, mean, M2) triples with Chan's formula. Thread 0
 // writes the statistics, the new running statistics and the forward affine coefficients; in
-// partial mode (p.form == 2, x one batch chunk of a tensor over a binding) it writes just the
+// partial mode (p.form == MODE_PARTIAL, x one batch chunk of a tensor over a binding) it writes just the
 // triple, at chan[p.coef_off + {0, C, 2C} + c], for bn_combine_stats.
 var<workgroup> red_n: array<f32, 256>;
 
@@ -134,7 +144,7 @@ fn bn_batch_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         workgroupBarrier();
     }
     if (lid == 0u) {
-        if (p.form == 2u) {
+        if (p.form == MODE_PARTIAL) {
             chan[p.coef_off + c] = red_n[0];
             chan[p.coef_off + p.c + c] = red_a[0];
             chan[p.coef_off + 2u * p.c + c] = red_b[0];
@@ -197,13 +207,13 @@ fn bn_eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
 const AFFINE_ITEMS: u32 = 16u;
 
 fn affine_one(i: u32, a: f32, b: f32, m: f32, d: f32) {
-    if (p.form == 1u) {
+    if (p.form == FORM_SCALE_U) {
         out[i] = b * x[i];
         return;
     }
     let v = g[i];
     var u = 0.0;
-    if (p.form == 2u) {
+    if (p.form == FORM_TRAIN_DX) {
         u = x[i];
     }
     out[i] = a * u + b * (v - m) + d;
@@ -240,7 +250,7 @@ fn bn_affine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_in
 
 // Backward reduction of channel c: dbeta = sum g, dgamma = sum g * xhat with
 // xhat = (x - mean) * invstd from the forward's `chan` (batch or running statistics).
-// Writes out = [dgamma | dbeta | a | b | m | d]; in training mode (p.form == 0) the
+// Writes out = [dgamma | dbeta | a | b | m | d]; in training mode (p.form == MODE_TRAIN) the
 // coefficients give dx = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)).
 @compute @workgroup_size(256)
 fn bn_grad_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -270,11 +280,11 @@ fn bn_grad_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
     red_b[lid] = sgx;
     let sums = reduce_pair(lid);
     if (lid == 0u) {
-        if (p.form == 2u) {
+        if (p.form == MODE_PARTIAL) {
             out[p.coef_off + c] = sums.y * invstd;
             out[p.coef_off + k + c] = sums.x;
         } else {
-            write_grad_coefs(c, sums.x, sums.y * invstd, f32(p.n * p.hw), p.form == 0u);
+            write_grad_coefs(c, sums.x, sums.y * invstd, f32(p.n * p.hw), p.form == MODE_TRAIN);
         }
     }
 }
@@ -297,7 +307,7 @@ fn write_grad_coefs(c: u32, sum_g: f32, sum_gxhat: f32, count: f32, train: bool)
 
 // Sums the per-chunk (sum g * xhat, sum g) pairs of bn_grad_reduce's partial mode, read from x
 // (p.n chunks of 2C values), into the layout of bn_grad_reduce; p.hw holds the element count
-// per channel of the whole batch and p.form the mode (0 training, 1 eval). One thread per channel.
+// per channel of the whole batch and p.form the mode (MODE_TRAIN or MODE_EVAL). One thread per channel.
 @compute @workgroup_size(64)
 fn bn_combine_grads(@builtin(global_invocation_id) gid: vec3<u32>) {
     let c = gid.x;
@@ -311,7 +321,7 @@ fn bn_combine_grads(@builtin(global_invocation_id) gid: vec3<u32>) {
         sum_gxhat += x[2u * k * j + c];
         sum_g += x[2u * k * j + k + c];
     }
-    write_grad_coefs(c, sum_g, sum_gxhat, f32(p.hw), p.form == 0u);
+    write_grad_coefs(c, sum_g, sum_gxhat, f32(p.hw), p.form == MODE_TRAIN);
 }
 
 // ---------------------------------------------------------------- small planes
@@ -341,7 +351,7 @@ fn bn_batch_stats_serial(@builtin(global_invocation_id) gid: vec3<u32>) {
     let count = f32(p.n * p.hw);
     let mean = shift + s1 / count;
     let m2 = max(s2 - s1 * s1 / count, 0.0);
-    if (p.form == 2u) {
+    if (p.form == MODE_PARTIAL) {
         chan[p.coef_off + c] = count;
         chan[p.coef_off + p.c + c] = mean;
         chan[p.coef_off + 2u * p.c + c] = m2;
@@ -368,11 +378,11 @@ fn bn_grad_reduce_serial(@builtin(global_invocation_id) gid: vec3<u32>) {
             sgx += gv * (x[base + h] - mean);
         }
     }
-    if (p.form == 2u) {
+    if (p.form == MODE_PARTIAL) {
         out[p.coef_off + c] = sgx * invstd;
         out[p.coef_off + p.c + c] = sg;
     } else {
-        write_grad_coefs(c, sg, sgx * invstd, f32(p.n * p.hw), p.form == 0u);
+        write_grad_coefs(c, sg, sgx * invstd, f32(p.n * p.hw), p.form == MODE_TRAIN);
     }
 }
 

@@ -14,20 +14,22 @@ struct Params {
 @group(0) @binding(2) var<storage, read> y: array<f32>;
 @group(0) @binding(3) var<storage, read_write> out: array<f32>;
 
-// unary op codes: 0 a*x+b, 1 relu, 2 relu6, 3 sign, 4 clamp to [a,b], 5 fill with a,
-// 6 square, 7 sqrt, 8 exp, 9 abs
+// Unary op codes (Rust: elementwise::UNARY_CODES).
+const UNARY_AFFINE: u32 = 0u;  // a * x + b
+const UNARY_RELU: u32 = 1u;
+const UNARY_RELU6: u32 = 2u;
+const UNARY_SIGN: u32 = 3u;
+const UNARY_CLAMP: u32 = 4u;   // to [a, b]
+const UNARY_SQUARE: u32 = 5u;
+
 fn unary_op(v: f32) -> f32 {
     switch p.op {
-        case 0u: { return p.a * v + p.b; }
-        case 1u: { return max(v, 0.0); }
-        case 2u: { return clamp(v, 0.0, 6.0); }
-        case 3u: { return sign(v); }
-        case 4u: { return clamp(v, p.a, p.b); }
-        case 5u: { return p.a; }
-        case 6u: { return v * v; }
-        case 7u: { return sqrt(v); }
-        case 8u: { return exp(v); }
-        case 9u: { return abs(v); }
+        case UNARY_AFFINE: { return p.a * v + p.b; }
+        case UNARY_RELU: { return max(v, 0.0); }
+        case UNARY_RELU6: { return clamp(v, 0.0, 6.0); }
+        case UNARY_SIGN: { return sign(v); }
+        case UNARY_CLAMP: { return clamp(v, p.a, p.b); }
+        case UNARY_SQUARE: { return v * v; }
         default: { return v; }
     }
 }
@@ -41,16 +43,21 @@ fn unary(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
 }
 
-// binary op codes: 0 a*x+b*y, 1 x*y, 2 relu backward (x input, y grad),
-// 3 relu6 backward, 4 clamp backward to [a,b], 5 x/y, 6 sign backward (zero)
+// Binary op codes (Rust: elementwise::BINARY_CODES). The backward ones take x = the forward
+// input and y = the output gradient.
+const BINARY_AXPBY: u32 = 0u;  // a * x + b * y
+const BINARY_MUL: u32 = 1u;
+const BINARY_RELU_BACK: u32 = 2u;
+const BINARY_RELU6_BACK: u32 = 3u;
+const BINARY_CLAMP_BACK: u32 = 4u;  // to [a, b]
+
 fn binary_op(u: f32, v: f32) -> f32 {
     switch p.op {
-        case 0u: { return p.a * u + p.b * v; }
-        case 1u: { return u * v; }
-        case 2u: { return select(0.0, v, u > 0.0); }
-        case 3u: { return select(0.0, v, u > 0.0 && u < 6.0); }
-        case 4u: { return select(0.0, v, u >= p.a && u <= p.b); }
-        case 5u: { return u / v; }
+        case BINARY_AXPBY: { return p.a * u + p.b * v; }
+        case BINARY_MUL: { return u * v; }
+        case BINARY_RELU_BACK: { return select(0.0, v, u > 0.0); }
+        case BINARY_RELU6_BACK: { return select(0.0, v, u > 0.0 && u < 6.0); }
+        case BINARY_CLAMP_BACK: { return select(0.0, v, u >= p.a && u <= p.b); }
         default: { return 0.0; }
     }
 }

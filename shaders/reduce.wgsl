@@ -23,6 +23,13 @@ const WG: u32 = 256u;
 // Values folded into one partial sum by one workgroup of `sum_partial` (8 per thread).
 const CHUNK: u32 = 2048u;
 
+// What reduce_dim and expand_dim compute (Rust: reduce::DIM_CODES).
+const REDUCE_SCALED_SUM: u32 = 0u;  // sum * scale (sum, mean)
+const REDUCE_LOGSUMEXP: u32 = 1u;   // shifted by the column maximum
+// What sum_partial adds up in its first pass (Rust: reduce::SUM_CODES).
+const SUM_OF_VALUES: u32 = 0u;
+const SUM_OF_SQUARES: u32 = 1u;
+
 var<workgroup> sh: array<f32, 256>;
 
 // Tree sum of sh[0..256] into sh[0]; every thread of the workgroup must call it.
@@ -52,7 +59,6 @@ fn tree_max(lid: u32) -> f32 {
     return r;
 }
 
-// op 0: sum * scale (sum, mean); op 1: logsumexp, shifted by the column maximum.
 @compute @workgroup_size(256)
 fn reduce_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
@@ -63,7 +69,7 @@ fn reduce_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let o = col / p.inner;
     let i = col % p.inner;
     let base = o * p.n * p.inner + i;
-    if (p.op == 0u) {
+    if (p.op == REDUCE_SCALED_SUM) {
         var acc = 0.0;
         for (var k = lid; k < p.n; k = k + WG) {
             acc = acc + x[base + k * p.inner];
@@ -108,7 +114,7 @@ fn sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let idx = start + k * WG + lid;
         if (idx < p.n) {
             let v = x[idx];
-            acc = acc + select(v, v * v, p.op == 1u);
+            acc = acc + select(v, v * v, p.op == SUM_OF_SQUARES);
         }
     }
     sh[lid] = acc;
@@ -119,7 +125,7 @@ fn sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
 }
 
 // Backward of the reductions along a dimension, one thread per input element:
-// op 0: g[col] * scale (sum, mean); op 1: g[col] * exp(x - y[col]) (logsumexp).
+// g[col] * scale (REDUCE_SCALED_SUM), g[col] * exp(x - y[col]) (REDUCE_LOGSUMEXP).
 @compute @workgroup_size(256)
 fn expand_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32) {
@@ -130,7 +136,7 @@ fn expand_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let o = idx / (p.n * p.inner);
     let i = idx % p.inner;
     let col = o * p.inner + i;
-    if (p.op == 0u) {
+    if (p.op == REDUCE_SCALED_SUM) {
         out[idx] = g[col] * p.scale;
     } else {
         out[idx] = g[col] * exp(x[idx] - y[col]);

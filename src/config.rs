@@ -37,7 +37,7 @@ pub const MIXUP_ALPHA: f32 = 1.0;
 /// about 10; 10 gave the best attacked R@1 averaged over both scenarios, 100 and 1000 traded
 /// away clean and attacked accuracy alike.
 pub const TRADES_LAMBDA: f32 = 10.0;
-/// Start of an attack without a random start: x + 0.001 N(0, 1) (SPEC section 7).
+/// Start of an attack without a random start: x + 0.001 N(0, 1) (docs/DESIGN.md, Attacks).
 pub const PGD_START_NOISE: f32 = 0.001;
 
 /// Objective an attack maximises.

@@ -33,8 +33,11 @@ const X: [usize; 4] = [20, 5, 9, 7];
 /// A plane of 8x6 pixels sends convolutions through the im2col GEMM on CPU adapters.
 const X_GEMM: [usize; 4] = [20, 5, 8, 6];
 
+/// GPU contexts by binding cap, made once per cap.
+type CappedContexts = std::sync::Mutex<Vec<(u64, Arc<GpuContext>)>>;
+
 fn capped(test: &str, cap: u64) -> Option<Device> {
-    static CTX: OnceLock<std::sync::Mutex<Vec<(u64, Arc<GpuContext>)>>> = OnceLock::new();
+    static CTX: OnceLock<CappedContexts> = OnceLock::new();
     gpu_or_skip(test)?;
     let mut cache = CTX.get_or_init(Default::default).lock().unwrap();
     if let Some((_, ctx)) = cache.iter().find(|(c, _)| *c == cap) {

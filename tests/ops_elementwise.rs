@@ -32,12 +32,22 @@ fn elementwise_gradients() {
     let x = away_from_kinks(&SHAPE, 1);
     let y = randn(&SHAPE, 2);
     let o = GradCheck::default();
-    assert_grad("relu", |t| ew::relu(&t[0]), &[x.clone()], o);
-    assert_grad("relu6", |t| ew::relu6(&t[0]), &[x.clone()], o);
-    assert_grad("clamp", |t| ew::clamp(&t[0], -0.5, 0.5), &[x.clone()], o);
-    assert_grad("sign", |t| ew::sign(&t[0]), &[x.clone()], o);
-    assert_grad("square", |t| ew::square(&t[0]), &[x.clone()], o);
-    assert_grad("affine", |t| ew::affine(&t[0], -1.5, 0.25), &[x.clone()], o);
+    assert_grad("relu", |t| ew::relu(&t[0]), std::slice::from_ref(&x), o);
+    assert_grad("relu6", |t| ew::relu6(&t[0]), std::slice::from_ref(&x), o);
+    assert_grad(
+        "clamp",
+        |t| ew::clamp(&t[0], -0.5, 0.5),
+        std::slice::from_ref(&x),
+        o,
+    );
+    assert_grad("sign", |t| ew::sign(&t[0]), std::slice::from_ref(&x), o);
+    assert_grad("square", |t| ew::square(&t[0]), std::slice::from_ref(&x), o);
+    assert_grad(
+        "affine",
+        |t| ew::affine(&t[0], -1.5, 0.25),
+        std::slice::from_ref(&x),
+        o,
+    );
     assert_grad("add", |t| ew::add(&t[0], &t[1]), &[x.clone(), y.clone()], o);
     assert_grad("sub", |t| ew::sub(&t[0], &t[1]), &[x.clone(), y.clone()], o);
     assert_grad("mul", |t| ew::mul(&t[0], &t[1]), &[x.clone(), y.clone()], o);
@@ -61,7 +71,7 @@ fn elementwise_gpu_matches_cpu() {
         "relu",
         &gpu,
         |t| ew::relu(&t[0]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         tol.0,
         tol.1,
     );
@@ -69,7 +79,7 @@ fn elementwise_gpu_matches_cpu() {
         "relu6",
         &gpu,
         |t| ew::relu6(&t[0]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         tol.0,
         tol.1,
     );
@@ -77,7 +87,7 @@ fn elementwise_gpu_matches_cpu() {
         "clamp",
         &gpu,
         |t| ew::clamp(&t[0], -0.5, 0.5),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         tol.0,
         tol.1,
     );
@@ -85,7 +95,7 @@ fn elementwise_gpu_matches_cpu() {
         "sign",
         &gpu,
         |t| ew::sign(&t[0]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         tol.0,
         tol.1,
     );
@@ -93,7 +103,7 @@ fn elementwise_gpu_matches_cpu() {
         "square",
         &gpu,
         |t| ew::square(&t[0]),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         tol.0,
         tol.1,
     );
@@ -101,7 +111,7 @@ fn elementwise_gpu_matches_cpu() {
         "affine",
         &gpu,
         |t| ew::affine(&t[0], -1.5, 0.25),
-        &[x.clone()],
+        std::slice::from_ref(&x),
         tol.0,
         tol.1,
     );

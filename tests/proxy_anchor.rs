@@ -5,7 +5,7 @@ use robust_dml::dml::loss::{init_proxies, proxy_anchor_loss, ProxyAnchorConfig};
 use robust_dml::engine::testing::{assert_grad, assert_parity, gpu_or_skip, randn, GradCheck};
 use robust_dml::engine::{Device, Rng, Tensor};
 
-/// The loss exactly as SPEC section 4 writes it, in f64 with a naive log(1 + sum exp):
+/// The loss exactly as docs/DESIGN.md (Proxy Anchor loss) writes it, in f64 with a naive log(1 + sum exp):
 /// mean over P+ (proxies with a positive) of the positive terms, mean over all C proxies of
 /// the negative terms.
 fn direct_formula(emb: &Tensor, proxies: &Tensor, labels: &[usize], alpha: f64, delta: f64) -> f64 {

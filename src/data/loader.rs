@@ -47,7 +47,7 @@ impl LoaderConfig {
 
     /// Small in-memory images (Fashion-MNIST, synthetic) keep their whole frame: training only
     /// flips them and evaluation only resizes them, as the field does for such datasets; the
-    /// crop transforms of SPEC section 5 are for photographs. Other samples keep this config.
+    /// crop transforms of docs/DESIGN.md (Datasets and splits) are for photographs. Other samples keep this config.
     pub fn for_samples(mut self, samples: &[crate::data::Sample]) -> Self {
         let in_memory = !samples.is_empty()
             && samples

@@ -1,7 +1,7 @@
 //! Datasets, splits and the image pipeline.
 //!
 //! Every loader returns a [`Dataset`]: a list of samples for training and for evaluation, with the
-//! standard class-disjoint (zero-shot) split of SPEC.md section 5. Labels are remapped inside each
+//! standard class-disjoint (zero-shot) split of docs/DESIGN.md (Datasets and splits). Labels are remapped inside each
 //! split to `0..n_classes` in the order of the original class ids, so that the training labels can
 //! index proxies directly; the original names are kept in `train_classes` / `test_classes`.
 //!

@@ -3,12 +3,23 @@
 //! from the neighbour lists. The CPU path runs the same algorithm in plain loops.
 
 use crate::engine::error::{shape_err, Result};
-use crate::engine::gpu::{u, Kernel};
+use crate::engine::gpu::{to_u32, Kernel};
 use crate::engine::ops::matmul::gemm_raw;
 use crate::engine::{Device, Tensor};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 const TOPK: Kernel = kernel!("topk.wgsl", "row_topk", [ReadWrite, ReadWrite, ReadWrite]);
+
+kernel_params! {
+    pub struct TopkParams for ["topk.wgsl"] {
+        rows: u32,
+        cols: u32,
+        k: u32,
+        /// Column excluded from row r: r + self_offset (the query itself), when exclude_self.
+        self_offset: u32,
+        exclude_self: u32,
+    }
+}
 
 /// Makes every GPU top-k use the device kernel, so that tests cover it on CPU adapters too.
 pub static FORCE_DEVICE_TOPK: std::sync::atomic::AtomicBool =
@@ -94,14 +105,14 @@ fn topk_chunk(sim: &Tensor, k: usize, self_offset: Option<usize>) -> Result<(Vec
         Device::Gpu(ctx) => {
             let idx = ctx.alloc(rows * k)?;
             let val = ctx.alloc(rows * k)?;
-            let params = [
-                u(rows),
-                u(cols),
-                u(k),
-                u(self_offset.unwrap_or(0)),
-                u(self_offset.is_some() as usize),
-            ];
-            ctx.dispatch(&TOPK, &params, &[sim.gpu()?, &idx, &val], rows as u32)?;
+            let params = TopkParams {
+                rows: to_u32(rows)?,
+                cols: to_u32(cols)?,
+                k: to_u32(k)?,
+                self_offset: to_u32(self_offset.unwrap_or(0))?,
+                exclude_self: self_offset.is_some() as u32,
+            };
+            ctx.dispatch(&TOPK, &params, &[sim.gpu()?, &idx, &val], to_u32(rows)?)?;
             let i = ctx.download(&idx)?.into_iter().map(|x| x as u32).collect();
             Ok((i, ctx.download(&val)?))
         }

@@ -1,4 +1,4 @@
-//! k-means for the clustering metrics (SPEC.md section 6): k-means++ seeding, restarts, Lloyd
+//! k-means for the clustering metrics (docs/DESIGN.md, Metrics): k-means++ seeding, restarts, Lloyd
 //! iterations, an empty cluster takes the farthest point. One Lloyd loop drives two backends:
 //! the CPU reference (plain loops) and the GPU (`shaders/kmeans.wgsl` plus the engine's GEMM).
 //!
@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use crate::dml::metrics::threads_for;
 use crate::engine::error::{invalid, EngineError, Result};
-use crate::engine::gpu::{groups_for, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
 use crate::engine::ops::matmul::gemm_raw;
 use crate::engine::{Device, Rng, Tensor};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 /// k-means settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,7 +89,7 @@ pub fn lloyd_on(
     init: &[f32],
     iterations: usize,
 ) -> Result<KMeansResult> {
-    let k = if dim == 0 { 0 } else { init.len() / dim };
+    let k = init.len().checked_div(dim).unwrap_or(0);
     check_args("lloyd_on", data, dim, k)?;
     if init.len() != k * dim {
         return invalid(
@@ -394,6 +394,18 @@ const MEANS: Kernel = kernel!(
     "centroid_means",
     [Read, ReadWrite, ReadWrite, Read, ReadWrite, ReadWrite, Read]
 );
+kernel_params! {
+    pub struct KmeansParams for ["kmeans.wgsl"] {
+        /// Rows of the data.
+        n: u32,
+        /// Centres.
+        k: u32,
+        dim: u32,
+        /// Items of this dispatch.
+        count: u32,
+    }
+}
+
 /// Invocations per workgroup of every kmeans.wgsl entry.
 const WORKGROUP: usize = 64;
 /// Row and cluster indices travel as f32, exact below 2^24.
@@ -434,8 +446,13 @@ impl GpuPoints {
         })
     }
 
-    fn params(&self, count: usize) -> [u32; 4] {
-        [u(self.n), u(self.k), u(self.dim), u(count)]
+    fn params(&self, count: usize) -> Result<KmeansParams> {
+        Ok(KmeansParams {
+            n: to_u32(self.n)?,
+            k: to_u32(self.k)?,
+            dim: to_u32(self.dim)?,
+            count: to_u32(count)?,
+        })
     }
 
     /// Squared norms of the rows of [data; centroids] into `norms`. The rows' norms are
@@ -445,9 +462,9 @@ impl GpuPoints {
         let rows = self.n + self.k;
         self.ctx.dispatch(
             &SQNORMS,
-            &self.params(rows),
+            &self.params(rows)?,
             &[self.data.gpu()?, centroids, &self.norms],
-            groups_for(rows, WORKGROUP),
+            groups_for(rows, WORKGROUP)?,
         )
     }
 }
@@ -483,7 +500,7 @@ impl LloydBackend for GpuLloyd<'_> {
         let gram = gemm_raw(&p.data, &self.centroids, false, true)?;
         p.ctx.dispatch(
             &ASSIGN,
-            &p.params(p.n),
+            &p.params(p.n)?,
             &[
                 p.data.gpu()?,
                 centroids,
@@ -492,7 +509,7 @@ impl LloydBackend for GpuLloyd<'_> {
                 &self.assign,
                 &self.d2,
             ],
-            groups_for(p.n, WORKGROUP),
+            groups_for(p.n, WORKGROUP)?,
         )?;
         let assign = p.ctx.download(&self.assign)?;
         // The host indexes with these: a broken kernel must give an error, not a panic.
@@ -525,7 +542,7 @@ impl LloydBackend for GpuLloyd<'_> {
         // The gram slot is unused by this entry: the member list fills it (both read-only).
         p.ctx.dispatch(
             &MEANS,
-            &p.params(p.k * p.dim),
+            &p.params(p.k * p.dim)?,
             &[
                 p.data.gpu()?,
                 &next,
@@ -535,7 +552,7 @@ impl LloydBackend for GpuLloyd<'_> {
                 &self.d2,
                 &csr,
             ],
-            groups_for(p.k * p.dim, WORKGROUP),
+            groups_for(p.k * p.dim, WORKGROUP)?,
         )?;
         self.centroids = Tensor::from_gpu(next, &[p.k, p.dim])?;
         Ok(())

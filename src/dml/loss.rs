@@ -1,4 +1,4 @@
-//! Proxy Anchor loss (Kim et al. 2020), as in the official code (SPEC section 4):
+//! Proxy Anchor loss (Kim et al. 2020), as in the official code (docs/DESIGN.md, Proxy Anchor loss):
 //!
 //! ```text
 //! L = 1/|P+| sum_{p in P+} log(1 + sum_{x in X_p+} exp(-alpha (s(x,p) - delta)))
@@ -11,13 +11,26 @@
 //! (`shaders/proxy_anchor.wgsl`).
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, Kernel};
 use crate::engine::ops::normalize::cosine_similarity;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{Device, Rng};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 use rayon::prelude::*;
+
+kernel_params! {
+    pub struct ProxyAnchorParams for ["proxy_anchor.wgsl"] {
+        b: u32,
+        c: u32,
+        alpha: f32,
+        delta: f32,
+        /// 1 / |P+| (proxies with a positive in the batch).
+        inv_pos: f32,
+        /// 1 / C (all proxies).
+        inv_c: f32,
+    }
+}
 
 const FORWARD: Kernel = kernel!(
     "proxy_anchor.wgsl",
@@ -132,10 +145,17 @@ fn forward_raw(
             ))
         }
         Device::Gpu(ctx) => {
-            let params = [u(b), u(c), f(t.alpha), f(t.delta), f(t.inv_pos), f(t.inv_c)];
+            let params = ProxyAnchorParams {
+                b: to_u32(b)?,
+                c: to_u32(c)?,
+                alpha: t.alpha,
+                delta: t.delta,
+                inv_pos: t.inv_pos,
+                inv_c: t.inv_c,
+            };
             let (cb, lb) = (cos.gpu()?, labels.gpu()?);
             let lse = ctx.alloc(2 * c)?;
-            ctx.dispatch(&FORWARD, &params, &[cb, lb, cb, cb, &lse], c as u32)?;
+            ctx.dispatch(&FORWARD, &params, &[cb, lb, cb, cb, &lse], to_u32(c)?)?;
             let loss = ctx.alloc(1)?;
             ctx.dispatch(&TOTAL, &params, &[&lse, lb, &lse, &lse, &loss], 1)?;
             Ok((
@@ -179,10 +199,17 @@ fn backward_raw(
             Tensor::from_cpu(out, &[b, c])
         }
         Device::Gpu(ctx) => {
-            let params = [u(b), u(c), f(t.alpha), f(t.delta), f(t.inv_pos), f(t.inv_c)];
+            let params = ProxyAnchorParams {
+                b: to_u32(b)?,
+                c: to_u32(c)?,
+                alpha: t.alpha,
+                delta: t.delta,
+                inv_pos: t.inv_pos,
+                inv_c: t.inv_c,
+            };
             let out = ctx.alloc(b * c)?;
             let bufs = [cos.gpu()?, labels.gpu()?, lse.gpu()?, g.gpu()?, &out];
-            ctx.dispatch(&BACKWARD, &params, &bufs, groups_for(b * c, 256))?;
+            ctx.dispatch(&BACKWARD, &params, &bufs, groups_for(b * c, 256)?)?;
             Tensor::from_gpu(out, &[b, c])
         }
     }

@@ -1,4 +1,4 @@
-//! Retrieval and clustering metrics of deep metric learning (SPEC.md section 6), on host
+//! Retrieval and clustering metrics of deep metric learning (docs/DESIGN.md, Metrics), on host
 //! embeddings: row-major `[N, D]` `f32`, assumed L2-normalised so that the dot product is the
 //! cosine similarity.
 //!

@@ -26,6 +26,8 @@ pub enum EngineError {
     BufferTooLarge { bytes: u64, limit: u64 },
     #[error("out of device memory: a buffer of {bytes} bytes could not be allocated with {live_bytes} bytes already held by live tensors; use a smaller batch or input size")]
     OutOfDeviceMemory { bytes: u64, live_bytes: u64 },
+    #[error("a size or index of {value} is over the GPU kernels' 32-bit range (4294967295); use a smaller batch or input size")]
+    SizeOverU32 { value: usize },
     #[error("GPU error: {0}")]
     Gpu(String),
     #[error("invalid argument to {op}: {detail}")]

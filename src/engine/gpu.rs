@@ -1,7 +1,7 @@
 //! The wgpu side of the engine: adapter and device, pipeline cache, buffer pool and the
 //! command recorder that batches every dispatch of a step into one encoder.
 //!
-//! Hazard rule (SPEC section 2): `queue.write_buffer` executes before every command of the next
+//! Hazard rule (docs/DESIGN.md, Engine): `queue.write_buffer` executes before every command of the next
 //! submit, so it is only used on buffers no pending command can touch (uniforms recycled after
 //! a submit). Storage uploads go through a fresh staging buffer and an in-order copy.
 
@@ -94,6 +94,90 @@ macro_rules! kernel {
     };
 }
 
+/// The scalar types a parameter block holds (WGSL `u32` and `f32`, 4 bytes each).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamType {
+    U32,
+    F32,
+}
+
+/// A Rust type that may be a field of a parameter block.
+pub trait ParamScalar {
+    const TYPE: ParamType;
+}
+impl ParamScalar for u32 {
+    const TYPE: ParamType = ParamType::U32;
+}
+impl ParamScalar for f32 {
+    const TYPE: ParamType = ParamType::F32;
+}
+
+/// One field of a parameter block: its name, byte offset and type, as the shader must see them.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamField {
+    pub name: &'static str,
+    pub offset: usize,
+    pub ty: ParamType,
+}
+
+/// The layout of a Rust parameter block and the shader files whose `Params` struct it mirrors;
+/// `tests/kernel_params.rs` compares the two with naga.
+#[derive(Clone, Copy, Debug)]
+pub struct ParamsLayout {
+    pub rust_name: &'static str,
+    pub files: &'static [&'static str],
+    pub size: usize,
+    pub fields: &'static [ParamField],
+}
+
+/// A kernel family's uniform parameter block: a `#[repr(C)]` plain-old-data struct whose fields
+/// are those of the WGSL `Params` struct, in order. Declare it with [`kernel_params!`].
+pub trait KernelParams: bytemuck::Pod {
+    const LAYOUT: ParamsLayout;
+}
+
+/// Declares a kernel family's parameter block, `#[repr(C)]` and `bytemuck::Pod`, and records
+/// its field names and offsets ([`KernelParams::LAYOUT`]) for the layout test.
+#[macro_export]
+macro_rules! kernel_params {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $name:ident for [$($file:literal),+ $(,)?] {
+            $($(#[$fmeta:meta])* $field:ident : $ty:ty),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+        $vis struct $name {
+            $($(#[$fmeta])* pub $field: $ty),*
+        }
+        impl $crate::engine::gpu::KernelParams for $name {
+            const LAYOUT: $crate::engine::gpu::ParamsLayout = $crate::engine::gpu::ParamsLayout {
+                rust_name: stringify!($name),
+                files: &[$($file),+],
+                size: ::core::mem::size_of::<$name>(),
+                fields: &[$($crate::engine::gpu::ParamField {
+                    name: stringify!($field),
+                    offset: ::core::mem::offset_of!($name, $field),
+                    ty: <$ty as $crate::engine::gpu::ParamScalar>::TYPE,
+                }),*],
+            };
+        }
+    };
+}
+
+/// The op codes a shader branches on, mirrored from a Rust enum: each is a WGSL `const` named
+/// `prefix + NAME` with this value, and when `switch_fn` is given, the `switch` in that
+/// function has exactly these cases. `tests/kernel_params.rs` checks both with naga.
+#[derive(Clone, Copy, Debug)]
+pub struct OpCodes {
+    pub file: &'static str,
+    pub prefix: &'static str,
+    pub switch_fn: Option<&'static str>,
+    pub codes: &'static [(&'static str, u32)],
+}
+
 struct Pipeline {
     pipeline: wgpu::ComputePipeline,
     layout: wgpu::BindGroupLayout,
@@ -117,7 +201,7 @@ fn bucket_size(bytes: u64) -> u64 {
     let bytes = bytes.max(16);
     let p = bytes.next_power_of_two();
     let three_quarters = p / 4 * 3;
-    if bytes <= three_quarters && three_quarters % 4 == 0 {
+    if bytes <= three_quarters && three_quarters.is_multiple_of(4) {
         three_quarters
     } else {
         p
@@ -209,7 +293,7 @@ impl GpuBuffer {
             )));
         }
         let offset = self.offset + start;
-        if offset % self.ctx.offset_align_elems() != 0 {
+        if !offset.is_multiple_of(self.ctx.offset_align_elems()) {
             return Err(EngineError::Gpu(format!(
                 "view at value {offset} is not on the adapter's {}-byte storage offset alignment",
                 self.ctx.limits.min_storage_buffer_offset_alignment
@@ -449,7 +533,9 @@ impl GpuContext {
     }
 
     pub fn max_binding_bytes(&self) -> u64 {
-        (self.limits.max_storage_buffer_binding_size as u64).min(self.limits.max_buffer_size)
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(self.limits.max_buffer_size)
     }
 
     /// Whether the adapter is a CPU (llvmpipe, WARP, SwiftShader): lanes there are SIMD lanes of
@@ -806,9 +892,9 @@ impl GpuContext {
         p
     }
 
-    fn uniform(&self, rec: &mut Recorder, params: &[u32]) -> wgpu::Buffer {
+    fn uniform(&self, rec: &mut Recorder, params: &[u8]) -> wgpu::Buffer {
         assert!(
-            params.len() * 4 <= UNIFORM_SIZE as usize,
+            params.len() <= UNIFORM_SIZE as usize,
             "parameter block too large"
         );
         let buf = rec.uniforms_free.pop().unwrap_or_else(|| {
@@ -819,19 +905,19 @@ impl GpuContext {
                 mapped_at_creation: false,
             })
         });
-        let mut words = params.to_vec();
-        words.resize(4.max(params.len().div_ceil(4) * 4), 0);
-        self.queue
-            .write_buffer(&buf, 0, bytemuck::cast_slice(&words));
+        // Whole 16-byte rows, as uniform blocks are laid out.
+        let mut bytes = params.to_vec();
+        bytes.resize(16.max(params.len().next_multiple_of(16)), 0);
+        self.queue.write_buffer(&buf, 0, &bytes);
         rec.uniforms_used.push(buf.clone());
         buf
     }
 
     /// Records one dispatch of `k` over a grid of `groups` workgroups in x, y, z.
-    pub fn dispatch3(
+    pub fn dispatch3<P: KernelParams>(
         &self,
         k: &Kernel,
-        params: &[u32],
+        params: &P,
         buffers: &[&GpuBuffer],
         groups: [u32; 3],
     ) -> Result<()> {
@@ -874,7 +960,7 @@ impl GpuContext {
             None => None,
         };
         let mut rec = self.rec.lock().unwrap();
-        let ubuf = self.uniform(&mut rec, params);
+        let ubuf = self.uniform(&mut rec, bytemuck::bytes_of(params));
         let mut entries = vec![wgpu::BindGroupEntry {
             binding: 0,
             resource: ubuf.as_entire_binding(),
@@ -944,10 +1030,10 @@ impl GpuContext {
 
     /// Records a dispatch of `workgroups` workgroups, folded into 2-D past 65,535. Kernels
     /// recover the linear workgroup index with the prelude's `wg_linear`.
-    pub fn dispatch(
+    pub fn dispatch<P: KernelParams>(
         &self,
         k: &Kernel,
-        params: &[u32],
+        params: &P,
         buffers: &[&GpuBuffer],
         workgroups: u32,
     ) -> Result<()> {
@@ -1038,18 +1124,14 @@ pub fn fold_grid(workgroups: u32) -> [u32; 3] {
 }
 
 /// Workgroups needed to cover `n` items with `per_group` items each.
-pub fn groups_for(n: usize, per_group: usize) -> u32 {
-    n.div_ceil(per_group) as u32
+pub fn groups_for(n: usize, per_group: usize) -> Result<u32> {
+    to_u32(n.div_ceil(per_group))
 }
 
-/// Packs an f32 into a parameter word.
-pub fn f(v: f32) -> u32 {
-    v.to_bits()
-}
-
-/// Packs a usize into a parameter word.
-pub fn u(v: usize) -> u32 {
-    v as u32
+/// A size or index as the `u32` the kernels compute with; larger values are an error (naming
+/// the value) rather than silently truncated.
+pub fn to_u32(v: usize) -> Result<u32> {
+    u32::try_from(v).map_err(|_| EngineError::SizeOverU32 { value: v })
 }
 
 #[cfg(test)]
@@ -1059,7 +1141,7 @@ mod tests {
     fn buckets_cover_request() {
         for b in [1u64, 4, 16, 17, 100, 1000, 4096, 5000, 6145, 1 << 20] {
             let s = bucket_size(b);
-            assert!(s >= b && s % 4 == 0, "{b} -> {s}");
+            assert!(s >= b && s.is_multiple_of(4), "{b} -> {s}");
             assert!(
                 s <= (b.max(16) * 4).div_ceil(3) + 4 || s <= 16,
                 "{b} -> {s} wastes too much"

@@ -77,7 +77,7 @@ pub(crate) fn batch_ranges(
 /// Whether values from `start` on in `buf` can be bound directly (the adapter's storage offset
 /// alignment).
 pub(crate) fn is_aligned(buf: &GpuBuffer, start: usize) -> bool {
-    (buf.offset() + start) % buf.ctx().offset_align_elems() == 0
+    (buf.offset() + start).is_multiple_of(buf.ctx().offset_align_elems())
 }
 
 /// Values `start..start + len` of `buf` for reading: a view where the start is aligned, else

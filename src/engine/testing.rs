@@ -46,7 +46,7 @@ pub fn compare(
     let mut max_abs = 0.0f32;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g - w).abs();
-        if !err.is_finite() && !(g.is_nan() && w.is_nan()) && g != w {
+        if !(err.is_finite() || g.is_nan() && w.is_nan()) && g != w {
             return Err(format!("element {i}: got {g}, want {w}"));
         }
         max_abs = max_abs.max(err);
@@ -196,7 +196,9 @@ pub fn grad_check(
             let numeric = ((eval(opts.eps)? - eval(-opts.eps)?) / (2.0 * opts.eps as f64)) as f32;
             let a = analytic[j];
             let e = (a - numeric).abs();
-            if !(e <= opts.atol + opts.rtol * numeric.abs().max(a.abs())) {
+            // Written so that a NaN error fails too.
+            let within = e <= opts.atol + opts.rtol * numeric.abs().max(a.abs());
+            if !within {
                 return Err(format!(
                     "input {idx} element {j}: analytic {a}, numeric {numeric} (|diff| {e})"
                 ));

@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::report::Metrics;
-use crate::robust::pgd::{pgd, EmbedFn, Goal};
+use crate::robust::pgd::{pgd, BoxedEmbedFn, EmbedFn, Goal};
 
 pub const RECALL_KS: [usize; 4] = [1, 2, 4, 8];
 
@@ -111,7 +111,7 @@ pub fn embed_set(
         .iter()
         .map(|n| n.frozen_view(device).map_err(Into::into))
         .collect::<Result<_>>()?;
-    let fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = frozen
+    let fns: Vec<BoxedEmbedFn<'_>> = frozen
         .iter()
         .map(|v| {
             Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>

@@ -383,9 +383,9 @@ pub fn evaluate_run(
             full_metrics(&mean_clean, &set, dim, device, plan.seed)?,
             full_metrics(&mean_adv, &set, dim, device, plan.seed)?,
         ));
-        for k in 0..nets.len() {
-            let (c, _, _) = retrieval(&emb.clean[k], &emb.clean[k], &set, dim, true, device)?;
-            let (a, _, _) = retrieval(&attacked[k], &attacked[k], &set, dim, true, device)?;
+        for (clean, adv) in emb.clean.iter().zip(attacked).take(nets.len()) {
+            let (c, _, _) = retrieval(clean, clean, &set, dim, true, device)?;
+            let (a, _, _) = retrieval(adv, adv, &set, dim, true, device)?;
             report.members.push((c[0], a[0]));
         }
     }
@@ -513,7 +513,7 @@ pub fn model_metrics(
     }
 }
 
-/// Ensemble metrics by voting (SPEC section 8): retrieval votes over the members' rankings,
+/// Ensemble metrics by voting (docs/DESIGN.md, Defenses): retrieval votes over the members' rankings,
 /// clustering votes over the members' aligned k-means clusters; MAP@R of the mean embedding.
 pub fn voted_metrics(
     embs: &[Vec<f32>],

@@ -606,9 +606,12 @@ fn settings_html(reports: &[MethodReport], info: &RunInfo) -> String {
     h
 }
 
+/// A point of a 2-D projection.
+pub type Point2 = (f32, f32);
+
 /// A 2-D PCA projection of rows of `a` and `b` (D wide) on the top two principal axes of `a`
 /// (power iteration; deterministic).
-pub fn pca_2d(a: &[f32], b: &[f32], d: usize) -> (Vec<(f32, f32)>, Vec<(f32, f32)>) {
+pub fn pca_2d(a: &[f32], b: &[f32], d: usize) -> (Vec<Point2>, Vec<Point2>) {
     let n = a.len() / d.max(1);
     let mut mean = vec![0.0f64; d];
     for row in a.chunks(d) {

@@ -60,6 +60,9 @@ pub struct AttackProbe {
     pub seconds_restarts: f64,
 }
 
+/// Scores attacked embeddings (host, [B, D]) as a Recall@1.
+pub type Recall1Fn<'a> = dyn Fn(&Tensor) -> Result<f64> + 'a;
+
 /// Attacks one batch `x` of `members` with `cfg` (embedding shift), once and with restarts.
 /// `recall1` maps attacked embeddings (the members' mean, host, [B, D]) to a Recall@1.
 pub fn probe_attack(
@@ -68,7 +71,7 @@ pub fn probe_attack(
     cfg: &PgdConfig,
     restarts: usize,
     seed: u64,
-    recall1: Option<&dyn Fn(&Tensor) -> Result<f64>>,
+    recall1: Option<&Recall1Fn>,
 ) -> Result<AttackProbe> {
     let goal = Goal::EmbeddingShift;
     let max_move = |a: &Tensor| -> Result<f32> {
@@ -332,7 +335,7 @@ pub fn run_sanity(
         .iter()
         .map(|n| n.frozen_view(device).map_err(Into::into))
         .collect::<Result<_>>()?;
-    let fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = frozen
+    let fns: Vec<crate::robust::pgd::BoxedEmbedFn<'_>> = frozen
         .iter()
         .map(|v| {
             Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>

@@ -20,7 +20,7 @@ use crate::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::run_dir;
 use crate::robust::defense::{eat_member_indices, step_loss, DefenseConfig, Method, StepContext};
-use crate::robust::pgd::EmbedFn;
+use crate::robust::pgd::{BoxedEmbedFn, EmbedFn};
 
 /// The backbone as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -629,7 +629,7 @@ impl Run {
         run.cfg = cfg;
         for (i, m) in run.members.iter_mut().enumerate() {
             let p = member_prefix(i);
-            m.net.load_from(&ck, &format!("{p}/model"))?;
+            m.net.load_from(ck, &format!("{p}/model"))?;
             let proxies = ck.tensor_checked(&format!("{p}/proxies"), m.proxies.shape(), device)?;
             m.proxies.assign(&proxies)?;
             let mut state = std::collections::BTreeMap::new();
@@ -821,7 +821,7 @@ impl Run {
         } else {
             ForwardMode::Eval
         };
-        let view_fns: Vec<Box<dyn Fn(&Tensor) -> crate::engine::Result<Tensor> + '_>> = views
+        let view_fns: Vec<BoxedEmbedFn<'_>> = views
             .iter()
             .map(|v| {
                 Box::new(move |x: &Tensor| v.forward(x, attack_mode)) as Box<dyn Fn(&Tensor) -> _>

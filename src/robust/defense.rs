@@ -1,4 +1,4 @@
-//! The training objectives of the defenses, as the paper adapts them to DML (SPEC section 8):
+//! The training objectives of the defenses, as the paper adapts them to DML (docs/DESIGN.md, Defenses):
 //! no defense, AT, Mix-Up, IAT, TRADES, and EAT's per-member objective. Each takes the member
 //! being trained as a differentiable embedding function, so the same code serves any backbone
 //! and device.

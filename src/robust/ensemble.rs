@@ -1,4 +1,4 @@
-//! Inference of an ensemble by voting (SPEC section 8), host side.
+//! Inference of an ensemble by voting (docs/DESIGN.md, Defenses), host side.
 //!
 //! Retrieval: every member ranks the gallery on its own; the ensemble's prediction at each rank
 //! is the class label most members name at that rank. Clustering: every member runs k-means on

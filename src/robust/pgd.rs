@@ -1,4 +1,4 @@
-//! PGD on embeddings (SPEC section 7): L-infinity, sign-gradient steps fused with the
+//! PGD on embeddings (docs/DESIGN.md, Attacks): L-infinity, sign-gradient steps fused with the
 //! projection and [0, 1] clipping in one kernel (`shaders/pgd.wgsl`), on one model or on an
 //! ensemble (members' objectives summed, so their gradients are summed before the sign).
 
@@ -13,6 +13,9 @@ use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
 /// A differentiable embedding function x [B, 3, H, W] -> [B, D] (one ensemble member, in the
 /// BatchNorm mode the caller chose).
 pub type EmbedFn<'a> = &'a (dyn Fn(&Tensor) -> Result<Tensor> + 'a);
+
+/// An owned [`EmbedFn`], for lists of members built at run time.
+pub type BoxedEmbedFn<'a> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'a>;
 
 /// What the attack maximises, with the data the metric-loss objective needs.
 pub enum Goal<'a> {

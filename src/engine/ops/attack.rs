@@ -1,15 +1,23 @@
 //! The fused PGD update: one step along the sign of the gradient, projected onto the
-//! L-infinity ball around the clean input and clipped to [0, 1] (SPEC section 7).
+//! L-infinity ball around the clean input and clipped to [0, 1] (docs/DESIGN.md, Attacks).
 //! GPU: `shaders/pgd.wgsl`.
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, Kernel};
 use crate::engine::split;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 const PGD: Kernel = kernel!("pgd.wgsl", "pgd_step", [Read, Read, Read, ReadWrite]);
+
+kernel_params! {
+    pub struct PgdParams for ["pgd.wgsl"] {
+        n: u32,
+        alpha: f32,
+        eps: f32,
+    }
+}
 
 /// sign with sign(0) = 0 (WGSL's convention; Rust's `signum` gives 1 for +0).
 fn sign0(v: f32) -> f32 {
@@ -68,7 +76,12 @@ pub fn pgd_step(
             let n = x_adv.numel();
             let out = ctx.alloc(n)?;
             let bufs = [x_adv.gpu()?, grad.gpu()?, x_orig.gpu()?, &out];
-            ctx.dispatch(&PGD, &[u(n), f(alpha), f(eps)], &bufs, groups_for(n, 256))?;
+            let params = PgdParams {
+                n: to_u32(n)?,
+                alpha,
+                eps,
+            };
+            ctx.dispatch(&PGD, &params, &bufs, groups_for(n, 256)?)?;
             Tensor::from_gpu(out, x_adv.shape())
         }
     }

@@ -6,12 +6,12 @@
 //! values are [mean | invstd] (the GPU's holds the affine coefficients after them).
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, groups_for, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel, OpCodes};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 use std::ops::Range;
 use std::sync::Arc;
@@ -78,16 +78,59 @@ const AFFINE_ITEMS: usize = 16;
 const SERIAL_CHANNEL_VALUES: usize = 2048;
 const PLANE_PER_INVOCATION: usize = 64;
 
+kernel_params! {
+    pub struct BatchNormParams for ["batchnorm.wgsl"] {
+        /// Batch.
+        n: u32,
+        /// Channels.
+        c: u32,
+        /// H * W.
+        hw: u32,
+        /// Planes one workgroup pass covers.
+        planes: u32,
+        /// Positions of a plane one workgroup pass covers.
+        hwc: u32,
+        /// A [`FORM_CODES`] entry for the affine pass, a [`MODE_CODES`] one for the reductions.
+        form: u32,
+        /// Offset of the a coefficients in the per-channel buffer.
+        coef_off: u32,
+        momentum: f32,
+        eps: f32,
+    }
+}
+
 /// Forms of the affine pass (see the shader).
 const FORM_FORWARD: u32 = 0;
 const FORM_SCALE_U: u32 = 1;
 const FORM_TRAIN_DX: u32 = 2;
+/// The affine forms: the shader's `FORM_*` constants.
+pub const FORM_CODES: OpCodes = OpCodes {
+    file: "batchnorm.wgsl",
+    prefix: "FORM_",
+    switch_fn: None,
+    codes: &[
+        ("FORWARD", FORM_FORWARD),
+        ("SCALE_U", FORM_SCALE_U),
+        ("TRAIN_DX", FORM_TRAIN_DX),
+    ],
+};
 
 /// Reduction modes.
 const MODE_TRAIN: u32 = 0;
 const MODE_EVAL: u32 = 1;
 /// Per-chunk partial results, when x exceeds one binding (see `engine::split`).
 const MODE_PARTIAL: u32 = 2;
+/// The reduction modes: the shader's `MODE_*` constants.
+pub const MODE_CODES: OpCodes = OpCodes {
+    file: "batchnorm.wgsl",
+    prefix: "MODE_",
+    switch_fn: None,
+    codes: &[
+        ("TRAIN", MODE_TRAIN),
+        ("EVAL", MODE_EVAL),
+        ("PARTIAL", MODE_PARTIAL),
+    ],
+};
 
 /// Dimensions of x and the checks on the per-channel tensors.
 fn check(
@@ -145,55 +188,61 @@ impl Layout {
         &self,
         ctx: &GpuContext,
         kernels: (&Kernel, &Kernel),
-        params: &[u32],
+        params: &BatchNormParams,
         b: &[&GpuBuffer],
     ) -> Result<()> {
         if self.serial() {
-            ctx.dispatch(kernels.1, params, b, groups_for(self.c, 64))
+            ctx.dispatch(kernels.1, params, b, groups_for(self.c, 64)?)
         } else {
-            ctx.dispatch(kernels.0, params, b, self.c as u32)
+            ctx.dispatch(kernels.0, params, b, to_u32(self.c)?)
         }
     }
 
     /// Dispatches the affine pass over this layout.
-    fn affine(&self, ctx: &GpuContext, params: &[u32], b: &[&GpuBuffer]) -> Result<()> {
+    fn affine(&self, ctx: &GpuContext, params: &BatchNormParams, b: &[&GpuBuffer]) -> Result<()> {
         if self.hw <= PLANE_PER_INVOCATION || ctx.is_cpu_adapter() {
-            ctx.dispatch(&AFFINE_PLANES, params, b, groups_for(self.n * self.c, 64))
+            ctx.dispatch(&AFFINE_PLANES, params, b, groups_for(self.n * self.c, 64)?)
         } else {
-            ctx.dispatch3(&AFFINE, params, b, self.affine_grid())
+            ctx.dispatch3(&AFFINE, params, b, self.affine_grid()?)
         }
     }
 
-    fn params(&self, form: u32, coef_off: usize, momentum: f32, eps: f32) -> [u32; 9] {
-        [
-            u(self.n),
-            u(self.c),
-            u(self.hw),
-            u(self.planes),
-            u(self.hwc),
+    fn params(
+        &self,
+        form: u32,
+        coef_off: usize,
+        momentum: f32,
+        eps: f32,
+    ) -> Result<BatchNormParams> {
+        Ok(BatchNormParams {
+            n: to_u32(self.n)?,
+            c: to_u32(self.c)?,
+            hw: to_u32(self.hw)?,
+            planes: to_u32(self.planes)?,
+            hwc: to_u32(self.hwc)?,
             form,
-            u(coef_off * self.c),
-            f(momentum),
-            f(eps),
-        ]
+            coef_off: to_u32(coef_off * self.c)?,
+            momentum,
+            eps,
+        })
     }
 
     /// Grid of the affine pass: chunks of a plane, channels, groups of planes; each thread
     /// handles AFFINE_ITEMS elements along x (one plane) or z (several planes).
-    fn affine_grid(&self) -> [u32; 3] {
-        if self.planes == 1 {
+    fn affine_grid(&self) -> Result<[u32; 3]> {
+        Ok(if self.planes == 1 {
             [
-                self.hw.div_ceil(256 * AFFINE_ITEMS) as u32,
-                self.c as u32,
-                self.n as u32,
+                to_u32(self.hw.div_ceil(256 * AFFINE_ITEMS))?,
+                to_u32(self.c)?,
+                to_u32(self.n)?,
             ]
         } else {
             [
                 1,
-                self.c as u32,
-                self.n.div_ceil(self.planes * AFFINE_ITEMS) as u32,
+                to_u32(self.c)?,
+                to_u32(self.n.div_ceil(self.planes * AFFINE_ITEMS))?,
             ]
-        }
+        })
     }
 }
 
@@ -215,7 +264,7 @@ fn gpu_affine(
 ) -> Result<GpuBuffer> {
     let out = ctx.alloc(lay.n * lay.c * lay.hw)?;
     let Some(ranges) = batch_chunks(ctx, lay)? else {
-        let params = lay.params(form, coef_off, 0.0, 0.0);
+        let params = lay.params(form, coef_off, 0.0, 0.0)?;
         lay.affine(
             ctx,
             &params,
@@ -238,7 +287,7 @@ fn gpu_affine(
         } else {
             ctx.alloc(len)?
         };
-        let params = part.params(form, coef_off, 0.0, 0.0);
+        let params = part.params(form, coef_off, 0.0, 0.0)?;
         part.affine(ctx, &params, &[&u, &v, &u, &u, &u, &u, chan, &o])?;
         if !direct {
             ctx.copy(&o, 0, &out, start, len);
@@ -266,7 +315,7 @@ fn gpu_batch_stats(
     let chan = ctx.alloc(FWD_SLOTS * c)?;
     let Some(ranges) = batch_chunks(ctx, lay)? else {
         let b = [x, x, gamma, beta, rm, rv, &chan];
-        let params = lay.params(0, 0, momentum, eps);
+        let params = lay.params(MODE_TRAIN, 0, momentum, eps)?;
         lay.reduce(ctx, (&BATCH_STATS, &BATCH_STATS_SERIAL), &params, &b)?;
         return Ok(chan);
     };
@@ -275,14 +324,14 @@ fn gpu_batch_stats(
     for (j, r) in ranges.iter().enumerate() {
         let part = Layout::new(r.len(), c, lay.hw);
         let xc = split::read_range(x, r.start * per, r.len() * per)?;
-        let params = part.params(MODE_PARTIAL, 3 * j, momentum, eps);
+        let params = part.params(MODE_PARTIAL, 3 * j, momentum, eps)?;
         let b = [&xc, &xc, gamma, beta, rm, rv, &partial];
         part.reduce(ctx, (&BATCH_STATS, &BATCH_STATS_SERIAL), &params, &b)?;
     }
     let merge = Layout::new(ranges.len(), c, lay.hw);
     let b = [&partial, &partial, gamma, beta, rm, rv, &chan];
-    let params = merge.params(0, 0, momentum, eps);
-    ctx.dispatch(&COMBINE_STATS, &params, &b, groups_for(c, 64))?;
+    let params = merge.params(MODE_TRAIN, 0, momentum, eps)?;
+    ctx.dispatch(&COMBINE_STATS, &params, &b, groups_for(c, 64)?)?;
     Ok(chan)
 }
 
@@ -301,7 +350,7 @@ fn gpu_grad_reduce(
     let red = ctx.alloc(BWD_SLOTS * c)?;
     let Some(ranges) = batch_chunks(ctx, lay)? else {
         let b = [x, g, gamma, gamma, gamma, gamma, chan, &red];
-        let params = lay.params(mode, 0, 0.0, 0.0);
+        let params = lay.params(mode, 0, 0.0, 0.0)?;
         lay.reduce(ctx, (&GRAD_REDUCE, &GRAD_REDUCE_SERIAL), &params, &b)?;
         return Ok(red);
     };
@@ -315,14 +364,14 @@ fn gpu_grad_reduce(
             split::read_range(g, start, len)?,
         );
         let b = [&xc, &gc, gamma, gamma, gamma, gamma, chan, &partial];
-        let params = part.params(MODE_PARTIAL, 2 * j, 0.0, 0.0);
+        let params = part.params(MODE_PARTIAL, 2 * j, 0.0, 0.0)?;
         part.reduce(ctx, (&GRAD_REDUCE, &GRAD_REDUCE_SERIAL), &params, &b)?;
     }
     // The merge reads the element count per channel from the hw word.
     let merge = Layout::new(ranges.len(), c, lay.n * lay.hw);
     let b = [&partial, &partial, gamma, gamma, gamma, gamma, chan, &red];
-    let params = merge.params(mode, 0, 0.0, 0.0);
-    ctx.dispatch(&COMBINE_GRADS, &params, &b, groups_for(c, 64))?;
+    let params = merge.params(mode, 0, 0.0, 0.0)?;
+    ctx.dispatch(&COMBINE_GRADS, &params, &b, groups_for(c, 64)?)?;
     Ok(red)
 }
 
@@ -512,8 +561,8 @@ pub fn batch_norm_eval(
                 running_var.gpu()?,
                 &chan,
             ];
-            let groups = c.div_ceil(64) as u32;
-            ctx.dispatch(&EVAL_STATS, &l.params(0, 0, 0.0, eps), &b, groups)?;
+            let params = l.params(MODE_EVAL, 0, 0.0, eps)?;
+            ctx.dispatch(&EVAL_STATS, &params, &b, groups_for(c, 64)?)?;
             let y = gpu_affine(&ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
             (
                 Tensor::from_gpu(y, x.shape())?,

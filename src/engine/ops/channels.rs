@@ -6,12 +6,12 @@
 //! dimensions are flattened into one (HW).
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{groups_for, u, GpuContext, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, GpuContext, Kernel};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
 const COPY: Kernel = kernel!(
@@ -29,6 +29,33 @@ const AFFINE: Kernel = kernel!(
     "channel_affine",
     [Read, Read, Read, ReadWrite]
 );
+
+kernel_params! {
+    /// Every channel kernel reads its input as [batch, src_c, hw] and writes [batch, dst_c, hw];
+    /// the copy moves `count` channels from `src_off` to `dst_off`.
+    pub struct ChannelsParams for ["channels.wgsl"] {
+        batch: u32,
+        hw: u32,
+        src_c: u32,
+        src_off: u32,
+        dst_c: u32,
+        dst_off: u32,
+        count: u32,
+    }
+}
+
+impl ChannelsParams {
+    /// The parameters of a gather or affine over [batch, src_c, hw] into [batch, dst_c, hw].
+    fn whole(batch: usize, hw: usize, src_c: usize, dst_c: usize) -> Result<Self> {
+        Ok(ChannelsParams {
+            batch: to_u32(batch)?,
+            hw: to_u32(hw)?,
+            src_c: to_u32(src_c)?,
+            dst_c: to_u32(dst_c)?,
+            ..Default::default()
+        })
+    }
+}
 
 /// (N, C, HW) of a tensor read as [N, C, spatial...].
 fn n_c_hw(t: &Tensor, op: &'static str) -> Result<(usize, usize, usize)> {
@@ -82,17 +109,17 @@ impl Slice {
         out: &crate::engine::gpu::GpuBuffer,
     ) -> Result<()> {
         let sb = src.gpu()?;
-        let params = [
-            u(self.batch),
-            u(self.hw),
-            u(self.src_c),
-            u(self.src_off),
-            u(self.dst_c),
-            u(self.dst_off),
-            u(self.count),
-        ];
+        let params = ChannelsParams {
+            batch: to_u32(self.batch)?,
+            hw: to_u32(self.hw)?,
+            src_c: to_u32(self.src_c)?,
+            src_off: to_u32(self.src_off)?,
+            dst_c: to_u32(self.dst_c)?,
+            dst_off: to_u32(self.dst_off)?,
+            count: to_u32(self.count)?,
+        };
         let total = self.batch * self.count * self.hw;
-        ctx.dispatch(&COPY, &params, &[sb, sb, sb, out], groups_for(total, 256))
+        ctx.dispatch(&COPY, &params, &[sb, sb, sb, out], groups_for(total, 256)?)
     }
 }
 
@@ -262,14 +289,14 @@ fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
             // Channel indices travel as f32, exact far beyond any channel count.
             let idx = ctx.upload(&index.iter().map(|&i| i as f32).collect::<Vec<_>>())?;
             let out = ctx.alloc(batch * out_c * hw)?;
-            let params = [u(batch), u(hw), u(c), 0, u(out_c), 0, 0];
+            let params = ChannelsParams::whole(batch, hw, c, out_c)?;
             let xb = x.gpu()?;
             let total = batch * out_c * hw;
             ctx.dispatch(
                 &GATHER,
                 &params,
                 &[xb, &idx, &idx, &out],
-                groups_for(total, 256),
+                groups_for(total, 256)?,
             )?;
             Tensor::from_gpu(out, &shape)
         }
@@ -315,9 +342,9 @@ fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
             }
             let (sb, tb) = (ctx.upload(scale)?, ctx.upload(shift)?);
             let out = ctx.alloc(x.numel())?;
-            let params = [u(batch), u(hw), u(c), 0, u(c), 0, 0];
+            let params = ChannelsParams::whole(batch, hw, c, c)?;
             let bufs = [x.gpu()?, &sb, &tb, &out];
-            ctx.dispatch(&AFFINE, &params, &bufs, groups_for(x.numel(), 256))?;
+            ctx.dispatch(&AFFINE, &params, &bufs, groups_for(x.numel(), 256)?)?;
             Tensor::from_gpu(out, x.shape())
         }
     }

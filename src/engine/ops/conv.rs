@@ -14,14 +14,14 @@
 //! uniform across a subgroup and the pixel loads coalesce.
 
 use crate::engine::error::{shape_err, EngineError, Result};
-use crate::engine::gpu::{f, fold_grid, u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::gpu::{fold_grid, groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
 use crate::engine::ops::elementwise::{binary_raw, Binary};
 use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 use std::sync::Arc;
 
 /// PyTorch's `nn.Conv2d` hyper-parameters. Weight layout: [C_out, C_in / groups, kh, kw].
@@ -204,7 +204,7 @@ impl Geom {
             && self.ph == 0
             && self.pw == 0
             && self.groups == 1
-            && self.cin % 4 == 0
+            && self.cin.is_multiple_of(4)
     }
 }
 
@@ -610,11 +610,49 @@ fn depthwise_tap_dot(g: &Geom, ky: usize, kx: usize, x_plane: &[f32], dy_plane: 
 
 // ------------------------------------------------------------------ GPU launches
 
-fn inv(v: usize) -> u32 {
-    f(1.0 / v.max(1) as f32)
+/// 1 / v (1 for 0), which the kernels multiply by to split an index without a division.
+fn inv(v: usize) -> f32 {
+    1.0 / v.max(1) as f32
 }
 
-/// The parameter block shared by every entry of both shader files (see `Params` there).
+kernel_params! {
+    /// The parameter block of every entry of both direct-convolution shader files: the
+    /// geometry, the launch's implicit-GEMM shape, and reciprocals for fast index splits.
+    pub struct ConvParams for ["conv2d.wgsl", "depthwise.wgsl"] {
+        n: u32, cin: u32, h: u32, w: u32,
+        cout: u32, kh: u32, kw: u32, oh: u32,
+        ow: u32, sh: u32, sw: u32, ph: u32,
+        pw: u32, dh: u32, dw: u32, groups: u32,
+        cin_g: u32, cout_g: u32, gm: u32, gn: u32,
+        gk: u32, tiles_m: u32, tiles_n: u32, splits: u32,
+        k_chunk: u32, has_bias: u32,
+        /// 1 when an index may exceed FAST_DIV_LIMIT, where the reciprocals lose exactness.
+        exact_div: u32,
+        total_groups: u32,
+        inv_kw: f32, inv_khkw: f32, inv_ow: f32, inv_ohw: f32,
+        inv_w: f32, inv_hw: f32, inv_sh: f32, inv_sw: f32,
+        inv_mult: f32,
+    }
+}
+
+kernel_params! {
+    /// The parameter block of `im2col.wgsl`: the geometry, the unfolded weight's rows (k) and
+    /// their padding to a multiple of 4 (kp), and the extra sizes of the helper entries.
+    pub struct Im2colParams for ["im2col.wgsl"] {
+        n: u32, cin: u32, h: u32, w: u32,
+        kh: u32, kw: u32, oh: u32, ow: u32,
+        sh: u32, sw: u32, ph: u32, pw: u32,
+        dh: u32, dw: u32,
+        k: u32, kp: u32,
+        /// add_channel_bias: channels and plane size.
+        channels: u32, plane: u32,
+        /// resize_cols: columns in and out.
+        cols_in: u32, cols_out: u32,
+        total: u32,
+    }
+}
+
+/// The launch-dependent part of a [`ConvParams`].
 #[derive(Default, Clone, Copy)]
 struct Launch {
     gemm_m: usize,
@@ -628,7 +666,7 @@ struct Launch {
     total_groups: usize,
 }
 
-fn params(g: &Geom, l: &Launch) -> Vec<u32> {
+fn params(g: &Geom, l: &Launch) -> Result<ConvParams> {
     let largest = [
         g.n * g.h * g.w,
         g.n * g.oh * g.ow,
@@ -640,49 +678,50 @@ fn params(g: &Geom, l: &Launch) -> Vec<u32> {
     .max()
     .unwrap_or(0);
     let exact_div = largest >= FAST_DIV_LIMIT;
-    vec![
-        u(g.n),
-        u(g.cin),
-        u(g.h),
-        u(g.w),
-        u(g.cout),
-        u(g.kh),
-        u(g.kw),
-        u(g.oh),
-        u(g.ow),
-        u(g.sh),
-        u(g.sw),
-        u(g.ph),
-        u(g.pw),
-        u(g.dh),
-        u(g.dw),
-        u(g.groups),
-        u(g.cin_g),
-        u(g.cout_g),
-        u(l.gemm_m),
-        u(l.gemm_n),
-        u(l.gemm_k),
-        u(l.tiles_m),
-        u(l.tiles_n),
-        u(l.splits),
-        u(l.k_chunk),
-        l.has_bias as u32,
-        exact_div as u32,
-        u(l.total_groups),
-        inv(g.kw),
-        inv(g.kh * g.kw),
-        inv(g.ow),
-        inv(g.oh * g.ow),
-        inv(g.w),
-        inv(g.h * g.w),
-        inv(g.sh),
-        inv(g.sw),
-        inv(g.cout / g.cin.max(1)),
-    ]
+    Ok(ConvParams {
+        n: to_u32(g.n)?,
+        cin: to_u32(g.cin)?,
+        h: to_u32(g.h)?,
+        w: to_u32(g.w)?,
+        cout: to_u32(g.cout)?,
+        kh: to_u32(g.kh)?,
+        kw: to_u32(g.kw)?,
+        oh: to_u32(g.oh)?,
+        ow: to_u32(g.ow)?,
+        sh: to_u32(g.sh)?,
+        sw: to_u32(g.sw)?,
+        ph: to_u32(g.ph)?,
+        pw: to_u32(g.pw)?,
+        dh: to_u32(g.dh)?,
+        dw: to_u32(g.dw)?,
+        groups: to_u32(g.groups)?,
+        cin_g: to_u32(g.cin_g)?,
+        cout_g: to_u32(g.cout_g)?,
+        gm: to_u32(l.gemm_m)?,
+        gn: to_u32(l.gemm_n)?,
+        gk: to_u32(l.gemm_k)?,
+        tiles_m: to_u32(l.tiles_m)?,
+        tiles_n: to_u32(l.tiles_n)?,
+        splits: to_u32(l.splits)?,
+        k_chunk: to_u32(l.k_chunk)?,
+        has_bias: l.has_bias as u32,
+        exact_div: exact_div as u32,
+        total_groups: to_u32(l.total_groups)?,
+        inv_kw: inv(g.kw),
+        inv_khkw: inv(g.kh * g.kw),
+        inv_ow: inv(g.ow),
+        inv_ohw: inv(g.oh * g.ow),
+        inv_w: inv(g.w),
+        inv_hw: inv(g.h * g.w),
+        inv_sh: inv(g.sh),
+        inv_sw: inv(g.sw),
+        inv_mult: inv(g.cout / g.cin.max(1)),
+    })
 }
 
 fn run(ctx: &GpuContext, k: &Kernel, g: &Geom, l: &Launch, bufs: [&GpuBuffer; 4]) -> Result<()> {
-    ctx.dispatch3(k, &params(g, l), &bufs, fold_grid(l.total_groups as u32))
+    let grid = fold_grid(to_u32(l.total_groups)?);
+    ctx.dispatch3(k, &params(g, l)?, &bufs, grid)
 }
 
 /// A one-element placeholder for bindings an entry does not read.
@@ -949,8 +988,8 @@ fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
         1 => false,
         2 => fits,
         _ => {
-            let vec4_rows =
-                GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4 && (g.oh * g.ow) % 4 == 0;
+            let vec4_rows = GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4
+                && (g.oh * g.ow).is_multiple_of(4);
             let too_long =
                 ctx.is_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
             fits && (vec4_rows || too_long)
@@ -976,44 +1015,42 @@ fn padded_k(g: &Geom) -> usize {
     (g.cin * g.kh * g.kw).next_multiple_of(4)
 }
 
-fn im2col_params(g: &Geom, total: usize, extra: [usize; 4]) -> Vec<u32> {
+fn im2col_params(g: &Geom, total: usize, extra: [usize; 4]) -> Result<Im2colParams> {
     let [channels, plane, cols_in, cols_out] = extra;
-    [
-        g.n,
-        g.cin,
-        g.h,
-        g.w,
-        g.kh,
-        g.kw,
-        g.oh,
-        g.ow,
-        g.sh,
-        g.sw,
-        g.ph,
-        g.pw,
-        g.dh,
-        g.dw,
-        g.cin * g.kh * g.kw,
-        padded_k(g),
-        channels,
-        plane,
-        cols_in,
-        cols_out,
-        total,
-    ]
-    .map(u)
-    .to_vec()
+    Ok(Im2colParams {
+        n: to_u32(g.n)?,
+        cin: to_u32(g.cin)?,
+        h: to_u32(g.h)?,
+        w: to_u32(g.w)?,
+        kh: to_u32(g.kh)?,
+        kw: to_u32(g.kw)?,
+        oh: to_u32(g.oh)?,
+        ow: to_u32(g.ow)?,
+        sh: to_u32(g.sh)?,
+        sw: to_u32(g.sw)?,
+        ph: to_u32(g.ph)?,
+        pw: to_u32(g.pw)?,
+        dh: to_u32(g.dh)?,
+        dw: to_u32(g.dw)?,
+        k: to_u32(g.cin * g.kh * g.kw)?,
+        kp: to_u32(padded_k(g))?,
+        channels: to_u32(channels)?,
+        plane: to_u32(plane)?,
+        cols_in: to_u32(cols_in)?,
+        cols_out: to_u32(cols_out)?,
+        total: to_u32(total)?,
+    })
 }
 
 fn run_im2col(
     ctx: &GpuContext,
     k: &Kernel,
-    params: &[u32],
+    params: &Im2colParams,
     total: usize,
     src: &GpuBuffer,
     dst: &GpuBuffer,
 ) -> Result<()> {
-    ctx.dispatch(k, params, &[src, dst], total.div_ceil(64) as u32)
+    ctx.dispatch(k, params, &[src, dst], groups_for(total, 64)?)
 }
 
 /// The input as columns [N, K', H_out * W_out]: the input itself for a pointwise convolution.
@@ -1027,7 +1064,7 @@ fn columns(ctx: &Arc<GpuContext>, g: &Geom, x: &Tensor) -> Result<Tensor> {
     run_im2col(
         ctx,
         &IM2COL,
-        &im2col_params(g, rows, [0; 4]),
+        &im2col_params(g, rows, [0; 4])?,
         rows,
         x.gpu()?,
         &col,
@@ -1050,7 +1087,7 @@ fn resize_cols(
     }
     let out = ctx.alloc(rows * cols_out)?;
     let total = rows * cols_out;
-    let params = im2col_params(g, total, [0, 0, cols_in, cols_out]);
+    let params = im2col_params(g, total, [0, 0, cols_in, cols_out])?;
     run_im2col(ctx, &RESIZE_COLS, &params, total, m.gpu()?, &out)?;
     Tensor::from_gpu(out, &[rows, cols_out])
 }
@@ -1066,7 +1103,7 @@ fn transposed_weight(ctx: &Arc<GpuContext>, g: &Geom, w: &Tensor) -> Result<Tens
     let (k, kp) = (g.cin * g.kh * g.kw, padded_k(g));
     let out = ctx.alloc(kp * g.cout)?;
     let total = kp * g.cout;
-    let params = im2col_params(g, total, [g.cout, 0, k, 0]);
+    let params = im2col_params(g, total, [g.cout, 0, k, 0])?;
     run_im2col(ctx, &TRANSPOSE_PAD, &params, total, w.gpu()?, &out)?;
     Tensor::from_gpu(out, &[kp, g.cout])
 }
@@ -1088,7 +1125,7 @@ fn gemm_forward(
         // In place: `y` is fresh and owned here.
         let plane = g.oh * g.ow;
         let total = g.n * g.cout * plane.div_ceil(BIAS_RUN);
-        let params = im2col_params(g, total, [g.cout, plane, 0, 0]);
+        let params = im2col_params(g, total, [g.cout, plane, 0, 0])?;
         run_im2col(ctx, &ADD_CHANNEL_BIAS, &params, total, b.gpu()?, y.gpu()?)?;
     }
     y.reshape_raw(&g.out_shape())
@@ -1099,7 +1136,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
     // W^T made explicit when its rows can be read as vec4s: the GEMM with a k-contiguous left
     // operand runs about 1.3x faster on llvmpipe than the one reading it transposed.
-    let dcol = if g.cout % 4 == 0 {
+    let dcol = if g.cout.is_multiple_of(4) {
         gemm_raw(&transposed_weight(ctx, g, w)?, &dy3, false, false)?
     } else {
         gemm_raw(&weight_matrix(ctx, g, w)?, &dy3, true, false)?
@@ -1112,7 +1149,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     run_im2col(
         ctx,
         &COL2IM,
-        &im2col_params(g, rows, [0; 4]),
+        &im2col_params(g, rows, [0; 4])?,
         rows,
         dcol.gpu()?,
         &dx,
@@ -1125,7 +1162,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
 /// workgroups on one grid axis, past the 65,535 limit for a layer of 512 x 4608 weights.
 fn sum_images(ctx: &Arc<GpuContext>, per_image: &Tensor) -> Result<Tensor> {
     let n = per_image.shape()[0];
-    if n % 4 == 0 {
+    if n.is_multiple_of(4) {
         let ones = Tensor::full(1.0, &[1, n], &Device::Gpu(ctx.clone()))?;
         return gemm_raw(&ones, per_image, false, false);
     }

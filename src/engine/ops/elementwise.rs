@@ -2,17 +2,27 @@
 //! backward passes, on both devices. GPU: `shaders/elementwise.wgsl`.
 
 use crate::engine::error::{shape_err, Result};
-use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, Kernel, OpCodes};
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 const UNARY: Kernel = kernel!("elementwise.wgsl", "unary", [Read, Read, ReadWrite]);
 const BINARY: Kernel = kernel!("elementwise.wgsl", "binary", [Read, Read, ReadWrite]);
 
-/// Unary operations; the discriminant is the shader's op code.
+kernel_params! {
+    pub struct ElementwiseParams for ["elementwise.wgsl"] {
+        n: u32,
+        /// A [`Unary`] or [`Binary`] op code.
+        op: u32,
+        a: f32,
+        b: f32,
+    }
+}
+
+/// Unary operations.
 #[derive(Clone, Copy, Debug)]
 pub enum Unary {
     /// a * x + b
@@ -21,26 +31,49 @@ pub enum Unary {
     Relu6,
     Sign,
     Clamp(f32, f32),
-    Fill(f32),
     Square,
-    Sqrt,
-    Exp,
-    Abs,
 }
 
+/// The shader's unary op codes (`UNARY_*` in `elementwise.wgsl`).
+mod unary_code {
+    pub const AFFINE: u32 = 0;
+    pub const RELU: u32 = 1;
+    pub const RELU6: u32 = 2;
+    pub const SIGN: u32 = 3;
+    pub const CLAMP: u32 = 4;
+    pub const SQUARE: u32 = 5;
+}
+
+/// The unary op codes as the shader must see them: its `UNARY_*` constants and the cases of
+/// its `unary_op` switch.
+pub const UNARY_CODES: OpCodes = {
+    use unary_code::*;
+    OpCodes {
+        file: "elementwise.wgsl",
+        prefix: "UNARY_",
+        switch_fn: Some("unary_op"),
+        codes: &[
+            ("AFFINE", AFFINE),
+            ("RELU", RELU),
+            ("RELU6", RELU6),
+            ("SIGN", SIGN),
+            ("CLAMP", CLAMP),
+            ("SQUARE", SQUARE),
+        ],
+    }
+};
+
 impl Unary {
+    /// The op code (an entry of [`UNARY_CODES`]) and the two scalar arguments.
     fn code(self) -> (u32, f32, f32) {
+        use unary_code::*;
         match self {
-            Unary::Affine(a, b) => (0, a, b),
-            Unary::Relu => (1, 0.0, 0.0),
-            Unary::Relu6 => (2, 0.0, 0.0),
-            Unary::Sign => (3, 0.0, 0.0),
-            Unary::Clamp(lo, hi) => (4, lo, hi),
-            Unary::Fill(v) => (5, v, 0.0),
-            Unary::Square => (6, 0.0, 0.0),
-            Unary::Sqrt => (7, 0.0, 0.0),
-            Unary::Exp => (8, 0.0, 0.0),
-            Unary::Abs => (9, 0.0, 0.0),
+            Unary::Affine(a, b) => (AFFINE, a, b),
+            Unary::Relu => (RELU, 0.0, 0.0),
+            Unary::Relu6 => (RELU6, 0.0, 0.0),
+            Unary::Sign => (SIGN, 0.0, 0.0),
+            Unary::Clamp(lo, hi) => (CLAMP, lo, hi),
+            Unary::Square => (SQUARE, 0.0, 0.0),
         }
     }
 
@@ -60,16 +93,12 @@ impl Unary {
                 }
             }
             Unary::Clamp(lo, hi) => v.max(lo).min(hi),
-            Unary::Fill(c) => c,
             Unary::Square => v * v,
-            Unary::Sqrt => v.sqrt(),
-            Unary::Exp => v.exp(),
-            Unary::Abs => v.abs(),
         }
     }
 }
 
-/// Binary operations on same-shape tensors; the discriminant is the shader's op code.
+/// Binary operations on same-shape tensors.
 #[derive(Clone, Copy, Debug)]
 pub enum Binary {
     /// a * x + b * y
@@ -79,18 +108,45 @@ pub enum Binary {
     ReluBack,
     Relu6Back,
     ClampBack(f32, f32),
-    Div,
 }
 
+/// The shader's binary op codes (`BINARY_*` in `elementwise.wgsl`).
+mod binary_code {
+    pub const AXPBY: u32 = 0;
+    pub const MUL: u32 = 1;
+    pub const RELU_BACK: u32 = 2;
+    pub const RELU6_BACK: u32 = 3;
+    pub const CLAMP_BACK: u32 = 4;
+}
+
+/// The binary op codes as the shader must see them: its `BINARY_*` constants and the cases of
+/// its `binary_op` switch.
+pub const BINARY_CODES: OpCodes = {
+    use binary_code::*;
+    OpCodes {
+        file: "elementwise.wgsl",
+        prefix: "BINARY_",
+        switch_fn: Some("binary_op"),
+        codes: &[
+            ("AXPBY", AXPBY),
+            ("MUL", MUL),
+            ("RELU_BACK", RELU_BACK),
+            ("RELU6_BACK", RELU6_BACK),
+            ("CLAMP_BACK", CLAMP_BACK),
+        ],
+    }
+};
+
 impl Binary {
+    /// The op code (an entry of [`BINARY_CODES`]) and the two scalar arguments.
     fn code(self) -> (u32, f32, f32) {
+        use binary_code::*;
         match self {
-            Binary::Axpby(a, b) => (0, a, b),
-            Binary::Mul => (1, 0.0, 0.0),
-            Binary::ReluBack => (2, 0.0, 0.0),
-            Binary::Relu6Back => (3, 0.0, 0.0),
-            Binary::ClampBack(lo, hi) => (4, lo, hi),
-            Binary::Div => (5, 0.0, 0.0),
+            Binary::Axpby(a, b) => (AXPBY, a, b),
+            Binary::Mul => (MUL, 0.0, 0.0),
+            Binary::ReluBack => (RELU_BACK, 0.0, 0.0),
+            Binary::Relu6Back => (RELU6_BACK, 0.0, 0.0),
+            Binary::ClampBack(lo, hi) => (CLAMP_BACK, lo, hi),
         }
     }
 
@@ -119,9 +175,17 @@ impl Binary {
                     0.0
                 }
             }
-            Binary::Div => x / y,
         }
     }
+}
+
+fn elementwise_params(n: usize, (op, a, b): (u32, f32, f32)) -> Result<ElementwiseParams> {
+    Ok(ElementwiseParams {
+        n: to_u32(n)?,
+        op,
+        a,
+        b,
+    })
 }
 
 /// Applies `op` to every element, without recording (the building block of the ops below).
@@ -135,13 +199,12 @@ pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
             }
             let n = x.numel();
             let out = ctx.alloc(n)?;
-            let (code, a, b) = op.code();
             let xb = x.gpu()?;
             ctx.dispatch(
                 &UNARY,
-                &[u(n), code, f(a), f(b)],
+                &elementwise_params(n, op.code())?,
                 &[xb, xb, &out],
-                groups_for(n, 256),
+                groups_for(n, 256)?,
             )?;
             Tensor::from_gpu(out, x.shape())
         }
@@ -168,12 +231,11 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
             }
             let n = x.numel();
             let out = ctx.alloc(n)?;
-            let (code, a, b) = op.code();
             ctx.dispatch(
                 &BINARY,
-                &[u(n), code, f(a), f(b)],
+                &elementwise_params(n, op.code())?,
                 &[x.gpu()?, y.gpu()?, &out],
-                groups_for(n, 256),
+                groups_for(n, 256)?,
             )?;
             Tensor::from_gpu(out, x.shape())
         }
@@ -274,8 +336,7 @@ pub fn relu6(x: &Tensor) -> Result<Tensor> {
 
 /// Clamps to [lo, hi]; the gradient passes where lo <= x <= hi (PyTorch's convention).
 pub fn clamp(x: &Tensor, lo: f32, hi: f32) -> Result<Tensor> {
-    Ok(unary_raw(x, Unary::Clamp(lo, hi))?
-        .record(MaskBack(|a, b| Binary::ClampBack(a, b), lo, hi), &[x]))
+    Ok(unary_raw(x, Unary::Clamp(lo, hi))?.record(MaskBack(Binary::ClampBack, lo, hi), &[x]))
 }
 
 struct ZeroBack;

@@ -3,11 +3,11 @@
 //! adapter type (see [`GemmKernel`]).
 
 use crate::engine::error::{shape_err, Result};
-use crate::engine::gpu::{u, GpuBuffer, GpuContext, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 const GEMM_TILED: Kernel = kernel!("matmul.wgsl", "matmul", [Read, Read, ReadWrite]);
 const GEMM_SCALAR: Kernel = kernel!(
@@ -58,7 +58,26 @@ impl GemmKernel {
     }
 }
 
-/// The `Params` block of matmul.wgsl and matmul_vec4.wgsl.
+kernel_params! {
+    /// out[b] (+)= A[b] B[b] with A [m, k] and B [k, n] read through (batch, row, column)
+    /// strides `sa_*` and `sb_*`.
+    pub struct MatmulParams for ["matmul.wgsl", "matmul_vec4.wgsl"] {
+        m: u32,
+        n: u32,
+        k: u32,
+        batch: u32,
+        sa_b: u32,
+        sa_m: u32,
+        sa_k: u32,
+        sb_b: u32,
+        sb_k: u32,
+        sb_n: u32,
+        /// 1 to add to the output rather than overwrite it.
+        accumulate: u32,
+    }
+}
+
+/// A GEMM's shapes, operand views and the kernel layout it allows.
 struct GemmParams {
     m: usize,
     n: usize,
@@ -79,22 +98,26 @@ fn dispatch_gemm(
     p: &GemmParams,
     buffers: [&GpuBuffer; 3],
 ) -> Result<()> {
-    let params = [
-        u(p.m),
-        u(p.n),
-        u(p.k),
-        u(p.batch),
-        u(p.a.s_b),
-        u(p.a.s_r),
-        u(p.a.s_c),
-        u(p.b.s_b),
-        u(p.b.s_r),
-        u(p.b.s_c),
-        p.accumulate as u32,
-    ];
+    let params = MatmulParams {
+        m: to_u32(p.m)?,
+        n: to_u32(p.n)?,
+        k: to_u32(p.k)?,
+        batch: to_u32(p.batch)?,
+        sa_b: to_u32(p.a.s_b)?,
+        sa_m: to_u32(p.a.s_r)?,
+        sa_k: to_u32(p.a.s_c)?,
+        sb_b: to_u32(p.b.s_b)?,
+        sb_k: to_u32(p.b.s_r)?,
+        sb_n: to_u32(p.b.s_c)?,
+        accumulate: p.accumulate as u32,
+    };
     // One workgroup per (rows x cols) output tile and batch entry.
     let per_tile = |kernel: &Kernel, rows: usize, cols: usize| {
-        let grid = [p.n.div_ceil(cols), p.m.div_ceil(rows), p.batch].map(|g| g as u32);
+        let grid = [
+            to_u32(p.n.div_ceil(cols))?,
+            to_u32(p.m.div_ceil(rows))?,
+            to_u32(p.batch)?,
+        ];
         ctx.dispatch3(kernel, &params, &buffers, grid)
     };
     match (kernel, p.vec4_layout) {
@@ -102,7 +125,7 @@ fn dispatch_gemm(
         (GemmKernel::Vec4, Some((a_k, b_k))) => {
             // One invocation per 16 x 8 output block, on a 1-D grid.
             let blocks = p.m.div_ceil(16) * p.n.div_ceil(8) * p.batch;
-            let groups = crate::engine::gpu::groups_for(blocks, VEC4_WORKGROUP);
+            let groups = groups_for(blocks, VEC4_WORKGROUP)?;
             let kernel = &GEMM_VEC4[a_k as usize][b_k as usize];
             ctx.dispatch(kernel, &params, &buffers, groups)
         }
@@ -220,8 +243,9 @@ pub fn gemm_raw_using(
                 a: va,
                 b: vb,
                 accumulate: false,
-                vec4_layout: (stored_row_len(a) % 4 == 0 && stored_row_len(b) % 4 == 0)
-                    .then_some((!ta, tb)),
+                vec4_layout: (stored_row_len(a).is_multiple_of(4)
+                    && stored_row_len(b).is_multiple_of(4))
+                .then_some((!ta, tb)),
             };
             dispatch_gemm(&ctx, kernel, &params, [a.gpu()?, b.gpu()?, &out])?;
             Tensor::from_gpu(out, &out_shape)

@@ -2,16 +2,36 @@
 //! on both devices. GPU: `shaders/normalize.wgsl` (+ the GEMM for the similarity matrix).
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, u, Kernel};
+use crate::engine::gpu::{to_u32, Kernel};
 use crate::engine::ops::matmul;
 use crate::engine::ops::reduce::outer_n_inner;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::Device;
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 const FORWARD: Kernel = kernel!("normalize.wgsl", "l2n_forward", [Read, Read, ReadWrite]);
 const BACKWARD: Kernel = kernel!("normalize.wgsl", "l2n_backward", [Read, Read, ReadWrite]);
+
+kernel_params! {
+    pub struct NormalizeParams for ["normalize.wgsl"] {
+        outer: u32,
+        n: u32,
+        inner: u32,
+        eps: f32,
+    }
+}
+
+impl NormalizeParams {
+    fn new(outer: usize, n: usize, inner: usize, eps: f32) -> Result<Self> {
+        Ok(NormalizeParams {
+            outer: to_u32(outer)?,
+            n: to_u32(n)?,
+            inner: to_u32(inner)?,
+            eps,
+        })
+    }
+}
 
 /// PyTorch's default `eps` of `F.normalize`, used by [`cosine_similarity`].
 pub const DEFAULT_EPS: f32 = 1e-12;
@@ -45,8 +65,8 @@ fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
         Device::Gpu(ctx) => {
             let out = ctx.alloc(x.numel())?;
             let xb = x.gpu()?;
-            let params = [u(outer), u(n), u(inner), f(eps)];
-            ctx.dispatch(&FORWARD, &params, &[xb, xb, &out], (outer * inner) as u32)?;
+            let params = NormalizeParams::new(outer, n, inner, eps)?;
+            ctx.dispatch(&FORWARD, &params, &[xb, xb, &out], to_u32(outer * inner)?)?;
             Tensor::from_gpu(out, x.shape())
         }
     }
@@ -78,9 +98,9 @@ fn l2_normalize_backward_raw(x: &Tensor, g: &Tensor, dim: usize, eps: f32) -> Re
         }
         Device::Gpu(ctx) => {
             let out = ctx.alloc(x.numel())?;
-            let params = [u(outer), u(n), u(inner), f(eps)];
+            let params = NormalizeParams::new(outer, n, inner, eps)?;
             let bufs = [x.gpu()?, g.gpu()?, &out];
-            ctx.dispatch(&BACKWARD, &params, &bufs, (outer * inner) as u32)?;
+            ctx.dispatch(&BACKWARD, &params, &bufs, to_u32(outer * inner)?)?;
             Tensor::from_gpu(out, x.shape())
         }
     }

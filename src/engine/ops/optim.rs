@@ -3,18 +3,33 @@
 //! GPU: `shaders/adamw.wgsl`.
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, groups_for, u, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, Kernel};
 use crate::engine::ops::elementwise::{unary_raw, Unary};
 use crate::engine::ops::reduce::sum_squares_raw;
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 
 const ADAMW: Kernel = kernel!(
     "adamw.wgsl",
     "adamw",
     [ReadWrite, Read, ReadWrite, ReadWrite]
 );
+
+kernel_params! {
+    pub struct AdamwParams for ["adamw.wgsl"] {
+        n: u32,
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        /// lr / (1 - beta1^t)
+        step_size: f32,
+        /// sqrt(1 - beta2^t)
+        bc2_sqrt: f32,
+    }
+}
 
 /// Hyper-parameters of one AdamW step for one parameter tensor.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -93,18 +108,18 @@ pub fn adamw_step(
         }
         Device::Gpu(ctx) => {
             let n = param.numel();
-            let params = [
-                u(n),
-                f(h.lr),
-                f(h.beta1),
-                f(h.beta2),
-                f(h.eps),
-                f(h.weight_decay),
-                f(step_size),
-                f(bc2_sqrt),
-            ];
+            let params = AdamwParams {
+                n: to_u32(n)?,
+                lr: h.lr,
+                beta1: h.beta1,
+                beta2: h.beta2,
+                eps: h.eps,
+                weight_decay: h.weight_decay,
+                step_size,
+                bc2_sqrt,
+            };
             let bufs = [param.gpu()?, grad.gpu()?, m.gpu()?, v.gpu()?];
-            ctx.dispatch(&ADAMW, &params, &bufs, groups_for(n, 256))
+            ctx.dispatch(&ADAMW, &params, &bufs, groups_for(n, 256)?)
         }
     }
 }

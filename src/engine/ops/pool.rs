@@ -7,18 +7,37 @@
 //! Both backward passes gather per input element, so the GPU needs no atomics.
 
 use crate::engine::error::{invalid, Result};
-use crate::engine::gpu::{groups_for, u, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, Kernel};
 use crate::engine::split;
 use crate::engine::tape::{self, Backward};
 use crate::engine::tensor::Tensor;
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
 const MAX_FWD: Kernel = kernel!("pool.wgsl", "max_pool_fwd", [Read, ReadWrite, ReadWrite]);
 const AVG_FWD: Kernel = kernel!("pool.wgsl", "avg_pool_fwd", [Read, ReadWrite]);
 const MAX_BWD: Kernel = kernel!("pool.wgsl", "max_pool_bwd", [Read, ReadWrite, ReadWrite]);
 const AVG_BWD: Kernel = kernel!("pool.wgsl", "avg_pool_bwd", [Read, ReadWrite]);
+
+kernel_params! {
+    pub struct PoolParams for ["pool.wgsl"] {
+        /// Threads wanted: outputs (forward) or inputs (backward).
+        total: u32,
+        h: u32,
+        w: u32,
+        oh: u32,
+        ow: u32,
+        kh: u32,
+        kw: u32,
+        sh: u32,
+        sw: u32,
+        ph: u32,
+        pw: u32,
+        /// Average pool: 1 to divide by the window clipped to the padded input.
+        include_pad: u32,
+    }
+}
 
 /// PyTorch's `MaxPool2d` / `AvgPool2d` hyper-parameters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -172,23 +191,23 @@ impl Geometry {
         }
     }
 
-    /// Uniform words of `shaders/pool.wgsl`, for `total` threads.
-    fn params(&self, total: usize) -> [u32; 12] {
+    /// The parameters of `shaders/pool.wgsl`, for `total` threads.
+    fn params(&self, total: usize) -> Result<PoolParams> {
         let p = &self.p;
-        [
-            u(total),
-            u(self.h),
-            u(self.w),
-            u(self.oh),
-            u(self.ow),
-            u(p.kernel.0),
-            u(p.kernel.1),
-            u(p.stride.0),
-            u(p.stride.1),
-            u(p.padding.0),
-            u(p.padding.1),
-            p.count_include_pad as u32,
-        ]
+        Ok(PoolParams {
+            total: to_u32(total)?,
+            h: to_u32(self.h)?,
+            w: to_u32(self.w)?,
+            oh: to_u32(self.oh)?,
+            ow: to_u32(self.ow)?,
+            kh: to_u32(p.kernel.0)?,
+            kw: to_u32(p.kernel.1)?,
+            sh: to_u32(p.stride.0)?,
+            sw: to_u32(p.stride.1)?,
+            ph: to_u32(p.padding.0)?,
+            pw: to_u32(p.padding.1)?,
+            include_pad: p.count_include_pad as u32,
+        })
     }
 
     /// Calls `f(oy, ox, window_y, window_x)` for every output of one plane, in raster order.
@@ -257,7 +276,7 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
             }
             let (out, arg) = (ctx.alloc(total)?, ctx.alloc(total)?);
             let b = [x.gpu()?, &out, &arg];
-            ctx.dispatch(&MAX_FWD, &g.params(total), &b, groups_for(total, 256))?;
+            ctx.dispatch(&MAX_FWD, &g.params(total)?, &b, groups_for(total, 256)?)?;
             Ok((
                 Tensor::from_gpu(out, &shape)?,
                 Tensor::from_gpu(arg, &shape)?,
@@ -315,7 +334,7 @@ fn max_pool_bwd_gpu(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tens
     let b = [grad.gpu()?, &dx, argmax.gpu()?];
     // One thread per input row.
     let rows = total / g.w.max(1);
-    ctx.dispatch(&MAX_BWD, &g.params(rows), &b, groups_for(rows, 256))?;
+    ctx.dispatch(&MAX_BWD, &g.params(rows)?, &b, groups_for(rows, 256)?)?;
     Tensor::from_gpu(dx, &g.in_shape())
 }
 
@@ -372,7 +391,7 @@ fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
             }
             let out = ctx.alloc(total)?;
             let b = [x.gpu()?, &out];
-            ctx.dispatch(&AVG_FWD, &g.params(total), &b, groups_for(total, 256))?;
+            ctx.dispatch(&AVG_FWD, &g.params(total)?, &b, groups_for(total, 256)?)?;
             Tensor::from_gpu(out, &shape)
         }
     }
@@ -434,7 +453,7 @@ fn avg_pool_bwd_gpu(grad: &Tensor, g: &Geometry) -> Result<Tensor> {
     let total = g.n * g.c * g.h * g.w;
     let dx = ctx.alloc(total)?;
     let b = [grad.gpu()?, &dx];
-    ctx.dispatch(&AVG_BWD, &g.params(total), &b, groups_for(total, 256))?;
+    ctx.dispatch(&AVG_BWD, &g.params(total)?, &b, groups_for(total, 256)?)?;
     Tensor::from_gpu(dx, &g.in_shape())
 }
 

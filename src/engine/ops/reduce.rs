@@ -5,11 +5,11 @@
 //! one implementation serves every rank and dimension.
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{f, groups_for, u, GpuBuffer, Kernel};
+use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, Kernel, OpCodes};
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
 use crate::engine::{cpu, Device};
-use crate::kernel;
+use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
 const REDUCE_DIM: Kernel = kernel!("reduce.wgsl", "reduce_dim", [Read, Read, Read, ReadWrite]);
@@ -19,7 +19,50 @@ const EXPAND_DIM: Kernel = kernel!("reduce.wgsl", "expand_dim", [Read, Read, Rea
 /// Values summed by one workgroup in one pass of a whole-tensor sum (`CHUNK` in the shader).
 const CHUNK: usize = 2048;
 
-/// What a reduction along a dimension computes; the discriminant is the shader's op code.
+kernel_params! {
+    pub struct ReduceParams for ["reduce.wgsl"] {
+        outer: u32,
+        n: u32,
+        inner: u32,
+        /// A [`DIM_CODES`] or, in `sum_partial`, a [`SUM_CODES`] entry.
+        op: u32,
+        scale: f32,
+    }
+}
+
+impl ReduceParams {
+    fn new(outer: usize, n: usize, inner: usize, op: u32, scale: f32) -> Result<Self> {
+        Ok(ReduceParams {
+            outer: to_u32(outer)?,
+            n: to_u32(n)?,
+            inner: to_u32(inner)?,
+            op,
+            scale,
+        })
+    }
+}
+
+const SCALED_SUM: u32 = 0;
+const LOGSUMEXP: u32 = 1;
+/// What `reduce_dim` and `expand_dim` compute: the shader's `REDUCE_*` constants.
+pub const DIM_CODES: OpCodes = OpCodes {
+    file: "reduce.wgsl",
+    prefix: "REDUCE_",
+    switch_fn: None,
+    codes: &[("SCALED_SUM", SCALED_SUM), ("LOGSUMEXP", LOGSUMEXP)],
+};
+
+const OF_VALUES: u32 = 0;
+const OF_SQUARES: u32 = 1;
+/// What the first pass of `sum_partial` adds up: the shader's `SUM_OF_*` constants.
+pub const SUM_CODES: OpCodes = OpCodes {
+    file: "reduce.wgsl",
+    prefix: "SUM_OF_",
+    switch_fn: None,
+    codes: &[("VALUES", OF_VALUES), ("SQUARES", OF_SQUARES)],
+};
+
+/// What a reduction along a dimension computes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum DimOp {
     /// Sum times a constant (1 for sum, 1/n for mean).
@@ -157,12 +200,12 @@ fn reduce_dim_raw(x: &Tensor, dim: usize, op: DimOp, name: &'static str) -> Resu
             let cols = outer * inner;
             let out = ctx.alloc(cols)?;
             let (code, scale) = match op {
-                DimOp::ScaledSum(s) => (0, s),
-                DimOp::LogSumExp => (1, 1.0),
+                DimOp::ScaledSum(s) => (SCALED_SUM, s),
+                DimOp::LogSumExp => (LOGSUMEXP, 1.0),
             };
             let xb = x.gpu()?;
-            let params = [u(outer), u(n), u(inner), code, f(scale)];
-            ctx.dispatch(&REDUCE_DIM, &params, &[xb, xb, xb, &out], cols as u32)?;
+            let params = ReduceParams::new(outer, n, inner, code, scale)?;
+            ctx.dispatch(&REDUCE_DIM, &params, &[xb, xb, xb, &out], to_u32(cols)?)?;
             Tensor::from_gpu(out, &out_shape)
         }
     }
@@ -201,15 +244,20 @@ fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
                 let last = parts == 1;
                 let out = ctx.alloc(parts)?;
                 let src = current.as_ref().map_or_else(|| x.gpu(), Ok)?;
-                // Laid out as the shader's [outer, n, inner, op, scale]; only n is read.
-                let params = [
-                    1,
-                    u(n),
-                    1,
-                    u((first && squares) as usize),
-                    f(if last { scale } else { 1.0 }),
-                ];
-                ctx.dispatch(&SUM_PARTIAL, &params, &[src, src, src, &out], parts as u32)?;
+                let code = if first && squares {
+                    OF_SQUARES
+                } else {
+                    OF_VALUES
+                };
+                let pass_scale = if last { scale } else { 1.0 };
+                // sum_partial reads only n, op and scale.
+                let params = ReduceParams::new(1, n, 1, code, pass_scale)?;
+                ctx.dispatch(
+                    &SUM_PARTIAL,
+                    &params,
+                    &[src, src, src, &out],
+                    to_u32(parts)?,
+                )?;
                 if last {
                     return Tensor::from_gpu(out, &[1]);
                 }
@@ -275,15 +323,15 @@ fn expand_raw(
             let out = ctx.alloc(total)?;
             let gb = g.gpu()?;
             let (code, xb, yb) = match y {
-                Some(y) => (1, like.gpu()?, y.gpu()?),
-                None => (0, gb, gb),
+                Some(y) => (LOGSUMEXP, like.gpu()?, y.gpu()?),
+                None => (SCALED_SUM, gb, gb),
             };
-            let params = [u(outer), u(n), u(inner), code, f(scale)];
+            let params = ReduceParams::new(outer, n, inner, code, scale)?;
             ctx.dispatch(
                 &EXPAND_DIM,
                 &params,
                 &[xb, yb, gb, &out],
-                groups_for(total, 256),
+                groups_for(total, 256)?,
             )?;
             Tensor::from_gpu(out, like.shape())
         }
