@@ -3,42 +3,15 @@
 
 use robust_dml::config::PgdConfig;
 use robust_dml::engine::ops::attack::pgd_step;
-use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
-use robust_dml::engine::ops::elementwise::{add, clamp, relu};
+use robust_dml::engine::ops::elementwise::{add, clamp};
 use robust_dml::engine::ops::elementwise::{square, sub};
-use robust_dml::engine::ops::matmul::linear;
-use robust_dml::engine::ops::normalize::l2_normalize;
-use robust_dml::engine::ops::reduce::mean_dim;
 use robust_dml::engine::ops::reduce::sum;
 use robust_dml::engine::testing::gpu_or_skip;
-use robust_dml::engine::{Device, Result, Rng, Tensor};
+use robust_dml::engine::{Device, Rng, Tensor};
 use robust_dml::robust::pgd::{objective_value, pgd, start_point, EmbedFn, Goal};
 
-/// A tiny embedding net: conv 3x3 -> relu -> spatial mean -> linear -> L2 normalise.
-struct Tiny {
-    w: Tensor,
-    fc: Tensor,
-}
-
-impl Tiny {
-    fn new(seed: u64, d: &Device) -> Tiny {
-        let mut r = Rng::new(seed);
-        Tiny {
-            w: Tensor::randn(&[8, 3, 3, 3], 0.5, &mut r, d).unwrap(),
-            fc: Tensor::randn(&[6, 8], 0.5, &mut r, d).unwrap(),
-        }
-    }
-    fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let p = Conv2dParams {
-            padding: (1, 1),
-            ..Default::default()
-        };
-        let h = relu(&conv2d(x, &self.w, None, p)?)?;
-        let (n, c, hh, ww) = h.dims4("tiny")?;
-        let pooled = mean_dim(&h.reshape(&[n, c, hh * ww])?, 2)?;
-        l2_normalize(&linear(&pooled, &self.fc, None)?, 1, 1e-12)
-    }
-}
+mod common;
+use common::Tiny;
 
 fn images(d: &Device, seed: u64) -> Tensor {
     Tensor::rand_uniform(&[4, 3, 6, 5], 0.0, 1.0, &mut Rng::new(seed), d).unwrap()

@@ -2,42 +2,14 @@
 //! direction further than uniform +-eps sign noise of the same size, on a tiny model whose
 //! clean retrieval is perfect; ERS matches a row computed by hand.
 
-use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
-use robust_dml::engine::ops::elementwise::relu;
-use robust_dml::engine::ops::matmul::linear;
-use robust_dml::engine::ops::normalize::l2_normalize;
-use robust_dml::engine::ops::reduce::mean_dim;
 use robust_dml::engine::testing::gpu_or_skip;
-use robust_dml::engine::{no_grad, Device, Result, Rng, Tensor};
+use robust_dml::engine::{no_grad, Device, Rng, Tensor};
 use robust_dml::robust::ranking::{
     attack_batch, Database, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
 };
 
-/// A tiny embedding net: conv 3x3 -> relu -> spatial mean -> linear -> L2 normalise.
-struct Tiny {
-    w: Tensor,
-    fc: Tensor,
-}
-
-impl Tiny {
-    fn new(seed: u64, d: &Device) -> Tiny {
-        let mut r = Rng::new(seed);
-        Tiny {
-            w: Tensor::randn(&[16, 3, 3, 3], 0.5, &mut r, d).unwrap(),
-            fc: Tensor::randn(&[8, 16], 0.5, &mut r, d).unwrap(),
-        }
-    }
-    fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let p = Conv2dParams {
-            padding: (1, 1),
-            ..Default::default()
-        };
-        let h = relu(&conv2d(x, &self.w, None, p)?)?;
-        let (n, c, hh, ww) = h.dims4("tiny")?;
-        let pooled = mean_dim(&h.reshape(&[n, c, hh * ww])?, 2)?;
-        l2_normalize(&linear(&pooled, &self.fc, None)?, 1, 1e-12)
-    }
-}
+mod common;
+use common::Tiny;
 
 const CLASSES: usize = 4;
 const PER_CLASS: usize = 10;
@@ -66,7 +38,7 @@ fn dataset(d: &Device) -> (Tensor, Vec<usize>) {
 
 /// Scores of every attack, attacked and under noise, on a batch of 8 images (2 per class).
 fn suite(d: &Device) -> (RankScores, RankScores, Vec<(f64, f64)>) {
-    let m = Tiny::new(1, d);
+    let m = Tiny::with_widths(1, 16, 8, d);
     let f = |x: &Tensor| m.embed(x);
     let (x, labels) = dataset(d);
     let emb = no_grad(|| m.embed(&x)).unwrap().to_vec().unwrap();

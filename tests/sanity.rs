@@ -3,11 +3,7 @@
 //! restarts keep, per image, the run with the largest objective.
 
 use robust_dml::config::PgdConfig;
-use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
-use robust_dml::engine::ops::elementwise::{relu, zeros_like};
-use robust_dml::engine::ops::matmul::linear;
-use robust_dml::engine::ops::normalize::l2_normalize;
-use robust_dml::engine::ops::reduce::mean_dim;
+use robust_dml::engine::ops::elementwise::zeros_like;
 use robust_dml::engine::tape::Backward;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
@@ -16,30 +12,8 @@ use robust_dml::pipeline::sanity::{failed_lines, probe_attack, sanity_checks};
 use robust_dml::robust::pgd::{pgd, EmbedFn, Goal};
 use robust_dml::robust::restarts::{per_image_objective, pgd_restarts};
 
-struct Tiny {
-    w: Tensor,
-    fc: Tensor,
-}
-
-impl Tiny {
-    fn new(seed: u64, d: &Device) -> Tiny {
-        let mut r = Rng::new(seed);
-        Tiny {
-            w: Tensor::randn(&[8, 3, 3, 3], 0.5, &mut r, d).unwrap(),
-            fc: Tensor::randn(&[6, 8], 0.5, &mut r, d).unwrap(),
-        }
-    }
-    fn embed(&self, x: &Tensor) -> Result<Tensor> {
-        let p = Conv2dParams {
-            padding: (1, 1),
-            ..Default::default()
-        };
-        let h = relu(&conv2d(x, &self.w, None, p)?)?;
-        let (n, c, hh, ww) = h.dims4("tiny")?;
-        let pooled = mean_dim(&h.reshape(&[n, c, hh * ww])?, 2)?;
-        l2_normalize(&linear(&pooled, &self.fc, None)?, 1, 1e-12)
-    }
-}
+mod common;
+use common::Tiny;
 
 /// The gradient-masking layer's backward: zero, whatever comes in.
 struct ZeroBackward;

@@ -1,11 +1,17 @@
-//! Helpers shared by the model tests: the PyTorch fixtures of tests/fixtures (their synthetic
-//! weights, made whole on load) and the closeness checks of embeddings against them.
+//! Helpers shared by the tests: the PyTorch fixtures of tests/fixtures (their synthetic weights,
+//! made whole on load), the closeness checks of embeddings against them, and the tiny
+//! embedding net the attack tests (pgd, sanity, ranking) run on.
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use robust_dml::engine::{Device, Rng, Tensor};
+use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
+use robust_dml::engine::ops::elementwise::relu;
+use robust_dml::engine::ops::matmul::linear;
+use robust_dml::engine::ops::normalize::l2_normalize;
+use robust_dml::engine::ops::reduce::mean_dim;
+use robust_dml::engine::{Device, Result, Rng, Tensor};
 use robust_dml::nn::weights::{read_safetensors, write_safetensors, FileTensor};
 use robust_dml::nn::{Backbone, EmbeddingNet, ForwardMode, LoadMode};
 use safetensors::{Dtype, SafeTensors};
@@ -207,4 +213,36 @@ pub fn check_fixture(
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ------------------------------------------------------------------ the attack tests' model
+
+/// A tiny embedding net: conv 3x3 -> relu -> spatial mean -> linear -> L2 normalise.
+pub struct Tiny {
+    w: Tensor,
+    fc: Tensor,
+}
+
+impl Tiny {
+    /// 8 channels, a 6-d embedding.
+    pub fn new(seed: u64, d: &Device) -> Tiny {
+        Tiny::with_widths(seed, 8, 6, d)
+    }
+    pub fn with_widths(seed: u64, channels: usize, dim: usize, d: &Device) -> Tiny {
+        let mut r = Rng::new(seed);
+        Tiny {
+            w: Tensor::randn(&[channels, 3, 3, 3], 0.5, &mut r, d).unwrap(),
+            fc: Tensor::randn(&[dim, channels], 0.5, &mut r, d).unwrap(),
+        }
+    }
+    pub fn embed(&self, x: &Tensor) -> Result<Tensor> {
+        let p = Conv2dParams {
+            padding: (1, 1),
+            ..Default::default()
+        };
+        let h = relu(&conv2d(x, &self.w, None, p)?)?;
+        let (n, c, hh, ww) = h.dims4("tiny")?;
+        let pooled = mean_dim(&h.reshape(&[n, c, hh * ww])?, 2)?;
+        l2_normalize(&linear(&pooled, &self.fc, None)?, 1, 1e-12)
+    }
 }
