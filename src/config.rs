@@ -121,7 +121,11 @@ pub fn check_range(
 /// A flag value as the user typed it: f32 flags print without f64 noise (0.1, not
 /// 0.10000000149011612).
 fn shortest(value: f64) -> String {
-    if (value as f32) as f64 == value || value.is_nan() {
+    let magnitude = value.abs();
+    if value.is_finite() && value != 0.0 && !(1e-4..1e6).contains(&magnitude) {
+        // 1e30, not thirty-one digits.
+        format!("{:e}", value as f32)
+    } else if (value as f32) as f64 == value || value.is_nan() {
         format!("{}", value as f32)
     } else {
         format!("{value}")
@@ -145,12 +149,12 @@ impl PgdConfig {
     pub fn validate(&self, eps_flag: &str, steps_flag: &str) -> Result<(), String> {
         check_positive(
             eps_flag,
-            self.eps as f64 * 255.0,
+            (self.eps * 255.0) as f64,
             "the attack's eps (in 1/255)",
         )?;
         check_range(
             eps_flag,
-            self.eps as f64 * 255.0,
+            (self.eps * 255.0) as f64,
             0.0,
             255.0,
             "eps (in 1/255)",
@@ -169,7 +173,7 @@ impl PgdConfig {
         }
         check_positive(
             "--alpha",
-            self.alpha as f64 * 255.0,
+            (self.alpha * 255.0) as f64,
             "the step size (in 1/255)",
         )
     }

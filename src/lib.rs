@@ -9,6 +9,7 @@
 //!   `robust`).
 //! - [`cli`]: argument parsing, calling the pipeline.
 //! - [`config`]: every hyper-parameter default.
+//! - [`files`]: reading user-named files (regular files only, within available memory).
 
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod data;
 pub mod dml;
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod nn;
 pub mod pipeline;
 pub mod robust;

@@ -237,6 +237,7 @@ fn bad_training_flags_are_named_before_any_work() {
         (&["--grad-clip", "nan"], "--grad-clip"),
         (&["--grad-clip", "-1"], "--grad-clip"),
         (&["--embedding-dim", "0"], "--embedding-dim 0"),
+        (&["--embedding-dim", "1"], "at least 2 dimensions"),
         (&["--embedding-dim", "100000000000"], "needs an estimated"),
         (&["--image-size", "2"], "smallest input is 4x4"),
         (&["--image-size", "100000"], "needs an estimated"),
@@ -334,6 +335,9 @@ fn bad_attack_and_eval_flags_are_named() {
         (&["--eps=-8"][..], "--eps"),
         (&["--eps", "inf"][..], "--eps"),
         (&["--eps", "1000"][..], "--eps"),
+        // The value as typed, not f32 noise or thirty-one digits.
+        (&["--eps", "-1"][..], "--eps -1 is not valid"),
+        (&["--eps", "1e30"][..], "--eps 1e30 is not valid"),
         (&["--alpha", "nan"][..], "--alpha"),
         (&["--alpha", "0"][..], "--alpha"),
         (&["--batch-size", "0"][..], "--batch-size"),
@@ -901,6 +905,11 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
         "--trades-lambda",
         Some("exp"),
     );
+    sb.refuses(
+        &["experiment", "--methods", "none,at,none", "--out", "exp"],
+        "lists none twice",
+        Some("exp"),
+    );
     write_file(&sb.path("afile"), b"x");
     sb.refuses(&["experiment", "--out", "afile"], "not a directory", None);
     std::fs::create_dir_all(sb.path("exp")).unwrap();
@@ -1007,4 +1016,103 @@ fn no_mesa_runtime_dir_warning() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(!err.contains("XDG_RUNTIME_DIR"), "{err}");
+}
+
+// ---------------------------------------------------------------- special files and the environment
+
+/// Inputs that are not regular files are refused before they are read: `/dev/zero` would never
+/// end and a FIFO would block forever.
+#[cfg(unix)]
+#[test]
+fn devices_and_fifos_are_refused_not_read() {
+    let sb = Sandbox::with_trained_run("special");
+    let fifo = sb.path("pipe.safetensors");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    sb.refuses(&["eval", "--checkpoint", "/dev/zero"], "a device", None);
+    sb.refuses(
+        &["eval", "--checkpoint", "pipe.safetensors"],
+        "a FIFO",
+        None,
+    );
+    sb.refuses(
+        &tiny_train("run2", &["--pretrained", "/dev/zero"]),
+        "a device",
+        Some("run2"),
+    );
+}
+
+/// An image folder with a FIFO named like an image and a link back to a folder already read:
+/// the FIFO is skipped with a warning (as a corrupt image is), the loop is refused naming both
+/// folders.
+#[cfg(unix)]
+#[test]
+fn image_folders_with_fifos_and_link_loops() {
+    let sb = Sandbox::new("folder-links");
+    for class in ["a", "b", "c", "d"] {
+        let dir = sb.path(&format!("imgs/{class}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..3u8 {
+            image::RgbImage::from_pixel(8, 8, image::Rgb([i * 80, 0, 0]))
+                .save(dir.join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+    let made = Command::new("mkfifo")
+        .arg(sb.path("imgs/a/pipe.png"))
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let folder = [
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        "imgs",
+        "--batch-size",
+        "4",
+    ];
+    let out = sb.succeeds(&tiny_train("run", &folder));
+    assert!(out.contains("pipe.png") && out.contains("FIFO"), "{out}");
+    std::os::unix::fs::symlink("../b", sb.path("imgs/b/again")).unwrap();
+    sb.refuses(
+        &tiny_train("run3", &folder),
+        "is the folder imgs/b again",
+        Some("run3"),
+    );
+}
+
+/// The environment is input too: a thread count rayon would ignore or try to honour, and an
+/// adapter name that matches nothing (said once, with the adapters there are).
+#[test]
+fn bad_environment_values_are_named() {
+    let sb = Sandbox::new("env");
+    for (value, fragment) in [
+        ("abc", "not a whole number"),
+        ("100000", "too many threads"),
+    ] {
+        let out = sb
+            .command(&tiny_train("run", &[]))
+            .env("RAYON_NUM_THREADS", value)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("RAYON_NUM_THREADS") && err.contains(fragment),
+            "{err}"
+        );
+    }
+    let out = sb
+        .command(&tiny_train("run", &[]))
+        .env("ROBUST_DML_DEVICE", "no-such-adapter")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("no adapter name contains 'no-such-adapter'"),
+        "{err}"
+    );
+    assert_eq!(err.matches("no GPU adapter found").count(), 1, "{err}");
+    assert!(!sb.path("run").exists());
 }

@@ -345,6 +345,7 @@ fn device() -> Result<Device> {
 }
 
 pub fn run(cli: Cli) -> Result<()> {
+    crate::engine::cpu::configure_threads()?;
     let result = match cli.command {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),
@@ -566,9 +567,10 @@ fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
+    // The device first: a missing adapter is found before the run directory is touched.
+    let device = device()?;
     let run_dir = RunDir::lock(&a.out)?;
     let ckpt = a.out.join(CHECKPOINT_FILE);
-    let device = device()?;
     let (mut run, dataset) = if a.resume {
         if !ckpt.is_file() {
             return Err(Error::Config(format!(

@@ -25,6 +25,13 @@ pub enum DataError {
     },
     #[error("{path}: {detail}; the file is corrupt or not in the expected format: re-download it")]
     BadFile { path: PathBuf, detail: String },
+    #[error(
+        "folder {} is the folder {} again, reached through a link (a loop, or the same images \
+         read twice, possibly under two classes); remove the link",
+        path.display(),
+        first.display()
+    )]
+    RepeatedFolder { path: PathBuf, first: PathBuf },
     #[error("cannot decode image {path}: {detail}; the file is corrupt: re-download or delete it")]
     CorruptImage { path: PathBuf, detail: String },
     #[error(

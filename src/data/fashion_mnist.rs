@@ -74,7 +74,7 @@ const MAX_IDX_BYTES: u64 = 4 << 30;
 
 /// Reads an IDX file; a `.gz` name is gunzipped.
 pub fn read_idx(path: &Path) -> DataResult<IdxArray> {
-    let raw = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let raw = crate::files::read_regular(path).map_err(|e| DataError::io(path, e))?;
     let gzipped = path.extension().is_some_and(|e| e == "gz");
     idx_from_bytes(&raw, gzipped, path)
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use super::error::{require_dir, require_file};
 use super::{
     image_files_recursive, mat, push_checked, read_dir_sorted, DataError, DataResult, Dataset,
-    SkipSummary,
+    SkipSummary, VisitedDirs,
 };
 
 /// One class: a sort key (the original class id), its name and its image files.
@@ -51,6 +51,7 @@ fn split_classes(
 /// Class folders directly inside `dir` (sorted by name), each with its image files.
 fn class_folders(dir: &Path) -> DataResult<Vec<(String, Vec<PathBuf>)>> {
     let mut out = Vec::new();
+    let mut visited = VisitedDirs::default();
     for path in read_dir_sorted(dir)? {
         if !path.is_dir() {
             continue;
@@ -59,7 +60,7 @@ fn class_folders(dir: &Path) -> DataResult<Vec<(String, Vec<PathBuf>)>> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        out.push((name, image_files_recursive(&path)?));
+        out.push((name, image_files_recursive(&path, &mut visited)?));
     }
     Ok(out)
 }

@@ -8,7 +8,7 @@ use super::error::{require_dir, require_file};
 use super::{push_checked, DataError, DataResult, Dataset, Sample, SkipSummary};
 
 fn read_text(path: &Path) -> DataResult<String> {
-    std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))
+    crate::files::read_regular_to_string(path).map_err(|e| DataError::io(path, e))
 }
 
 /// Maps original class keys to contiguous labels in sorted key order.

@@ -191,11 +191,22 @@ fn numbers(e: &Element, little: bool) -> Result<Vec<f64>, String> {
     })
 }
 
+/// The largest inflated element read: the annotation files of Cars196 are a few MB, so anything
+/// near this is a decompression bomb, refused before it exhausts memory.
+const MAX_INFLATED_BYTES: u64 = 1 << 30;
+
 fn inflate(data: &[u8]) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     flate2::read::ZlibDecoder::new(data)
+        .take(MAX_INFLATED_BYTES + 1)
         .read_to_end(&mut out)
         .map_err(|e| format!("cannot inflate a compressed element: {e}"))?;
+    if out.len() as u64 > MAX_INFLATED_BYTES {
+        return Err(format!(
+            "a compressed element unpacks to more than {} MiB, the limit for a MAT file",
+            MAX_INFLATED_BYTES >> 20
+        ));
+    }
     Ok(out)
 }
 
@@ -312,7 +323,7 @@ fn parse_matrix(data: &[u8], little: bool) -> Result<(String, MatValue), String>
 
 /// Reads every variable of a MAT v5 file.
 pub fn read_mat(path: &Path) -> DataResult<Vec<(String, MatValue)>> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
+    let bytes = crate::files::read_regular(path).map_err(|e| DataError::io(path, e))?;
     parse_mat(&bytes).map_err(|d| DataError::bad_file(path, format!("MAT v5: {d}")))
 }
 

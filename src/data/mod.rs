@@ -352,6 +352,8 @@ pub(crate) fn is_image_file(path: &Path) -> bool {
 /// Reading only the header keeps loading fast; a file whose body is broken is caught again (and
 /// counted) when the batch loader decodes it.
 pub(crate) fn check_image_header(path: &Path) -> Result<(), String> {
+    // A FIFO named like an image would block the loader forever.
+    crate::files::check_regular(path).map_err(|e| format!("cannot open: {e}"))?;
     let reader = image::ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
     let reader = reader
         .with_guessed_format()
@@ -392,12 +394,38 @@ pub(crate) fn read_dir_sorted(dir: &Path) -> DataResult<Vec<PathBuf>> {
     Ok(paths)
 }
 
+/// Folders already read, by their canonical path: a link back to one of them is a loop (or
+/// the same images counted twice, possibly under two classes).
+#[derive(Default)]
+pub(crate) struct VisitedDirs(std::collections::HashMap<PathBuf, PathBuf>);
+
+impl VisitedDirs {
+    /// Records `dir`; errors naming both paths if it was read before under another name.
+    pub(crate) fn enter(&mut self, dir: &Path) -> DataResult<()> {
+        let canonical = dir.canonicalize().map_err(|e| DataError::io(dir, e))?;
+        match self.0.get(&canonical) {
+            Some(first) => Err(DataError::RepeatedFolder {
+                path: dir.to_path_buf(),
+                first: first.clone(),
+            }),
+            None => {
+                self.0.insert(canonical, dir.to_path_buf());
+                Ok(())
+            }
+        }
+    }
+}
+
 /// All image files under `dir` (recursively), sorted.
-pub(crate) fn image_files_recursive(dir: &Path) -> DataResult<Vec<PathBuf>> {
+pub(crate) fn image_files_recursive(
+    dir: &Path,
+    visited: &mut VisitedDirs,
+) -> DataResult<Vec<PathBuf>> {
+    visited.enter(dir)?;
     let mut out = Vec::new();
     for path in read_dir_sorted(dir)? {
         if path.is_dir() {
-            out.extend(image_files_recursive(&path)?);
+            out.extend(image_files_recursive(&path, visited)?);
         } else if is_image_file(&path) {
             out.push(path);
         }

@@ -6,6 +6,7 @@
 //! channels or rows, summing per-block partials in block order (block counts depend on the
 //! shapes only). Same inputs and thread count, same bits.
 
+use super::error::{EngineError, Result};
 use rayon::prelude::*;
 
 /// How a matrix is read: element (r, c) lives at `r * row + c * col`.
@@ -105,6 +106,38 @@ pub fn sgemm(
 /// Threads of the pool (RAYON_NUM_THREADS, else one per logical CPU).
 pub fn threads() -> usize {
     rayon::current_num_threads()
+}
+
+/// The most threads `RAYON_NUM_THREADS` may ask for: beyond this, threads only add scheduling
+/// and memory (rayon would try to start 100,000 and appear to hang).
+pub const MAX_THREADS: usize = 1024;
+
+/// Sizes the thread pool from `RAYON_NUM_THREADS` (unset or 0: one per logical CPU). A value
+/// that is not a number, which rayon would silently ignore, or an absurd one is refused. Call
+/// before the first parallel op.
+pub fn configure_threads() -> Result<()> {
+    let Ok(text) = std::env::var("RAYON_NUM_THREADS") else {
+        return Ok(());
+    };
+    let invalid = |why: &str| EngineError::Invalid {
+        op: "RAYON_NUM_THREADS",
+        detail: format!(
+            "'{text}' {why}; set a thread count from 1 to {MAX_THREADS}, or unset it for one \
+             thread per CPU"
+        ),
+    };
+    let n: usize = text
+        .trim()
+        .parse()
+        .map_err(|_| invalid("is not a whole number"))?;
+    if n > MAX_THREADS {
+        return Err(invalid("is too many threads"));
+    }
+    // An error means the pool exists already (a second call in one process): keep it.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    Ok(())
 }
 
 /// Elements per task of the flat elementwise loops: large enough to amortise scheduling, small

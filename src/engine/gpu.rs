@@ -405,7 +405,11 @@ impl GpuContext {
                 let cap = binding_cap_from_env().map_err(|e| e.to_string())?;
                 pollster::block_on(Self::create(req.as_deref(), cap, None))
                     .map(Arc::new)
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| match e {
+                        // Stored bare: it is wrapped in NoAdapter again below.
+                        EngineError::NoAdapter(reason) => reason,
+                        other => other.to_string(),
+                    })
             })
             .clone()
             .map_err(EngineError::NoAdapter)

@@ -91,9 +91,10 @@ pub struct FileTensor {
     pub dtype: String,
 }
 
-/// Reads the whole file (its raw bytes).
+/// Reads the whole file (its raw bytes); FIFOs, devices and files over the available memory are
+/// refused.
 pub(crate) fn read_bytes(path: &Path) -> NnResult<Vec<u8>> {
-    std::fs::read(path).map_err(|e| match e.kind() {
+    crate::files::read_regular(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => NnError::MissingFile {
             path: path.to_path_buf(),
         },

@@ -67,6 +67,14 @@ pub struct ExperimentConfig {
 impl ExperimentConfig {
     /// Refuses settings any of the methods could not train or evaluate with, before any work.
     pub fn validate(&self) -> Result<()> {
+        for (i, method) in self.methods.iter().enumerate() {
+            if self.methods[..i].contains(method) {
+                return Err(Error::Config(format!(
+                    "--methods lists {} twice; name each method once",
+                    method.key()
+                )));
+            }
+        }
         for &method in &self.methods {
             let mut t = self.train.clone();
             t.defense.method = method;

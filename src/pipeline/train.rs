@@ -16,6 +16,7 @@ use crate::dml::loss::{init_proxies, ProxyAnchorConfig};
 use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};
+use crate::files::{available_memory_bytes, human_bytes};
 use crate::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::run_dir;
@@ -188,10 +189,12 @@ impl TrainConfig {
             f64::MAX,
             "the gradient-norm clip (0 = off)",
         )?;
-        if self.embedding_dim == 0 {
-            return Err(
-                "--embedding-dim 0 is not valid: embeddings need at least 1 dimension".into(),
-            );
+        if self.embedding_dim < 2 {
+            return Err(format!(
+                "--embedding-dim {} is not valid: embeddings need at least 2 dimensions (an \
+                 L2-normalised 1-d embedding is only +1 or -1)",
+                self.embedding_dim
+            ));
         }
         if self.arch == Arch::MobilenetV2 {
             check_range(
@@ -307,26 +310,6 @@ impl TrainConfig {
             ))
         )))
     }
-}
-
-/// Memory the OS reports available (Linux `MemAvailable`), if known.
-fn available_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-fn human_bytes(b: f64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut v = b;
-    for unit in UNITS {
-        if v < 1024.0 {
-            return format!("{v:.1} {unit}");
-        }
-        v /= 1024.0;
-    }
-    format!("{v:.1e} EiB")
 }
 
 /// A value's command-line spelling (`c2f2`, `mobilenet-v2`).
@@ -868,7 +851,7 @@ fn parse_log(text: &str) -> Vec<EpochStats> {
 /// The entries of an existing log file for epochs up to `epochs_done` (the last of each epoch
 /// wins: an interrupted run may have logged an epoch twice).
 fn read_log_file(path: &Path, epochs_done: usize) -> Vec<EpochStats> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = crate::files::read_regular_to_string(path).unwrap_or_default();
     let mut by_epoch = std::collections::BTreeMap::new();
     for s in parse_log(&text) {
         if s.epoch >= 1 && s.epoch <= epochs_done {
