@@ -191,8 +191,10 @@ fn bytemuck_words(words: &[u32]) -> Vec<u8> {
     words.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
-fn scratch_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("robust-dml-shaders-{}", std::process::id()));
+/// A scratch directory per test (tests run in parallel and each removes its own).
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("robust-dml-shaders-{}-{test}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create a temp dir");
     dir
 }
@@ -262,7 +264,7 @@ fn shader_registry_matches_the_shaders_directory() {
 
 #[test]
 fn every_shader_builds_for_every_backend() {
-    let scratch = scratch_dir();
+    let scratch = scratch_dir("all");
     let mut failures = Vec::new();
     let mut missing_spirv_val = false;
     let mut entry_points = 0;
@@ -299,5 +301,58 @@ fn every_shader_builds_for_every_backend() {
     println!(
         "{} modules, {entry_points} entry points: SPIR-V, MSL and HLSL written",
         SHADER_FILES.len()
+    );
+}
+
+/// The checker catches a module that is valid WGSL but that some backends cannot translate, and
+/// names those backends only: `inverse()` of a matrix goes to SPIR-V (GLSL.std.450's
+/// MatrixInverse) but naga's MSL and HLSL writers reject it. WGSL has no `inverse`, so the
+/// construct is made by editing the IR of a `transpose()`; unedited, the same module passes.
+#[test]
+fn a_shader_broken_for_some_backends_is_named_per_backend() {
+    const SOURCE: &str = "
+@group(0) @binding(0) var<storage, read_write> out: array<f32>;
+@compute @workgroup_size(1)
+fn main() {
+    let m = mat2x2<f32>(out[0], out[1], out[2], out[3]);
+    out[0] = transpose(m)[0][0];
+}";
+    let scratch = scratch_dir("probe");
+    let fine = parse_and_validate("probe.wgsl", SOURCE.into()).unwrap();
+    let (failures, _) = check_backends(&fine, &scratch);
+    assert!(failures.is_empty(), "{failures:#?}");
+
+    let mut broken = fine;
+    let mut edited = 0;
+    for (_, expr) in broken.module.entry_points[0]
+        .function
+        .expressions
+        .iter_mut()
+    {
+        if let naga::Expression::Math { fun, .. } = expr {
+            if *fun == naga::MathFunction::Transpose {
+                *fun = naga::MathFunction::Inverse;
+                edited += 1;
+            }
+        }
+    }
+    assert_eq!(edited, 1);
+    broken.info = Validator::new(ValidationFlags::all(), Capabilities::empty())
+        .validate(&broken.module)
+        .expect("inverse of a 2x2 matrix is valid IR");
+    let (failures, _) = check_backends(&broken, &scratch);
+    let _ = std::fs::remove_dir_all(&scratch);
+    let named = |backend: &str| failures.iter().any(|f| f.contains(backend));
+    assert!(
+        named("backend MSL 2.0") && named("backend MSL 3.0"),
+        "{failures:#?}"
+    );
+    assert!(named("backend HLSL"), "{failures:#?}");
+    assert!(!named("SPIR-V"), "{failures:#?}");
+    assert!(
+        failures
+            .iter()
+            .all(|f| f.starts_with("probe.wgsl entry point main, backend ")),
+        "{failures:#?}"
     );
 }
