@@ -294,6 +294,10 @@ pub struct ExperimentArgs {
     /// Override the preset's cap on evaluated test samples, spread evenly (0 = all).
     #[arg(long)]
     pub test_samples: Option<usize>,
+    /// Override the training seed (the evaluation keeps the preset's): a second seed shows how
+    /// much of a gap between methods is training noise.
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Run the ranking-attack suite (SPEC section 11) on this many test images per method,
     /// spread over the test set (0 = off); profile rob28 up to 64 px, rob224 above.
     #[arg(long)]
@@ -1037,6 +1041,9 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     }
     if let Some(t) = a.test_samples {
         cfg.eval.max_test_samples = t;
+    }
+    if let Some(seed) = a.seed {
+        cfg.train.seed = seed;
     }
     if let Some(q) = a.ranking_queries {
         cfg.eval.ranking = (q > 0).then(|| RankingPlan {
