@@ -11,12 +11,7 @@
 // multiply-adds. The four layouts are four entry points sharing one inlined body, so the
 // layout tests fold away at compile time.
 
-struct Params {
-    m: u32, n: u32, k: u32, batch: u32,
-    sa_b: u32, sa_m: u32, sa_k: u32,
-    sb_b: u32, sb_k: u32, sb_n: u32,
-    accumulate: u32,
-}
+#include "matmul_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;

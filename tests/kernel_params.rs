@@ -42,6 +42,7 @@ const OP_CODES: &[OpCodes] = &[
 
 fn parsed_modules() -> BTreeMap<&'static str, Module> {
     shader_modules()
+        .expect("every #include names a file of INCLUDE_FILES")
         .into_iter()
         .map(|(file, src)| {
             let module = naga::front::wgsl::parse_str(&src)
