@@ -5,6 +5,7 @@
 use crate::engine::error::{shape_err, Result};
 use crate::engine::gpu::{to_u32, Kernel};
 use crate::engine::ops::matmul::gemm_raw;
+use crate::engine::policy::TopkPlacement;
 use crate::engine::{Device, Tensor};
 use crate::{kernel, kernel_params};
 
@@ -20,10 +21,6 @@ kernel_params! {
         exclude_self: u32,
     }
 }
-
-/// Makes every GPU top-k use the device kernel, so that tests cover it on CPU adapters too.
-pub static FORCE_DEVICE_TOPK: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
 
 /// Similarity chunks are kept at or below this many bytes (and the adapter's binding limit).
 const CHUNK_BYTES: u64 = 64 << 20;
@@ -80,11 +77,17 @@ fn topk_host(
 /// is read back and selected on the host in linear time instead.
 const DEVICE_TOPK_MAX_K: usize = 64;
 
-/// Whether a similarity chunk's top-k is selected by the device kernel: on discrete GPUs for
-/// small k. CPU adapters select on the host (their "read back" is a memory copy, and the
+/// Whether a similarity chunk's top-k is selected by the device kernel, as the context's policy
+/// says; by default on GPUs for small k. CPU adapters select on the host (their "read back" is a memory copy, and the
 /// kernel's workgroup barriers cost a thread switch each there).
 fn topk_on_device(ctx: &crate::engine::gpu::GpuContext, k: usize) -> bool {
-    k <= DEVICE_TOPK_MAX_K && ctx.info.device_type != wgpu::DeviceType::Cpu
+    let policy = ctx.policy();
+    k <= DEVICE_TOPK_MAX_K
+        && match policy.topk {
+            TopkPlacement::Auto => !policy.tuned_for_cpu_adapter(),
+            TopkPlacement::Device => true,
+            TopkPlacement::Host => false,
+        }
 }
 
 /// Top-k of a [rows, cols] similarity chunk.
@@ -95,10 +98,7 @@ fn topk_chunk(sim: &Tensor, k: usize, self_offset: Option<usize>) -> Result<(Vec
             let v = sim.cpu()?;
             Ok(topk_host(&v, rows, cols, k, |r| self_offset.map(|o| r + o)))
         }
-        Device::Gpu(ctx)
-            if !topk_on_device(&ctx, k)
-                && !FORCE_DEVICE_TOPK.load(std::sync::atomic::Ordering::SeqCst) =>
-        {
+        Device::Gpu(ctx) if !topk_on_device(&ctx, k) => {
             let v = sim.to_vec()?;
             Ok(topk_host(&v, rows, cols, k, |r| self_offset.map(|o| r + o)))
         }

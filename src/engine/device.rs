@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::error::Result;
 use super::gpu::{DeviceRequest, GpuContext};
+use super::policy::KernelPolicy;
 
 #[derive(Clone, Debug)]
 pub enum Device {
@@ -42,6 +43,23 @@ impl Device {
                     Ok(Device::Cpu)
                 }
             },
+        }
+    }
+
+    /// This device with its GPU ops running the kernel variants of `policy` (a second context
+    /// on the same GPU, [`GpuContext::with_policy`]); the CPU has no variants.
+    pub fn with_policy(&self, policy: KernelPolicy) -> Device {
+        match self {
+            Device::Cpu => Device::Cpu,
+            Device::Gpu(ctx) => Device::Gpu(ctx.with_policy(policy)),
+        }
+    }
+
+    /// The kernel variants this device's ops run; `None` on the CPU.
+    pub fn policy(&self) -> Option<KernelPolicy> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(ctx) => Some(*ctx.policy()),
         }
     }
 

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::error::{EngineError, Result};
+use super::policy::KernelPolicy;
 
 /// Functions every shader may use; prepended to each WGSL file.
 const PRELUDE: &str = include_str!("../../shaders/prelude.wgsl");
@@ -280,8 +281,10 @@ pub struct GpuContext {
     pub features: wgpu::Features,
     /// Whether the device was opened at the WebGPU baseline limits ([`WEBGPU_LIMITS_ENV`]).
     pub webgpu_baseline: bool,
-    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
-    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>,
+    policy: KernelPolicy,
+    /// Shared with the contexts made from this one by [`GpuContext::with_policy`].
+    modules: Arc<Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>>,
+    pipelines: Arc<Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>>,
     pool: Mutex<BufferPool>,
     rec: Mutex<Recorder>,
     /// Dispatches recorded since the context was made (for profiling and benchmarks).
@@ -435,15 +438,6 @@ fn requested_limits(adapter: &wgpu::Limits, webgpu_baseline: bool) -> wgpu::Limi
     }
 }
 
-static AS_DISCRETE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes the kernel choices that depend on [`GpuContext::is_cpu_adapter`] act as on a discrete
-/// GPU, so that tests on a CPU adapter also cover the kernels real GPUs run (a test binary that
-/// calls this should run its cases sequentially).
-pub fn force_discrete_kernel_choice(on: bool) {
-    AS_DISCRETE.store(on, std::sync::atomic::Ordering::SeqCst);
-}
-
 impl GpuContext {
     /// The process-wide GPU context (created once; tests and the program share it).
     pub fn shared() -> Result<Arc<GpuContext>> {
@@ -551,12 +545,13 @@ impl GpuContext {
         Ok(GpuContext {
             device,
             queue,
+            policy: KernelPolicy::for_adapter(&info),
             info,
             limits,
             features,
             webgpu_baseline,
-            modules: Mutex::default(),
-            pipelines: Mutex::default(),
+            modules: Default::default(),
+            pipelines: Default::default(),
             pool: Mutex::default(),
             rec: Mutex::default(),
             dispatch_count: Default::default(),
@@ -589,11 +584,31 @@ impl GpuContext {
             .min(self.limits.max_buffer_size)
     }
 
-    /// Whether the adapter is a CPU (llvmpipe, WARP, SwiftShader): lanes there are SIMD lanes of
-    /// a few cores, so kernels prefer long per-invocation loops to wide workgroups.
-    pub fn is_cpu_adapter(&self) -> bool {
-        self.info.device_type == wgpu::DeviceType::Cpu
-            && !AS_DISCRETE.load(std::sync::atomic::Ordering::SeqCst)
+    /// The kernel variants this context's ops run.
+    pub fn policy(&self) -> &KernelPolicy {
+        &self.policy
+    }
+
+    /// A context on the same device and queue whose ops run the kernel variants of `policy`.
+    /// It shares the compiled pipelines but has its own buffers and command recorder, so its
+    /// tensors are a device of their own (an op on tensors of both contexts is refused).
+    pub fn with_policy(&self, policy: KernelPolicy) -> Arc<GpuContext> {
+        Arc::new(GpuContext {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            info: self.info.clone(),
+            limits: self.limits.clone(),
+            features: self.features,
+            webgpu_baseline: self.webgpu_baseline,
+            policy,
+            modules: self.modules.clone(),
+            pipelines: self.pipelines.clone(),
+            pool: Mutex::default(),
+            rec: Mutex::default(),
+            dispatch_count: Default::default(),
+            split_count: Default::default(),
+            profile: self.profile.as_ref().map(|_| Mutex::default()),
+        })
     }
 
     /// Values that fit one storage binding.

@@ -200,7 +200,7 @@ impl Layout {
 
     /// Dispatches the affine pass over this layout.
     fn affine(&self, ctx: &GpuContext, params: &BatchNormParams, b: &[&GpuBuffer]) -> Result<()> {
-        if self.hw <= PLANE_PER_INVOCATION || ctx.is_cpu_adapter() {
+        if self.hw <= PLANE_PER_INVOCATION || ctx.policy().tuned_for_cpu_adapter() {
             ctx.dispatch(&AFFINE_PLANES, params, b, groups_for(self.n * self.c, 64)?)
         } else {
             ctx.dispatch3(&AFFINE, params, b, self.affine_grid()?)

@@ -866,7 +866,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     let out_len = g.cout * g.cin_g * g.kh * g.kw;
     let shape = [g.cout, g.cin_g, g.kh, g.kw];
     let unused = dummy(ctx)?;
-    let per_tap = g.oh * g.ow <= DW_TAPS_MAX_PLANE || ctx.is_cpu_adapter();
+    let per_tap = g.oh * g.ow <= DW_TAPS_MAX_PLANE || ctx.policy().tuned_for_cpu_adapter();
     let (kernel, l) = if g.is_depthwise() && per_tap {
         // One invocation per (image slice, channel, tap).
         let per_split = g.cout * g.kh * g.kw;
@@ -960,21 +960,7 @@ const BIAS_RUN: usize = 16;
 /// implicit-GEMM kernels instead: c2f2 at batch 150 and 32x32 needs 31M.
 const MAX_COLUMN_ELEMS: usize = 64 << 20;
 
-/// Which GPU implementation ungrouped convolutions use; `Auto` picks by adapter and shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvRoute {
-    Auto = 0,
-    ImplicitGemm = 1,
-    Im2colGemm = 2,
-}
-
-static FORCED_ROUTE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Forces a route process-wide, so that tests cover both on every adapter (a test binary that
-/// calls this should run its cases sequentially).
-pub fn force_conv_route(route: ConvRoute) {
-    FORCED_ROUTE.store(route as u8, std::sync::atomic::Ordering::SeqCst);
-}
+pub use crate::engine::policy::ConvRoute;
 
 /// Whether a convolution runs as im2col + the vec4 GEMM. On CPU adapters that GEMM reaches
 /// 3-5x the implicit-GEMM kernels' rate (every load there is a per-lane loop, and the GEMM
@@ -984,14 +970,15 @@ pub fn force_conv_route(route: ConvRoute) {
 fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
     let limit = MAX_COLUMN_ELEMS.min(ctx.max_binding_bytes() as usize / 4);
     let fits = g.groups == 1 && (g.is_pointwise() || g.n * padded_k(g) * g.oh * g.ow <= limit);
-    match FORCED_ROUTE.load(std::sync::atomic::Ordering::SeqCst) {
-        1 => false,
-        2 => fits,
-        _ => {
-            let vec4_rows = GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4
-                && (g.oh * g.ow).is_multiple_of(4);
+    let policy = ctx.policy();
+    match policy.conv_route {
+        ConvRoute::ImplicitGemm => false,
+        ConvRoute::Im2colGemm => fits,
+        ConvRoute::Auto => {
+            let vec4_rows =
+                policy.gemm_kernel() == GemmKernel::Vec4 && (g.oh * g.ow).is_multiple_of(4);
             let too_long =
-                ctx.is_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
+                policy.tuned_for_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
             fits && (vec4_rows || too_long)
         }
     }
