@@ -31,7 +31,7 @@ const POLICY_CHOICES: &[(&str, usize, &str)] = &[
     ),
     // the device top-k
     (
-        "src/dml/eval.rs",
+        "src/engine/ops/topk.rs",
         1,
         "eval_device::gpu_neighbours_match_cpu",
     ),

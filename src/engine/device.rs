@@ -63,6 +63,23 @@ impl Device {
         }
     }
 
+    /// The most bytes one kernel binding holds; `None` on the CPU (no limit).
+    pub fn max_binding_bytes(&self) -> Option<u64> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(ctx) => Some(ctx.max_binding_bytes()),
+        }
+    }
+
+    /// The per-kernel profile gathered under `ROBUST_DML_PROFILE=1` ([`GpuContext::profile_report`]);
+    /// `None` on the CPU or when not profiling.
+    pub fn profile_report(&self) -> Option<String> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(ctx) => ctx.profile_report(),
+        }
+    }
+
     pub fn is_gpu(&self) -> bool {
         matches!(self, Device::Gpu(_))
     }
