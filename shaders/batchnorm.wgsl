@@ -189,7 +189,7 @@ fn bn_eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
 // The per-channel affine pass. Grid: x over chunks of a plane, y channel, z groups of planes.
 // Each thread handles AFFINE_ITEMS elements of its channel so that the coefficient loads are
 // amortised (CPU adapters execute a storage load indexed by the workgroup id lane by lane; a
-// workgroup-memory broadcast measured slower there because of the barrier). Loads and the
+// workgroup-memory broadcast is slower there because of the barrier). Loads and the
 // single store stay outside the form branches, which CPU adapters also run under lane masks.
 const AFFINE_ITEMS: u32 = 16u;
 

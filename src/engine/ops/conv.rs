@@ -725,7 +725,7 @@ fn run(ctx: &GpuContext, k: &Kernel, g: &Geom, l: &Launch, bufs: [&GpuBuffer; 4]
 }
 
 /// A one-element placeholder for bindings an entry does not read.
-fn dummy(ctx: &Arc<GpuContext>) -> Result<GpuBuffer> {
+fn unused_binding(ctx: &Arc<GpuContext>) -> Result<GpuBuffer> {
     ctx.zeros(1)
 }
 
@@ -745,7 +745,7 @@ fn gpu_forward(
     let bias_buf = match bias {
         Some(b) => b.gpu()?,
         None => {
-            placeholder = dummy(ctx)?;
+            placeholder = unused_binding(ctx)?;
             &placeholder
         }
     };
@@ -780,7 +780,7 @@ fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> R
         return gemm_input_grad(ctx, g, dy, w);
     }
     let out = ctx.alloc(g.n * g.cin * g.h * g.w)?;
-    let unused = dummy(ctx)?;
+    let unused = unused_binding(ctx)?;
     if g.is_depthwise() {
         let tiles = (g.n * g.cin * g.h * g.w.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
         let l = Launch {
@@ -865,7 +865,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     }
     let out_len = g.cout * g.cin_g * g.kh * g.kw;
     let shape = [g.cout, g.cin_g, g.kh, g.kw];
-    let unused = dummy(ctx)?;
+    let unused = unused_binding(ctx)?;
     let per_tap = g.oh * g.ow <= DW_TAPS_MAX_PLANE || ctx.policy().tuned_for_cpu_adapter();
     let (kernel, l) = if g.is_depthwise() && per_tap {
         // One invocation per (image slice, channel, tap).
@@ -937,7 +937,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
 
 fn gpu_bias_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor) -> Result<Tensor> {
     let out = ctx.alloc(g.cout)?;
-    let unused = dummy(ctx)?;
+    let unused = unused_binding(ctx)?;
     let l = Launch {
         total_groups: g.cout,
         ..Default::default()
@@ -962,9 +962,10 @@ const MAX_COLUMN_ELEMS: usize = 64 << 20;
 
 pub use crate::engine::policy::ConvRoute;
 
-/// Whether a convolution runs as im2col + the vec4 GEMM. On CPU adapters that GEMM reaches
-/// 3-5x the implicit-GEMM kernels' rate (every load there is a per-lane loop, and the GEMM
-/// reads vec4s), which outweighs writing the column matrix; on discrete GPUs the implicit GEMM
+/// Whether a convolution runs as im2col + the vec4 GEMM. On CPU adapters that GEMM runs several
+/// times faster than the implicit-GEMM kernels (every load there is a per-lane loop, and the
+/// GEMM reads vec4s; benches/RESULTS.md has the figures), which outweighs writing the column
+/// matrix; on discrete GPUs the implicit GEMM
 /// avoids that traffic. Needs ungrouped convolutions, output planes of a multiple of 4 pixels
 /// (vec4 rows) and a column matrix within one binding.
 fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
@@ -1122,7 +1123,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     let plane = g.oh * g.ow;
     let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
     // W^T made explicit when its rows can be read as vec4s: the GEMM with a k-contiguous left
-    // operand runs about 1.3x faster on llvmpipe than the one reading it transposed.
+    // operand runs faster on llvmpipe than the one reading it transposed (benches/RESULTS.md).
     let dcol = if g.cout.is_multiple_of(4) {
         gemm_raw(&transposed_weight(ctx, g, w)?, &dy3, false, false)?
     } else {
