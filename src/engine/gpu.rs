@@ -235,6 +235,11 @@ struct Pipeline {
     layout: wgpu::BindGroupLayout,
 }
 
+/// Shader modules by kernel file.
+type ModuleCache = HashMap<&'static str, Arc<wgpu::ShaderModule>>;
+/// Pipelines by (kernel file, entry point).
+type PipelineCache = HashMap<(&'static str, &'static str), Arc<Pipeline>>;
+
 /// Buffers are recycled by size bucket so that a steady-state training step allocates nothing.
 #[derive(Default)]
 struct BufferPool {
@@ -283,8 +288,8 @@ pub struct GpuContext {
     pub webgpu_baseline: bool,
     policy: KernelPolicy,
     /// Shared with the contexts made from this one by [`GpuContext::with_policy`].
-    modules: Arc<Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>>,
-    pipelines: Arc<Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>>,
+    modules: Arc<Mutex<ModuleCache>>,
+    pipelines: Arc<Mutex<PipelineCache>>,
     pool: Mutex<BufferPool>,
     rec: Mutex<Recorder>,
     /// Dispatches recorded since the context was made (for profiling and benchmarks).
