@@ -46,45 +46,24 @@ impl Default for Conv2dParams {
 
 const OP: &str = "conv2d";
 
-// All conv2d.wgsl entries share one layout: a, b, c read; out read-write.
-const FORWARD: Kernel = kernel!(
-    "conv2d.wgsl",
-    "conv_forward_rb",
-    [Read, Read, Read, ReadWrite]
-);
-const INPUT_GRAD: Kernel = kernel!(
-    "conv2d.wgsl",
-    "conv_input_grad_rb",
-    [Read, Read, Read, ReadWrite]
-);
-const WEIGHT_GRAD: Kernel = kernel!(
-    "conv2d.wgsl",
-    "conv_weight_grad_rb",
-    [Read, Read, Read, ReadWrite]
-);
-const SUM_SPLITS: Kernel = kernel!("conv2d.wgsl", "sum_splits", [Read, Read, Read, ReadWrite]);
-const BIAS_GRAD: Kernel = kernel!("conv2d.wgsl", "bias_grad", [Read, Read, Read, ReadWrite]);
+/// A kernel of conv2d.wgsl or depthwise.wgsl: every entry of both files binds the layout of
+/// `shaders/include/conv_layout.wgsl` (a, b, c read; out read-write).
+macro_rules! conv_kernel {
+    ($file:literal, $entry:literal) => {
+        kernel!($file, $entry, [Read, Read, Read, ReadWrite])
+    };
+}
 
-const DW_FORWARD: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_forward",
-    [Read, Read, Read, ReadWrite]
-);
-const DW_INPUT_GRAD: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_input_grad",
-    [Read, Read, Read, ReadWrite]
-);
-const DW_WEIGHT_GRAD: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_weight_grad",
-    [Read, Read, Read, ReadWrite]
-);
-const DW_WEIGHT_GRAD_TAPS: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_weight_grad_taps",
-    [Read, Read, Read, ReadWrite]
-);
+const FORWARD: Kernel = conv_kernel!("conv2d.wgsl", "conv_forward_rb");
+const INPUT_GRAD: Kernel = conv_kernel!("conv2d.wgsl", "conv_input_grad_rb");
+const WEIGHT_GRAD: Kernel = conv_kernel!("conv2d.wgsl", "conv_weight_grad_rb");
+const SUM_SPLITS: Kernel = conv_kernel!("conv2d.wgsl", "sum_splits");
+const BIAS_GRAD: Kernel = conv_kernel!("conv2d.wgsl", "bias_grad");
+
+const DW_FORWARD: Kernel = conv_kernel!("depthwise.wgsl", "dw_forward");
+const DW_INPUT_GRAD: Kernel = conv_kernel!("depthwise.wgsl", "dw_input_grad");
+const DW_WEIGHT_GRAD: Kernel = conv_kernel!("depthwise.wgsl", "dw_weight_grad");
+const DW_WEIGHT_GRAD_TAPS: Kernel = conv_kernel!("depthwise.wgsl", "dw_weight_grad_taps");
 
 /// Pixels of one row per invocation of the depthwise pixel kernels.
 const DW_RUN: usize = 8;
@@ -114,7 +93,23 @@ struct Geom {
     cout_g: usize,
 }
 
+/// The sizes both parameter blocks ([`ConvParams`], [`Im2colParams`]) carry, as the kernels'
+/// u32s: n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw.
+type GeomWords = [u32; 15];
+
 impl Geom {
+    fn words(&self) -> Result<GeomWords> {
+        let sizes = [
+            self.n, self.cin, self.h, self.w, self.cout, self.kh, self.kw, self.oh, self.ow,
+            self.sh, self.sw, self.ph, self.pw, self.dh, self.dw,
+        ];
+        let mut words = [0; 15];
+        for (word, size) in words.iter_mut().zip(sizes) {
+            *word = to_u32(size)?;
+        }
+        Ok(words)
+    }
+
     fn new(x: &[usize], w: &[usize], p: Conv2dParams) -> Result<Geom> {
         let (n, cin, h, wd) = match *x {
             [a, b, c, d] => (a, b, c, d),
@@ -678,22 +673,23 @@ fn params(g: &Geom, l: &Launch) -> Result<ConvParams> {
     .max()
     .unwrap_or(0);
     let exact_div = largest >= FAST_DIV_LIMIT;
+    let [n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw] = g.words()?;
     Ok(ConvParams {
-        n: to_u32(g.n)?,
-        cin: to_u32(g.cin)?,
-        h: to_u32(g.h)?,
-        w: to_u32(g.w)?,
-        cout: to_u32(g.cout)?,
-        kh: to_u32(g.kh)?,
-        kw: to_u32(g.kw)?,
-        oh: to_u32(g.oh)?,
-        ow: to_u32(g.ow)?,
-        sh: to_u32(g.sh)?,
-        sw: to_u32(g.sw)?,
-        ph: to_u32(g.ph)?,
-        pw: to_u32(g.pw)?,
-        dh: to_u32(g.dh)?,
-        dw: to_u32(g.dw)?,
+        n,
+        cin,
+        h,
+        w,
+        cout,
+        kh,
+        kw,
+        oh,
+        ow,
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
         groups: to_u32(g.groups)?,
         cin_g: to_u32(g.cin_g)?,
         cout_g: to_u32(g.cout_g)?,
@@ -1005,21 +1001,22 @@ fn padded_k(g: &Geom) -> usize {
 
 fn im2col_params(g: &Geom, total: usize, extra: [usize; 4]) -> Result<Im2colParams> {
     let [channels, plane, cols_in, cols_out] = extra;
+    let [n, cin, h, w, _cout, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw] = g.words()?;
     Ok(Im2colParams {
-        n: to_u32(g.n)?,
-        cin: to_u32(g.cin)?,
-        h: to_u32(g.h)?,
-        w: to_u32(g.w)?,
-        kh: to_u32(g.kh)?,
-        kw: to_u32(g.kw)?,
-        oh: to_u32(g.oh)?,
-        ow: to_u32(g.ow)?,
-        sh: to_u32(g.sh)?,
-        sw: to_u32(g.sw)?,
-        ph: to_u32(g.ph)?,
-        pw: to_u32(g.pw)?,
-        dh: to_u32(g.dh)?,
-        dw: to_u32(g.dw)?,
+        n,
+        cin,
+        h,
+        w,
+        kh,
+        kw,
+        oh,
+        ow,
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
         k: to_u32(g.cin * g.kh * g.kw)?,
         kp: to_u32(padded_k(g))?,
         channels: to_u32(channels)?,
