@@ -160,7 +160,7 @@ started_all=$SECONDS
 if [ "$small" = 1 ]; then
     # Shrunk: a test subset covering the shaders, the kernel variants and device memory,
     # the matmul kernels, the c2f2 model cases, a 32x32 epoch and attack.
-    test_filter="shaders|kernel_choices|ops_matmul|device_memory"
+    test_filter="shaders|ops_conv|ops_norm_pool|ops_matmul|device_memory"
     kernels_args=(matmul_1024)
     model_args=(c2f2)
     check_args=(--small)

@@ -46,23 +46,8 @@ const FORM_TRAIN_DX: u32 = 2u;
 const MODE_TRAIN: u32 = 0u;
 const MODE_EVAL: u32 = 1u;
 const MODE_PARTIAL: u32 = 2u;
-var<workgroup> red_a: array<f32, 256>;
-var<workgroup> red_b: array<f32, 256>;
 
-// Tree-sums red_a and red_b over the workgroup; every thread gets the totals.
-fn reduce_pair(lid: u32) -> vec2<f32> {
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s = s >> 1u) {
-        if (lid < s) {
-            red_a[lid] += red_a[lid + s];
-            red_b[lid] += red_b[lid + s];
-        }
-        workgroupBarrier();
-    }
-    let r = vec2<f32>(red_a[0], red_b[0]);
-    workgroupBarrier();
-    return r;
-}
+#include "workgroup_reduce.wgsl"
 
 // First element index of plane (n, c).
 fn plane_base(n: u32, c: u32) -> u32 {
@@ -93,6 +78,8 @@ fn write_forward_stats(c: u32, count: f32, mean: f32, m2: f32) {
 // partial mode (p.form == MODE_PARTIAL, x one batch chunk of a tensor over a binding) it writes just the
 // triple, at chan[p.coef_off + {0, C, 2C} + c], for bn_combine_stats.
 var<workgroup> red_n: array<f32, 256>;
+var<workgroup> red_a: array<f32, 256>;
+var<workgroup> red_b: array<f32, 256>;
 
 @compute @workgroup_size(256)
 fn bn_batch_stats(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -202,7 +189,7 @@ fn bn_eval_stats(@builtin(global_invocation_id) gid: vec3<u32>) {
 // The per-channel affine pass. Grid: x over chunks of a plane, y channel, z groups of planes.
 // Each thread handles AFFINE_ITEMS elements of its channel so that the coefficient loads are
 // amortised (CPU adapters execute a storage load indexed by the workgroup id lane by lane; a
-// workgroup-memory broadcast measured slower there because of the barrier). Loads and the
+// workgroup-memory broadcast is slower there because of the barrier). Loads and the
 // single store stay outside the form branches, which CPU adapters also run under lane masks.
 const AFFINE_ITEMS: u32 = 16u;
 
@@ -276,9 +263,7 @@ fn bn_grad_reduce(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
             }
         }
     }
-    red_a[lid] = sg;
-    red_b[lid] = sgx;
-    let sums = reduce_pair(lid);
+    let sums = wg_sum2(lid, vec2<f32>(sg, sgx));
     if (lid == 0u) {
         if (p.form == MODE_PARTIAL) {
             out[p.coef_off + c] = sums.y * invstd;

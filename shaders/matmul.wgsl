@@ -4,12 +4,7 @@
 // through workgroup memory 16 at a time. Accumulators are named vectors rather than an
 // indexed array: dynamically indexed private arrays spill to memory on CPU-based drivers.
 
-struct Params {
-    m: u32, n: u32, k: u32, batch: u32,
-    sa_b: u32, sa_m: u32, sa_k: u32,
-    sb_b: u32, sb_k: u32, sb_n: u32,
-    accumulate: u32,
-}
+#include "matmul_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<f32>;

@@ -2,7 +2,7 @@
 // A[b] (M x K) * B[b] (K x N), strides as in matmul.wgsl, every stride along a non-contiguous
 // direction a multiple of 4 (the host checks). llvmpipe runs 8 invocations as the lanes of
 // one SIMD vector and turns every storage load into a loop over the lanes; a vec4 load is ONE
-// such loop fetching 4 values per lane, so loading vec4s cuts the dominant cost about 4x.
+// such loop fetching 4 values per lane, so loading vec4s cuts the dominant cost.
 //
 // Each invocation owns an 8 x 8 output block and steps K by 4: per step it loads an 8 x 4
 // block of A and a 4 x 8 block of B as 8 vec4s each (along whichever direction is contiguous
@@ -11,12 +11,7 @@
 // multiply-adds. The four layouts are four entry points sharing one inlined body, so the
 // layout tests fold away at compile time.
 
-struct Params {
-    m: u32, n: u32, k: u32, batch: u32,
-    sa_b: u32, sa_m: u32, sa_k: u32,
-    sb_b: u32, sb_k: u32, sb_n: u32,
-    accumulate: u32,
-}
+#include "matmul_params.wgsl"
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> a: array<vec4<f32>>;

@@ -16,19 +16,7 @@ struct Params {
 
 const WG: u32 = 256u;
 
-// (sum of x^2, sum of g*x) per thread, reduced together.
-var<workgroup> sh: array<vec2<f32>, 256>;
-
-fn tree_sum2(lid: u32) -> vec2<f32> {
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        workgroupBarrier();
-        if (lid < s) {
-            sh[lid] = sh[lid] + sh[lid + s];
-        }
-    }
-    workgroupBarrier();
-    return sh[0];
-}
+#include "workgroup_reduce.wgsl"
 
 // y = x / max(||x||, eps)
 @compute @workgroup_size(256)
@@ -44,8 +32,7 @@ fn l2n_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         let v = x[base + k * p.inner];
         acc = acc + v * v;
     }
-    sh[lid] = vec2<f32>(acc, 0.0);
-    let denom = max(sqrt(tree_sum2(lid).x), p.eps);
+    let denom = max(sqrt(wg_sum(lid, acc)), p.eps);
     for (var k = lid; k < p.n; k = k + WG) {
         let idx = base + k * p.inner;
         out[idx] = x[idx] / denom;
@@ -67,8 +54,8 @@ fn l2n_backward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         let v = x[idx];
         acc = acc + vec2<f32>(v * v, g[idx] * v);
     }
-    sh[lid] = acc;
-    let sums = tree_sum2(lid);
+    // (sum of x^2, sum of g*x), reduced together.
+    let sums = wg_sum2(lid, acc);
     let r = sqrt(sums.x);
     for (var k = lid; k < p.n; k = k + WG) {
         let idx = base + k * p.inner;

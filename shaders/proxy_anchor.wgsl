@@ -27,33 +27,7 @@ struct Params {
 
 const WG: u32 = 256u;
 
-var<workgroup> sh: array<vec2<f32>, 256>;
-
-fn tree_max2(lid: u32) -> vec2<f32> {
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        workgroupBarrier();
-        if (lid < s) {
-            sh[lid] = max(sh[lid], sh[lid + s]);
-        }
-    }
-    workgroupBarrier();
-    let r = sh[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn tree_sum2(lid: u32) -> vec2<f32> {
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        workgroupBarrier();
-        if (lid < s) {
-            sh[lid] = sh[lid] + sh[lid + s];
-        }
-    }
-    workgroupBarrier();
-    let r = sh[0];
-    workgroupBarrier();
-    return r;
-}
+#include "workgroup_reduce.wgsl"
 
 fn is_positive(row: u32, proxy: u32) -> bool {
     return u32(labels[row]) == proxy;
@@ -83,8 +57,7 @@ fn pa_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             m.y = max(m.y, z);
         }
     }
-    sh[lid] = m;
-    let mx = tree_max2(lid);
+    let mx = wg_max2(lid, m);
     var acc = vec2<f32>(0.0, 0.0);
     for (var row = lid; row < p.b; row = row + WG) {
         let z = exponent(row, proxy);
@@ -94,8 +67,7 @@ fn pa_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             acc.y = acc.y + exp(z - mx.y);
         }
     }
-    sh[lid] = acc;
-    let sums = tree_sum2(lid);
+    let sums = wg_sum2(lid, acc);
     if (lid == 0u) {
         out[proxy] = mx.x + log(exp(-mx.x) + sums.x);
         out[p.c + proxy] = mx.y + log(exp(-mx.y) + sums.y);
@@ -110,10 +82,9 @@ fn pa_total(@builtin(local_invocation_index) lid: u32) {
     for (var k = lid; k < p.c; k = k + WG) {
         acc = acc + a[k] * p.inv_pos + a[p.c + k] * p.inv_c;
     }
-    sh[lid] = vec2<f32>(acc, 0.0);
-    let total = tree_sum2(lid);
+    let total = wg_sum(lid, acc);
     if (lid == 0u) {
-        out[0] = total.x;
+        out[0] = total;
     }
 }
 

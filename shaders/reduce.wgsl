@@ -30,34 +30,7 @@ const REDUCE_LOGSUMEXP: u32 = 1u;   // shifted by the column maximum
 const SUM_OF_VALUES: u32 = 0u;
 const SUM_OF_SQUARES: u32 = 1u;
 
-var<workgroup> sh: array<f32, 256>;
-
-// Tree sum of sh[0..256] into sh[0]; every thread of the workgroup must call it.
-fn tree_sum(lid: u32) -> f32 {
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        workgroupBarrier();
-        if (lid < s) {
-            sh[lid] = sh[lid] + sh[lid + s];
-        }
-    }
-    workgroupBarrier();
-    let r = sh[0];
-    workgroupBarrier();
-    return r;
-}
-
-fn tree_max(lid: u32) -> f32 {
-    for (var s = WG / 2u; s > 0u; s = s / 2u) {
-        workgroupBarrier();
-        if (lid < s) {
-            sh[lid] = max(sh[lid], sh[lid + s]);
-        }
-    }
-    workgroupBarrier();
-    let r = sh[0];
-    workgroupBarrier();
-    return r;
-}
+#include "workgroup_reduce.wgsl"
 
 @compute @workgroup_size(256)
 fn reduce_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -74,8 +47,7 @@ fn reduce_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         for (var k = lid; k < p.n; k = k + WG) {
             acc = acc + x[base + k * p.inner];
         }
-        sh[lid] = acc;
-        let total = tree_sum(lid);
+        let total = wg_sum(lid, acc);
         if (lid == 0u) {
             out[col] = total * p.scale;
         }
@@ -84,14 +56,12 @@ fn reduce_dim(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         for (var k = lid; k < p.n; k = k + WG) {
             m = max(m, x[base + k * p.inner]);
         }
-        sh[lid] = m;
-        let col_max = tree_max(lid);
+        let col_max = wg_max(lid, m);
         var acc = 0.0;
         for (var k = lid; k < p.n; k = k + WG) {
             acc = acc + exp(x[base + k * p.inner] - col_max);
         }
-        sh[lid] = acc;
-        let total = tree_sum(lid);
+        let total = wg_sum(lid, acc);
         if (lid == 0u) {
             out[col] = col_max + log(total);
         }
@@ -117,8 +87,7 @@ fn sum_partial(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
             acc = acc + select(v, v * v, p.op == SUM_OF_SQUARES);
         }
     }
-    sh[lid] = acc;
-    let total = tree_sum(lid);
+    let total = wg_sum(lid, acc);
     if (lid == 0u) {
         out[w] = total * p.scale;
     }

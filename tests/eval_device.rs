@@ -1,12 +1,10 @@
 //! Device evaluation: neighbours on GPU equal the CPU reference, chunking changes nothing, and
 //! Recall@k / MAP@R on hand-computed cases.
 
-use std::sync::atomic::Ordering;
-
 use robust_dml::dml::eval::{
     map_at_r, max_r, nearest_neighbors, nearest_neighbors_chunked, recall_at_k, Neighbors,
-    FORCE_DEVICE_TOPK,
 };
+use robust_dml::engine::policy::TopkPlacement;
 use robust_dml::engine::testing::{gpu_or_skip, randn};
 use robust_dml::engine::Tensor;
 
@@ -80,23 +78,23 @@ fn gpu_neighbours_match_cpu() {
     let Some(gpu) = gpu_or_skip("gpu_neighbours_match_cpu") else {
         return;
     };
-    // Both selections: the device kernel (forced, as CPU adapters select on the host) and the
-    // host one (the default on CPU adapters and for large k).
-    for force_kernel in [true, false] {
-        FORCE_DEVICE_TOPK.store(force_kernel, Ordering::SeqCst);
+    // Both selections: the device kernel (chosen by policy, as CPU adapters select on the host)
+    // and the host one (the default on CPU adapters and for large k).
+    let default = gpu.policy().expect("a GPU device has a policy");
+    for placement in [TopkPlacement::Device, TopkPlacement::Host] {
+        let gpu = gpu.with_policy(default.with_topk(placement));
         let e = normalised(45, 16, 3);
         let want = nearest_neighbors(&e, &e, 6, true).unwrap();
         let eg = e.to_device(&gpu).unwrap();
         let got = nearest_neighbors(&eg, &eg, 6, true).unwrap();
-        assert_eq!(got.index, want.index);
+        assert_eq!(got.index, want.index, "{placement:?}");
         let chunked = nearest_neighbors_chunked(&eg, &eg, 6, true, 4 * 10 * 16).unwrap();
         assert_eq!(chunked.index, want.index);
         let q = normalised(9, 16, 4);
         let a = nearest_neighbors(&q, &e, 3, false).unwrap();
         let b = nearest_neighbors(&q.to_device(&gpu).unwrap(), &eg, 3, false).unwrap();
-        assert_eq!(a.index, b.index);
+        assert_eq!(a.index, b.index, "{placement:?}");
     }
-    FORCE_DEVICE_TOPK.store(false, Ordering::SeqCst);
     // Large k (MAP@R's R): selected on the host whatever the adapter.
     let e = normalised(90, 8, 5);
     let want = nearest_neighbors(&e, &e, 70, true).unwrap();

@@ -5,11 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use naga::{AddressSpace, Block, Module, ScalarKind, Statement, SwitchValue, TypeInner};
-use robust_dml::dml::{eval::TopkParams, kmeans::KmeansParams, loss::ProxyAnchorParams};
 use robust_dml::engine::gpu::{shader_modules, KernelParams, OpCodes, ParamType, ParamsLayout};
 use robust_dml::engine::ops::{
     attack::PgdParams, batchnorm, channels::ChannelsParams, conv, elementwise,
-    matmul::MatmulParams, normalize::NormalizeParams, optim::AdamwParams, pool::PoolParams, reduce,
+    kmeans::KmeansParams, matmul::MatmulParams, normalize::NormalizeParams, optim::AdamwParams,
+    pool::PoolParams, proxy_anchor::ProxyAnchorParams, reduce, topk::TopkParams,
 };
 
 /// Every parameter block the Rust side sends.
@@ -42,6 +42,7 @@ const OP_CODES: &[OpCodes] = &[
 
 fn parsed_modules() -> BTreeMap<&'static str, Module> {
     shader_modules()
+        .expect("every #include names a file of INCLUDE_FILES")
         .into_iter()
         .map(|(file, src)| {
             let module = naga::front::wgsl::parse_str(&src)

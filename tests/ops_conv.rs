@@ -1,12 +1,14 @@
-//! Convolution family: GPU against CPU (forward and every gradient), central-difference
-//! gradient checks on the CPU reference, a hand-computed case, and shape errors.
+//! Convolution family: GPU against CPU (forward and every gradient) for every kernel variant
+//! (both routes of ungrouped convolutions, the depthwise kernels of both targets), central-
+//! difference gradient checks on the CPU reference, a hand-computed case, and shape errors.
 
-use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
+use robust_dml::engine::ops::conv::{conv2d, Conv2dParams, ConvRoute};
+use robust_dml::engine::policy::KernelTarget;
 use robust_dml::engine::tape::no_grad;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck,
 };
-use robust_dml::engine::Tensor;
+use robust_dml::engine::{Device, Tensor};
 
 /// One test configuration: input shape, output channels, kernel size and hyper-parameters.
 struct Case {
@@ -219,6 +221,192 @@ fn conv_gpu_matches_cpu_tile_edges() {
             2e-4,
             2e-4,
         );
+    }
+}
+
+/// Ungrouped convolutions on each GPU route (implicit GEMM, and im2col + GEMM), chosen by
+/// policy whatever the adapter picks by default.
+#[test]
+fn both_conv_routes_match_cpu() {
+    let Some(gpu) = gpu_or_skip("both_conv_routes_match_cpu") else {
+        return;
+    };
+    let default = gpu.policy().expect("a GPU device has a policy");
+    for route in [ConvRoute::ImplicitGemm, ConvRoute::Im2colGemm] {
+        let gpu = gpu.with_policy(default.with_conv_route(route));
+        for (i, c) in route_cases().iter().enumerate() {
+            let p = Conv2dParams {
+                stride: c.stride,
+                padding: c.padding,
+                dilation: c.dilation,
+                groups: 1,
+            };
+            assert_parity(
+                &format!("{} via {route:?}", c.name),
+                &gpu,
+                |t| conv2d(&t[0], &t[1], t.get(2), p),
+                &route_inputs(c, 300 + i as u64),
+                2e-4,
+                2e-4,
+            );
+        }
+    }
+}
+
+struct RouteCase {
+    name: &'static str,
+    x: [usize; 4],
+    cout: usize,
+    k: (usize, usize),
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    bias: bool,
+}
+
+fn route_cases() -> Vec<RouteCase> {
+    let case = |name, x, cout, k, stride, padding, dilation, bias| RouteCase {
+        name,
+        x,
+        cout,
+        k,
+        stride,
+        padding,
+        dilation,
+        bias,
+    };
+    vec![
+        case(
+            "5x5 pad 2 (c2f2)",
+            [2, 3, 8, 6],
+            5,
+            (5, 5),
+            (1, 1),
+            (2, 2),
+            (1, 1),
+            true,
+        ),
+        case(
+            "3x3 stride 2, odd plane",
+            [2, 3, 7, 5],
+            4,
+            (3, 3),
+            (2, 2),
+            (1, 1),
+            (1, 1),
+            true,
+        ),
+        case(
+            "pointwise, 8 channels",
+            [2, 8, 4, 5],
+            6,
+            (1, 1),
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            false,
+        ),
+        case(
+            "pointwise, odd plane",
+            [3, 4, 3, 3],
+            5,
+            (1, 1),
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            true,
+        ),
+        case(
+            "1x1, 5 channels (padded K)",
+            [2, 5, 4, 3],
+            7,
+            (1, 1),
+            (1, 1),
+            (0, 0),
+            (1, 1),
+            false,
+        ),
+        case(
+            "1x1 stride 2",
+            [2, 4, 6, 5],
+            3,
+            (1, 1),
+            (2, 2),
+            (0, 0),
+            (1, 1),
+            false,
+        ),
+        case(
+            "dilated rectangular",
+            [2, 2, 6, 7],
+            3,
+            (2, 3),
+            (1, 2),
+            (0, 1),
+            (2, 1),
+            true,
+        ),
+        case(
+            "3x3 stride 3",
+            [2, 3, 9, 8],
+            4,
+            (3, 3),
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            false,
+        ),
+        case(
+            "17 in, 9 out, 3x3",
+            [3, 17, 6, 6],
+            9,
+            (3, 3),
+            (1, 1),
+            (1, 1),
+            (1, 1),
+            true,
+        ),
+    ]
+}
+
+fn route_inputs(c: &RouteCase, seed: u64) -> Vec<Tensor> {
+    let mut t = vec![
+        randn(&c.x, seed),
+        randn(&[c.cout, c.x[1], c.k.0, c.k.1], seed + 1),
+    ];
+    if c.bias {
+        t.push(randn(&[c.cout], seed + 2));
+    }
+    t
+}
+
+/// The depthwise weight gradient of both targets: one invocation per tap (CPU adapters, and
+/// small planes everywhere) and one workgroup per channel slice (GPUs, planes over 256 pixels).
+#[test]
+fn depthwise_kernels_of_both_targets_match_cpu() {
+    let Some(gpu) = gpu_or_skip("depthwise_kernels_of_both_targets_match_cpu") else {
+        return;
+    };
+    let default = gpu.policy().expect("a GPU device has a policy");
+    for target in [KernelTarget::CpuAdapter, KernelTarget::Gpu] {
+        let gpu: Device = gpu.with_policy(default.with_target(target));
+        for (shape, stride) in [([2, 3, 18, 17], 1), ([3, 4, 35, 33], 2)] {
+            let c = shape[1];
+            let p = Conv2dParams {
+                stride: (stride, stride),
+                padding: (1, 1),
+                groups: c,
+                ..Default::default()
+            };
+            assert_parity(
+                &format!("depthwise {shape:?} stride {stride} for {target:?}"),
+                &gpu,
+                |t| conv2d(&t[0], &t[1], Some(&t[2]), p),
+                &[randn(&shape, 6), randn(&[c, 1, 3, 3], 7), randn(&[c], 8)],
+                1e-3,
+                1e-3,
+            );
+        }
     }
 }
 

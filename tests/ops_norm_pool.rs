@@ -1,10 +1,11 @@
-//! Batch norm and pooling: GPU against CPU, central-difference gradients, and hand-computed
+//! Batch norm and pooling: GPU against CPU (batch norm for the kernels of both targets), central-difference gradients, and hand-computed
 //! values from PyTorch's semantics (output sizes, divisors, running statistics).
 
 use robust_dml::engine::ops::batchnorm::{batch_norm_eval, batch_norm_train};
 use robust_dml::engine::ops::pool::{
     avg_pool2d, global_avg_pool, global_max_pool, max_pool2d, pool_output_size, Pool2dParams,
 };
+use robust_dml::engine::policy::KernelTarget;
 use robust_dml::engine::tape::backward_with;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, uniform, GradCheck,
@@ -643,5 +644,64 @@ fn batch_norm_partial_gradients() {
                 1e-4,
             );
         }
+    }
+}
+
+/// Batch norm's affine pass for both targets: one invocation per plane (CPU adapters, and small
+/// planes everywhere) and wide workgroups (GPUs, planes over 64 pixels).
+#[test]
+fn batch_norm_kernels_of_both_targets_match_cpu() {
+    let Some(gpu) = gpu_or_skip("batch_norm_kernels_of_both_targets_match_cpu") else {
+        return;
+    };
+    let default = gpu.policy().expect("a GPU device has a policy");
+    for target in [KernelTarget::CpuAdapter, KernelTarget::Gpu] {
+        batch_norm_cases(&gpu.with_policy(default.with_target(target)), target);
+    }
+}
+
+fn batch_norm_cases(gpu: &Device, target: KernelTarget) {
+    // Planes of 65-255 pixels (several per workgroup) and over 256 (one per pass), with
+    // reductions over 2,048 values a channel (one workgroup per channel) and under.
+    for shape in [[30, 3, 9, 10], [3, 2, 17, 19], [2, 3, 9, 10]] {
+        let c = shape[1];
+        let x = randn(&shape, 1);
+        let inputs = [x, uniform(&[c], 0.5, 1.5, 2), randn(&[c], 3)];
+        let running = |d: &Device| -> (Tensor, Tensor) {
+            (
+                randn(&[c], 4).to_device(d).unwrap(),
+                uniform(&[c], 0.5, 2.0, 5).to_device(d).unwrap(),
+            )
+        };
+        let (cpu, dev) = (running(&Device::Cpu), running(gpu));
+        let pick = |t: &[Tensor]| {
+            if t[0].is_gpu() {
+                dev.clone()
+            } else {
+                cpu.clone()
+            }
+        };
+        assert_parity(
+            &format!("batch_norm_train {shape:?} for {target:?}"),
+            gpu,
+            |t| {
+                let (rm, rv) = pick(t);
+                batch_norm_train(&t[0], &t[1], &t[2], &rm, &rv, 0.1, 1e-5)
+            },
+            &inputs,
+            1e-3,
+            1e-3,
+        );
+        assert_parity(
+            &format!("batch_norm_eval {shape:?} for {target:?}"),
+            gpu,
+            |t| {
+                let (rm, rv) = pick(t);
+                batch_norm_eval(&t[0], &t[1], &t[2], &rm, &rv, 1e-5)
+            },
+            &inputs,
+            1e-3,
+            1e-3,
+        );
     }
 }

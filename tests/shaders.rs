@@ -1,7 +1,7 @@
 //! Every shader for every backend, without a GPU.
 //!
 //! Each WGSL module is taken exactly as the device gets it (`engine::gpu::shader_modules`: the
-//! prelude and the file; no overrides or constants exist), validated by naga (the version wgpu
+//! prelude and the file with its `#include`s resolved; no overrides or constants exist), validated by naga (the version wgpu
 //! uses) with no optional capabilities (so no f16, no subgroups), checked against the WebGPU
 //! baseline limits, and translated per entry point to SPIR-V, MSL and HLSL the way wgpu's
 //! Vulkan, Metal and DX12 backends do. The SPIR-V then goes through `spirv-val` (Debian's
@@ -13,7 +13,7 @@ use std::process::Command;
 
 use naga::back::{hlsl, msl, spv};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
-use robust_dml::engine::gpu::{shader_modules, SHADER_FILES};
+use robust_dml::engine::gpu::{shader_modules, INCLUDE_FILES, SHADER_FILES};
 
 /// `wgpu::Limits::default()`, the WebGPU baseline (kept here as numbers so that this test
 /// does not need wgpu's device types).
@@ -263,12 +263,33 @@ fn shader_registry_matches_the_shaders_directory() {
 }
 
 #[test]
+fn include_registry_matches_the_include_directory() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders/include");
+    let mut on_disk: Vec<String> = std::fs::read_dir(&dir)
+        .expect("read shaders/include/")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    on_disk.sort();
+    let mut listed: Vec<String> = INCLUDE_FILES.iter().map(|(f, _)| f.to_string()).collect();
+    listed.sort();
+    assert_eq!(
+        listed, on_disk,
+        "engine::gpu::INCLUDE_FILES must list every file in shaders/include/ (add the new file there)"
+    );
+}
+
+#[test]
 fn every_shader_builds_for_every_backend() {
     let scratch = scratch_dir("all");
     let mut failures = Vec::new();
     let mut missing_spirv_val = false;
     let mut entry_points = 0;
-    for (file, source) in shader_modules() {
+    for (file, source) in shader_modules().expect("every #include names a file of INCLUDE_FILES") {
         match parse_and_validate(file, source) {
             Err(e) => failures.push(e),
             Ok(p) => {

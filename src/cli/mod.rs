@@ -358,10 +358,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Experiment(a) => experiment(a),
     };
     // ROBUST_DML_PROFILE=1: where the device time went, per kernel.
-    if let Ok(Device::Gpu(ctx)) = Device::from_env() {
-        if let Some(report) = ctx.profile_report() {
-            eprintln!("{report}");
-        }
+    if let Some(report) = Device::from_env().ok().and_then(|d| d.profile_report()) {
+        eprintln!("{report}");
     }
     result
 }

@@ -1,29 +1,11 @@
-//! Retrieval evaluation on the device: chunked cosine-similarity GEMMs and a top-k kernel
-//! (`shaders/topk.wgsl`), so test sets far larger than one binding work; Recall@k and MAP@R
+//! Retrieval evaluation on the device: chunked cosine-similarity GEMMs and the engine's row
+//! top-k (`engine::ops::topk`), so test sets far larger than one binding work; Recall@k and MAP@R
 //! from the neighbour lists. The CPU path runs the same algorithm in plain loops.
 
 use crate::engine::error::{shape_err, Result};
-use crate::engine::gpu::{to_u32, Kernel};
 use crate::engine::ops::matmul::gemm_raw;
-use crate::engine::{Device, Tensor};
-use crate::{kernel, kernel_params};
-
-const TOPK: Kernel = kernel!("topk.wgsl", "row_topk", [ReadWrite, ReadWrite, ReadWrite]);
-
-kernel_params! {
-    pub struct TopkParams for ["topk.wgsl"] {
-        rows: u32,
-        cols: u32,
-        k: u32,
-        /// Column excluded from row r: r + self_offset (the query itself), when exclude_self.
-        self_offset: u32,
-        exclude_self: u32,
-    }
-}
-
-/// Makes every GPU top-k use the device kernel, so that tests cover it on CPU adapters too.
-pub static FORCE_DEVICE_TOPK: std::sync::atomic::AtomicBool =
-    std::sync::atomic::AtomicBool::new(false);
+use crate::engine::ops::topk::{row_topk, topk_host};
+use crate::engine::Tensor;
 
 /// Similarity chunks are kept at or below this many bytes (and the adapter's binding limit).
 const CHUNK_BYTES: u64 = 64 << 20;
@@ -44,81 +26,6 @@ impl Neighbors {
     }
 }
 
-/// Top-k of each row of a [rows, cols] host matrix; ties to the lower index.
-fn topk_host(
-    scores: &[f32],
-    rows: usize,
-    cols: usize,
-    k: usize,
-    exclude: impl Fn(usize) -> Option<usize>,
-) -> (Vec<u32>, Vec<f32>) {
-    let mut idx = Vec::with_capacity(rows * k);
-    let mut val = Vec::with_capacity(rows * k);
-    for r in 0..rows {
-        let row = &scores[r * cols..(r + 1) * cols];
-        let mut order: Vec<u32> = (0..cols as u32)
-            .filter(|&c| exclude(r) != Some(c as usize))
-            .collect();
-        let best_first =
-            |a: &u32, b: &u32| row[*b as usize].total_cmp(&row[*a as usize]).then(a.cmp(b));
-        // Partition out the k best (linear time), then order only those.
-        if k < order.len() {
-            order.select_nth_unstable_by(k, best_first);
-            order.truncate(k);
-        }
-        order.sort_by(best_first);
-        for &c in order.iter().take(k) {
-            idx.push(c);
-            val.push(row[c as usize]);
-        }
-    }
-    (idx, val)
-}
-
-/// Largest k the device top-k kernel is used for. It makes one pass over the row per neighbour,
-/// and MAP@R asks for R = class size - 1 neighbours (999 on Fashion-MNIST): past this the chunk
-/// is read back and selected on the host in linear time instead.
-const DEVICE_TOPK_MAX_K: usize = 64;
-
-/// Whether a similarity chunk's top-k is selected by the device kernel: on discrete GPUs for
-/// small k. CPU adapters select on the host (their "read back" is a memory copy, and the
-/// kernel's workgroup barriers cost a thread switch each there).
-fn topk_on_device(ctx: &crate::engine::gpu::GpuContext, k: usize) -> bool {
-    k <= DEVICE_TOPK_MAX_K && ctx.info.device_type != wgpu::DeviceType::Cpu
-}
-
-/// Top-k of a [rows, cols] similarity chunk.
-fn topk_chunk(sim: &Tensor, k: usize, self_offset: Option<usize>) -> Result<(Vec<u32>, Vec<f32>)> {
-    let (rows, cols) = sim.dims2("topk")?;
-    match sim.device() {
-        Device::Cpu => {
-            let v = sim.cpu()?;
-            Ok(topk_host(&v, rows, cols, k, |r| self_offset.map(|o| r + o)))
-        }
-        Device::Gpu(ctx)
-            if !topk_on_device(&ctx, k)
-                && !FORCE_DEVICE_TOPK.load(std::sync::atomic::Ordering::SeqCst) =>
-        {
-            let v = sim.to_vec()?;
-            Ok(topk_host(&v, rows, cols, k, |r| self_offset.map(|o| r + o)))
-        }
-        Device::Gpu(ctx) => {
-            let idx = ctx.alloc(rows * k)?;
-            let val = ctx.alloc(rows * k)?;
-            let params = TopkParams {
-                rows: to_u32(rows)?,
-                cols: to_u32(cols)?,
-                k: to_u32(k)?,
-                self_offset: to_u32(self_offset.unwrap_or(0))?,
-                exclude_self: self_offset.is_some() as u32,
-            };
-            ctx.dispatch(&TOPK, &params, &[sim.gpu()?, &idx, &val], to_u32(rows)?)?;
-            let i = ctx.download(&idx)?.into_iter().map(|x| x as u32).collect();
-            Ok((i, ctx.download(&val)?))
-        }
-    }
-}
-
 /// The `k` most similar gallery rows (cosine: inputs are L2-normalised embeddings) of every
 /// query row. With `exclude_self`, query i and gallery i are the same sample and i is skipped.
 pub fn nearest_neighbors(
@@ -127,10 +34,10 @@ pub fn nearest_neighbors(
     k: usize,
     exclude_self: bool,
 ) -> Result<Neighbors> {
-    let limit = match query.device() {
-        Device::Gpu(ctx) => ctx.max_binding_bytes().min(CHUNK_BYTES),
-        Device::Cpu => CHUNK_BYTES,
-    };
+    let limit = query
+        .device()
+        .max_binding_bytes()
+        .map_or(CHUNK_BYTES, |b| b.min(CHUNK_BYTES));
     nearest_neighbors_chunked(query, gallery, k, exclude_self, limit)
 }
 
@@ -175,10 +82,10 @@ pub fn nearest_neighbors_chunked(
             let kk = k.min(gn);
             let (i, v) = match self_offset {
                 Some(o) if o >= 0 => {
-                    topk_chunk(&sim, kk.min(gn.saturating_sub(1)).max(1), Some(o as usize))?
+                    row_topk(&sim, kk.min(gn.saturating_sub(1)).max(1), Some(o as usize))?
                 }
                 Some(o) => topk_rows_with_negative_offset(&sim, kk, o)?,
-                None => topk_chunk(&sim, kk, None)?,
+                None => row_topk(&sim, kk, None)?,
             };
             let kk = i.len() / qn;
             for r in 0..qn {

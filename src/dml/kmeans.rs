@@ -1,6 +1,7 @@
 //! k-means for the clustering metrics (docs/DESIGN.md, Metrics): k-means++ seeding, restarts, Lloyd
 //! iterations, an empty cluster takes the farthest point. One Lloyd loop drives two backends:
-//! the CPU reference (plain loops) and the GPU (`shaders/kmeans.wgsl` plus the engine's GEMM).
+//! the CPU reference (plain loops) and the GPU (`engine::ops::kmeans`: `shaders/kmeans.wgsl` plus
+//! the engine's GEMM).
 //!
 //! What stays on the host on both devices, so that a seed gives the same run on either: the
 //! k-means++ seeding (its random draws and distance updates), the convergence test and the
@@ -8,14 +9,10 @@
 //! anyway). The GPU does the O(n k dim) distances and the O(n dim) centroid means; the data is
 //! uploaded once per call.
 
-use std::sync::Arc;
-
 use crate::dml::metrics::threads_for;
 use crate::engine::error::{invalid, EngineError, Result};
-use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
-use crate::engine::ops::matmul::gemm_raw;
+use crate::engine::ops::kmeans::{Assignment, KmeansPoints};
 use crate::engine::{Device, Rng, Tensor};
-use crate::{kernel, kernel_params};
 
 /// k-means settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,8 +66,8 @@ pub fn kmeans_on(
             let init = kmeans_pp(data, dim, k, rng);
             lloyd(&mut CpuLloyd::new(data, dim, init), k, cfg.iterations)
         }),
-        Device::Gpu(ctx) => {
-            let points = GpuPoints::upload(ctx, data, dim, k)?;
+        Device::Gpu(_) => {
+            let points = KmeansPoints::upload(device, data, dim, k)?;
             best_of_restarts(cfg, |rng| {
                 let init = kmeans_pp(data, dim, k, rng);
                 lloyd(&mut GpuLloyd::new(&points, &init)?, k, cfg.iterations)
@@ -102,8 +99,8 @@ pub fn lloyd_on(
     }
     match device {
         Device::Cpu => lloyd(&mut CpuLloyd::new(data, dim, init.to_vec()), k, iterations),
-        Device::Gpu(ctx) => {
-            let points = GpuPoints::upload(ctx, data, dim, k)?;
+        Device::Gpu(_) => {
+            let points = KmeansPoints::upload(device, data, dim, k)?;
             lloyd(&mut GpuLloyd::new(&points, init)?, k, iterations)
         }
     }
@@ -382,184 +379,67 @@ fn assign(data: &[f32], dim: usize, centroids: &[f32]) -> (Vec<usize>, Vec<f32>)
 
 // ------------------------------------------------------------------------------------ GPU
 
-/// Bindings of kmeans.wgsl, in order: data, centroids, norms, gram, assign, d2, members.
-const SQNORMS: Kernel = kernel!("kmeans.wgsl", "sqnorms", [Read, ReadWrite, ReadWrite]);
-const ASSIGN: Kernel = kernel!(
-    "kmeans.wgsl",
-    "assign_nearest",
-    [Read, ReadWrite, ReadWrite, Read, ReadWrite, ReadWrite]
-);
-const MEANS: Kernel = kernel!(
-    "kmeans.wgsl",
-    "centroid_means",
-    [Read, ReadWrite, ReadWrite, Read, ReadWrite, ReadWrite, Read]
-);
-kernel_params! {
-    pub struct KmeansParams for ["kmeans.wgsl"] {
-        /// Rows of the data.
-        n: u32,
-        /// Centres.
-        k: u32,
-        dim: u32,
-        /// Items of this dispatch.
-        count: u32,
-    }
-}
-
-/// Invocations per workgroup of every kmeans.wgsl entry.
-const WORKGROUP: usize = 64;
-/// Row and cluster indices travel as f32, exact below 2^24.
-const MAX_EXACT_INDEX: usize = 1 << 24;
-
-/// The data on the device, uploaded once per call, with its squared row norms.
-struct GpuPoints {
-    ctx: Arc<GpuContext>,
-    n: usize,
-    k: usize,
-    dim: usize,
-    /// `[n, D]`.
-    data: Tensor,
-    /// `n + k` values: the rows' squared norms, then the current centres'.
-    norms: GpuBuffer,
-}
-
-impl GpuPoints {
-    fn upload(ctx: &Arc<GpuContext>, data: &[f32], dim: usize, k: usize) -> Result<Self> {
-        let n = data.len() / dim;
-        if n + k >= MAX_EXACT_INDEX {
-            return invalid(
-                "kmeans",
-                format!("{n} rows and {k} clusters: the GPU path indexes below 2^24"),
-            );
-        }
-        ctx.check_binding("k-means data [n, dim]", n * dim)?;
-        ctx.check_binding("k-means centre products [n, k]", n * k)?;
-        ctx.check_binding("k-means member lists", n + 2 * k + 1)?;
-        let tensor = Tensor::from_vec(data.to_vec(), &[n, dim], &Device::Gpu(ctx.clone()))?;
-        Ok(GpuPoints {
-            ctx: ctx.clone(),
-            n,
-            k,
-            dim,
-            data: tensor,
-            norms: ctx.alloc(n + k)?,
-        })
-    }
-
-    fn params(&self, count: usize) -> Result<KmeansParams> {
-        Ok(KmeansParams {
-            n: to_u32(self.n)?,
-            k: to_u32(self.k)?,
-            dim: to_u32(self.dim)?,
-            count: to_u32(count)?,
-        })
-    }
-
-    /// Squared norms of the rows of [data; centroids] into `norms`. The rows' norms are
-    /// recomputed with the centres' (n dim work, small beside the n k dim products) so that
-    /// no dispatch ever needs a placeholder for the centres.
-    fn sqnorms(&self, centroids: &GpuBuffer) -> Result<()> {
-        let rows = self.n + self.k;
-        self.ctx.dispatch(
-            &SQNORMS,
-            &self.params(rows)?,
-            &[self.data.gpu()?, centroids, &self.norms],
-            groups_for(rows, WORKGROUP)?,
-        )
-    }
-}
-
-/// One Lloyd run on the device; the centres never leave it until [`LloydBackend::finish`].
+/// One Lloyd run on the device (the kernels are `engine::ops::kmeans`); the centres never
+/// leave it until [`LloydBackend::finish`].
 struct GpuLloyd<'a> {
-    points: &'a GpuPoints,
+    points: &'a KmeansPoints,
     /// `[k, D]`.
     centroids: Tensor,
-    assign: GpuBuffer,
-    d2: GpuBuffer,
+    /// The latest assignment, on the device.
+    last: Option<Assignment>,
 }
 
 impl<'a> GpuLloyd<'a> {
-    fn new(points: &'a GpuPoints, init: &[f32]) -> Result<Self> {
-        let ctx = &points.ctx;
+    fn new(points: &'a KmeansPoints, init: &[f32]) -> Result<Self> {
         Ok(GpuLloyd {
             points,
-            centroids: Tensor::from_gpu(ctx.upload(init)?, &[points.k, points.dim])?,
-            assign: ctx.alloc(points.n)?,
-            d2: ctx.alloc(points.n)?,
+            centroids: points.centres(init)?,
+            last: None,
         })
+    }
+
+    fn last(&self) -> Result<&Assignment> {
+        self.last
+            .as_ref()
+            .ok_or_else(|| EngineError::Gpu("k-means: no assignment made yet".into()))
     }
 }
 
 impl LloydBackend for GpuLloyd<'_> {
     fn assign(&mut self) -> Result<Vec<usize>> {
-        let p = self.points;
-        let centroids = self.centroids.gpu()?;
-        p.sqnorms(centroids)?;
-        // x.c for every (row, centre); the kernel turns it into ||x||² + ||c||² - 2 x.c, and
-        // settles near-ties with exact distances.
-        let gram = gemm_raw(&p.data, &self.centroids, false, true)?;
-        p.ctx.dispatch(
-            &ASSIGN,
-            &p.params(p.n)?,
-            &[
-                p.data.gpu()?,
-                centroids,
-                &p.norms,
-                gram.gpu()?,
-                &self.assign,
-                &self.d2,
-            ],
-            groups_for(p.n, WORKGROUP)?,
-        )?;
-        let assign = p.ctx.download(&self.assign)?;
+        let k = self.points.k();
+        let assignment = self.points.assign_nearest(&self.centroids)?;
+        let assign = assignment.assign.to_vec()?;
+        self.last = Some(assignment);
         // The host indexes with these: a broken kernel must give an error, not a panic.
         assign
             .into_iter()
             .map(|c| match c as usize {
-                c if c < p.k => Ok(c),
+                c if c < k => Ok(c),
                 _ => Err(EngineError::Gpu(format!(
-                    "k-means assignment kernel returned centre {c} of {}",
-                    p.k
+                    "k-means assignment kernel returned centre {c} of {k}"
                 ))),
             })
             .collect()
     }
 
     fn distances(&mut self) -> Result<Vec<f32>> {
-        self.points.ctx.download(&self.d2)
+        self.last()?.d2.to_vec()
     }
 
     fn update(&mut self, members: &Members) -> Result<()> {
-        let p = self.points;
         let csr: Vec<f32> = members
             .offsets
             .iter()
             .chain(&members.rows)
             .map(|&i| i as f32)
             .collect();
-        let csr = p.ctx.upload(&csr)?;
-        let next = p.ctx.alloc(p.k * p.dim)?;
-        // The gram slot is unused by this entry: the member list fills it (both read-only).
-        p.ctx.dispatch(
-            &MEANS,
-            &p.params(p.k * p.dim)?,
-            &[
-                p.data.gpu()?,
-                &next,
-                &p.norms,
-                &csr,
-                &self.assign,
-                &self.d2,
-                &csr,
-            ],
-            groups_for(p.k * p.dim, WORKGROUP)?,
-        )?;
-        self.centroids = Tensor::from_gpu(next, &[p.k, p.dim])?;
+        self.centroids = self.points.centroid_means(&csr, self.last()?)?;
         Ok(())
     }
 
     fn finish(&mut self) -> Result<(Vec<f32>, f64)> {
-        let d2 = self.points.ctx.download(&self.d2)?;
+        let d2 = self.last()?.d2.to_vec()?;
         Ok((self.centroids.to_vec()?, inertia(&d2)))
     }
 }

@@ -7,46 +7,14 @@
 //!
 //! s is the cosine of the L2-normalised embedding and proxy. The cosine matrix comes from the
 //! engine's normalisation and GEMM (so their backward passes carry the gradient on to the
-//! embeddings and proxies); the per-proxy terms and d loss / d cos have their own kernels
-//! (`shaders/proxy_anchor.wgsl`).
+//! embeddings and proxies); the loss from the cosines is the engine op
+//! `engine::ops::proxy_anchor` (`shaders/proxy_anchor.wgsl`).
 
 use crate::engine::error::{invalid, shape_err, Result};
-use crate::engine::gpu::{groups_for, to_u32, Kernel};
 use crate::engine::ops::normalize::cosine_similarity;
-use crate::engine::tape::Backward;
+use crate::engine::ops::proxy_anchor::{proxy_anchor_from_cosines, ProxyAnchorTerms};
 use crate::engine::tensor::{same_device, Tensor};
 use crate::engine::{Device, Rng};
-use crate::{kernel, kernel_params};
-use rayon::prelude::*;
-
-kernel_params! {
-    pub struct ProxyAnchorParams for ["proxy_anchor.wgsl"] {
-        b: u32,
-        c: u32,
-        alpha: f32,
-        delta: f32,
-        /// 1 / |P+| (proxies with a positive in the batch).
-        inv_pos: f32,
-        /// 1 / C (all proxies).
-        inv_c: f32,
-    }
-}
-
-const FORWARD: Kernel = kernel!(
-    "proxy_anchor.wgsl",
-    "pa_forward",
-    [Read, Read, Read, Read, ReadWrite]
-);
-const TOTAL: Kernel = kernel!(
-    "proxy_anchor.wgsl",
-    "pa_total",
-    [Read, Read, Read, Read, ReadWrite]
-);
-const BACKWARD: Kernel = kernel!(
-    "proxy_anchor.wgsl",
-    "pa_backward",
-    [Read, Read, Read, Read, ReadWrite]
-);
 
 /// The loss's hyper-parameters (the official defaults: alpha 32, margin delta 0.1).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -76,166 +44,6 @@ pub fn init_proxies(classes: usize, dim: usize, rng: &mut Rng, device: &Device) 
     }
     let std = (2.0 / classes as f32).sqrt();
     Ok(Tensor::randn(&[classes, dim], std, rng, device)?.var())
-}
-
-/// What the backward needs besides the cosine matrix.
-struct Terms {
-    alpha: f32,
-    delta: f32,
-    /// 1 / |P+|.
-    inv_pos: f32,
-    /// 1 / C.
-    inv_c: f32,
-}
-
-/// Stable log(1 + sum e^z): a log-sum-exp over {0, z...}.
-fn log1p_sum_exp(z: &[f32]) -> f32 {
-    let m = z.iter().fold(0.0f32, |m, &v| m.max(v));
-    m + ((-m).exp() + z.iter().map(|&v| (v - m).exp()).sum::<f32>()).ln()
-}
-
-/// The exponent of one cosine: -alpha (s - delta) for a positive pair, alpha (s + delta) else.
-fn exponent(s: f32, positive: bool, t: &Terms) -> f32 {
-    if positive {
-        -t.alpha * (s - t.delta)
-    } else {
-        t.alpha * (s + t.delta)
-    }
-}
-
-/// The per-proxy log-sum-exps [2C] (positive terms, then negative terms) and the loss [1].
-fn forward_raw(
-    cos: &Tensor,
-    labels: &Tensor,
-    label_idx: &[usize],
-    t: &Terms,
-) -> Result<(Tensor, Tensor)> {
-    let (b, c) = cos.dims2("proxy_anchor_loss")?;
-    match cos.device() {
-        Device::Cpu => {
-            let cv = cos.cpu()?;
-            // One proxy per task, its rows in order.
-            let per_proxy: Vec<(f32, f32)> = (0..c)
-                .into_par_iter()
-                .map(|p| {
-                    let (mut pos, mut neg) = (Vec::new(), Vec::new());
-                    for x in 0..b {
-                        let positive = label_idx[x] == p;
-                        let z = exponent(cv[x * c + p], positive, t);
-                        if positive {
-                            pos.push(z)
-                        } else {
-                            neg.push(z)
-                        }
-                    }
-                    (log1p_sum_exp(&pos), log1p_sum_exp(&neg))
-                })
-                .collect();
-            let lse: Vec<f32> = per_proxy
-                .iter()
-                .map(|l| l.0)
-                .chain(per_proxy.iter().map(|l| l.1))
-                .collect();
-            // Proxies without positives contribute log(1) = 0 to the positive sum.
-            let loss =
-                lse[..c].iter().sum::<f32>() * t.inv_pos + lse[c..].iter().sum::<f32>() * t.inv_c;
-            Ok((
-                Tensor::from_cpu(lse, &[2 * c])?,
-                Tensor::from_cpu(vec![loss], &[1])?,
-            ))
-        }
-        Device::Gpu(ctx) => {
-            let params = ProxyAnchorParams {
-                b: to_u32(b)?,
-                c: to_u32(c)?,
-                alpha: t.alpha,
-                delta: t.delta,
-                inv_pos: t.inv_pos,
-                inv_c: t.inv_c,
-            };
-            let (cb, lb) = (cos.gpu()?, labels.gpu()?);
-            let lse = ctx.alloc(2 * c)?;
-            ctx.dispatch(&FORWARD, &params, &[cb, lb, cb, cb, &lse], to_u32(c)?)?;
-            let loss = ctx.alloc(1)?;
-            ctx.dispatch(&TOTAL, &params, &[&lse, lb, &lse, &lse, &loss], 1)?;
-            Ok((
-                Tensor::from_gpu(lse, &[2 * c])?,
-                Tensor::from_gpu(loss, &[1])?,
-            ))
-        }
-    }
-}
-
-/// d loss / d cos [B, C] for the loss gradient `g` [1].
-fn backward_raw(
-    cos: &Tensor,
-    labels: &Tensor,
-    label_idx: &[usize],
-    lse: &Tensor,
-    g: &Tensor,
-    t: &Terms,
-) -> Result<Tensor> {
-    let (b, c) = cos.dims2("proxy_anchor_loss backward")?;
-    match same_device("proxy_anchor_loss backward", &[cos, lse, g])? {
-        Device::Cpu => {
-            let (cv, lv, gv) = (cos.cpu()?, lse.cpu()?, g.cpu()?);
-            let mut out = vec![0.0f32; b * c];
-            // One row per task.
-            out.par_chunks_mut(c.max(1))
-                .enumerate()
-                .for_each(|(x, row)| {
-                    for (p, o) in row.iter_mut().enumerate() {
-                        let positive = label_idx[x] == p;
-                        let z = exponent(cv[x * c + p], positive, t);
-                        // The softmax weight of z within its log-sum-exp, times dz/ds and 1/|P+| or 1/C.
-                        *o = gv[0]
-                            * if positive {
-                                -t.alpha * t.inv_pos * (z - lv[p]).exp()
-                            } else {
-                                t.alpha * t.inv_c * (z - lv[c + p]).exp()
-                            };
-                    }
-                });
-            Tensor::from_cpu(out, &[b, c])
-        }
-        Device::Gpu(ctx) => {
-            let params = ProxyAnchorParams {
-                b: to_u32(b)?,
-                c: to_u32(c)?,
-                alpha: t.alpha,
-                delta: t.delta,
-                inv_pos: t.inv_pos,
-                inv_c: t.inv_c,
-            };
-            let out = ctx.alloc(b * c)?;
-            let bufs = [cos.gpu()?, labels.gpu()?, lse.gpu()?, g.gpu()?, &out];
-            ctx.dispatch(&BACKWARD, &params, &bufs, groups_for(b * c, 256)?)?;
-            Tensor::from_gpu(out, &[b, c])
-        }
-    }
-}
-
-struct ProxyAnchorBack {
-    labels: Tensor,
-    label_idx: Vec<usize>,
-    lse: Tensor,
-    terms: Terms,
-}
-impl Backward for ProxyAnchorBack {
-    fn name(&self) -> &'static str {
-        "proxy_anchor_loss"
-    }
-    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let d = backward_raw(
-            &i[0],
-            &self.labels,
-            &self.label_idx,
-            &self.lse,
-            g,
-            &self.terms,
-        )?;
-        Ok(vec![Some(d)])
-    }
 }
 
 /// The Proxy Anchor loss of `embeddings` [B, D] (not necessarily normalised) against
@@ -271,28 +79,18 @@ pub fn proxy_anchor_loss(
     if !alpha.is_finite() || !delta.is_finite() {
         return invalid("proxy_anchor_loss", format!("alpha {alpha}, delta {delta}"));
     }
-    let device = same_device("proxy_anchor_loss", &[embeddings, proxies])?;
+    same_device("proxy_anchor_loss", &[embeddings, proxies])?;
     let mut has_positive = vec![false; c];
     for &l in labels {
         has_positive[l] = true;
     }
     let num_pos = has_positive.iter().filter(|&&h| h).count();
-    let terms = Terms {
+    let terms = ProxyAnchorTerms {
         alpha,
         delta,
         inv_pos: 1.0 / num_pos as f32,
         inv_c: 1.0 / c as f32,
     };
     let cos = cosine_similarity(embeddings, proxies)?;
-    // Class indices travel as f32, exact below 2^24 classes.
-    let label_values: Vec<f32> = labels.iter().map(|&l| l as f32).collect();
-    let label_tensor = Tensor::from_vec(label_values, &[b], &device)?;
-    let (lse, loss) = forward_raw(&cos, &label_tensor, labels, &terms)?;
-    let back = ProxyAnchorBack {
-        labels: label_tensor,
-        label_idx: labels.to_vec(),
-        lse,
-        terms,
-    };
-    Ok(loss.record(back, &[&cos]))
+    proxy_anchor_from_cosines(&cos, labels, terms)
 }

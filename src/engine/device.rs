@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::error::Result;
 use super::gpu::{DeviceRequest, GpuContext};
+use super::policy::KernelPolicy;
 
 #[derive(Clone, Debug)]
 pub enum Device {
@@ -42,6 +43,40 @@ impl Device {
                     Ok(Device::Cpu)
                 }
             },
+        }
+    }
+
+    /// This device with its GPU ops running the kernel variants of `policy` (a second context
+    /// on the same GPU, [`GpuContext::with_policy`]); the CPU has no variants.
+    pub fn with_policy(&self, policy: KernelPolicy) -> Device {
+        match self {
+            Device::Cpu => Device::Cpu,
+            Device::Gpu(ctx) => Device::Gpu(ctx.with_policy(policy)),
+        }
+    }
+
+    /// The kernel variants this device's ops run; `None` on the CPU.
+    pub fn policy(&self) -> Option<KernelPolicy> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(ctx) => Some(*ctx.policy()),
+        }
+    }
+
+    /// The most bytes one kernel binding holds; `None` on the CPU (no limit).
+    pub fn max_binding_bytes(&self) -> Option<u64> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(ctx) => Some(ctx.max_binding_bytes()),
+        }
+    }
+
+    /// The per-kernel profile gathered under `ROBUST_DML_PROFILE=1` ([`GpuContext::profile_report`]);
+    /// `None` on the CPU or when not profiling.
+    pub fn profile_report(&self) -> Option<String> {
+        match self {
+            Device::Cpu => None,
+            Device::Gpu(ctx) => ctx.profile_report(),
         }
     }
 

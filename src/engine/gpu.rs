@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::error::{EngineError, Result};
+use super::policy::KernelPolicy;
 
 /// Functions every shader may use; prepended to each WGSL file.
 const PRELUDE: &str = include_str!("../../shaders/prelude.wgsl");
@@ -23,7 +24,7 @@ macro_rules! shader_file {
     };
 }
 
-/// Every kernel file in `shaders/` (all but the prelude) with its text, so that tests can build
+/// Every kernel file in `shaders/` (all but the prelude and `include/`) with its text, so that tests can build
 /// each module exactly as the device gets it ([`shader_modules`]). `tests/shaders.rs` checks that
 /// this list matches the directory.
 pub const SHADER_FILES: &[(&str, &str)] = &[
@@ -45,18 +46,69 @@ pub const SHADER_FILES: &[(&str, &str)] = &[
     shader_file!("topk"),
 ];
 
-/// The WGSL text handed to the device for a kernel file: the prelude, then the file. No
-/// overrides, constants or other substitutions are applied anywhere (pipelines are created with
-/// default compilation options), so this is the whole of what each backend compiles.
-pub fn assembled_source(file_text: &str) -> String {
-    format!("{PRELUDE}\n{file_text}")
+/// A file in `shaders/include/` with its text.
+macro_rules! include_file {
+    ($stem:literal) => {
+        (
+            concat!($stem, ".wgsl"),
+            include_str!(concat!("../../shaders/include/", $stem, ".wgsl")),
+        )
+    };
+}
+
+/// The pieces kernel files share, pulled in with a line `#include "name.wgsl"` so that each is
+/// written once: a parameter block used by several kernel files, the workgroup reductions.
+pub const INCLUDE_FILES: &[(&str, &str)] = &[
+    include_file!("conv_layout"),
+    include_file!("matmul_params"),
+    include_file!("workgroup_reduce"),
+];
+
+/// The WGSL text handed to the device for a kernel file: the prelude, then the file with each
+/// `#include "name.wgsl"` line replaced by that file of [`INCLUDE_FILES`] (an include already
+/// pulled in becomes empty, so two includes of one file declare nothing twice). No overrides,
+/// constants or other substitutions are applied anywhere (pipelines are created with default
+/// compilation options), so this is the whole of what each backend compiles. `file` names the
+/// kernel file in the error for an include that does not exist.
+pub fn assembled_source(file: &str, file_text: &str) -> Result<String> {
+    let mut out = format!("{PRELUDE}\n");
+    let mut included = Vec::new();
+    append_resolved(file, file_text, &mut included, &mut out)?;
+    Ok(out)
+}
+
+fn append_resolved(
+    file: &str,
+    text: &str,
+    included: &mut Vec<&'static str>,
+    out: &mut String,
+) -> Result<()> {
+    for line in text.lines() {
+        let Some(directive) = line.trim().strip_prefix("#include") else {
+            out.push_str(line);
+            out.push('\n');
+            continue;
+        };
+        let name = directive.trim().trim_matches('"');
+        let Some(&(name, body)) = INCLUDE_FILES.iter().find(|(n, _)| *n == name) else {
+            return Err(EngineError::Gpu(format!(
+                "{file}: `{}` names no file of engine::gpu::INCLUDE_FILES (add it to shaders/include/ and that list)",
+                line.trim()
+            )));
+        };
+        if !included.contains(&name) {
+            included.push(name);
+            append_resolved(name, body, included, out)?;
+        }
+    }
+    Ok(())
 }
 
 /// Every shader module as it goes to the device: (file name, assembled WGSL).
-pub fn shader_modules() -> Vec<(&'static str, String)> {
+pub fn shader_modules() -> Result<Vec<(&'static str, String)>> {
     SHADER_FILES
         .iter()
-        .map(|(file, text)| (*file, assembled_source(text)))
+        .map(|(file, text)| Ok((*file, assembled_source(file, text)?)))
         .collect()
 }
 
@@ -183,6 +235,11 @@ struct Pipeline {
     layout: wgpu::BindGroupLayout,
 }
 
+/// Shader modules by kernel file.
+type ModuleCache = HashMap<&'static str, Arc<wgpu::ShaderModule>>;
+/// Pipelines by (kernel file, entry point).
+type PipelineCache = HashMap<(&'static str, &'static str), Arc<Pipeline>>;
+
 /// Buffers are recycled by size bucket so that a steady-state training step allocates nothing.
 #[derive(Default)]
 struct BufferPool {
@@ -229,8 +286,10 @@ pub struct GpuContext {
     pub features: wgpu::Features,
     /// Whether the device was opened at the WebGPU baseline limits ([`WEBGPU_LIMITS_ENV`]).
     pub webgpu_baseline: bool,
-    modules: Mutex<HashMap<&'static str, Arc<wgpu::ShaderModule>>>,
-    pipelines: Mutex<HashMap<(&'static str, &'static str), Arc<Pipeline>>>,
+    policy: KernelPolicy,
+    /// Shared with the contexts made from this one by [`GpuContext::with_policy`].
+    modules: Arc<Mutex<ModuleCache>>,
+    pipelines: Arc<Mutex<PipelineCache>>,
     pool: Mutex<BufferPool>,
     rec: Mutex<Recorder>,
     /// Dispatches recorded since the context was made (for profiling and benchmarks).
@@ -384,15 +443,6 @@ fn requested_limits(adapter: &wgpu::Limits, webgpu_baseline: bool) -> wgpu::Limi
     }
 }
 
-static AS_DISCRETE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes the kernel choices that depend on [`GpuContext::is_cpu_adapter`] act as on a discrete
-/// GPU, so that tests on a CPU adapter also cover the kernels real GPUs run (a test binary that
-/// calls this should run its cases sequentially).
-pub fn force_discrete_kernel_choice(on: bool) {
-    AS_DISCRETE.store(on, std::sync::atomic::Ordering::SeqCst);
-}
-
 impl GpuContext {
     /// The process-wide GPU context (created once; tests and the program share it).
     pub fn shared() -> Result<Arc<GpuContext>> {
@@ -504,12 +554,13 @@ impl GpuContext {
         Ok(GpuContext {
             device,
             queue,
+            policy: KernelPolicy::for_adapter(&info),
             info,
             limits,
             features,
             webgpu_baseline,
-            modules: Mutex::default(),
-            pipelines: Mutex::default(),
+            modules: Default::default(),
+            pipelines: Default::default(),
             pool: Mutex::default(),
             rec: Mutex::default(),
             dispatch_count: Default::default(),
@@ -542,11 +593,31 @@ impl GpuContext {
             .min(self.limits.max_buffer_size)
     }
 
-    /// Whether the adapter is a CPU (llvmpipe, WARP, SwiftShader): lanes there are SIMD lanes of
-    /// a few cores, so kernels prefer long per-invocation loops to wide workgroups.
-    pub fn is_cpu_adapter(&self) -> bool {
-        self.info.device_type == wgpu::DeviceType::Cpu
-            && !AS_DISCRETE.load(std::sync::atomic::Ordering::SeqCst)
+    /// The kernel variants this context's ops run.
+    pub fn policy(&self) -> &KernelPolicy {
+        &self.policy
+    }
+
+    /// A context on the same device and queue whose ops run the kernel variants of `policy`.
+    /// It shares the compiled pipelines but has its own buffers and command recorder, so its
+    /// tensors are a device of their own (an op on tensors of both contexts is refused).
+    pub fn with_policy(&self, policy: KernelPolicy) -> Arc<GpuContext> {
+        Arc::new(GpuContext {
+            device: self.device.clone(),
+            queue: self.queue.clone(),
+            info: self.info.clone(),
+            limits: self.limits.clone(),
+            features: self.features,
+            webgpu_baseline: self.webgpu_baseline,
+            policy,
+            modules: self.modules.clone(),
+            pipelines: self.pipelines.clone(),
+            pool: Mutex::default(),
+            rec: Mutex::default(),
+            dispatch_count: Default::default(),
+            split_count: Default::default(),
+            profile: self.profile.as_ref().map(|_| Mutex::default()),
+        })
     }
 
     /// Values that fit one storage binding.
@@ -819,28 +890,28 @@ impl GpuContext {
             .map_err(|e| EngineError::Gpu(format!("waiting for the device: {e}")))
     }
 
-    fn module(&self, k: &Kernel) -> Arc<wgpu::ShaderModule> {
+    fn module(&self, k: &Kernel) -> Result<Arc<wgpu::ShaderModule>> {
         let mut modules = self.modules.lock().unwrap();
-        modules
-            .entry(k.file)
-            .or_insert_with(|| {
-                let src = assembled_source(k.source);
-                Arc::new(
-                    self.device
-                        .create_shader_module(wgpu::ShaderModuleDescriptor {
-                            label: Some(k.file),
-                            source: wgpu::ShaderSource::Wgsl(src.into()),
-                        }),
-                )
-            })
-            .clone()
+        if let Some(m) = modules.get(k.file) {
+            return Ok(m.clone());
+        }
+        let src = assembled_source(k.file, k.source)?;
+        let module = Arc::new(
+            self.device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(k.file),
+                    source: wgpu::ShaderSource::Wgsl(src.into()),
+                }),
+        );
+        modules.insert(k.file, module.clone());
+        Ok(module)
     }
 
-    fn pipeline(&self, k: &Kernel) -> Arc<Pipeline> {
+    fn pipeline(&self, k: &Kernel) -> Result<Arc<Pipeline>> {
         if let Some(p) = self.pipelines.lock().unwrap().get(&(k.file, k.entry)) {
-            return p.clone();
+            return Ok(p.clone());
         }
-        let module = self.module(k);
+        let module = self.module(k)?;
         let mut entries = vec![wgpu::BindGroupLayoutEntry {
             binding: 0,
             visibility: wgpu::ShaderStages::COMPUTE,
@@ -893,7 +964,7 @@ impl GpuContext {
             .lock()
             .unwrap()
             .insert((k.file, k.entry), p.clone());
-        p
+        Ok(p)
     }
 
     fn uniform(&self, rec: &mut Recorder, params: &[u8]) -> wgpu::Buffer {
@@ -955,7 +1026,7 @@ impl GpuContext {
                 });
             }
         }
-        let pipe = self.pipeline(k);
+        let pipe = self.pipeline(k)?;
         let started = match &self.profile {
             Some(_) => {
                 self.sync()?;
@@ -1151,6 +1222,16 @@ mod tests {
                 "{b} -> {s} wastes too much"
             );
         }
+    }
+    #[test]
+    fn includes_resolve_once_and_unknown_ones_are_errors() {
+        let text =
+            "#include \"matmul_params.wgsl\"\n  #include \"matmul_params.wgsl\"\nfn f() {}\n";
+        let src = assembled_source("t.wgsl", text).unwrap();
+        assert_eq!(src.matches("struct Params").count(), 1, "{src}");
+        assert!(!src.contains("#include") && src.contains("fn f() {}"));
+        let err = assembled_source("t.wgsl", "#include \"nope.wgsl\"\n").unwrap_err();
+        assert!(err.to_string().contains("t.wgsl") && err.to_string().contains("nope.wgsl"));
     }
     #[test]
     fn grid_folding() {

@@ -6,6 +6,7 @@ pub mod error;
 pub mod gpu;
 pub mod ops;
 pub mod optim;
+pub mod policy;
 pub mod reference;
 pub mod rng;
 pub(crate) mod split;
@@ -15,6 +16,7 @@ pub mod testing;
 
 pub use device::Device;
 pub use error::{EngineError, Result};
+pub use policy::KernelPolicy;
 pub use rng::Rng;
 pub use tape::{no_grad, Gradients};
 pub use tensor::Tensor;

@@ -73,7 +73,7 @@ const AFFINE_ITEMS: usize = 16;
 
 /// Channels of at most this many values are reduced by one invocation each (the `_serial`
 /// kernels), planes of at most this many pixels get one invocation each in the affine pass
-/// (every plane on CPU adapters, where that measured 30x faster at 32x32 planes): below these
+/// (every plane on CPU adapters; benches/RESULTS.md, "Figures that were code comments"): below these
 /// sizes a 256-lane workgroup per channel is mostly idle lanes and barriers.
 const SERIAL_CHANNEL_VALUES: usize = 2048;
 const PLANE_PER_INVOCATION: usize = 64;
@@ -200,7 +200,7 @@ impl Layout {
 
     /// Dispatches the affine pass over this layout.
     fn affine(&self, ctx: &GpuContext, params: &BatchNormParams, b: &[&GpuBuffer]) -> Result<()> {
-        if self.hw <= PLANE_PER_INVOCATION || ctx.is_cpu_adapter() {
+        if self.hw <= PLANE_PER_INVOCATION || ctx.policy().tuned_for_cpu_adapter() {
             ctx.dispatch(&AFFINE_PLANES, params, b, groups_for(self.n * self.c, 64)?)
         } else {
             ctx.dispatch3(&AFFINE, params, b, self.affine_grid()?)

@@ -46,45 +46,24 @@ impl Default for Conv2dParams {
 
 const OP: &str = "conv2d";
 
-// All conv2d.wgsl entries share one layout: a, b, c read; out read-write.
-const FORWARD: Kernel = kernel!(
-    "conv2d.wgsl",
-    "conv_forward_rb",
-    [Read, Read, Read, ReadWrite]
-);
-const INPUT_GRAD: Kernel = kernel!(
-    "conv2d.wgsl",
-    "conv_input_grad_rb",
-    [Read, Read, Read, ReadWrite]
-);
-const WEIGHT_GRAD: Kernel = kernel!(
-    "conv2d.wgsl",
-    "conv_weight_grad_rb",
-    [Read, Read, Read, ReadWrite]
-);
-const SUM_SPLITS: Kernel = kernel!("conv2d.wgsl", "sum_splits", [Read, Read, Read, ReadWrite]);
-const BIAS_GRAD: Kernel = kernel!("conv2d.wgsl", "bias_grad", [Read, Read, Read, ReadWrite]);
+/// A kernel of conv2d.wgsl or depthwise.wgsl: every entry of both files binds the layout of
+/// `shaders/include/conv_layout.wgsl` (a, b, c read; out read-write).
+macro_rules! conv_kernel {
+    ($file:literal, $entry:literal) => {
+        kernel!($file, $entry, [Read, Read, Read, ReadWrite])
+    };
+}
 
-const DW_FORWARD: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_forward",
-    [Read, Read, Read, ReadWrite]
-);
-const DW_INPUT_GRAD: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_input_grad",
-    [Read, Read, Read, ReadWrite]
-);
-const DW_WEIGHT_GRAD: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_weight_grad",
-    [Read, Read, Read, ReadWrite]
-);
-const DW_WEIGHT_GRAD_TAPS: Kernel = kernel!(
-    "depthwise.wgsl",
-    "dw_weight_grad_taps",
-    [Read, Read, Read, ReadWrite]
-);
+const FORWARD: Kernel = conv_kernel!("conv2d.wgsl", "conv_forward_rb");
+const INPUT_GRAD: Kernel = conv_kernel!("conv2d.wgsl", "conv_input_grad_rb");
+const WEIGHT_GRAD: Kernel = conv_kernel!("conv2d.wgsl", "conv_weight_grad_rb");
+const SUM_SPLITS: Kernel = conv_kernel!("conv2d.wgsl", "sum_splits");
+const BIAS_GRAD: Kernel = conv_kernel!("conv2d.wgsl", "bias_grad");
+
+const DW_FORWARD: Kernel = conv_kernel!("depthwise.wgsl", "dw_forward");
+const DW_INPUT_GRAD: Kernel = conv_kernel!("depthwise.wgsl", "dw_input_grad");
+const DW_WEIGHT_GRAD: Kernel = conv_kernel!("depthwise.wgsl", "dw_weight_grad");
+const DW_WEIGHT_GRAD_TAPS: Kernel = conv_kernel!("depthwise.wgsl", "dw_weight_grad_taps");
 
 /// Pixels of one row per invocation of the depthwise pixel kernels.
 const DW_RUN: usize = 8;
@@ -114,7 +93,23 @@ struct Geom {
     cout_g: usize,
 }
 
+/// The sizes both parameter blocks ([`ConvParams`], [`Im2colParams`]) carry, as the kernels'
+/// u32s: n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw.
+type GeomWords = [u32; 15];
+
 impl Geom {
+    fn words(&self) -> Result<GeomWords> {
+        let sizes = [
+            self.n, self.cin, self.h, self.w, self.cout, self.kh, self.kw, self.oh, self.ow,
+            self.sh, self.sw, self.ph, self.pw, self.dh, self.dw,
+        ];
+        let mut words = [0; 15];
+        for (word, size) in words.iter_mut().zip(sizes) {
+            *word = to_u32(size)?;
+        }
+        Ok(words)
+    }
+
     fn new(x: &[usize], w: &[usize], p: Conv2dParams) -> Result<Geom> {
         let (n, cin, h, wd) = match *x {
             [a, b, c, d] => (a, b, c, d),
@@ -678,22 +673,23 @@ fn params(g: &Geom, l: &Launch) -> Result<ConvParams> {
     .max()
     .unwrap_or(0);
     let exact_div = largest >= FAST_DIV_LIMIT;
+    let [n, cin, h, w, cout, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw] = g.words()?;
     Ok(ConvParams {
-        n: to_u32(g.n)?,
-        cin: to_u32(g.cin)?,
-        h: to_u32(g.h)?,
-        w: to_u32(g.w)?,
-        cout: to_u32(g.cout)?,
-        kh: to_u32(g.kh)?,
-        kw: to_u32(g.kw)?,
-        oh: to_u32(g.oh)?,
-        ow: to_u32(g.ow)?,
-        sh: to_u32(g.sh)?,
-        sw: to_u32(g.sw)?,
-        ph: to_u32(g.ph)?,
-        pw: to_u32(g.pw)?,
-        dh: to_u32(g.dh)?,
-        dw: to_u32(g.dw)?,
+        n,
+        cin,
+        h,
+        w,
+        cout,
+        kh,
+        kw,
+        oh,
+        ow,
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
         groups: to_u32(g.groups)?,
         cin_g: to_u32(g.cin_g)?,
         cout_g: to_u32(g.cout_g)?,
@@ -725,7 +721,7 @@ fn run(ctx: &GpuContext, k: &Kernel, g: &Geom, l: &Launch, bufs: [&GpuBuffer; 4]
 }
 
 /// A one-element placeholder for bindings an entry does not read.
-fn dummy(ctx: &Arc<GpuContext>) -> Result<GpuBuffer> {
+fn unused_binding(ctx: &Arc<GpuContext>) -> Result<GpuBuffer> {
     ctx.zeros(1)
 }
 
@@ -745,7 +741,7 @@ fn gpu_forward(
     let bias_buf = match bias {
         Some(b) => b.gpu()?,
         None => {
-            placeholder = dummy(ctx)?;
+            placeholder = unused_binding(ctx)?;
             &placeholder
         }
     };
@@ -780,7 +776,7 @@ fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> R
         return gemm_input_grad(ctx, g, dy, w);
     }
     let out = ctx.alloc(g.n * g.cin * g.h * g.w)?;
-    let unused = dummy(ctx)?;
+    let unused = unused_binding(ctx)?;
     if g.is_depthwise() {
         let tiles = (g.n * g.cin * g.h * g.w.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
         let l = Launch {
@@ -865,8 +861,8 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     }
     let out_len = g.cout * g.cin_g * g.kh * g.kw;
     let shape = [g.cout, g.cin_g, g.kh, g.kw];
-    let unused = dummy(ctx)?;
-    let per_tap = g.oh * g.ow <= DW_TAPS_MAX_PLANE || ctx.is_cpu_adapter();
+    let unused = unused_binding(ctx)?;
+    let per_tap = g.oh * g.ow <= DW_TAPS_MAX_PLANE || ctx.policy().tuned_for_cpu_adapter();
     let (kernel, l) = if g.is_depthwise() && per_tap {
         // One invocation per (image slice, channel, tap).
         let per_split = g.cout * g.kh * g.kw;
@@ -937,7 +933,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
 
 fn gpu_bias_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor) -> Result<Tensor> {
     let out = ctx.alloc(g.cout)?;
-    let unused = dummy(ctx)?;
+    let unused = unused_binding(ctx)?;
     let l = Launch {
         total_groups: g.cout,
         ..Default::default()
@@ -960,38 +956,26 @@ const BIAS_RUN: usize = 16;
 /// implicit-GEMM kernels instead: c2f2 at batch 150 and 32x32 needs 31M.
 const MAX_COLUMN_ELEMS: usize = 64 << 20;
 
-/// Which GPU implementation ungrouped convolutions use; `Auto` picks by adapter and shape.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ConvRoute {
-    Auto = 0,
-    ImplicitGemm = 1,
-    Im2colGemm = 2,
-}
+pub use crate::engine::policy::ConvRoute;
 
-static FORCED_ROUTE: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
-
-/// Forces a route process-wide, so that tests cover both on every adapter (a test binary that
-/// calls this should run its cases sequentially).
-pub fn force_conv_route(route: ConvRoute) {
-    FORCED_ROUTE.store(route as u8, std::sync::atomic::Ordering::SeqCst);
-}
-
-/// Whether a convolution runs as im2col + the vec4 GEMM. On CPU adapters that GEMM reaches
-/// 3-5x the implicit-GEMM kernels' rate (every load there is a per-lane loop, and the GEMM
-/// reads vec4s), which outweighs writing the column matrix; on discrete GPUs the implicit GEMM
+/// Whether a convolution runs as im2col + the vec4 GEMM. On CPU adapters that GEMM runs several
+/// times faster than the implicit-GEMM kernels (every load there is a per-lane loop, and the
+/// GEMM reads vec4s; benches/RESULTS.md has the figures), which outweighs writing the column
+/// matrix; on discrete GPUs the implicit GEMM
 /// avoids that traffic. Needs ungrouped convolutions, output planes of a multiple of 4 pixels
 /// (vec4 rows) and a column matrix within one binding.
 fn use_gemm_route(ctx: &GpuContext, g: &Geom) -> bool {
     let limit = MAX_COLUMN_ELEMS.min(ctx.max_binding_bytes() as usize / 4);
     let fits = g.groups == 1 && (g.is_pointwise() || g.n * padded_k(g) * g.oh * g.ow <= limit);
-    match FORCED_ROUTE.load(std::sync::atomic::Ordering::SeqCst) {
-        1 => false,
-        2 => fits,
-        _ => {
-            let vec4_rows = GemmKernel::for_adapter(&ctx.info) == GemmKernel::Vec4
-                && (g.oh * g.ow).is_multiple_of(4);
+    let policy = ctx.policy();
+    match policy.conv_route {
+        ConvRoute::ImplicitGemm => false,
+        ConvRoute::Im2colGemm => fits,
+        ConvRoute::Auto => {
+            let vec4_rows =
+                policy.gemm_kernel() == GemmKernel::Vec4 && (g.oh * g.ow).is_multiple_of(4);
             let too_long =
-                ctx.is_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
+                policy.tuned_for_cpu_adapter() && implicit_reduction(g) > CPU_ADAPTER_MAX_REDUCTION;
             fits && (vec4_rows || too_long)
         }
     }
@@ -1017,21 +1001,22 @@ fn padded_k(g: &Geom) -> usize {
 
 fn im2col_params(g: &Geom, total: usize, extra: [usize; 4]) -> Result<Im2colParams> {
     let [channels, plane, cols_in, cols_out] = extra;
+    let [n, cin, h, w, _cout, kh, kw, oh, ow, sh, sw, ph, pw, dh, dw] = g.words()?;
     Ok(Im2colParams {
-        n: to_u32(g.n)?,
-        cin: to_u32(g.cin)?,
-        h: to_u32(g.h)?,
-        w: to_u32(g.w)?,
-        kh: to_u32(g.kh)?,
-        kw: to_u32(g.kw)?,
-        oh: to_u32(g.oh)?,
-        ow: to_u32(g.ow)?,
-        sh: to_u32(g.sh)?,
-        sw: to_u32(g.sw)?,
-        ph: to_u32(g.ph)?,
-        pw: to_u32(g.pw)?,
-        dh: to_u32(g.dh)?,
-        dw: to_u32(g.dw)?,
+        n,
+        cin,
+        h,
+        w,
+        kh,
+        kw,
+        oh,
+        ow,
+        sh,
+        sw,
+        ph,
+        pw,
+        dh,
+        dw,
         k: to_u32(g.cin * g.kh * g.kw)?,
         kp: to_u32(padded_k(g))?,
         channels: to_u32(channels)?,
@@ -1135,7 +1120,7 @@ fn gemm_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> 
     let plane = g.oh * g.ow;
     let dy3 = dy.reshape_raw(&[g.n, g.cout, plane])?;
     // W^T made explicit when its rows can be read as vec4s: the GEMM with a k-contiguous left
-    // operand runs about 1.3x faster on llvmpipe than the one reading it transposed.
+    // operand runs faster on llvmpipe than the one reading it transposed (benches/RESULTS.md).
     let dcol = if g.cout.is_multiple_of(4) {
         gemm_raw(&transposed_weight(ctx, g, w)?, &dy3, false, false)?
     } else {

@@ -30,33 +30,7 @@ const GEMM_VEC4: [[Kernel; 2]; 2] = [
 /// Workgroup size of matmul_vec4.wgsl.
 const VEC4_WORKGROUP: usize = 8;
 
-/// The GEMM kernels; all compute the same thing for every shape and stride.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemmKernel {
-    /// 64x64 output tile per 256-invocation workgroup, K staged through workgroup memory.
-    Tiled,
-    /// 16 rows x 4 columns per invocation, scalar loads: the CPU-adapter fallback.
-    Scalar,
-    /// 16x8 block per invocation, operands read as vec4s; needs both operands' stored rows to
-    /// be a multiple of 4 long, else falls back to Scalar.
-    Vec4,
-}
-
-impl GemmKernel {
-    pub const ALL: [GemmKernel; 3] = [GemmKernel::Tiled, GemmKernel::Scalar, GemmKernel::Vec4];
-
-    /// The default kernel for an adapter. CPU adapters (llvmpipe) pay a per-lane loop for every
-    /// storage or workgroup load, so they get register blocks with vec4 loads and no
-    /// workgroup memory (Vec4, 4-12x faster than Tiled there); those kernels' loads do not
-    /// coalesce across a warp, so discrete GPUs keep the workgroup-tiled kernel.
-    pub fn for_adapter(info: &wgpu::AdapterInfo) -> GemmKernel {
-        if info.device_type == wgpu::DeviceType::Cpu {
-            GemmKernel::Vec4
-        } else {
-            GemmKernel::Tiled
-        }
-    }
-}
+pub use crate::engine::policy::GemmKernel;
 
 kernel_params! {
     /// out[b] (+)= A[b] B[b] with A [m, k] and B [k, n] read through (batch, row, column)
@@ -185,7 +159,8 @@ pub fn gemm_raw(a: &Tensor, b: &Tensor, ta: bool, tb: bool) -> Result<Tensor> {
     gemm_raw_using(None, a, b, ta, tb)
 }
 
-/// [`gemm_raw`] with a chosen GPU kernel (`None`: the adapter's default); for tests and timing.
+/// [`gemm_raw`] with a chosen GPU kernel (`None`: the context's [`crate::engine::KernelPolicy`]);
+/// for timing each kernel on one context.
 pub fn gemm_raw_using(
     kernel: Option<GemmKernel>,
     a: &Tensor,
@@ -234,7 +209,7 @@ pub fn gemm_raw_using(
         }
         Device::Gpu(ctx) => {
             let out = ctx.alloc(batch * m * n)?;
-            let kernel = kernel.unwrap_or_else(|| GemmKernel::for_adapter(&ctx.info));
+            let kernel = kernel.unwrap_or(ctx.policy().gemm_kernel());
             let params = GemmParams {
                 m,
                 n,
@@ -410,7 +385,7 @@ pub fn add_row_bias_raw_using(
                 accumulate: true,
                 vec4_layout: None,
             };
-            let kernel = kernel.unwrap_or_else(|| GemmKernel::for_adapter(&ctx.info));
+            let kernel = kernel.unwrap_or(ctx.policy().gemm_kernel());
             dispatch_gemm(&ctx, kernel, &params, [ones.gpu()?, bias.gpu()?, &out])?;
             Tensor::from_gpu(out, mat.shape())
         }
