@@ -33,8 +33,24 @@ fn embed(width: &str, weights: &str, output: &std::path::Path) -> Command {
     c
 }
 
-fn tmp(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("robust-dml-cli-{}-{name}", std::process::id()))
+/// A scratch file path, removed when it goes out of scope (pass or fail).
+struct TmpFile(std::path::PathBuf);
+
+impl std::ops::Deref for TmpFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> TmpFile {
+    TmpFile(std::env::temp_dir().join(format!("robust-dml-cli-{}-{name}", std::process::id())))
 }
 
 #[test]
@@ -42,7 +58,7 @@ fn embed_matches_torchvision_on_a_non_square_input() {
     let out = tmp("emb.safetensors");
     let weights = fixture("mobilenet_v2_w050.weights.safetensors");
     assert!(embed("0.5", &weights, &out).status().unwrap().success());
-    let got = Checkpoint::load(&out)
+    let got = Checkpoint::load(&*out)
         .unwrap()
         .tensor("embedding", &Device::Cpu)
         .unwrap()
@@ -98,7 +114,7 @@ fn failure(mut c: Command) -> String {
 fn bad_weight_files_fail_with_a_message() {
     let truncated = tmp("truncated.safetensors");
     let bytes = std::fs::read(fixture("mobilenet_v2_w050.weights.safetensors")).unwrap();
-    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    std::fs::write(&*truncated, &bytes[..bytes.len() / 2]).unwrap();
     let never = tmp("never.safetensors");
     let err = failure(embed("0.5", &truncated.display().to_string(), &never));
     assert!(err.contains("truncated"), "{err}");

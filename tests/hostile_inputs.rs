@@ -124,6 +124,7 @@ impl Sandbox {
 fn shared_run() -> &'static Path {
     static RUN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     RUN.get_or_init(|| {
+        remove_shared_runs_of_finished_processes();
         let dir =
             std::env::temp_dir().join(format!("robust-dml-hostile-{}-shared", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -141,6 +142,25 @@ fn shared_run() -> &'static Path {
         );
         dir.join("run")
     })
+}
+
+/// The shared run lives as long as the test process (a static has no destructor), so each
+/// process removes those that earlier, finished test processes left behind.
+fn remove_shared_runs_of_finished_processes() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix("robust-dml-hostile-")
+            .and_then(|rest| rest.strip_suffix("-shared"));
+        if let Some(pid) = pid {
+            if !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
 }
 
 impl Sandbox {
