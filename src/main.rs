@@ -4,6 +4,7 @@ fn main() {
     // Before any thread or GPU instance exists: Mesa prints an alarming "XDG_RUNTIME_DIR is
     // invalid or not set" otherwise.
     robust_dml::cli::ensure_runtime_dir();
+    robust_dml::engine::cpu::tune_allocator();
     let cli = robust_dml::cli::parse();
     if let Err(e) = robust_dml::cli::run(cli) {
         eprintln!("error: {e}");

@@ -24,6 +24,8 @@ pub enum Work {
 
 impl Bench {
     pub fn from_env() -> Bench {
+        // As the program does (src/main.rs), so the cases time what a run sees.
+        robust_dml::engine::cpu::tune_allocator();
         let device = Device::from_env().unwrap_or_else(|e| {
             eprintln!("{e}; benchmarking the CPU backend");
             Device::Cpu

@@ -9,7 +9,7 @@
 //! anyway). The GPU does the O(n k dim) distances and the O(n dim) centroid means; the data is
 //! uploaded once per call.
 
-use crate::dml::metrics::threads_for;
+use crate::engine::cpu;
 use crate::engine::error::{invalid, EngineError, Result};
 use crate::engine::ops::kmeans::{Assignment, KmeansPoints};
 use crate::engine::{Device, Rng, Tensor};
@@ -149,10 +149,12 @@ fn sq_dist(a: &[f32], b: &[f32]) -> f32 {
 /// the squared distance to the nearest centre chosen so far. Host only on both devices, so
 /// that the draws and the cumulative sums they land in are the same bits everywhere.
 fn kmeans_pp(data: &[f32], dim: usize, k: usize, rng: &mut Rng) -> Vec<f32> {
+    use rayon::prelude::*;
     let n = data.len() / dim;
     let row = |i: usize| &data[i * dim..(i + 1) * dim];
     let mut centroids = row(rng.below(n)).to_vec();
     let mut d2: Vec<f64> = (0..n)
+        .into_par_iter()
         .map(|i| sq_dist(row(i), &centroids[..dim]) as f64)
         .collect();
     for _ in 1..k {
@@ -170,9 +172,10 @@ fn kmeans_pp(data: &[f32], dim: usize, k: usize, rng: &mut Rng) -> Vec<f32> {
                 .unwrap_or(n - 1)
         };
         let c = row(pick).to_vec();
-        for (i, d) in d2.iter_mut().enumerate() {
+        // Each entry depends on its own row only, so splitting over threads keeps the bits.
+        d2.par_iter_mut().enumerate().for_each(|(i, d)| {
             *d = d.min(sq_dist(row(i), &c) as f64);
-        }
+        });
         centroids.extend_from_slice(&c);
     }
     centroids
@@ -339,42 +342,87 @@ impl LloydBackend for CpuLloyd<'_> {
     }
 }
 
+/// Rows per task of [`assign`]: one GEMM of this many rows against every centre.
+const ASSIGN_ROWS: usize = 256;
+
 /// Assigns every row to its nearest centroid (in parallel); returns (assignments, distances²).
 /// Ties go to the lower centroid index (strict `<` in index order).
+///
+/// The products x.c of all rows and centres come from one SGEMM per block of rows; each row's
+/// candidates are the centres whose ||x||² + ||c||² - 2 x.c lies within twice a rounding bound
+/// of the smallest, and among them the exact [`sq_dist`] decides. The bound covers the error of
+/// both the expansion and `sq_dist`, so the centre with the smallest exact distance is always
+/// a candidate: the result is bit for bit that of the plain loops ([`assign_reference`]).
 fn assign(data: &[f32], dim: usize, centroids: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    use rayon::prelude::*;
     let n = data.len() / dim;
     let k = centroids.len() / dim;
-    let threads = threads_for(n / 64);
-    let chunk = n.div_ceil(threads).max(1);
-    let nearest = |i: usize| {
-        let x = &data[i * dim..(i + 1) * dim];
-        let mut best = (0usize, f32::INFINITY);
-        for c in 0..k {
-            let d = sq_dist(x, &centroids[c * dim..(c + 1) * dim]);
-            if d < best.1 {
-                best = (c, d);
+    let centre_sq: Vec<f32> = centroids.chunks(dim).map(|c| cpu::lane_dot(c, c)).collect();
+    let largest_centre = centre_sq.iter().fold(0.0f32, |m, &v| m.max(v)).sqrt();
+    let mut nearest = vec![(0usize, f32::INFINITY); n];
+    nearest
+        .par_chunks_mut(ASSIGN_ROWS)
+        .enumerate()
+        .for_each(|(block, out)| {
+            let first = block * ASSIGN_ROWS;
+            let x = &data[first * dim..(first + out.len()) * dim];
+            let mut products = vec![0.0f32; out.len() * k];
+            cpu::sgemm(
+                (out.len(), k, dim),
+                x,
+                cpu::Strides::rows(dim),
+                centroids,
+                cpu::Strides::transposed(dim),
+                &mut products,
+                k,
+                false,
+                false,
+            );
+            for ((row, o), dots) in x.chunks(dim).zip(out.iter_mut()).zip(products.chunks(k)) {
+                let row_sq = cpu::lane_dot(row, row);
+                let estimate = |c: usize| row_sq + centre_sq[c] - 2.0 * dots[c];
+                let smallest = (0..k).map(estimate).fold(f32::INFINITY, f32::min);
+                let slack = 2.0 * rounding_bound(dim, row_sq.sqrt() + largest_centre);
+                let limit = smallest + slack;
+                let candidate = |c: &usize| !limit.is_finite() || estimate(*c) <= limit;
+                *o = nearest_of(row, centroids, dim, (0..k).filter(candidate));
             }
+        });
+    nearest.into_iter().unzip()
+}
+
+/// A bound on |(||x||² + ||c||² - 2 x.c) - sq_dist(x, c)| in f32 for vectors of `dim` entries
+/// with ||x|| + ||c|| <= `norms`: each side is within about (dim + 2) u (||x|| + ||c||)² of
+/// the true value (u = EPSILON / 2); twice that again for safety.
+fn rounding_bound(dim: usize, norms: f32) -> f32 {
+    2.0 * (dim as f32 + 4.0) * f32::EPSILON * norms * norms
+}
+
+/// The centre among `candidates` (ascending) nearest to `x` by exact [`sq_dist`], the first on
+/// ties; (0, inf) when none is finite, as the plain loops give.
+fn nearest_of(
+    x: &[f32],
+    centroids: &[f32],
+    dim: usize,
+    candidates: impl Iterator<Item = usize>,
+) -> (usize, f32) {
+    let mut best = (0usize, f32::INFINITY);
+    for c in candidates {
+        let d = sq_dist(x, &centroids[c * dim..(c + 1) * dim]);
+        if d < best.1 {
+            best = (c, d);
         }
-        best
-    };
-    let pairs: Vec<(usize, f32)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|start| {
-                let nearest = &nearest;
-                s.spawn(move || {
-                    (start..(start + chunk).min(n))
-                        .map(nearest)
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("k-means worker panicked"))
-            .collect()
-    });
-    pairs.into_iter().unzip()
+    }
+    best
+}
+
+/// The plain loops [`assign`] must agree with bit for bit: every row against every centre.
+#[cfg(test)]
+fn assign_reference(data: &[f32], dim: usize, centroids: &[f32]) -> (Vec<usize>, Vec<f32>) {
+    let k = centroids.len() / dim;
+    data.chunks(dim)
+        .map(|x| nearest_of(x, centroids, dim, 0..k))
+        .unzip()
 }
 
 // ------------------------------------------------------------------------------------ GPU
@@ -441,5 +489,60 @@ impl LloydBackend for GpuLloyd<'_> {
     fn finish(&mut self) -> Result<(Vec<f32>, f64)> {
         let d2 = self.last()?.d2.to_vec()?;
         Ok((self.centroids.to_vec()?, inertia(&d2)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testing::randn;
+
+    fn check(data: &[f32], dim: usize, centroids: &[f32]) {
+        let (fast, reference) = (
+            assign(data, dim, centroids),
+            assign_reference(data, dim, centroids),
+        );
+        assert_eq!(fast.0, reference.0, "assignments differ");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast.1), bits(&reference.1), "distances differ");
+    }
+
+    /// Odd shapes, a block boundary, ties (repeated centres, rows equidistant from two), rows
+    /// far from the origin (the expansion cancels badly there) and non-finite rows.
+    #[test]
+    fn gemm_assignment_matches_the_plain_loops() {
+        for (n, dim, k, seed) in [
+            (1, 1, 1, 1),
+            (37, 13, 7, 2),
+            (2 * ASSIGN_ROWS + 5, 33, 11, 3),
+        ] {
+            let data = randn(&[n * dim], seed).to_vec().unwrap();
+            let mut centroids = randn(&[k * dim], seed + 100).to_vec().unwrap();
+            check(&data, dim, &centroids);
+            // A repeated centre: exact ties go to the lower index.
+            if k > 2 {
+                let (first, rest) = centroids.split_at_mut(dim);
+                rest[dim..2 * dim].copy_from_slice(first);
+            }
+            check(&data, dim, &centroids);
+            let shifted: Vec<f32> = data.iter().map(|v| v * 1e-3 + 1e3).collect();
+            let near: Vec<f32> = centroids.iter().map(|v| v * 1e-3 + 1e3).collect();
+            check(&shifted, dim, &near);
+        }
+        // Rows at the midpoint of two centres, and non-finite rows.
+        let centroids = [0.0, 0.0, 2.0, 0.0, 0.0, 2.0];
+        let data = [
+            1.0,
+            0.0,
+            1.0,
+            1.0,
+            f32::NAN,
+            0.0,
+            f32::INFINITY,
+            1.0,
+            3e38,
+            3e38,
+        ];
+        check(&data, 2, &centroids);
     }
 }

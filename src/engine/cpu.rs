@@ -103,6 +103,36 @@ pub fn sgemm(
     }
 }
 
+/// Keeps freed memory in the process instead of handing it back to the kernel after every op.
+///
+/// Each op returns a fresh output buffer and drops its inputs' buffers soon after, so a training
+/// step or PGD iteration allocates and frees the same few megabyte-sized blocks hundreds of
+/// times. With glibc's defaults, blocks above its mmap threshold (128 KiB at start) get their own
+/// mapping and freed heap tops are trimmed, so every op's output was page-faulted in afresh and
+/// zeroed by the kernel: 2.4 million faults and 16% of the CPU time in the kernel for PGD-10 on
+/// 2,000 Fashion-MNIST images. Raising the mmap threshold to glibc's maximum and trimming only
+/// beyond 512 MiB of free memory lets those blocks be reused. Peak memory is still set by what is
+/// live at once. Called once, before the work starts; a no-op on other C libraries.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_THRESHOLD: i32 = -3;
+        /// glibc's largest accepted mmap threshold on 64-bit targets.
+        const MMAP_THRESHOLD_MAX: i32 = 32 << 20;
+        const TRIM_THRESHOLD: i32 = 512 << 20;
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        // SAFETY: mallopt only changes glibc's allocation parameters; it is called before the
+        // program allocates in earnest, and a refused value (return 0) leaves the default.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX);
+            mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD);
+        }
+    }
+}
+
 /// Threads of the pool (RAYON_NUM_THREADS, else one per logical CPU).
 pub fn threads() -> usize {
     rayon::current_num_threads()
