@@ -356,3 +356,102 @@ fn transfer_check_flags_a_white_box_attack_weaker_than_transfer() {
     assert!(!failed.passed, "{failed:?}");
     assert!(failed.detail.contains("70.00"), "{}", failed.detail);
 }
+
+/// The binary's `attack` with every objective, APGD and a transfer from the checkpoint itself:
+/// transfer rows equal the white-box rows, the worst-of row names an objective per metric,
+/// every check passes; a source of another input size is refused with the fix.
+#[test]
+fn attack_cli_runs_objectives_apgd_and_transfer() {
+    let dir = std::env::temp_dir().join(format!("robust-dml-strength-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = env!("CARGO_BIN_EXE_robust-dml");
+    let run = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .current_dir(&dir)
+            .env("ROBUST_DML_DEVICE", "cpu")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // Small images: the synthetic test set has 1,200 of them, attacked six times.
+    for (out, size) in [("a", "8"), ("b", "12")] {
+        let o = run(&[
+            "train",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--embedding-dim",
+            "8",
+            "--image-size",
+            size,
+            "--warmup-epochs",
+            "0",
+            "--workers",
+            "0",
+            "--out",
+            out,
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    let ck = "a/checkpoint.safetensors";
+    let o = run(&[
+        "attack",
+        "--checkpoint",
+        ck,
+        "--objective",
+        "all",
+        "--attack",
+        "apgd",
+        "--steps",
+        "1",
+        "--transfer-from",
+        ck,
+        "--json",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let (white, transfer) = (
+        v["white_box"].as_array().unwrap(),
+        v["transfer"].as_array().unwrap(),
+    );
+    assert_eq!(white.len(), 3, "{v}");
+    for (w, t) in white.iter().zip(transfer) {
+        // The same adversarial embeddings; NMI's sums may round differently in the last bits.
+        for key in ["recall", "f1", "map_r"] {
+            assert_eq!(w["clustering"][key], t["clustering"][key], "{key}: {v}");
+        }
+        assert_eq!(w["template"], t["template"], "{v}");
+        let nmi = |r: &serde_json::Value| r["clustering"]["nmi"].as_f64().unwrap();
+        assert!((nmi(w) - nmi(t)).abs() < 1e-9, "{v}");
+        assert_eq!(w["attack"]["optimizer"], "apgd", "{v}");
+        assert!(
+            w["template"].get("nmi").is_none(),
+            "template rows have no NMI: {v}"
+        );
+    }
+    assert_eq!(v["worst"].as_array().unwrap().len(), 9, "{v}");
+    let checks = v["checks"].as_array().unwrap();
+    assert_eq!(checks.len(), 3, "{v}");
+    assert!(checks.iter().all(|c| c["passed"] == true), "{v}");
+    let o = run(&[
+        "attack",
+        "--checkpoint",
+        ck,
+        "--steps",
+        "1",
+        "--transfer-from",
+        "b/checkpoint.safetensors",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--transfer-from") && err.contains("8 px"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -97,7 +97,10 @@ impl From<&Metrics> for TemplateMetrics {
     }
 }
 
-fn serialize_retrieval_only<S: Serializer>(m: &Metrics, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_retrieval_only<S: Serializer>(
+    m: &Metrics,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     TemplateMetrics::from(m).serialize(s)
 }
 

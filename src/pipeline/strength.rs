@@ -188,7 +188,8 @@ pub struct AttackRow {
     pub objective: Option<Objective>,
     pub attack: Option<PgdConfig>,
     pub clustering: Metrics,
-    /// Recall@k and MAP@R only.
+    /// Recall@k and MAP@R only (its JSON has no NMI or F1).
+    #[serde(serialize_with = "crate::pipeline::report::serialize_retrieval_only")]
     pub template: Metrics,
     pub seconds: f64,
 }

@@ -65,7 +65,9 @@ pub fn retrieval_directions(
         .par_iter()
         .flat_map_iter(|&q| {
             let query = &gallery[q * dim..(q + 1) * dim];
-            let (mut same, mut other): (Option<(f32, usize)>, Option<(f32, usize)>) = (None, None);
+            // The best (similarity, index) of the query's class and of the other classes.
+            let mut same: Option<(f32, usize)> = None;
+            let mut other: Option<(f32, usize)> = None;
             for (j, g) in gallery.chunks(dim).enumerate().filter(|&(j, _)| j != q) {
                 let s = dot(query, g);
                 let slot = if labels[j] == labels[q] {
