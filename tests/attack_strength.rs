@@ -455,3 +455,82 @@ fn attack_cli_runs_objectives_apgd_and_transfer() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The experiment gives each method the objectives table and each defended method a transfer
+/// row from the undefended model, in report.json, table.md and report.html, with the transfer
+/// check in its Sanity table.
+#[test]
+fn experiment_reports_objectives_and_transfer_rows() {
+    let dir = std::env::temp_dir().join(format!("robust-dml-strength-exp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_robust-dml"))
+        .current_dir(&dir)
+        .env("ROBUST_DML_DEVICE", "cpu")
+        .args([
+            "experiment",
+            "--dataset",
+            "synthetic",
+            "--out",
+            "exp",
+            "--methods",
+            "none,at",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--test-samples",
+            "40",
+            "--objective-samples",
+            "30",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let read = |p: &str| std::fs::read_to_string(dir.join("exp").join(p)).unwrap();
+    let json = |p: &str| -> serde_json::Value { serde_json::from_str(&read(p)).unwrap() };
+    let (none, at) = (json("none/report.json"), json("at/report.json"));
+    assert!(
+        none.get("transfer").is_none(),
+        "the undefended model has no transfer row"
+    );
+    for r in [&none, &at] {
+        let o = &r["objectives"];
+        assert_eq!(o["samples"], 30, "{o}");
+        assert_eq!(o["rows"].as_array().unwrap().len(), 3, "{o}");
+        assert_eq!(o["worst"].as_array().unwrap().len(), 9, "{o}");
+    }
+    let t = &at["transfer"];
+    assert_eq!(t["source"], "PAL", "{t}");
+    assert_eq!(t["samples"], 40, "{t}");
+    assert!(t["transfer"]["seconds"].as_f64().unwrap() > 0.0, "{t}");
+    let names: Vec<&str> = at["sanity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"white-box at least as strong as transfer"),
+        "{names:?}"
+    );
+    assert!(names.contains(&"APGD reaches the single run"), "{names:?}");
+    let table = read("table.md");
+    assert!(
+        table.contains("#### Transfer: + AT attacked through PAL"),
+        "{table}"
+    );
+    assert!(table.contains("#### Attack objectives: PAL"), "{table}");
+    assert!(table.contains("**worst**"), "{table}");
+    let html = read("report.html");
+    assert!(
+        html.contains("<h2>Transfer: + AT"),
+        "html lacks the transfer table"
+    );
+    assert!(
+        html.contains("<h2>Attack objectives: PAL"),
+        "html lacks the objectives"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
