@@ -10,7 +10,7 @@ use std::time::Instant;
 use robust_dml::config::{Objective, PgdConfig};
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
 use robust_dml::engine::Device;
-use robust_dml::pipeline::experiment::{evaluate_run, EvalPlan};
+use robust_dml::pipeline::experiment::{evaluate_run, EvalPlan, StrengthPlan};
 use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
 use robust_dml::robust::defense::Method;
 
@@ -104,6 +104,11 @@ fn main() -> robust_dml::error::Result<()> {
         batch_size: s.batch,
         seed: 0,
         ranking: None,
+        // The timed figure is the PGD-10 evaluation alone.
+        strength: StrengthPlan {
+            objective_samples: 0,
+            transfer_samples: 0,
+        },
     };
     let started = Instant::now();
     let report = evaluate_run(&run, &dataset, &plan, &device)?;

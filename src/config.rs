@@ -48,7 +48,62 @@ pub enum Objective {
     EmbeddingShift,
     /// The Proxy Anchor loss of the batch.
     MetricLoss,
+    /// Each query pulled towards its nearest other-class neighbour and away from its nearest
+    /// same-class one in the clean gallery (docs/DESIGN.md, Attacks).
+    Retrieval,
 }
+
+impl Objective {
+    pub const ALL: [Objective; 3] = [
+        Objective::EmbeddingShift,
+        Objective::MetricLoss,
+        Objective::Retrieval,
+    ];
+    /// The short name the tables and `--objective` use.
+    pub fn key(self) -> &'static str {
+        match self {
+            Objective::EmbeddingShift => "shift",
+            Objective::MetricLoss => "metric",
+            Objective::Retrieval => "retrieval",
+        }
+    }
+    /// Whether the objective needs the evaluation set's labels.
+    pub fn needs_labels(self) -> bool {
+        self != Objective::EmbeddingShift
+    }
+}
+
+/// How an attack climbs its objective.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// Fixed-size sign-gradient steps (Madry et al.).
+    #[default]
+    Pgd,
+    /// APGD (Croce and Hein 2020): momentum, step-size halving at checkpoints, restarts from
+    /// the best point, best-point tracking.
+    Apgd,
+}
+
+impl Optimizer {
+    pub fn key(self) -> &'static str {
+        match self {
+            Optimizer::Pgd => "PGD",
+            Optimizer::Apgd => "APGD",
+        }
+    }
+}
+
+/// APGD (Croce and Hein 2020, section 3): the momentum weight alpha, the fraction rho of
+/// increasing steps a checkpoint interval needs to keep its step size, the initial step size
+/// as a multiple of eps, and the checkpoint schedule p_0 = 0, p_1 = 0.22,
+/// p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06).
+pub const APGD_MOMENTUM: f32 = 0.75;
+pub const APGD_RHO: f64 = 0.75;
+pub const APGD_INITIAL_STEP: f32 = 2.0;
+pub const APGD_P1: f64 = 0.22;
+pub const APGD_P_DECAY: f64 = 0.03;
+pub const APGD_P_MIN_GAP: f64 = 0.06;
 
 /// PGD hyper-parameters, named as attack libraries name them.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,6 +117,9 @@ pub struct PgdConfig {
     /// (1 = a single run from the configured start).
     #[serde(default = "one")]
     pub restarts: usize,
+    /// PGD or APGD (APGD ignores `alpha`: it starts at 2 eps and halves).
+    #[serde(default)]
+    pub optimizer: Optimizer,
 }
 
 fn one() -> usize {
@@ -77,6 +135,7 @@ impl PgdConfig {
             random_start: false,
             objective: Objective::EmbeddingShift,
             restarts: 1,
+            optimizer: Optimizer::Pgd,
         }
     }
     pub fn train_default() -> Self {
@@ -218,3 +277,10 @@ impl RankProfile {
 /// attacks of 32 steps each, so it attacks a spread subset while the database stays the whole
 /// test set.
 pub const RANK_SUITE_QUERIES: usize = 500;
+
+/// Test images (spread over the test set) on which an experiment attacks each model with every
+/// objective (`Objective::ALL`) and reports the worst per metric: two more PGD runs a model.
+pub const OBJECTIVE_SAMPLES: usize = 500;
+/// Test images (spread over the test set) of an experiment's transfer rows: adversarial
+/// examples made on the undefended model, evaluated on each defended one.
+pub const TRANSFER_SAMPLES: usize = 500;

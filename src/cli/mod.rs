@@ -7,8 +7,9 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::config::{self, Objective, PgdConfig, RankProfile};
+use crate::config::{self, Objective, Optimizer, PgdConfig, RankProfile};
 use crate::data::{self, Dataset, DatasetKind};
+use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
@@ -19,6 +20,10 @@ use crate::pipeline::progress::Progress;
 use crate::pipeline::ranking::{ranking_markdown, run_ranking_suite, RankingPlan};
 use crate::pipeline::report::table_markdown;
 use crate::pipeline::run_dir::{check_output_path, RunDir};
+use crate::pipeline::sanity::transfer_check;
+use crate::pipeline::strength::{
+    attack_set, scenario_metrics, worst_of, AttackRow, AttackSource, TransferReport, WorstMetric,
+};
 use crate::pipeline::train::{
     default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE,
 };
@@ -228,6 +233,39 @@ pub struct AttackArgs {
     /// database is always the whole test set.
     #[arg(long, default_value_t = 0)]
     pub queries: usize,
+    /// What the attack maximises: the embedding shift, the metric (Proxy Anchor) loss against
+    /// class-centroid proxies, the retrieval loss (towards each query's nearest other-class
+    /// neighbour, away from its nearest same-class one), or all three with the worst per metric.
+    #[arg(long, value_enum, default_value_t = ObjectiveChoice::Shift)]
+    pub objective: ObjectiveChoice,
+    /// The optimiser: PGD, or APGD (momentum, step-size halving, best-point tracking; ignores
+    /// --alpha).
+    #[arg(long, value_enum, default_value_t = Optimizer::Pgd)]
+    pub attack: Optimizer,
+    /// Make the adversarial examples on this checkpoint (the source model) and evaluate them
+    /// on --checkpoint (the target): a transfer (black-box) attack, printed beside the
+    /// target's white-box figures and the check that white-box is at least as strong.
+    #[arg(long)]
+    pub transfer_from: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ObjectiveChoice {
+    Shift,
+    Metric,
+    Retrieval,
+    All,
+}
+
+impl ObjectiveChoice {
+    fn objectives(self) -> Vec<Objective> {
+        match self {
+            ObjectiveChoice::Shift => vec![Objective::EmbeddingShift],
+            ObjectiveChoice::Metric => vec![Objective::MetricLoss],
+            ObjectiveChoice::Retrieval => vec![Objective::Retrieval],
+            ObjectiveChoice::All => Objective::ALL.to_vec(),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -302,6 +340,14 @@ pub struct ExperimentArgs {
     /// spread over the test set (0 = off); profile rob28 up to 64 px, rob224 above.
     #[arg(long)]
     pub ranking_queries: Option<usize>,
+    /// Test images (spread) attacked with every objective, worst per metric reported (0 = off;
+    /// default: the preset's).
+    #[arg(long)]
+    pub objective_samples: Option<usize>,
+    /// Test images (spread) of each defended method's transfer row from the undefended model
+    /// (0 = off; default: the preset's).
+    #[arg(long)]
+    pub transfer_samples: Option<usize>,
     /// Run directory (default: runs/experiment-<preset>-<dataset>). Rerunning the same
     /// command resumes it.
     #[arg(long)]
@@ -777,12 +823,237 @@ fn attack(a: AttackArgs) -> Result<()> {
             config::MAX_RESTARTS
         )));
     }
+    let plain = a.objective == ObjectiveChoice::Shift
+        && a.attack == Optimizer::Pgd
+        && a.transfer_from.is_none();
+    if !plain {
+        cfg.optimizer = a.attack;
+        cfg.restarts = a.restarts;
+        return attack_strength(&a, &cfg);
+    }
     evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
     if a.restarts > 1 {
         cfg.restarts = a.restarts;
         evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
     }
     Ok(())
+}
+
+#[derive(Serialize)]
+struct StrengthOutput {
+    checkpoint: String,
+    dataset: String,
+    clean: crate::pipeline::report::Metrics,
+    /// The target attacked through itself, one row per objective.
+    white_box: Vec<AttackRow>,
+    /// With three objectives: per metric, the lowest white-box value and its objective.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    worst: Vec<WorstMetric>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    transfer_from: Option<String>,
+    /// Made on the source, evaluated on the target, one row per objective.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    transfer: Vec<AttackRow>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    checks: Vec<crate::pipeline::sanity::SanityCheck>,
+}
+
+/// `attack` with --objective other than shift, --attack apgd or --transfer-from: every
+/// requested objective white-box, the worst per metric, and the transfer rows with their
+/// check. Table rows give each attack's parameters and wall time.
+fn attack_strength(a: &AttackArgs, cfg: &PgdConfig) -> Result<()> {
+    let e = &a.eval;
+    let device = device()?;
+    let dataset = e.data.load()?;
+    let run = load_run(&e.checkpoint, &dataset, &device)?;
+    let set = EvalSet::of(&dataset);
+    let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
+    let batch = e.batch_size as usize;
+    let size = run.cfg.image_size;
+    let embed = |nets: &[&EmbeddingNet], workers: usize| {
+        embed_set(nets, &set, size, batch, workers, &device, None).map(|e| e.clean)
+    };
+    let clean = embed(&nets, run.cfg.workers)?;
+    let dim = run.cfg.embedding_dim;
+    let loss_of = |r: &Run| ProxyAnchorConfig {
+        alpha: r.cfg.pa_alpha,
+        delta: r.cfg.pa_delta,
+    };
+    let rows_through = |source: &AttackSource| -> Result<Vec<AttackRow>> {
+        a.objective
+            .objectives()
+            .into_iter()
+            .map(|objective| {
+                let c = PgdConfig { objective, ..*cfg };
+                let r = attack_set(
+                    &nets,
+                    source,
+                    &set,
+                    size,
+                    batch,
+                    run.cfg.workers,
+                    &device,
+                    &c,
+                    1,
+                )?;
+                let (clustering, template) =
+                    scenario_metrics(&clean, &r.attacked, &set, dim, &device, 0)?;
+                Ok(AttackRow {
+                    objective: Some(objective),
+                    attack: Some(c),
+                    clustering,
+                    template,
+                    seconds: r.seconds,
+                })
+            })
+            .collect()
+    };
+    let white_box = rows_through(&AttackSource {
+        nets: &nets,
+        clean: &clean,
+        loss: loss_of(&run),
+    })?;
+    let mut out = StrengthOutput {
+        checkpoint: e.checkpoint.display().to_string(),
+        dataset: dataset.name.clone(),
+        clean: model_metrics(&clean, &set, dim, &device, 0)?,
+        worst: if white_box.len() > 1 {
+            worst_of(&white_box)
+        } else {
+            Vec::new()
+        },
+        white_box,
+        transfer_from: None,
+        transfer: Vec::new(),
+        checks: Vec::new(),
+    };
+    if let Some(path) = &a.transfer_from {
+        let source = load_run(path, &dataset, &device)?;
+        if source.cfg.image_size != size || source.cfg.embedding_dim != dim {
+            return Err(Error::Config(format!(
+                "--transfer-from {} takes {} px images and embeds in {} dimensions, the target                  {} takes {size} px and embeds in {dim}: transfer needs the same input size                  (pass a source trained at {size} px)",
+                path.display(),
+                source.cfg.image_size,
+                source.cfg.embedding_dim,
+                e.checkpoint.display()
+            )));
+        }
+        let source_nets: Vec<&EmbeddingNet> = source.members.iter().map(|m| &m.net).collect();
+        let source_clean = embed(&source_nets, source.cfg.workers)?;
+        out.transfer = rows_through(&AttackSource {
+            nets: &source_nets,
+            clean: &source_clean,
+            loss: loss_of(&source),
+        })?;
+        out.transfer_from = Some(path.display().to_string());
+        for (t, w) in out.transfer.iter().zip(&out.white_box) {
+            let mut check = transfer_check(&TransferReport {
+                source: path.display().to_string(),
+                samples: set.samples.len(),
+                transfer: t.clone(),
+                white_box: w.clone(),
+            });
+            check.name += &format!(" ({})", t.objective.map_or("", |o| o.key()));
+            out.checks.push(check);
+        }
+    }
+    if e.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
+        );
+    } else {
+        println!("{}", strength_table(&out, run.cfg.defense.method.label()));
+    }
+    for c in out.checks.iter().filter(|c| !c.passed) {
+        eprintln!("SANITY FAIL {}: {}", c.name, c.detail);
+    }
+    Ok(())
+}
+
+/// The rows of [`attack_strength`] as Markdown.
+fn strength_table(out: &StrengthOutput, label: &str) -> String {
+    let mut s = format!(
+        "### {} on {}\n\n| method | input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 \
+         template | MAP@R template | s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | \
+         ---: | ---: | ---: | ---: |\n",
+        out.checkpoint, out.dataset
+    );
+    let c = &out.clean;
+    s += &format!(
+        "| {label} | clean | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | | | |\n",
+        c.nmi, c.f1, c.recall[0], c.recall[1], c.recall[2], c.recall[3], c.map_r
+    );
+    let mut row = |input: String, r: &AttackRow| {
+        let (m, t) = (&r.clustering, &r.template);
+        s += &format!(
+            "| {label} | {input} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | \
+             {:.2} | {:.1} |\n",
+            m.nmi,
+            m.f1,
+            m.recall[0],
+            m.recall[1],
+            m.recall[2],
+            m.recall[3],
+            m.map_r,
+            t.recall[0],
+            t.map_r,
+            r.seconds
+        );
+    };
+    let name = |r: &AttackRow| match (r.attack, r.objective) {
+        (Some(c), Some(o)) => format!(
+            "{}-{} {} eps {:.1}/255{}{}",
+            c.optimizer.key(),
+            c.steps,
+            o.key(),
+            c.eps * 255.0,
+            if c.optimizer == Optimizer::Pgd {
+                format!(" alpha {:.2}/255", c.alpha * 255.0)
+            } else {
+                String::new()
+            },
+            if c.restarts > 1 {
+                format!(", best of {} restarts", c.restarts)
+            } else {
+                String::new()
+            }
+        ),
+        _ => "attacked".into(),
+    };
+    for r in &out.white_box {
+        row(format!("white-box {}", name(r)), r);
+    }
+    for r in &out.transfer {
+        row(
+            format!(
+                "transfer from {} {}",
+                out.transfer_from.as_deref().unwrap_or(""),
+                name(r)
+            ),
+            r,
+        );
+    }
+    if !out.worst.is_empty() {
+        let cells: Vec<String> = out
+            .worst
+            .iter()
+            .map(|w| format!("{:.2} ({})", w.value, w.objective.key()))
+            .collect();
+        s += &format!(
+            "| {label} | **worst (objective)** | {} | |\n",
+            cells.join(" | ")
+        );
+    }
+    for c in &out.checks {
+        s += &format!(
+            "\n{}: {} ({})",
+            c.name,
+            if c.passed { "pass" } else { "FAIL" },
+            c.detail
+        );
+    }
+    s
 }
 
 /// `attack --suite ranking`: the ranking attacks on the checkpoint's model (an ensemble
@@ -1048,6 +1319,12 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
             profile: RankProfile::for_image_size(cfg.train.image_size),
             queries: q,
         });
+    }
+    if let Some(n) = a.objective_samples {
+        cfg.eval.strength.objective_samples = n;
+    }
+    if let Some(n) = a.transfer_samples {
+        cfg.eval.strength.transfer_samples = n;
     }
     if !a.methods.is_empty() {
         cfg.methods = a.methods.clone();

@@ -9,10 +9,12 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::PgdConfig;
+use crate::config::{Objective, PgdConfig};
 use crate::data::Dataset;
+use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::Device;
 use crate::error::{io_err, Error, Result};
+use crate::nn::EmbeddingNet;
 use crate::pipeline::evaluate::{
     clustering, embed_set, full_metrics, retrieval, spread_indices, template_metrics, EvalSet,
     RECALL_KS,
@@ -22,7 +24,11 @@ use crate::pipeline::report::{
     html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
 };
 use crate::pipeline::run_dir;
-use crate::pipeline::sanity::{failed_lines, run_sanity, sanity_tables};
+use crate::pipeline::sanity::{failed_lines, run_sanity, sanity_tables, transfer_check};
+use crate::pipeline::strength::{
+    attack_set, objectives_markdown, scenario_metrics, transfer_markdown, worst_of, AttackRow,
+    AttackSource, ObjectivesReport, TransferReport,
+};
 use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::robust::defense::Method;
 use crate::robust::ensemble::{
@@ -52,6 +58,40 @@ pub struct EvalPlan {
     /// The ranking-attack suite (SPEC section 11) on a subset of queries; absent = not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranking: Option<RankingPlan>,
+    /// The objectives and transfer evaluations and their subsets.
+    #[serde(default)]
+    pub strength: StrengthPlan,
+}
+
+/// Which extra attack-strength evaluations an experiment runs, on how many test images each
+/// (spread over the test set; 0 = not run).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StrengthPlan {
+    /// The evaluation attack with every objective (`Objective::ALL`); the embedding-shift row
+    /// reuses the main attack, the other two are one attack run each.
+    pub objective_samples: usize,
+    /// Transfer rows from the undefended model for every defended method: one attack run on
+    /// the undefended model and a forward pass of the target.
+    pub transfer_samples: usize,
+}
+
+impl Default for StrengthPlan {
+    fn default() -> Self {
+        StrengthPlan {
+            objective_samples: crate::config::OBJECTIVE_SAMPLES,
+            transfer_samples: crate::config::TRANSFER_SAMPLES,
+        }
+    }
+}
+
+impl StrengthPlan {
+    /// The quick preset's: 200 images each, to stay within its time budget.
+    pub fn quick() -> Self {
+        StrengthPlan {
+            objective_samples: 200,
+            transfer_samples: 200,
+        }
+    }
 }
 
 /// One experiment: the methods to train and how to train and evaluate them.
@@ -170,8 +210,15 @@ pub fn run_experiment(
         let start = Instant::now();
         let run = train_method(cfg, method, dataset, device, &dir)?;
         let train_seconds = start.elapsed().as_secs_f64();
+        let source = transfer_source(cfg, method, dataset, device, out)?;
         let start = Instant::now();
-        let mut report = evaluate_run(&run, dataset, &cfg.eval, device)?;
+        let mut report = evaluate_run_with(
+            &run,
+            dataset,
+            &cfg.eval,
+            device,
+            source.as_ref().map(|r| (Method::None.label(), r)),
+        )?;
         report.train_seconds = train_seconds;
         report.eval_seconds = start.elapsed().as_secs_f64();
         write(&report_path, &json(&report))?;
@@ -181,6 +228,12 @@ pub fn run_experiment(
         );
         if let Some(r) = &report.ranking {
             eprintln!("{}", ranking_markdown(method.label(), r));
+        }
+        if let Some(o) = &report.objectives {
+            eprintln!("{}", objectives_markdown(method.label(), o));
+        }
+        if let Some(t) = &report.transfer {
+            eprintln!("{}", transfer_markdown(method.label(), t));
         }
         for line in failed_lines(method.label(), &report.sanity) {
             eprintln!("{line}");
@@ -198,7 +251,10 @@ pub fn run_experiment(
     );
     write(
         &out.join("table.md"),
-        &(table + &sanity_tables(&reports) + &ranking_tables(&reports)),
+        &(table
+            + &sanity_tables(&reports)
+            + &strength_tables(&reports)
+            + &ranking_tables(&reports)),
     )?;
     write(&out.join("metrics.json"), &json(&reports))?;
     let info = RunInfo {
@@ -317,6 +373,44 @@ fn settings_rows(
     ]
 }
 
+/// The undefended model of this experiment, when `method` is a defense, transfer rows are on
+/// and its checkpoint exists (the undefended method trains first when it is in the list).
+fn transfer_source(
+    cfg: &ExperimentConfig,
+    method: Method,
+    dataset: &Dataset,
+    device: &Device,
+    out: &Path,
+) -> Result<Option<Run>> {
+    if method == Method::None || cfg.eval.strength.transfer_samples == 0 {
+        return Ok(None);
+    }
+    let ckpt = out.join(Method::None.key()).join(CHECKPOINT_FILE);
+    if !ckpt.exists() {
+        eprintln!(
+            "{}: no transfer row ({} does not exist: train the undefended method first)",
+            method.label(),
+            ckpt.display()
+        );
+        return Ok(None);
+    }
+    Run::load(&ckpt, dataset, device).map(Some)
+}
+
+/// The objectives and transfer tables of every method that has them.
+fn strength_tables(reports: &[MethodReport]) -> String {
+    let mut s = String::new();
+    for r in reports {
+        if let Some(o) = &r.objectives {
+            s += &format!("\n{}", objectives_markdown(&r.label, o));
+        }
+        if let Some(t) = &r.transfer {
+            s += &format!("\n{}", transfer_markdown(&r.label, t));
+        }
+    }
+    s
+}
+
 /// Trains one method, resuming from its checkpoint when one exists.
 fn train_method(
     cfg: &ExperimentConfig,
@@ -354,6 +448,18 @@ pub fn evaluate_run(
     dataset: &Dataset,
     plan: &EvalPlan,
     device: &Device,
+) -> Result<MethodReport> {
+    evaluate_run_with(run, dataset, plan, device, None)
+}
+
+/// [`evaluate_run`], plus the transfer row from `transfer_from` (its label and run) when the
+/// plan asks for one.
+pub fn evaluate_run_with(
+    run: &Run,
+    dataset: &Dataset,
+    plan: &EvalPlan,
+    device: &Device,
+    transfer_from: Option<(&str, &Run)>,
 ) -> Result<MethodReport> {
     let set = EvalSet::of(dataset).capped(plan.max_test_samples);
     let nets: Vec<&_> = run.members.iter().map(|m| &m.net).collect();
@@ -492,6 +598,22 @@ pub fn evaluate_run(
     )?;
     report.sanity = checks;
     report.sanity_probe = Some(probe);
+    let whole = WholeEval {
+        run,
+        set: &set,
+        clean: &emb.clean,
+        attacked,
+        plan,
+        device,
+    };
+    if plan.strength.objective_samples > 0 {
+        report.objectives = Some(objectives_on_subset(&whole)?);
+    }
+    if let (Some((label, source)), true) = (transfer_from, plan.strength.transfer_samples > 0) {
+        let t = transfer_on_subset(&whole, label, source)?;
+        report.sanity.push(transfer_check(&t));
+        report.transfer = Some(t);
+    }
     if let Some(rp) = &plan.ranking {
         report.ranking = Some(run_ranking_suite(
             &nets,
@@ -505,6 +627,172 @@ pub fn evaluate_run(
         )?);
     }
     Ok(report)
+}
+
+/// What the objectives and transfer rows reuse from the main evaluation.
+struct WholeEval<'a> {
+    run: &'a Run,
+    set: &'a EvalSet,
+    clean: &'a [Vec<f32>],
+    /// The main attack's embeddings of every image of `set`.
+    attacked: &'a [Vec<f32>],
+    plan: &'a EvalPlan,
+    device: &'a Device,
+}
+
+impl WholeEval<'_> {
+    fn nets(&self) -> Vec<&EmbeddingNet> {
+        self.run.members.iter().map(|m| &m.net).collect()
+    }
+    fn dim(&self) -> usize {
+        self.run.cfg.embedding_dim
+    }
+    /// `n` images spread over the set: the subset and its rows of `matrices`.
+    fn subset(&self, n: usize) -> (Vec<usize>, EvalSet) {
+        let picks = spread_indices(self.set.samples.len(), n);
+        let sub = self.set.subset(&picks);
+        (picks, sub)
+    }
+    fn rows(&self, matrices: &[Vec<f32>], picks: &[usize]) -> Vec<Vec<f32>> {
+        let dim = self.dim();
+        matrices
+            .iter()
+            .map(|m| {
+                picks
+                    .iter()
+                    .flat_map(|&i| m[i * dim..(i + 1) * dim].iter().copied())
+                    .collect()
+            })
+            .collect()
+    }
+    fn loss(&self) -> ProxyAnchorConfig {
+        ProxyAnchorConfig {
+            alpha: self.run.cfg.pa_alpha,
+            delta: self.run.cfg.pa_delta,
+        }
+    }
+    /// The main attack's row on the subset (its images were attacked with `plan.attack`).
+    fn main_row(&self, picks: &[usize], sub: &EvalSet, clean: &[Vec<f32>]) -> Result<AttackRow> {
+        let attacked = self.rows(self.attacked, picks);
+        let (clustering, template) = scenario_metrics(
+            clean,
+            &attacked,
+            sub,
+            self.dim(),
+            self.device,
+            self.plan.seed,
+        )?;
+        Ok(AttackRow {
+            objective: Some(self.plan.attack.objective),
+            attack: Some(self.plan.attack),
+            clustering,
+            template,
+            seconds: 0.0,
+        })
+    }
+    /// `cfg` on the subset, made on `source` and evaluated on this run's nets.
+    fn attacked_row(
+        &self,
+        source: &AttackSource,
+        sub: &EvalSet,
+        clean: &[Vec<f32>],
+        cfg: &PgdConfig,
+    ) -> Result<AttackRow> {
+        let nets = self.nets();
+        let r = attack_set(
+            &nets,
+            source,
+            sub,
+            self.run.cfg.image_size,
+            self.plan.batch_size,
+            self.run.cfg.workers,
+            self.device,
+            cfg,
+            self.plan.seed,
+        )?;
+        let (clustering, template) = scenario_metrics(
+            clean,
+            &r.attacked,
+            sub,
+            self.dim(),
+            self.device,
+            self.plan.seed,
+        )?;
+        Ok(AttackRow {
+            objective: Some(cfg.objective),
+            attack: Some(*cfg),
+            clustering,
+            template,
+            seconds: r.seconds,
+        })
+    }
+}
+
+/// The evaluation attack with every objective on `objective_samples` images; the main
+/// attack's objective reuses its embeddings.
+fn objectives_on_subset(w: &WholeEval) -> Result<ObjectivesReport> {
+    let (picks, sub) = w.subset(w.plan.strength.objective_samples);
+    let clean = w.rows(w.clean, &picks);
+    let nets = w.nets();
+    let source = AttackSource {
+        nets: &nets,
+        clean: &clean,
+        loss: w.loss(),
+    };
+    let mut rows = Vec::new();
+    for objective in Objective::ALL {
+        rows.push(if objective == w.plan.attack.objective {
+            w.main_row(&picks, &sub, &clean)?
+        } else {
+            let cfg = PgdConfig {
+                objective,
+                ..w.plan.attack
+            };
+            w.attacked_row(&source, &sub, &clean, &cfg)?
+        });
+    }
+    Ok(ObjectivesReport {
+        samples: picks.len(),
+        worst: worst_of(&rows),
+        rows,
+    })
+}
+
+/// The evaluation attack made on `source_run` and evaluated on this run, on
+/// `transfer_samples` images, beside this run's white-box row on them.
+fn transfer_on_subset(w: &WholeEval, label: &str, source_run: &Run) -> Result<TransferReport> {
+    let (picks, sub) = w.subset(w.plan.strength.transfer_samples);
+    let clean = w.rows(w.clean, &picks);
+    let source_nets: Vec<&EmbeddingNet> = source_run.members.iter().map(|m| &m.net).collect();
+    // The label-aware objectives need the source's clean embeddings; the shift does not.
+    let source_clean = if w.plan.attack.objective.needs_labels() {
+        embed_set(
+            &source_nets,
+            &sub,
+            source_run.cfg.image_size,
+            w.plan.batch_size,
+            source_run.cfg.workers,
+            w.device,
+            None,
+        )?
+        .clean
+    } else {
+        Vec::new()
+    };
+    let source = AttackSource {
+        nets: &source_nets,
+        clean: &source_clean,
+        loss: ProxyAnchorConfig {
+            alpha: source_run.cfg.pa_alpha,
+            delta: source_run.cfg.pa_delta,
+        },
+    };
+    Ok(TransferReport {
+        source: label.to_string(),
+        samples: picks.len(),
+        transfer: w.attacked_row(&source, &sub, &clean, &w.plan.attack)?,
+        white_box: w.main_row(&picks, &sub, &clean)?,
+    })
 }
 
 /// Metrics of one model's embeddings, or of an ensemble's by voting.

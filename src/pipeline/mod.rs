@@ -10,4 +10,5 @@ pub mod ranking;
 pub mod report;
 pub mod run_dir;
 pub mod sanity;
+pub mod strength;
 pub mod train;

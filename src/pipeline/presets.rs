@@ -4,7 +4,7 @@
 
 use crate::config::{PgdConfig, RankProfile};
 use crate::data::SyntheticConfig;
-use crate::pipeline::experiment::{EvalPlan, ExperimentConfig};
+use crate::pipeline::experiment::{EvalPlan, ExperimentConfig, StrengthPlan};
 use crate::pipeline::ranking::RankingPlan;
 use crate::pipeline::train::{Arch, TrainConfig};
 use crate::robust::defense::Method;
@@ -101,6 +101,7 @@ fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> Exp
             // The ranking suite is opt-in here (--ranking-queries N): at 32 steps a query it
             // would more than double the quick preset's budget.
             ranking: None,
+            strength: StrengthPlan::default(),
         },
     }
 }
@@ -115,6 +116,7 @@ pub fn quick() -> ExperimentConfig {
     cfg.eval.steps_sweep = vec![0, 1, 2, 5, 10];
     cfg.eval.eps_sweep = vec![0.0, eps255 / 2.0, eps255, 2.0 * eps255];
     cfg.eval.curve_samples = 500;
+    cfg.eval.strength = StrengthPlan::quick();
     cfg
 }
 
@@ -144,6 +146,7 @@ pub fn paper() -> ExperimentConfig {
             profile: RankProfile::Rob224,
             queries: crate::config::RANK_SUITE_QUERIES,
         }),
+        strength: StrengthPlan::default(),
     };
     ExperimentConfig {
         dataset: "cub200".into(),

@@ -72,6 +72,12 @@ pub struct MethodReport {
     /// What the sanity probe measured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sanity_probe: Option<crate::pipeline::sanity::AttackProbe>,
+    /// The evaluation attack with every objective on a subset, and the worst per metric.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objectives: Option<crate::pipeline::strength::ObjectivesReport>,
+    /// Adversarial examples made on the undefended model, evaluated on this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<crate::pipeline::strength::TransferReport>,
 }
 
 /// The template-matching scenario measures retrieval only: no clustering, so no NMI or F1.
@@ -91,7 +97,10 @@ impl From<&Metrics> for TemplateMetrics {
     }
 }
 
-fn serialize_retrieval_only<S: Serializer>(m: &Metrics, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn serialize_retrieval_only<S: Serializer>(
+    m: &Metrics,
+    s: S,
+) -> Result<S::Ok, S::Error> {
     TemplateMetrics::from(m).serialize(s)
 }
 
@@ -517,6 +526,13 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
         }
     }
     h.push_str(&crate::pipeline::sanity::sanity_html(reports));
+    for r in reports {
+        h.push_str(&crate::pipeline::strength::strength_html(
+            &r.label,
+            r.objectives.as_ref(),
+            r.transfer.as_ref(),
+        ));
+    }
     h.push_str(&crate::pipeline::ranking::ranking_html(reports));
     h.push_str(&settings_html(reports, info));
     let _ = write!(

@@ -1,11 +1,11 @@
-//! PGD with restarts: R runs from uniform random starts in the eps-ball; per image the run
-//! with the largest objective is kept. The embedding-shift objective is a sum over images, so
-//! the choice is per image; the metric loss couples the batch (Proxy Anchor's terms mix
-//! samples), so there the whole run with the largest loss is kept.
+//! PGD (or APGD) with restarts: R runs from uniform random starts in the eps-ball; per image
+//! the run with the largest objective is kept. The embedding-shift and retrieval objectives
+//! are sums over images, so the choice is per image; the metric loss couples the batch (Proxy
+//! Anchor's terms mix samples), so there the whole run with the largest loss is kept.
 
 use crate::config::PgdConfig;
 use crate::engine::{no_grad, Result, Rng, Tensor};
-use crate::robust::pgd::{objective_value, pgd, EmbedFn, Goal};
+use crate::robust::pgd::{clean_embeddings, objective_terms, pgd, EmbedFn, Goal};
 
 /// The adversarial inputs of the best of `restarts` random-start runs and, per image, the
 /// objective the kept run reached (the batch's loss, repeated, for the metric loss).
@@ -47,8 +47,8 @@ pub fn pgd_restarts(
     Ok((Tensor::from_vec(adv, x.shape(), &x.device())?, score))
 }
 
-/// Per image, the objective at `x_adv`: the squared embedding shift summed over members, or
-/// (metric loss) the batch's loss for every image.
+/// Per image, the objective at `x_adv`: the member-summed per-image term (embedding shift,
+/// retrieval), or (metric loss) the batch's loss for every image.
 pub fn per_image_objective(
     members: &[EmbedFn],
     x: &Tensor,
@@ -56,19 +56,12 @@ pub fn per_image_objective(
     goal: &Goal,
 ) -> Result<Vec<f32>> {
     let rows = x.shape().first().copied().unwrap_or(0);
-    match goal {
-        Goal::EmbeddingShift => no_grad(|| {
-            let mut out = vec![0.0f32; rows];
-            for m in members {
-                let (clean, adv) = (m(x)?.to_vec()?, m(x_adv)?.to_vec()?);
-                let dim = clean.len() / rows.max(1);
-                for (i, o) in out.iter_mut().enumerate() {
-                    let (c, a) = (&clean[i * dim..(i + 1) * dim], &adv[i * dim..(i + 1) * dim]);
-                    *o += c.iter().zip(a).map(|(c, a)| (a - c) * (a - c)).sum::<f32>();
-                }
-            }
-            Ok(out)
-        }),
-        Goal::MetricLoss { .. } => Ok(vec![objective_value(members, x, x_adv, goal)?; rows]),
-    }
+    no_grad(|| {
+        let clean = clean_embeddings(members, x, goal)?;
+        let (total, per_row) = objective_terms(members, x_adv, &clean, goal)?;
+        match per_row {
+            Some(r) => r.to_vec(),
+            None => Ok(vec![total.item()?; rows]),
+        }
+    })
 }
