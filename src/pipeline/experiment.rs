@@ -85,11 +85,11 @@ impl Default for StrengthPlan {
 }
 
 impl StrengthPlan {
-    /// The quick preset's: 200 images each, to stay within its time budget.
+    /// The quick preset's: 100 images each, to stay within its time budget.
     pub fn quick() -> Self {
         StrengthPlan {
-            objective_samples: 200,
-            transfer_samples: 200,
+            objective_samples: 100,
+            transfer_samples: 100,
         }
     }
 }

@@ -36,6 +36,10 @@ use crate::robust::restarts::{per_image_objective, pgd_restarts};
 
 /// Random restarts the probe compares with the single PGD run.
 pub const PROBE_RESTARTS: usize = 3;
+/// Images of the probe batch (the first of the curve images): enough for its checks, which
+/// compare objectives and movement per image, and a sixth of the cost of a 2,000-image
+/// evaluation attack for each run it makes (single, eps 0, restarts, APGD).
+pub const PROBE_IMAGES: usize = 64;
 /// A gradient with more exactly-zero entries than this is masked.
 pub const MAX_ZERO_GRADIENT_FRACTION: f64 = 0.5;
 
@@ -379,7 +383,11 @@ pub fn run_sanity(
     seed: u64,
     report: &MethodReport,
 ) -> Result<(AttackProbe, Vec<SanityCheck>)> {
-    let probe_rows: Vec<usize> = picks.iter().copied().take(batch_size.max(1)).collect();
+    let probe_rows: Vec<usize> = picks
+        .iter()
+        .copied()
+        .take(PROBE_IMAGES.min(batch_size).max(1))
+        .collect();
     let sub = set.subset(&probe_rows);
     let lc = LoaderConfig::eval(probe_rows.len().max(1), image_size).for_samples(&sub.samples);
     let loader = BatchLoader::new(sub.samples.clone(), LoaderConfig { workers: 0, ..lc })?;
