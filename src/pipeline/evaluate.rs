@@ -173,7 +173,7 @@ pub fn embed_set(
 }
 
 /// max |adv - x| of each image of a batch (on the host: a batch is small).
-fn per_image_linf(x: &Tensor, adv: &Tensor) -> Result<Vec<f32>> {
+pub(crate) fn per_image_linf(x: &Tensor, adv: &Tensor) -> Result<Vec<f32>> {
     let per_image = x.shape()[1..].iter().product::<usize>().max(1);
     let (x, adv) = (x.to_vec()?, adv.to_vec()?);
     Ok(x.chunks(per_image)

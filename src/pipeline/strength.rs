@@ -13,7 +13,7 @@ use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
-use crate::pipeline::evaluate::{template_metrics, EvalSet};
+use crate::pipeline::evaluate::{per_image_linf, template_metrics, EvalSet};
 use crate::pipeline::experiment::model_metrics;
 use crate::pipeline::progress::Progress;
 use crate::pipeline::report::{html_escape, Metrics};
@@ -129,7 +129,7 @@ pub fn attack_set(
         };
         let mut rng = Rng::new(seed ^ batch.batch_index as u64);
         let adv = pgd(&members, &x, cfg, &goal, &mut rng)?;
-        linf.extend(max_moves(&x, &adv)?);
+        linf.extend(per_image_linf(&x, &adv)?);
         for (out, f) in attacked.iter_mut().zip(&target_fns) {
             out.extend(no_grad(|| f(&adv))?.to_vec()?);
         }
@@ -142,20 +142,6 @@ pub fn attack_set(
         linf: (mean as f32, linf.iter().copied().fold(0.0, f32::max)),
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-fn max_moves(x: &Tensor, adv: &Tensor) -> Result<Vec<f32>> {
-    let per_image = x.shape()[1..].iter().product::<usize>().max(1);
-    let (x, adv) = (x.to_vec()?, adv.to_vec()?);
-    Ok(x.chunks(per_image)
-        .zip(adv.chunks(per_image))
-        .map(|(a, b)| {
-            a.iter()
-                .zip(b)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0.0, f32::max)
-        })
-        .collect())
 }
 
 /// Metrics of one attacked pass: the clustering scenario (voting for an ensemble) and the
