@@ -601,7 +601,8 @@ fn reductions_along_a_dimension_match_reference() {
 
 #[test]
 fn l2_normalize_matches_reference() {
-    let shapes: [&[usize]; 3] = [&[5, 6, 7], &[1_030, 67], &[3, 2_000]];
+    // [1_030, 67] along 1 and [40, 30, 20] along 1 split into several parallel tasks of slabs.
+    let shapes: [&[usize]; 4] = [&[5, 6, 7], &[1_030, 67], &[3, 2_000], &[40, 30, 20]];
     for (case, shape) in shapes.into_iter().enumerate() {
         for dim in 0..shape.len() {
             let seed = 10 * case as u64 + dim as u64;

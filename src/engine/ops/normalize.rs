@@ -1,6 +1,9 @@
 //! L2 normalisation along a dimension and the cosine similarity matrix; forward and backward
 //! on both devices. GPU: `shaders/normalize.wgsl` (+ the GEMM for the similarity matrix).
 
+use rayon::prelude::*;
+
+use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{to_u32, Kernel};
 use crate::engine::ops::matmul;
@@ -43,23 +46,44 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
     Ok(())
 }
 
+/// A `len`-element output filled slab by slab (`fill(o, slab)` writes slab `o` of `slab_len`
+/// elements), slabs grouped into tasks of about `cpu::FLAT_CHUNK` elements over all cores. Each
+/// element is computed by the same serial code whatever the grouping, so results do not depend on
+/// the thread count; a small tensor is one task, which keeps the embedding head's [B, D]
+/// normalisation as cheap as the serial loop.
+fn per_slab(slab_len: usize, len: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let mut out = vec![0.0f32; len];
+    if slab_len == 0 {
+        return out;
+    }
+    let per_task = cpu::rows_per_task(slab_len);
+    out.par_chunks_mut(per_task * slab_len)
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            for (j, slab) in chunk.chunks_mut(slab_len).enumerate() {
+                fill(task * per_task + j, slab);
+            }
+        });
+    out
+}
+
 /// x / max(||x||, eps) along `dim`, not recorded.
 fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
     let (outer, n, inner) = outer_n_inner(x.shape(), dim, "l2_normalize")?;
     match x.device() {
         Device::Cpu => {
             let xv = x.cpu()?;
-            let mut out = vec![0.0f32; xv.len()];
-            for o in 0..outer {
+            let out = per_slab(n * inner, xv.len(), |o, slab| {
                 for i in 0..inner {
-                    let at = |k: usize| (o * n + k) * inner + i;
-                    let norm = (0..n).map(|k| xv[at(k)] * xv[at(k)]).sum::<f32>().sqrt();
+                    let at = |k: usize| k * inner + i;
+                    let x = &xv[o * n * inner..];
+                    let norm = (0..n).map(|k| x[at(k)] * x[at(k)]).sum::<f32>().sqrt();
                     let denom = norm.max(eps);
                     for k in 0..n {
-                        out[at(k)] = xv[at(k)] / denom;
+                        slab[at(k)] = x[at(k)] / denom;
                     }
                 }
-            }
+            });
             Tensor::from_cpu(out, x.shape())
         }
         Device::Gpu(ctx) => {
@@ -79,21 +103,21 @@ fn l2_normalize_backward_raw(x: &Tensor, g: &Tensor, dim: usize, eps: f32) -> Re
     match same_device("l2_normalize backward", &[x, g])? {
         Device::Cpu => {
             let (xv, gv) = (x.cpu()?, g.cpu()?);
-            let mut out = vec![0.0f32; xv.len()];
-            for o in 0..outer {
+            let out = per_slab(n * inner, xv.len(), |o, slab| {
+                let (x, g) = (&xv[o * n * inner..], &gv[o * n * inner..]);
                 for i in 0..inner {
-                    let at = |k: usize| (o * n + k) * inner + i;
-                    let r = (0..n).map(|k| xv[at(k)] * xv[at(k)]).sum::<f32>().sqrt();
-                    let g_dot_x: f32 = (0..n).map(|k| gv[at(k)] * xv[at(k)]).sum();
+                    let at = |k: usize| k * inner + i;
+                    let r = (0..n).map(|k| x[at(k)] * x[at(k)]).sum::<f32>().sqrt();
+                    let g_dot_x: f32 = (0..n).map(|k| g[at(k)] * x[at(k)]).sum();
                     for k in 0..n {
-                        out[at(k)] = if r > eps {
-                            (gv[at(k)] - (xv[at(k)] / r) * (g_dot_x / r)) / r
+                        slab[at(k)] = if r > eps {
+                            (g[at(k)] - (x[at(k)] / r) * (g_dot_x / r)) / r
                         } else {
-                            gv[at(k)] / eps
+                            g[at(k)] / eps
                         };
                     }
                 }
-            }
+            });
             Tensor::from_cpu(out, x.shape())
         }
         Device::Gpu(ctx) => {
