@@ -2,8 +2,9 @@
 //! timed training epoch of MobileNetV2 (Proxy Anchor, no defense) at 224x224 and batch 64 on
 //! synthetic images, and a PGD-10 evaluation (8/255, embedding shift) of 1,000 test images.
 //!
-//! `cargo bench --bench gpu_check [-- --small]`: `--small` shrinks every size (16x16, batch 8,
-//! two dozen images) so that the same path can be dry-run on a software adapter.
+//! `cargo bench --bench gpu_check [-- --small]`: `--small` shrinks every size (32x32, the
+//! smallest MobileNetV2 input; batch 8; two dozen images) so that the same path can be dry-run
+//! on a software adapter.
 
 use std::time::Instant;
 
@@ -33,7 +34,7 @@ const FULL: Sizes = Sizes {
 };
 
 const SMALL: Sizes = Sizes {
-    image_size: 16,
+    image_size: 32,
     batch: 8,
     classes: 2,
     train_per_class: 8, // 16 training images: 2 steps
