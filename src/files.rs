@@ -7,18 +7,19 @@ use std::path::Path;
 
 /// The whole file, if `path` is a regular file (links followed) that fits in memory.
 pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
-    check_regular(path)?;
+    check_fits_in_memory(path)?;
     std::fs::read(path)
 }
 
 /// The whole file as UTF-8 text, under the same rules as [`read_regular`].
 pub fn read_regular_to_string(path: &Path) -> std::io::Result<String> {
-    check_regular(path)?;
+    check_fits_in_memory(path)?;
     std::fs::read_to_string(path)
 }
 
-/// Errors (with `NotFound` kept as such) unless `path` is a regular file that fits in memory.
-pub fn check_regular(path: &Path) -> std::io::Result<()> {
+/// Errors (with `NotFound` kept as such) unless `path` is a regular file; returns its metadata.
+/// Cheap enough to run on every image of a dataset.
+pub fn check_regular(path: &Path) -> std::io::Result<std::fs::Metadata> {
     let meta = std::fs::metadata(path)?;
     if !meta.is_file() {
         return Err(Error::new(
@@ -29,6 +30,12 @@ pub fn check_regular(path: &Path) -> std::io::Result<()> {
             ),
         ));
     }
+    Ok(meta)
+}
+
+/// [`check_regular`], and the file is no larger than the memory the OS reports available.
+fn check_fits_in_memory(path: &Path) -> std::io::Result<()> {
+    let meta = check_regular(path)?;
     match available_memory_bytes() {
         Some(have) if meta.len() > have => Err(Error::new(
             ErrorKind::OutOfMemory,
