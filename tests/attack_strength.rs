@@ -515,7 +515,7 @@ fn experiment_reports_objectives_and_transfer_rows() {
         names.contains(&"white-box at least as strong as transfer"),
         "{names:?}"
     );
-    assert!(names.contains(&"APGD reaches the single run"), "{names:?}");
+    assert!(names.contains(&"APGD reaches PGD"), "{names:?}");
     let table = read("table.md");
     assert!(
         table.contains("#### Transfer: + AT attacked through PAL"),

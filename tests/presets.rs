@@ -62,3 +62,21 @@ fn presets_are_chosen_by_name_on_the_command_line() {
     let (cfg, synth) = Preset::Quick.config();
     assert_eq!(synth.image_size, cfg.train.image_size);
 }
+
+#[test]
+fn curve_points_are_the_evaluation_attack_cut_short_or_scaled() {
+    let plan = presets::quick().eval;
+    let a = plan.attack;
+    // The steps curve keeps alpha: PGD-k is the first k steps of the evaluation attack's path.
+    for steps in [1, 3, 20] {
+        let c = plan.attack_with_steps(steps);
+        assert_eq!((c.steps, c.alpha, c.eps), (steps, a.alpha, a.eps));
+    }
+    // The eps curve keeps alpha / eps.
+    let half = plan.attack_with_eps(a.eps / 2.0);
+    assert!((half.alpha - a.alpha / 2.0).abs() < 1e-9, "{half:?}");
+    assert_eq!(half.steps, a.steps);
+    // Both meet the evaluation attack itself exactly, so its embeddings are reused there.
+    assert_eq!(plan.attack_with_steps(a.steps), a);
+    assert_eq!(plan.attack_with_eps(a.eps), a);
+}

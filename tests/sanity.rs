@@ -8,7 +8,7 @@ use robust_dml::engine::tape::Backward;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
 use robust_dml::pipeline::report::{CurvePoint, MethodReport};
-use robust_dml::pipeline::sanity::{failed_lines, probe_attack, sanity_checks};
+use robust_dml::pipeline::sanity::{failed_lines, probe_attack, sanity_checks, PROBE_APGD_STEPS};
 use robust_dml::robust::pgd::{pgd, EmbedFn, Goal};
 use robust_dml::robust::restarts::{per_image_objective, pgd_restarts};
 
@@ -66,6 +66,8 @@ fn check_flags_masking(d: &Device) {
     };
     let failed = |f: EmbedFn| {
         let probe = probe_attack(&[f], &x, &cfg, 2, 5, None).unwrap();
+        // APGD gets room for its step schedule, and its equal-iteration PGD peer is run too.
+        assert_eq!(probe.apgd_steps, PROBE_APGD_STEPS.max(cfg.steps));
         let checks = sanity_checks(&probe, &report, 100);
         eprintln!("{probe:?}\n{checks:#?}");
         checks
@@ -165,4 +167,32 @@ fn restarts_keep_the_best_run_per_image() {
     for (a, b) in again.iter().zip(&kept) {
         assert!((a - b).abs() <= 1e-6 * b.abs().max(1.0), "{a} vs {b}");
     }
+}
+
+#[test]
+fn apgd_must_reach_pgd_at_equal_iterations_too() {
+    use robust_dml::pipeline::sanity::AttackProbe;
+    let verdict = |apgd: f64| {
+        let probe = AttackProbe {
+            objective_single: 0.20,
+            objective_pgd_equal: 0.25,
+            objective_apgd: apgd,
+            apgd_steps: 20,
+            ..Default::default()
+        };
+        let checks = sanity_checks(&probe, &MethodReport::default(), 100);
+        let c = checks
+            .iter()
+            .find(|c| c.name == "APGD reaches PGD")
+            .unwrap();
+        (c.passed, c.detail.clone())
+    };
+    // Above the single PGD-10 run but below PGD-20: a weaker optimiser, flagged.
+    let (passed, detail) = verdict(0.22);
+    assert!(!passed, "{detail}");
+    assert!(
+        detail.contains("APGD-20") && detail.contains("PGD-20"),
+        "{detail}"
+    );
+    assert!(verdict(0.26).0);
 }

@@ -8,7 +8,8 @@
 //! - the input gradient is not zero almost everywhere;
 //! - PGD with R random restarts (per image, the run with the largest objective) reaches at least
 //!   the objective of the single run; if it does but Recall@1 rises, that is reported;
-//! - APGD with the same steps reaches at least the objective of the single PGD run; likewise.
+//! - APGD with `PROBE_APGD_STEPS` iterations (at least the attack's steps) reaches at least the
+//!   objective of the single PGD run and of a PGD run with as many iterations; likewise.
 //!
 //! From the evaluation's curves and rows:
 //! - Recall@1 does not increase with PGD steps or with eps, beyond 2 binomial standard errors;
@@ -37,9 +38,18 @@ use crate::robust::restarts::{per_image_objective, pgd_restarts};
 /// Random restarts the probe compares with the single PGD run.
 pub const PROBE_RESTARTS: usize = 3;
 /// Images of the probe batch (the first of the curve images): enough for its checks, which
-/// compare objectives and movement per image, and a sixth of the cost of a 2,000-image
-/// evaluation attack for each run it makes (single, eps 0, restarts, APGD).
+/// compare runs on the same images; per iteration, each of its runs (single, eps 0, restarts,
+/// APGD and its PGD peer) costs a thirtieth of the evaluation attack on 2,000 images.
 pub const PROBE_IMAGES: usize = 64;
+/// Iterations of the probe's APGD run (and of the PGD run it is compared with at equal
+/// iterations), when the attack itself has fewer. APGD halves its step at checkpoints placed at
+/// 22%, 41%, 57%, ... of its iterations; at 10 iterations that is every iteration from the fifth
+/// on, too soon for its momentum to pay. Measured (64 test images, mean embedding shift, APGD
+/// against PGD at equal iterations): on the Fashion-MNIST protocol's undefended model 0.180
+/// against 0.204 at 10, 0.244 against 0.226 at 20, 0.306 against 0.239 at 50; on the quick
+/// preset's undefended model (16 training steps, nearly linear) 0.0460 against 0.0474 at 20,
+/// 0.0504 against 0.0487 at 30, 0.0529 against 0.0497 at 50.
+pub const PROBE_APGD_STEPS: usize = 50;
 /// A gradient with more exactly-zero entries than this is masked.
 pub const MAX_ZERO_GRADIENT_FRACTION: f64 = 0.5;
 
@@ -67,9 +77,16 @@ pub struct AttackProbe {
     pub recall1_restarts: Option<f64>,
     pub seconds_single: f64,
     pub seconds_restarts: f64,
-    /// APGD with the same eps, steps and start: mean per-image objective, probe Recall@1, time.
+    /// APGD with the same eps and start and `apgd_steps` iterations: mean per-image objective,
+    /// probe Recall@1, time.
+    #[serde(default)]
+    pub apgd_steps: usize,
     #[serde(default)]
     pub objective_apgd: f64,
+    /// PGD with `apgd_steps` iterations (alpha 2.5 eps / iterations): APGD's equal-budget peer
+    /// (the single run when `apgd_steps` is the attack's steps).
+    #[serde(default)]
+    pub objective_pgd_equal: f64,
     #[serde(default)]
     pub recall1_apgd: Option<f64>,
     #[serde(default)]
@@ -106,14 +123,29 @@ pub fn probe_attack(
     let (best, best_obj) = pgd_restarts(members, x, cfg, &goal, restarts, &mut Rng::new(seed + 1))?;
     let seconds_restarts = t1.elapsed().as_secs_f64();
     let single_obj = per_image_objective(members, x, &single, &goal)?;
+    let apgd_steps = PROBE_APGD_STEPS.max(cfg.steps);
+    let equal = PgdConfig {
+        restarts: 1,
+        optimizer: Optimizer::Pgd,
+        ..PgdConfig {
+            steps: apgd_steps,
+            alpha: PgdConfig::new(cfg.eps, apgd_steps).alpha,
+            ..*cfg
+        }
+    };
     let t2 = std::time::Instant::now();
     let apgd_cfg = PgdConfig {
         optimizer: Optimizer::Apgd,
-        restarts: 1,
-        ..*cfg
+        ..equal
     };
     let (apgd_adv, apgd_obj) = apgd(members, x, &apgd_cfg, &goal, &mut Rng::new(seed))?;
     let seconds_apgd = t2.elapsed().as_secs_f64();
+    let equal_obj = if apgd_steps == cfg.steps {
+        single_obj.clone()
+    } else {
+        let adv = pgd(members, x, &equal, &goal, &mut Rng::new(seed))?;
+        per_image_objective(members, x, &adv, &goal)?
+    };
     let mean = |v: &[f32]| v.iter().map(|&s| s as f64).sum::<f64>() / v.len().max(1) as f64;
     let (r_single, r_restarts, r_apgd) = match recall1 {
         Some(f) => (Some(f(&single)?), Some(f(&best)?), Some(f(&apgd_adv)?)),
@@ -132,7 +164,9 @@ pub fn probe_attack(
         recall1_restarts: r_restarts,
         seconds_single,
         seconds_restarts,
+        apgd_steps,
         objective_apgd: mean(&apgd_obj),
+        objective_pgd_equal: mean(&equal_obj),
         recall1_apgd: r_apgd,
         seconds_apgd,
     })
@@ -205,7 +239,7 @@ pub fn sanity_checks(
     );
     let restarts_ok = probe.objective_restarts >= probe.objective_single;
     let mut detail = format!(
-        "mean objective {:.4} with {} random restarts ({:.1} s) vs {:.4} for one run ({:.1} s)",
+        "mean objective {:.5} with {} random restarts ({:.1} s) vs {:.5} for one run ({:.1} s)",
         probe.objective_restarts,
         probe.restarts,
         probe.seconds_restarts,
@@ -215,22 +249,29 @@ pub fn sanity_checks(
     if let (Some(a), Some(b)) = (probe.recall1_single, probe.recall1_restarts) {
         detail += &format!("; probe R@1 {a:.2} -> {b:.2}");
         if restarts_ok && b > a {
-            detail += " (the stronger objective raised R@1: the embedding shift is only a proxy)";
+            detail += " (the higher objective raised R@1: the embedding shift is only a proxy)";
         }
     }
     check("restarts reach the single run", restarts_ok, detail);
-    let apgd_ok = probe.objective_apgd >= probe.objective_single;
+    let apgd_ok = probe.objective_apgd >= probe.objective_single
+        && probe.objective_apgd >= probe.objective_pgd_equal;
     let mut detail = format!(
-        "mean objective {:.4} with APGD ({:.1} s) vs {:.4} for one PGD run",
-        probe.objective_apgd, probe.seconds_apgd, probe.objective_single
+        "mean objective {:.5} with APGD-{} ({:.1} s) vs {:.5} for the single PGD run and {:.5} \
+         for PGD-{} (equal iterations)",
+        probe.objective_apgd,
+        probe.apgd_steps,
+        probe.seconds_apgd,
+        probe.objective_single,
+        probe.objective_pgd_equal,
+        probe.apgd_steps
     );
     if let (Some(a), Some(b)) = (probe.recall1_single, probe.recall1_apgd) {
         detail += &format!("; probe R@1 {a:.2} -> {b:.2}");
         if apgd_ok && b > a {
-            detail += " (the stronger objective raised R@1: the embedding shift is only a proxy)";
+            detail += " (the higher objective raised R@1: the embedding shift is only a proxy)";
         }
     }
-    check("APGD reaches the single run", apgd_ok, detail);
+    check("APGD reaches PGD", apgd_ok, detail);
     for (name, curve) in [
         ("R@1 falls with steps", &report.steps_curve),
         ("R@1 falls with eps", &report.eps_curve),
