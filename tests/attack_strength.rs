@@ -453,6 +453,9 @@ fn attack_cli_runs_objectives_apgd_and_transfer() {
         err.contains("--transfer-from") && err.contains("8 px"),
         "{err}"
     );
+    // One sentence, not a source line's indentation copied into it.
+    let line = err.lines().find(|l| l.contains("--transfer-from")).unwrap();
+    assert!(!line.contains("  "), "{line}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
