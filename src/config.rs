@@ -40,6 +40,26 @@ pub const TRADES_LAMBDA: f32 = 10.0;
 /// Start of an attack without a random start: x + 0.001 N(0, 1) (docs/DESIGN.md, Attacks).
 pub const PGD_START_NOISE: f32 = 0.001;
 
+/// The attack scenarios a command reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Every test sample perturbed; metrics on the adversarial embeddings alone.
+    Clustering,
+    /// Queries perturbed, gallery clean.
+    Template,
+    Both,
+}
+
+impl Scenario {
+    pub fn clustering(self) -> bool {
+        self != Scenario::Template
+    }
+    pub fn template(self) -> bool {
+        self != Scenario::Clustering
+    }
+}
+
 /// Objective an attack maximises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]

@@ -1,7 +1,7 @@
 //! The experiment report: Table 1 layout and an HTML page with the plots; the tables `eval` and
 //! `attack` print.
 
-use robust_dml::config::{Objective, Optimizer, PgdConfig};
+use robust_dml::config::{Objective, Optimizer, PgdConfig, Scenario};
 use robust_dml::pipeline::report::{
     html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
 };
@@ -183,9 +183,10 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
         template: m(6.0),
         seconds: 2.0,
     };
-    let strength = StrengthOutput {
+    let mut strength = StrengthOutput {
         checkpoint: "target".into(),
         dataset: "synthetic".into(),
+        scenario: Scenario::Both,
         clean: m(40.0),
         white_box: vec![
             attack(Objective::EmbeddingShift, Optimizer::Pgd),
@@ -208,5 +209,22 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
         t.contains("| + EAT | transfer from source PGD-10 shift eps 8.0/255 alpha "),
         "{t}"
     );
+    // --scenario picks the columns: template matching alone has no NMI; clustering alone no
+    // template columns.
+    strength.scenario = Scenario::Template;
+    let t = strength_table(&strength, "+ EAT");
+    assert_rows_match_header(&t);
+    assert!(
+        t.contains("| R@1 template | MAP@R template | s |") && !t.contains("NMI"),
+        "{t}"
+    );
+    assert!(
+        t.contains("| + EAT | **worst (objective)** | 7.00 (retrieval) | 8.00 (retrieval) |"),
+        "{t}"
+    );
+    strength.scenario = Scenario::Clustering;
+    let t = strength_table(&strength, "+ EAT");
+    assert_rows_match_header(&t);
+    assert!(t.contains("NMI") && !t.contains("template"), "{t}");
     assert_rows_match_header(&table_markdown(&sample(), "test"));
 }

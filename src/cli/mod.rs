@@ -7,7 +7,7 @@ use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
-use crate::config::{self, Objective, Optimizer, PgdConfig, RankProfile};
+use crate::config::{self, Objective, Optimizer, PgdConfig, RankProfile, Scenario};
 use crate::data::{self, Dataset, DatasetKind};
 use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::{Device, Rng, Tensor};
@@ -193,15 +193,6 @@ pub struct EvalArgs {
     pub json: bool,
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch_size: u64,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Scenario {
-    /// Every test sample perturbed; metrics on the adversarial embeddings alone.
-    Clustering,
-    /// Queries perturbed, gallery clean.
-    Template,
-    Both,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -713,10 +704,10 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
         seconds,
     };
     if let (Some((_, scenario)), Some(adv)) = (attack, emb.attacked.as_ref()) {
-        if scenario != Scenario::Template {
+        if scenario.clustering() {
             out.pgd_clustering = Some(metrics(adv)?);
         }
-        if scenario != Scenario::Clustering {
+        if scenario.template() {
             let (a, c) = if adv.len() == 1 {
                 (adv[0].clone(), emb.clean[0].clone())
             } else {
@@ -835,6 +826,7 @@ fn attack_strength(a: &AttackArgs, cfg: &PgdConfig) -> Result<()> {
     let mut out = StrengthOutput {
         checkpoint: e.checkpoint.display().to_string(),
         dataset: dataset.name.clone(),
+        scenario: a.scenario,
         clean: model_metrics(&clean, &set, dim, &device, 0)?,
         worst: if white_box.len() > 1 {
             worst_of(&white_box)

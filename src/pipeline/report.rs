@@ -53,10 +53,14 @@ pub fn markdown_header(leading: &[&str], trailing: &[&str]) -> String {
         .chain(trailing)
         .copied()
         .collect();
-    let alignments: Vec<&str> = names
-        .iter()
-        .enumerate()
-        .map(|(i, _)| if i < leading.len() { "---" } else { "---:" })
+    markdown_columns(&names, leading.len())
+}
+
+/// A Markdown table header of `names`, the first `left` of them left-aligned (labels) and the
+/// rest right-aligned (numbers).
+pub fn markdown_columns(names: &[&str], left: usize) -> String {
+    let alignments: Vec<&str> = (0..names.len())
+        .map(|i| if i < left { "---" } else { "---:" })
         .collect();
     format!(
         "| {} |\n| {} |\n",

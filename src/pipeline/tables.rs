@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use crate::config::{Optimizer, PgdConfig};
-use crate::pipeline::report::{markdown_header, Metrics, TemplateMetrics};
+use crate::config::{Optimizer, PgdConfig, Scenario};
+use crate::pipeline::report::{markdown_columns, markdown_header, Metrics, TemplateMetrics};
 use crate::pipeline::sanity::SanityCheck;
 use crate::pipeline::strength::{AttackRow, WorstMetric};
 
@@ -70,6 +70,9 @@ fn eval_title(out: &EvalOutput) -> String {
 pub struct StrengthOutput {
     pub checkpoint: String,
     pub dataset: String,
+    /// The scenarios the table shows; the rows carry the figures of both (the attack is the
+    /// same, only the gallery differs, so both cost one attack).
+    pub scenario: Scenario,
     pub clean: Metrics,
     /// The target attacked through itself, one row per objective.
     pub white_box: Vec<AttackRow>,
@@ -86,39 +89,64 @@ pub struct StrengthOutput {
 }
 
 /// The rows of a [`StrengthOutput`] as Markdown: clean, each white-box and transfer attack with
-/// its parameters, template-matching figures and wall time, the worst per metric, then the
-/// sanity checks.
+/// its parameters and wall time, the worst per metric, then the sanity checks. The clustering
+/// columns (the metrics) and the template-matching ones (R@1 and MAP@R) appear as the
+/// output's scenario asks.
 pub fn strength_table(out: &StrengthOutput, label: &str) -> String {
-    let mut s = format!(
-        "### {} on {}\n\n{}",
-        out.checkpoint,
-        out.dataset,
-        markdown_header(
-            &["method", "input"],
-            &["R@1 template", "MAP@R template", "s"]
-        )
-    );
-    s += &format!(
-        "| {label} | clean | {} | | | |\n",
-        out.clean.cells().join(" | ")
-    );
-    let mut row = |input: String, r: &AttackRow| {
-        s += &format!(
-            "| {label} | {input} | {} | {:.2} | {:.2} | {:.1} |\n",
-            r.clustering.cells().join(" | "),
-            r.template.recall[0],
-            r.template.map_r,
-            r.seconds
-        );
+    let (clustering, template) = (out.scenario.clustering(), out.scenario.template());
+    let trailing: &[&str] = if template {
+        &["R@1 template", "MAP@R template", "s"]
+    } else {
+        &["s"]
+    };
+    let header = if clustering {
+        markdown_header(&["method", "input"], trailing)
+    } else {
+        let names: Vec<&str> = ["method", "input"]
+            .iter()
+            .chain(trailing)
+            .copied()
+            .collect();
+        markdown_columns(&names, 2)
+    };
+    let mut s = format!("### {} on {}\n\n{header}", out.checkpoint, out.dataset);
+    // One row: the metric cells (clustering), then template R@1 and MAP@R, then the rest.
+    let mut row = |input: &str, metrics: [String; 7], tail: [String; 2], rest: &[String]| {
+        let mut cells: Vec<String> = Vec::new();
+        if clustering {
+            cells.extend(metrics);
+        }
+        if template {
+            cells.extend(tail);
+        }
+        cells.extend(rest.iter().cloned());
+        s += &format!("| {label} | {input} | {} |\n", cells.join(" | "));
+    };
+    let blank = || [String::new(), String::new()];
+    row("clean", out.clean.cells(), blank(), &[String::new()]);
+    let attacked = |r: &AttackRow| {
+        [
+            format!("{:.2}", r.template.recall[0]),
+            format!("{:.2}", r.template.map_r),
+        ]
     };
     for r in &out.white_box {
-        row(format!("white-box {}", attack_description(r)), r);
+        let input = format!("white-box {}", attack_description(r));
+        row(
+            &input,
+            r.clustering.cells(),
+            attacked(r),
+            &[format!("{:.1}", r.seconds)],
+        );
     }
     let source = out.transfer_from.as_deref().unwrap_or("");
     for r in &out.transfer {
+        let input = format!("transfer from {source} {}", attack_description(r));
         row(
-            format!("transfer from {source} {}", attack_description(r)),
-            r,
+            &input,
+            r.clustering.cells(),
+            attacked(r),
+            &[format!("{:.1}", r.seconds)],
         );
     }
     if !out.worst.is_empty() {
@@ -127,10 +155,11 @@ pub fn strength_table(out: &StrengthOutput, label: &str) -> String {
             .iter()
             .map(|w| format!("{:.2} ({})", w.value, w.objective.key()))
             .collect();
-        s += &format!(
-            "| {label} | **worst (objective)** | {} | |\n",
-            cells.join(" | ")
-        );
+        let (metrics, tail) = cells.split_at(cells.len().min(7));
+        let metrics: [String; 7] =
+            std::array::from_fn(|i| metrics.get(i).cloned().unwrap_or_default());
+        let tail = [0, 1].map(|i| tail.get(i).cloned().unwrap_or_default());
+        row("**worst (objective)**", metrics, tail, &[String::new()]);
     }
     for c in &out.checks {
         s += &format!(
