@@ -8,12 +8,13 @@
 //!   copied into the whole outputs ([`per_sample`]);
 //! - reductions over the batch (weight and bias gradients) as sums of chunk results
 //!   ([`batch_sum`]);
-//! - elementwise ops over flat ranges ([`flat`]);
+//! - elementwise ops over flat ranges (per-sample chunks of 1-D views of them);
 //! - batch norm, which couples the batch, combines per-chunk statistics in its own module.
 //!
 //! Chunks start on the adapter's storage offset alignment where they can (views); otherwise
 //! their inputs are copied. On the CPU, and on a GPU when everything fits, these helpers
-//! return `None` and the op runs as usual.
+//! return `None` and the op runs as usual. Ops reach them through [`super::launch::Launch`],
+//! which names the rule; batch norm calls them itself.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -186,16 +187,6 @@ pub(crate) fn per_sample(
         .map(Some)
 }
 
-/// [`per_sample`] for an op with one output of `out_shape`.
-pub(crate) fn per_sample_one(
-    op: &'static str,
-    batched: &[&Tensor],
-    out_shape: &[usize],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
-    Ok(per_sample(op, batched, &[out_shape], |c| Ok(vec![f(c)?]))?.map(|mut v| v.remove(0)))
-}
-
 /// Sums `f` over batch chunks of `batched` when one of them, or an intermediate of `f` holding
 /// `intermediate` values per sample, exceeds a binding: reductions over the batch such as
 /// weight and bias gradients. `None` when no split is needed.
@@ -217,28 +208,4 @@ pub(crate) fn batch_sum(
         });
     }
     Ok(total)
-}
-
-/// Runs an elementwise op over flat ranges when its operands exceed a binding: `f` gets
-/// same-length 1-D views of `inputs` (all of one size) and returns the range's output.
-pub(crate) fn flat(
-    op: &'static str,
-    inputs: &[&Tensor],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
-    let len = inputs[0].numel();
-    let Device::Gpu(ctx) = inputs[0].device() else {
-        return Ok(None);
-    };
-    if len <= ctx.max_binding_elems() {
-        return Ok(None);
-    }
-    let flat: Vec<Tensor> = inputs
-        .iter()
-        .map(|t| t.reshape_raw(&[t.numel()]))
-        .collect::<Result<_>>()?;
-    let refs: Vec<&Tensor> = flat.iter().collect();
-    per_sample_one(op, &refs, &[len], f)?
-        .map(|y| y.reshape_raw(inputs[0].shape()))
-        .transpose()
 }
