@@ -45,8 +45,11 @@ enum Split<'a> {
     /// A sum over the batch: the cut inputs in batch chunks, the one output summed over them;
     /// the op's intermediates hold the values per sample that the function gives for the
     /// context (they may depend on its kernel policy).
-    BatchSum(Box<dyn Fn(&GpuContext) -> Vec<usize> + 'a>),
+    BatchSum(PerSampleValues<'a>),
 }
+
+/// Values per sample that an op's intermediates hold on a context (its policy picks the route).
+type PerSampleValues<'a> = Box<dyn Fn(&GpuContext) -> Vec<usize> + 'a>;
 
 /// One op's inputs and how its GPU work may be split; run with [`Launch::run`].
 pub(crate) struct Launch<'a> {
@@ -138,9 +141,12 @@ impl<'a> Launch<'a> {
     ) -> Result<[Tensor; N]> {
         let zeroed = self.zeroed;
         self.execute(out_shapes, cpu, |ctx, inputs, shapes| {
-            let alloc = |s: &Vec<usize>| match zeroed {
-                true => ctx.zeros(numel(s)),
-                false => ctx.alloc(numel(s)),
+            let alloc = |s: &Vec<usize>| {
+                if zeroed {
+                    ctx.zeros(numel(s))
+                } else {
+                    ctx.alloc(numel(s))
+                }
             };
             let out: Vec<GpuBuffer> = shapes.iter().map(alloc).collect::<Result<_>>()?;
             let out: [GpuBuffer; N] = array(self.op, out)?;
@@ -215,72 +221,32 @@ impl<'a> Launch<'a> {
     ) -> Result<Option<[Tensor; N]>> {
         let (cut, whole) = self.inputs.split_at(self.cut);
         // A chunk's inputs: its views of the cut ones, then the whole ones.
-        let with_whole = |chunk: &[Tensor]| {
+        let chunk_inputs = |chunk: &[Tensor]| {
             let mut all = chunk.to_vec();
             all.extend(whole.iter().map(|t| (*t).clone()));
             all
         };
         let outs = match &self.split {
-            Split::Never => return Ok(None),
-            Split::Flat => {
-                let len = cut[0].numel();
-                if len <= ctx.max_binding_elems() {
-                    return Ok(None);
-                }
-                if let Some(s) = out_shapes.iter().find(|s| numel(s) != len) {
-                    return shape_err(self.op, format!("output {s:?} for inputs of {len} values"));
-                }
-                let flat: Vec<Tensor> = cut
-                    .iter()
-                    .map(|t| t.reshape_raw(&[t.numel()]))
-                    .collect::<Result<_>>()?;
-                let refs: Vec<&Tensor> = flat.iter().collect();
-                let flat_shapes = [[len]; N];
-                let flat_refs: Vec<&[usize]> = flat_shapes.iter().map(|s| &s[..]).collect();
-                let outs = split::per_sample(self.op, &refs, &flat_refs, |chunk| {
-                    let shapes = [0; N].map(|_| vec![chunk[0].numel()]);
-                    Ok(Vec::from(gpu(&with_whole(chunk), shapes)?))
-                })?;
-                let Some(outs) = outs else {
-                    return Ok(None);
-                };
-                outs.iter()
-                    .zip(out_shapes)
-                    .map(|(t, s)| t.reshape_raw(s))
-                    .collect::<Result<Vec<_>>>()?
-            }
-            Split::PerSample => {
-                let outs = split::per_sample(self.op, cut, out_shapes, |chunk| {
-                    let n = chunk[0].shape()[0];
-                    let shapes = out_shapes.map(|s| with_batch(s, n));
-                    Ok(Vec::from(gpu(&with_whole(chunk), shapes)?))
-                })?;
-                let Some(outs) = outs else {
-                    return Ok(None);
-                };
-                outs
-            }
+            Split::Never => None,
+            Split::Flat => split::flat(self.op, cut, out_shapes, |chunk| {
+                let shapes = [0; N].map(|_| vec![chunk[0].numel()]);
+                Ok(Vec::from(gpu(&chunk_inputs(chunk), shapes)?))
+            })?,
+            Split::PerSample => split::per_sample(self.op, cut, out_shapes, |chunk| {
+                let n = chunk[0].shape()[0];
+                let shapes = out_shapes.map(|s| with_batch(s, n));
+                Ok(Vec::from(gpu(&chunk_inputs(chunk), shapes)?))
+            })?,
             Split::BatchSum(intermediate) => {
-                if N != 1 {
-                    return Err(EngineError::Gpu(format!(
-                        "{}: a batch sum has one output, not {N}",
-                        self.op
-                    )));
-                }
-                let sum = split::batch_sum(self.op, cut, &intermediate(ctx), |chunk| {
-                    let [out] = array(
-                        self.op,
-                        Vec::from(gpu(&with_whole(chunk), shapes(out_shapes))?),
-                    )?;
-                    Ok(out)
-                })?;
-                let Some(sum) = sum else {
-                    return Ok(None);
-                };
-                vec![sum]
+                split::batch_sum(self.op, cut, &intermediate(ctx), |chunk| {
+                    let outs = gpu(&chunk_inputs(chunk), out_shapes.map(<[usize]>::to_vec))?;
+                    let [sum] = array(self.op, Vec::from(outs))?;
+                    Ok(sum)
+                })?
+                .map(|sum| vec![sum])
             }
         };
-        array(self.op, outs).map(Some)
+        outs.map(|v| array(self.op, v)).transpose()
     }
 }
 
@@ -289,11 +255,6 @@ fn with_batch(shape: &[usize], n: usize) -> Vec<usize> {
     let mut s = shape.to_vec();
     s[0] = n;
     s
-}
-
-/// The declared shapes as owned vectors.
-fn shapes<const N: usize>(out_shapes: &[&[usize]; N]) -> [Vec<usize>; N] {
-    out_shapes.map(<[usize]>::to_vec)
 }
 
 /// `v` as an array of `N` items, or an error naming the op.

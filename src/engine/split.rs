@@ -8,7 +8,7 @@
 //!   copied into the whole outputs ([`per_sample`]);
 //! - reductions over the batch (weight and bias gradients) as sums of chunk results
 //!   ([`batch_sum`]);
-//! - elementwise ops over flat ranges (per-sample chunks of 1-D views of them);
+//! - elementwise ops over flat ranges ([`flat`]);
 //! - batch norm, which couples the batch, combines per-chunk statistics in its own module.
 //!
 //! Chunks start on the adapter's storage offset alignment where they can (views); otherwise
@@ -208,4 +208,40 @@ pub(crate) fn batch_sum(
         });
     }
     Ok(total)
+}
+
+/// Runs an elementwise op over flat ranges when its operands exceed a binding: `f` gets
+/// same-length 1-D views of `inputs` (all of one size) and returns the range's outputs, which
+/// make whole outputs of `out_shapes` (each of that size too).
+pub(crate) fn flat(
+    op: &'static str,
+    inputs: &[&Tensor],
+    out_shapes: &[&[usize]],
+    f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+) -> Result<Option<Vec<Tensor>>> {
+    let len = inputs[0].numel();
+    let Device::Gpu(ctx) = inputs[0].device() else {
+        return Ok(None);
+    };
+    if len <= ctx.max_binding_elems() {
+        return Ok(None);
+    }
+    if let Some(s) = out_shapes.iter().find(|s| numel(s) != len) {
+        return shape_err(op, format!("output {s:?} for inputs of {len} values"));
+    }
+    let flat: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| t.reshape_raw(&[t.numel()]))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&Tensor> = flat.iter().collect();
+    let flat_shapes = vec![[len]; out_shapes.len()];
+    let flat_refs: Vec<&[usize]> = flat_shapes.iter().map(|s| &s[..]).collect();
+    let Some(outs) = per_sample(op, &refs, &flat_refs, f)? else {
+        return Ok(None);
+    };
+    outs.iter()
+        .zip(out_shapes)
+        .map(|(y, s)| y.reshape_raw(s))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
