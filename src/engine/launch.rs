@@ -8,10 +8,11 @@
 //!     let [y] = Launch::flat("elementwise", &[x]).run(
 //!         [x.shape()],
 //!         || Ok([cpu::map(&x.cpu()?, |v| op.apply(v))]),
-//!         |g| {
-//!             let (n, xb) = (g.out[0].len(), g.input(0)?);
+//!         |call| {
+//!             let (n, xb) = (call.out[0].len(), call.input(0)?);
+//!             let bufs = [xb, xb, &call.out[0]];
 //!             let params = elementwise_params(n, op.code())?;
-//!             g.ctx.dispatch(&UNARY, &params, &[xb, xb, &g.out[0]], groups_for(n, 256)?)
+//!             call.ctx.dispatch(&UNARY, &params, &bufs, groups_for(n, 256)?)
 //!         },
 //!     )?;
 //!     Ok(y)
@@ -19,10 +20,10 @@
 //! ```
 //!
 //! The CPU closure returns the values of every output. The GPU closure gets fresh output
-//! buffers and records the kernels that fill them; when a tensor is over one binding it runs once
-//! per chunk, on views of that chunk, so it reads every size from `g.inputs` and `g.out`, never
-//! from the whole tensors. The context's [`super::KernelPolicy`] (`g.ctx.policy()`) picks the
-//! variant. Ops whose GPU code makes its own outputs (convolution routes, multi-pass sums) use
+//! buffers and records the kernels that fill them; when a tensor is over one binding it runs
+//! once per chunk, on views of that chunk, so it reads every size from `call.inputs` and
+//! `call.out`, never from the whole tensors. The context's [`super::KernelPolicy`]
+//! (`call.ctx.policy()`) picks the variant. Ops whose GPU code makes its own outputs (convolution routes, multi-pass sums) use
 //! [`Launch::run_tensors`]; results that are not tensors (top-k lists, in-place updates, batch
 //! norm's own chunking) use [`by_device`], the device dispatch alone.
 

@@ -66,15 +66,15 @@ pub fn pgd_step(
                 s.max(x0 - eps).min(x0 + eps).clamp(0.0, 1.0)
             })])
         },
-        |g| {
-            let n = g.out[0].len();
-            let bufs = [g.input(0)?, g.input(1)?, g.input(2)?, &g.out[0]];
+        |call| {
+            let n = call.out[0].len();
+            let bufs = [call.input(0)?, call.input(1)?, call.input(2)?, &call.out[0]];
             let params = PgdParams {
                 n: to_u32(n)?,
                 alpha,
                 eps,
             };
-            g.ctx.dispatch(&PGD, &params, &bufs, groups_for(n, 256)?)
+            call.ctx.dispatch(&PGD, &params, &bufs, groups_for(n, 256)?)
         },
     )?;
     Ok(y)

@@ -194,11 +194,12 @@ pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
         [x.shape()],
         // The scalar `apply` is the reference; the CPU backend maps it over all cores.
         || Ok([cpu::map(&x.cpu()?, |v| op.apply(v))]),
-        |g| {
-            let (n, xb) = (g.out[0].len(), g.input(0)?);
+        |call| {
+            let (n, xb) = (call.out[0].len(), call.input(0)?);
+            let bufs = [xb, xb, &call.out[0]];
             let params = elementwise_params(n, op.code())?;
-            g.ctx
-                .dispatch(&UNARY, &params, &[xb, xb, &g.out[0]], groups_for(n, 256)?)
+            call.ctx
+                .dispatch(&UNARY, &params, &bufs, groups_for(n, 256)?)
         },
     )?;
     Ok(y)
@@ -215,11 +216,12 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
     let [z] = Launch::flat("elementwise", &[x, y]).run(
         [x.shape()],
         || Ok([cpu::zip_map(&x.cpu()?, &y.cpu()?, |a, b| op.apply(a, b))]),
-        |g| {
-            let n = g.out[0].len();
-            let bufs = [g.input(0)?, g.input(1)?, &g.out[0]];
+        |call| {
+            let n = call.out[0].len();
+            let bufs = [call.input(0)?, call.input(1)?, &call.out[0]];
             let params = elementwise_params(n, op.code())?;
-            g.ctx.dispatch(&BINARY, &params, &bufs, groups_for(n, 256)?)
+            call.ctx
+                .dispatch(&BINARY, &params, &bufs, groups_for(n, 256)?)
         },
     )?;
     Ok(z)
