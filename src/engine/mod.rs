@@ -4,6 +4,7 @@ pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod gpu;
+pub(crate) mod launch;
 pub mod ops;
 pub mod optim;
 pub mod policy;

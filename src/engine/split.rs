@@ -13,7 +13,8 @@
 //!
 //! Chunks start on the adapter's storage offset alignment where they can (views); otherwise
 //! their inputs are copied. On the CPU, and on a GPU when everything fits, these helpers
-//! return `None` and the op runs as usual.
+//! return `None` and the op runs as usual. Ops reach them through [`super::launch::Launch`],
+//! which names the rule; batch norm calls them itself.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -186,16 +187,6 @@ pub(crate) fn per_sample(
         .map(Some)
 }
 
-/// [`per_sample`] for an op with one output of `out_shape`.
-pub(crate) fn per_sample_one(
-    op: &'static str,
-    batched: &[&Tensor],
-    out_shape: &[usize],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
-    Ok(per_sample(op, batched, &[out_shape], |c| Ok(vec![f(c)?]))?.map(|mut v| v.remove(0)))
-}
-
 /// Sums `f` over batch chunks of `batched` when one of them, or an intermediate of `f` holding
 /// `intermediate` values per sample, exceeds a binding: reductions over the batch such as
 /// weight and bias gradients. `None` when no split is needed.
@@ -220,12 +211,14 @@ pub(crate) fn batch_sum(
 }
 
 /// Runs an elementwise op over flat ranges when its operands exceed a binding: `f` gets
-/// same-length 1-D views of `inputs` (all of one size) and returns the range's output.
+/// same-length 1-D views of `inputs` (all of one size) and returns the range's outputs, which
+/// make whole outputs of `out_shapes` (each of that size too).
 pub(crate) fn flat(
     op: &'static str,
     inputs: &[&Tensor],
-    f: impl Fn(&[Tensor]) -> Result<Tensor>,
-) -> Result<Option<Tensor>> {
+    out_shapes: &[&[usize]],
+    f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+) -> Result<Option<Vec<Tensor>>> {
     let len = inputs[0].numel();
     let Device::Gpu(ctx) = inputs[0].device() else {
         return Ok(None);
@@ -233,12 +226,22 @@ pub(crate) fn flat(
     if len <= ctx.max_binding_elems() {
         return Ok(None);
     }
+    if let Some(s) = out_shapes.iter().find(|s| numel(s) != len) {
+        return shape_err(op, format!("output {s:?} for inputs of {len} values"));
+    }
     let flat: Vec<Tensor> = inputs
         .iter()
         .map(|t| t.reshape_raw(&[t.numel()]))
         .collect::<Result<_>>()?;
     let refs: Vec<&Tensor> = flat.iter().collect();
-    per_sample_one(op, &refs, &[len], f)?
-        .map(|y| y.reshape_raw(inputs[0].shape()))
-        .transpose()
+    let flat_shapes = vec![[len]; out_shapes.len()];
+    let flat_refs: Vec<&[usize]> = flat_shapes.iter().map(|s| &s[..]).collect();
+    let Some(outs) = per_sample(op, &refs, &flat_refs, f)? else {
+        return Ok(None);
+    };
+    outs.iter()
+        .zip(out_shapes)
+        .map(|(y, s)| y.reshape_raw(s))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }

@@ -2,11 +2,11 @@
 //! L-infinity ball around the clean input and clipped to [0, 1] (docs/DESIGN.md, Attacks).
 //! GPU: `shaders/pgd.wgsl`.
 
+use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel};
-use crate::engine::split;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::launch::Launch;
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 
 const PGD: Kernel = kernel!("pgd.wgsl", "pgd_step", [Read, Read, Read, ReadWrite]);
@@ -57,32 +57,25 @@ pub fn pgd_step(
             );
         }
     }
-    match same_device("pgd_step", &[x_adv, grad, x_orig])? {
-        Device::Cpu => {
+    let [y] = Launch::flat("pgd_step", &[x_adv, grad, x_orig]).run(
+        [x_adv.shape()],
+        || {
             let (xa, g, x0) = (x_adv.cpu()?, grad.cpu()?, x_orig.cpu()?);
             let stepped = cpu::zip_map(&xa, &g, |xa, g| xa + alpha * sign0(g));
-            let out = cpu::zip_map(&stepped, &x0, |s, x0| {
+            Ok([cpu::zip_map(&stepped, &x0, |s, x0| {
                 s.max(x0 - eps).min(x0 + eps).clamp(0.0, 1.0)
-            });
-            Tensor::from_cpu(out, x_adv.shape())
-        }
-        Device::Gpu(ctx) => {
-            let split = split::flat("pgd_step", &[x_adv, grad, x_orig], |c| {
-                pgd_step(&c[0], &c[1], &c[2], alpha, eps)
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
-            let n = x_adv.numel();
-            let out = ctx.alloc(n)?;
-            let bufs = [x_adv.gpu()?, grad.gpu()?, x_orig.gpu()?, &out];
+            })])
+        },
+        |call| {
+            let n = call.out[0].len();
+            let bufs = [call.input(0)?, call.input(1)?, call.input(2)?, &call.out[0]];
             let params = PgdParams {
                 n: to_u32(n)?,
                 alpha,
                 eps,
             };
-            ctx.dispatch(&PGD, &params, &bufs, groups_for(n, 256)?)?;
-            Tensor::from_gpu(out, x_adv.shape())
-        }
-    }
+            call.ctx.dispatch(&PGD, &params, &bufs, groups_for(n, 256)?)
+        },
+    )?;
+    Ok(y)
 }

@@ -5,12 +5,13 @@
 //! Both devices save the same per-channel statistics for backward: a tensor whose first 2C
 //! values are [mean | invstd] (the GPU's holds the affine coefficients after them).
 
+use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel, OpCodes};
+use crate::engine::launch::by_device;
 use crate::engine::split;
 use crate::engine::tape::Backward;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -137,7 +138,7 @@ fn check(
     op: &'static str,
     x: &Tensor,
     per_channel: &[(&str, &Tensor)],
-) -> Result<(usize, usize, usize, Device)> {
+) -> Result<(usize, usize, usize)> {
     let (n, c, h, w) = x.dims4(op)?;
     for (name, t) in per_channel {
         if t.shape() != [c] {
@@ -151,10 +152,7 @@ fn check(
             );
         }
     }
-    let mut all = vec![x];
-    all.extend(per_channel.iter().map(|(_, t)| *t));
-    let dev = same_device(op, &all)?;
-    Ok((n, c, h * w, dev))
+    Ok((n, c, h * w))
 }
 
 /// Uniform words shared by every batch-norm kernel, and how planes map onto a workgroup.
@@ -443,7 +441,7 @@ pub fn batch_norm_train(
     eps: f32,
 ) -> Result<Tensor> {
     const OP: &str = "batch_norm_train";
-    let (n, c, hw, dev) = check(
+    let (n, c, hw) = check(
         OP,
         x,
         &[
@@ -453,6 +451,7 @@ pub fn batch_norm_train(
             ("running_var", running_var),
         ],
     )?;
+    let inputs = [x, gamma, beta, running_mean, running_var];
     if n * hw <= 1 {
         return invalid(
             OP,
@@ -463,8 +462,11 @@ pub fn batch_norm_train(
         );
     }
     let lay = (n, c, hw);
-    let (y, saved) = match dev {
-        Device::Cpu => {
+    // Batch norm splits itself (whole-batch statistics): the helper only picks the device.
+    let (y, saved) = by_device(
+        OP,
+        &inputs,
+        || {
             let xv = x.cpu()?;
             let stats = cpu_batch_stats(&xv, lay);
             let count = (n * hw) as f64;
@@ -484,25 +486,25 @@ pub fn batch_norm_train(
                 }
             }
             let saved = Tensor::from_cpu([mean, invstd].concat(), &[2 * c])?;
-            (Tensor::from_cpu(y, x.shape())?, saved)
-        }
-        Device::Gpu(ctx) => {
+            Ok((Tensor::from_cpu(y, x.shape())?, saved))
+        },
+        |ctx| {
             let l = Layout::new(n, c, hw);
             let xb = x.gpu()?;
             let (rm, rv) = (running_mean.gpu()?, running_var.gpu()?);
             let (g, b) = (gamma.gpu()?, beta.gpu()?);
-            let chan = gpu_batch_stats(&ctx, &l, xb, g, b, rm, rv, momentum, eps)?;
+            let chan = gpu_batch_stats(ctx, &l, xb, g, b, rm, rv, momentum, eps)?;
             // In-order copies after the statistics kernel: the in-place running-stat update,
             // outside autograd.
             ctx.copy(&chan, 2 * c, rm, 0, c);
             ctx.copy(&chan, 3 * c, rv, 0, c);
-            let y = gpu_affine(&ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
-            (
+            let y = gpu_affine(ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
+            Ok((
                 Tensor::from_gpu(y, x.shape())?,
                 Tensor::from_gpu(chan, &[FWD_SLOTS * c])?,
-            )
-        }
-    };
+            ))
+        },
+    )?;
     Ok(y.record(BatchNormBack { saved, train: true }, &[x, gamma, beta]))
 }
 
@@ -518,7 +520,7 @@ pub fn batch_norm_eval(
     eps: f32,
 ) -> Result<Tensor> {
     const OP: &str = "batch_norm_eval";
-    let (n, c, hw, dev) = check(
+    let (n, c, hw) = check(
         OP,
         x,
         &[
@@ -528,8 +530,12 @@ pub fn batch_norm_eval(
             ("running_var", running_var),
         ],
     )?;
-    let (y, saved) = match dev {
-        Device::Cpu => {
+    let inputs = [x, gamma, beta, running_mean, running_var];
+    // The affine pass splits itself (see `gpu_affine`): the helper only picks the device.
+    let (y, saved) = by_device(
+        OP,
+        &inputs,
+        || {
             let mean = running_mean.cpu()?.clone();
             let invstd: Vec<f32> = running_var
                 .cpu()?
@@ -545,9 +551,9 @@ pub fn batch_norm_eval(
                 &beta.cpu()?,
             );
             let saved = Tensor::from_cpu([mean, invstd].concat(), &[2 * c])?;
-            (Tensor::from_cpu(y, x.shape())?, saved)
-        }
-        Device::Gpu(ctx) => {
+            Ok((Tensor::from_cpu(y, x.shape())?, saved))
+        },
+        |ctx| {
             let l = Layout::new(n, c, hw);
             let xb = x.gpu()?;
             let chan = ctx.alloc(FWD_SLOTS * c)?;
@@ -563,13 +569,13 @@ pub fn batch_norm_eval(
             ];
             let params = l.params(MODE_EVAL, 0, 0.0, eps)?;
             ctx.dispatch(&EVAL_STATS, &params, &b, groups_for(c, 64)?)?;
-            let y = gpu_affine(&ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
-            (
+            let y = gpu_affine(ctx, &l, FORM_FORWARD, FWD_COEF_OFF, xb, xb, &chan)?;
+            Ok((
                 Tensor::from_gpu(y, x.shape())?,
                 Tensor::from_gpu(chan, &[FWD_SLOTS * c])?,
-            )
-        }
-    };
+            ))
+        },
+    )?;
     Ok(y.record(
         BatchNormBack {
             saved,
@@ -602,18 +608,16 @@ impl Backward for BatchNormBack {
         let (n, c, h, w) = x.dims4("batch_norm backward")?;
         let want_dx = x.requires_grad();
         let want_affine = i[1].requires_grad() || i[2].requires_grad();
-        let (dx, dgamma, dbeta) = match same_device("batch_norm backward", &[x, g, &self.saved])? {
-            Device::Cpu => self.cpu_backward(x, gamma, g, (n, c, h * w), want_dx, want_affine)?,
-            Device::Gpu(ctx) => self.gpu_backward(
-                &ctx,
-                x,
-                gamma,
-                g,
-                Layout::new(n, c, h * w),
-                want_dx,
-                want_affine,
-            )?,
-        };
+        // The GPU passes split themselves (`gpu_affine`, `gpu_grad_reduce`).
+        let (dx, dgamma, dbeta) = by_device(
+            "batch_norm backward",
+            &[x, g, &self.saved],
+            || self.cpu_backward(x, gamma, g, (n, c, h * w), want_dx, want_affine),
+            |ctx| {
+                let lay = Layout::new(n, c, h * w);
+                self.gpu_backward(ctx, x, gamma, g, lay, want_dx, want_affine)
+            },
+        )?;
         Ok(vec![
             dx,
             dgamma.filter(|_| i[1].requires_grad()),

@@ -5,12 +5,12 @@
 //! Every op accepts any tensor of rank >= 2 read as [N, C, spatial...]; the spatial
 //! dimensions are flattened into one (HW).
 
+use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuContext, Kernel};
-use crate::engine::split;
+use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -85,6 +85,11 @@ struct Slice {
 }
 
 impl Slice {
+    /// The same copy over a chunk of `batch` images.
+    fn with_batch(self, batch: usize) -> Slice {
+        Slice { batch, ..self }
+    }
+
     /// out[n, dst_off + c, s] = src[n, src_off + c, s] on the host, one image per task.
     fn copy_cpu(&self, src: &[f32], out: &mut [f32]) {
         let per_image = (self.dst_c * self.hw).max(1);
@@ -128,7 +133,6 @@ fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = xs.first() else {
         return invalid("concat_channels", "no tensors to concatenate");
     };
-    let device = same_device("concat_channels", xs)?;
     let (batch, _, hw) = n_c_hw(first, "concat_channels")?;
     let mut total_c = 0;
     for x in xs {
@@ -163,8 +167,9 @@ fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
             Some(s)
         })
         .collect();
-    match device {
-        Device::Cpu => {
+    let [y] = Launch::per_sample("concat_channels", xs).run(
+        [&out_shape],
+        || {
             let guards = xs.iter().map(|x| x.cpu()).collect::<Result<Vec<_>>>()?;
             let mut out = vec![0.0f32; batch * total_c * hw];
             // One image per task, every input's slice of it in turn.
@@ -175,23 +180,18 @@ fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
                         s.copy_image(img, x, out_img);
                     }
                 });
-            Tensor::from_cpu(out, &out_shape)
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one("concat_channels", xs, &out_shape, |c| {
-                concat_raw(&c.iter().collect::<Vec<_>>())
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
+            Ok([out])
+        },
+        |call| {
             // The slices are disjoint and cover the output, so every element gets written.
-            let out = ctx.alloc(batch * total_c * hw)?;
-            for (x, s) in xs.iter().zip(&slices) {
-                s.copy_gpu(&ctx, x, &out)?;
+            for (x, s) in call.inputs.iter().zip(&slices) {
+                s.with_batch(call.batch())
+                    .copy_gpu(call.ctx, x, &call.out[0])?;
             }
-            Tensor::from_gpu(out, &out_shape)
-        }
-    }
+            Ok(())
+        },
+    )?;
+    Ok(y)
 }
 
 /// Channels [off, off + count) of `x`, not recorded.
@@ -207,24 +207,19 @@ fn slice_raw(x: &Tensor, off: usize, count: usize) -> Result<Tensor> {
         count,
     };
     let shape = with_channels(x.shape(), count);
-    match x.device() {
-        Device::Cpu => {
+    let [y] = Launch::per_sample("split_channels", &[x]).run(
+        [&shape],
+        || {
             let mut out = vec![0.0f32; batch * count * hw];
             s.copy_cpu(&x.cpu()?, &mut out);
-            Tensor::from_cpu(out, &shape)
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one("split_channels", &[x], &shape, |c| {
-                slice_raw(&c[0], off, count)
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
-            let out = ctx.alloc(batch * count * hw)?;
-            s.copy_gpu(&ctx, x, &out)?;
-            Tensor::from_gpu(out, &shape)
-        }
-    }
+            Ok([out])
+        },
+        |call| {
+            let s = s.with_batch(call.batch());
+            s.copy_gpu(call.ctx, &call.inputs[0], &call.out[0])
+        },
+    )?;
+    Ok(y)
 }
 
 /// `g` placed at channels [off, off + g's C) of a zero tensor with `total_c` channels.
@@ -240,24 +235,21 @@ fn pad_raw(g: &Tensor, off: usize, total_c: usize) -> Result<Tensor> {
         count,
     };
     let shape = with_channels(g.shape(), total_c);
-    match g.device() {
-        Device::Cpu => {
+    // The copy writes only the piece's channels: the rest of the output starts zeroed.
+    let launch = Launch::per_sample("split_channels backward", &[g]).zeroed();
+    let [y] = launch.run(
+        [&shape],
+        || {
             let mut out = vec![0.0f32; batch * total_c * hw];
             s.copy_cpu(&g.cpu()?, &mut out);
-            Tensor::from_cpu(out, &shape)
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one("split_channels backward", &[g], &shape, |c| {
-                pad_raw(&c[0], off, total_c)
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
-            let out = ctx.zeros(batch * total_c * hw)?;
-            s.copy_gpu(&ctx, g, &out)?;
-            Tensor::from_gpu(out, &shape)
-        }
-    }
+            Ok([out])
+        },
+        |call| {
+            let s = s.with_batch(call.batch());
+            s.copy_gpu(call.ctx, &call.inputs[0], &call.out[0])
+        },
+    )?;
+    Ok(y)
 }
 
 /// out[:, i] = x[:, index[i]], not recorded.
@@ -265,8 +257,9 @@ fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
     let (batch, c, hw) = n_c_hw(x, "permute_channels")?;
     let out_c = index.len();
     let shape = with_channels(x.shape(), out_c);
-    match x.device() {
-        Device::Cpu => {
+    let [y] = Launch::per_sample("permute_channels", &[x]).run(
+        [&shape],
+        || {
             let xv = x.cpu()?;
             let mut out = vec![0.0f32; batch * out_c * hw];
             // One output plane per task (several when planes are small).
@@ -277,35 +270,26 @@ fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
                     let from = (plane / out_c) * c + index[plane % out_c];
                     out_plane.copy_from_slice(&xv[from * hw..(from + 1) * hw]);
                 });
-            Tensor::from_cpu(out, &shape)
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one("permute_channels", &[x], &shape, |c| {
-                gather_raw(&c[0], index)
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
+            Ok([out])
+        },
+        |call| {
             // Channel indices travel as f32, exact far beyond any channel count.
-            let idx = ctx.upload(&index.iter().map(|&i| i as f32).collect::<Vec<_>>())?;
-            let out = ctx.alloc(batch * out_c * hw)?;
-            let params = ChannelsParams::whole(batch, hw, c, out_c)?;
-            let xb = x.gpu()?;
-            let total = batch * out_c * hw;
-            ctx.dispatch(
-                &GATHER,
-                &params,
-                &[xb, &idx, &idx, &out],
-                groups_for(total, 256)?,
-            )?;
-            Tensor::from_gpu(out, &shape)
-        }
-    }
+            let idx = call
+                .ctx
+                .upload(&index.iter().map(|&i| i as f32).collect::<Vec<_>>())?;
+            let params = ChannelsParams::whole(call.batch(), hw, c, out_c)?;
+            let (xb, out) = (call.input(0)?, &call.out[0]);
+            let groups = groups_for(out.len(), 256)?;
+            call.ctx
+                .dispatch(&GATHER, &params, &[xb, &idx, &idx, out], groups)
+        },
+    )?;
+    Ok(y)
 }
 
 /// out[:, c] = x[:, c] * scale[c] + shift[c], not recorded.
 fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
-    let (batch, c, hw) = n_c_hw(x, "channel_affine")?;
+    let (_, c, hw) = n_c_hw(x, "channel_affine")?;
     if scale.len() != c || shift.len() != c {
         return shape_err(
             "channel_affine",
@@ -316,8 +300,9 @@ fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
             ),
         );
     }
-    match x.device() {
-        Device::Cpu => {
+    let [y] = Launch::per_sample("channel_affine", &[x]).run(
+        [x.shape()],
+        || {
             let xv = x.cpu()?;
             let mut out = vec![0.0f32; xv.len()];
             // One plane per task (several when planes are small); constants per plane.
@@ -331,23 +316,18 @@ fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
                         *o = x * a + b;
                     }
                 });
-            Tensor::from_cpu(out, x.shape())
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one("channel_affine", &[x], x.shape(), |c| {
-                affine_raw(&c[0], scale, shift)
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
-            let (sb, tb) = (ctx.upload(scale)?, ctx.upload(shift)?);
-            let out = ctx.alloc(x.numel())?;
-            let params = ChannelsParams::whole(batch, hw, c, c)?;
-            let bufs = [x.gpu()?, &sb, &tb, &out];
-            ctx.dispatch(&AFFINE, &params, &bufs, groups_for(x.numel(), 256)?)?;
-            Tensor::from_gpu(out, x.shape())
-        }
-    }
+            Ok([out])
+        },
+        |call| {
+            let (sb, tb) = (call.ctx.upload(scale)?, call.ctx.upload(shift)?);
+            let params = ChannelsParams::whole(call.batch(), hw, c, c)?;
+            let out = &call.out[0];
+            let bufs = [call.input(0)?, &sb, &tb, out];
+            call.ctx
+                .dispatch(&AFFINE, &params, &bufs, groups_for(out.len(), 256)?)
+        },
+    )?;
+    Ok(y)
 }
 
 // ------------------------------------------------------------------ recorded ops

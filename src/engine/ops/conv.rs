@@ -15,11 +15,11 @@
 
 use crate::engine::error::{shape_err, EngineError, Result};
 use crate::engine::gpu::{fold_grid, groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
+use crate::engine::launch::Launch;
 use crate::engine::ops::elementwise::{binary_raw, Binary};
 use crate::engine::ops::matmul::{gemm_raw, GemmKernel};
-use crate::engine::split;
 use crate::engine::tape::Backward;
-use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::tensor::Tensor;
 use crate::engine::{cpu, Device};
 use crate::{kernel, kernel_params};
 use std::sync::Arc;
@@ -647,9 +647,9 @@ kernel_params! {
     }
 }
 
-/// The launch-dependent part of a [`ConvParams`].
+/// The grid-dependent part of a [`ConvParams`]: GEMM sizes, tiles, splits, workgroups.
 #[derive(Default, Clone, Copy)]
-struct Launch {
+struct Grid {
     gemm_m: usize,
     gemm_n: usize,
     gemm_k: usize,
@@ -661,7 +661,7 @@ struct Launch {
     total_groups: usize,
 }
 
-fn params(g: &Geom, l: &Launch) -> Result<ConvParams> {
+fn params(g: &Geom, l: &Grid) -> Result<ConvParams> {
     let largest = [
         g.n * g.h * g.w,
         g.n * g.oh * g.ow,
@@ -715,7 +715,7 @@ fn params(g: &Geom, l: &Launch) -> Result<ConvParams> {
     })
 }
 
-fn run(ctx: &GpuContext, k: &Kernel, g: &Geom, l: &Launch, bufs: [&GpuBuffer; 4]) -> Result<()> {
+fn run(ctx: &GpuContext, k: &Kernel, g: &Geom, l: &Grid, bufs: [&GpuBuffer; 4]) -> Result<()> {
     let grid = fold_grid(to_u32(l.total_groups)?);
     ctx.dispatch3(k, &params(g, l)?, &bufs, grid)
 }
@@ -747,7 +747,7 @@ fn gpu_forward(
     };
     if g.is_depthwise() {
         let tiles = (g.n * g.cout * g.oh * g.ow.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
-        let l = Launch {
+        let l = Grid {
             has_bias: bias.is_some(),
             total_groups: tiles,
             ..Default::default()
@@ -779,7 +779,7 @@ fn gpu_input_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, w: &Tensor) -> R
     let unused = unused_binding(ctx)?;
     if g.is_depthwise() {
         let tiles = (g.n * g.cin * g.h * g.w.div_ceil(DW_RUN)).div_ceil(RB_WORKGROUP);
-        let l = Launch {
+        let l = Grid {
             total_groups: tiles,
             ..Default::default()
         };
@@ -817,9 +817,9 @@ const RB_WORKGROUP: usize = 64;
 
 /// A launch of a register-blocked kernel: one invocation per (group, block of channels,
 /// pixel group), 64 invocations per workgroup.
-fn register_blocked(channels: usize, pixel_groups: usize, groups: usize, has_bias: bool) -> Launch {
+fn register_blocked(channels: usize, pixel_groups: usize, groups: usize, has_bias: bool) -> Grid {
     let blocks = channels.div_ceil(ROWS_PER_INVOCATION);
-    Launch {
+    Grid {
         tiles_m: blocks,
         tiles_n: pixel_groups,
         has_bias,
@@ -867,7 +867,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
         // One invocation per (image slice, channel, tap).
         let per_split = g.cout * g.kh * g.kw;
         let (splits, k_chunk) = slices(g.n, DW_TAPS_INVOCATIONS.div_ceil(per_split));
-        let l = Launch {
+        let l = Grid {
             gemm_m: per_split * splits,
             splits,
             k_chunk,
@@ -878,7 +878,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
     } else if g.is_depthwise() {
         // One workgroup per (channel, slice of images).
         let (splits, k_chunk) = slices(g.n, 256usize.div_ceil(g.cout));
-        let l = Launch {
+        let l = Grid {
             splits,
             k_chunk,
             total_groups: g.cout * splits,
@@ -896,7 +896,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
             k,
             weight_grad_splits(g, out_len, base, ctx.max_binding_elems()),
         );
-        let l = Launch {
+        let l = Grid {
             gemm_k: k,
             tiles_m: row_blocks,
             tiles_n: col_blocks,
@@ -914,7 +914,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
         ctx.check_binding("conv2d weight-gradient partial sums", out_len * l.splits)?;
         let partial = ctx.alloc(out_len * l.splits)?;
         run(ctx, kernel, g, &l, [dy.gpu()?, x.gpu()?, &unused, &partial])?;
-        let sum = Launch {
+        let sum = Grid {
             splits: l.splits,
             gemm_n: out_len,
             total_groups: out_len.div_ceil(256),
@@ -934,7 +934,7 @@ fn gpu_weight_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor, x: &Tensor) -> 
 fn gpu_bias_grad(ctx: &Arc<GpuContext>, g: &Geom, dy: &Tensor) -> Result<Tensor> {
     let out = ctx.alloc(g.cout)?;
     let unused = unused_binding(ctx)?;
-    let l = Launch {
+    let l = Grid {
         total_groups: g.cout,
         ..Default::default()
     };
@@ -1186,28 +1186,22 @@ pub fn conv2d_raw(
             );
         }
     }
-    let mut all = vec![x, w];
-    all.extend(bias);
-    match same_device(OP, &all)? {
-        Device::Cpu => {
+    let launch = Launch::per_sample(OP, &[x])
+        .with_whole(&[w])
+        .with_whole(bias.as_slice());
+    let [y] = launch.run_tensors(
+        [&g.out_shape()],
+        || {
             let bias_vals = bias.map(|b| b.cpu()).transpose()?;
-            let y = fast_forward(
-                &g,
-                &x.cpu()?,
-                &w.cpu()?,
-                bias_vals.as_deref().map(|v| v.as_slice()),
-            );
-            Tensor::from_cpu(y, &g.out_shape())
-        }
-        Device::Gpu(ctx) => {
-            let split =
-                split::per_sample_one(OP, &[x], &g.out_shape(), |c| conv2d_raw(&c[0], w, bias, p))?;
-            match split {
-                Some(y) => Ok(y),
-                None => gpu_forward(&ctx, &g, x, w, bias),
-            }
-        }
-    }
+            let bias_vals = bias_vals.as_deref().map(|v| v.as_slice());
+            Ok([fast_forward(&g, &x.cpu()?, &w.cpu()?, bias_vals)])
+        },
+        |ctx, inputs| {
+            let g = Geom::new(inputs[0].shape(), w.shape(), p)?;
+            Ok([gpu_forward(ctx, &g, &inputs[0], w, bias)?])
+        },
+    )?;
+    Ok(y)
 }
 
 fn check_grad_shape(g: &Geom, dy: &Tensor) -> Result<()> {
@@ -1233,20 +1227,18 @@ pub fn conv2d_input_grad(
 ) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), p)?;
     check_grad_shape(&g, dy)?;
-    match same_device(OP, &[dy, w])? {
-        Device::Cpu => Tensor::from_cpu(fast_input_grad(&g, &dy.cpu()?, &w.cpu()?), x_shape),
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one(OP, &[dy], x_shape, |c| {
-                let mut chunk_shape = x_shape.to_vec();
-                chunk_shape[0] = c[0].shape()[0];
-                conv2d_input_grad(&c[0], w, &chunk_shape, p)
-            })?;
-            match split {
-                Some(dx) => Ok(dx),
-                None => gpu_input_grad(&ctx, &g, dy, w),
-            }
-        }
-    }
+    let launch = Launch::per_sample(OP, &[dy]).with_whole(&[w]);
+    let [dx] = launch.run_tensors(
+        [x_shape],
+        || Ok([fast_input_grad(&g, &dy.cpu()?, &w.cpu()?)]),
+        |ctx, inputs| {
+            let mut chunk_shape = x_shape.to_vec();
+            chunk_shape[0] = inputs[0].shape()[0];
+            let g = Geom::new(&chunk_shape, w.shape(), p)?;
+            Ok([gpu_input_grad(ctx, &g, &inputs[0], w)?])
+        },
+    )?;
+    Ok(dx)
 }
 
 /// d loss / d w of the convolution, given the output gradient `dy` (not recorded).
@@ -1258,45 +1250,50 @@ pub fn conv2d_weight_grad(
 ) -> Result<Tensor> {
     let g = Geom::new(x.shape(), w_shape, p)?;
     check_grad_shape(&g, dy)?;
-    match same_device(OP, &[dy, x])? {
-        Device::Cpu => Tensor::from_cpu(fast_weight_grad(&g, &dy.cpu()?, &x.cpu()?), w_shape),
-        Device::Gpu(ctx) => {
-            // The GEMM route holds a [C_out, K'] product per image before summing them.
-            let per_image = if use_gemm_route(&ctx, &g) {
-                vec![g.cout * padded_k(&g)]
-            } else {
-                Vec::new()
-            };
-            let split = split::batch_sum(OP, &[dy, x], &per_image, |c| {
-                conv2d_weight_grad(&c[0], &c[1], w_shape, p)
-            })?;
-            match split {
-                Some(dw) => Ok(dw),
-                None => gpu_weight_grad(&ctx, &g, dy, x),
-            }
-        }
-    }
+    // The GEMM route holds a [C_out, K'] product per image before summing them.
+    let per_image = |ctx: &GpuContext| match use_gemm_route(ctx, &g) {
+        true => vec![g.cout * padded_k(&g)],
+        false => Vec::new(),
+    };
+    let [dw] = Launch::batch_sum(OP, &[dy, x], per_image).run_tensors(
+        [w_shape],
+        || Ok([fast_weight_grad(&g, &dy.cpu()?, &x.cpu()?)]),
+        |ctx, inputs| {
+            let g = Geom::new(inputs[1].shape(), w_shape, p)?;
+            Ok([gpu_weight_grad(ctx, &g, &inputs[0], &inputs[1])?])
+        },
+    )?;
+    Ok(dw)
 }
 
 /// Per-channel sums of an NCHW gradient: d loss / d bias (not recorded).
 pub fn conv2d_bias_grad(dy: &Tensor) -> Result<Tensor> {
+    let g = bias_grad_geom(dy)?;
+    let [db] = Launch::batch_sum(OP, &[dy], |_| Vec::new()).run_tensors(
+        [&[g.cout]],
+        || Ok([fast_bias_grad(&g, &dy.cpu()?)]),
+        |ctx, inputs| {
+            Ok([gpu_bias_grad(
+                ctx,
+                &bias_grad_geom(&inputs[0])?,
+                &inputs[0],
+            )?])
+        },
+    )?;
+    Ok(db)
+}
+
+/// A 1x1 geometry whose output is `dy`'s shape, so both devices read the sizes they need.
+fn bias_grad_geom(dy: &Tensor) -> Result<Geom> {
     let (n, c, h, w) = dy.dims4(OP)?;
-    // A 1x1 geometry whose output is dy's shape, so both devices read the sizes they need.
-    let g = Geom::new(
+    Geom::new(
         &[n, c, h, w],
         &[c, 1, 1, 1],
         Conv2dParams {
             groups: c.max(1),
             ..Default::default()
         },
-    )?;
-    match dy.device() {
-        Device::Cpu => Tensor::from_cpu(fast_bias_grad(&g, &dy.cpu()?), &[c]),
-        Device::Gpu(ctx) => match split::batch_sum(OP, &[dy], &[], |c| conv2d_bias_grad(&c[0]))? {
-            Some(db) => Ok(db),
-            None => gpu_bias_grad(&ctx, &g, dy),
-        },
-    }
+    )
 }
 
 // ------------------------------------------------------------------ recorded op

@@ -1,12 +1,12 @@
 //! Elementwise ops: add, sub, mul, scale, affine, relu, relu6, sign, clamp, square, and their
 //! backward passes, on both devices. GPU: `shaders/elementwise.wgsl`.
 
+use crate::engine::cpu;
 use crate::engine::error::{shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel, OpCodes};
-use crate::engine::split;
+use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 
 const UNARY: Kernel = kernel!("elementwise.wgsl", "unary", [Read, Read, ReadWrite]);
@@ -190,25 +190,19 @@ fn elementwise_params(n: usize, (op, a, b): (u32, f32, f32)) -> Result<Elementwi
 
 /// Applies `op` to every element, without recording (the building block of the ops below).
 pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
-    match x.device() {
+    let [y] = Launch::flat("elementwise", &[x]).run(
+        [x.shape()],
         // The scalar `apply` is the reference; the CPU backend maps it over all cores.
-        Device::Cpu => Tensor::from_cpu(cpu::map(&x.cpu()?, |v| op.apply(v)), x.shape()),
-        Device::Gpu(ctx) => {
-            if let Some(y) = split::flat("elementwise", &[x], |c| unary_raw(&c[0], op))? {
-                return Ok(y);
-            }
-            let n = x.numel();
-            let out = ctx.alloc(n)?;
-            let xb = x.gpu()?;
-            ctx.dispatch(
-                &UNARY,
-                &elementwise_params(n, op.code())?,
-                &[xb, xb, &out],
-                groups_for(n, 256)?,
-            )?;
-            Tensor::from_gpu(out, x.shape())
-        }
-    }
+        || Ok([cpu::map(&x.cpu()?, |v| op.apply(v))]),
+        |call| {
+            let (n, xb) = (call.out[0].len(), call.input(0)?);
+            let bufs = [xb, xb, &call.out[0]];
+            let params = elementwise_params(n, op.code())?;
+            call.ctx
+                .dispatch(&UNARY, &params, &bufs, groups_for(n, 256)?)
+        },
+    )?;
+    Ok(y)
 }
 
 /// Combines two same-shape tensors element by element, without recording.
@@ -219,27 +213,18 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
             format!("{:?} and {:?} ({op:?})", x.shape(), y.shape()),
         );
     }
-    match same_device("elementwise", &[x, y])? {
-        Device::Cpu => Tensor::from_cpu(
-            cpu::zip_map(&x.cpu()?, &y.cpu()?, |a, b| op.apply(a, b)),
-            x.shape(),
-        ),
-        Device::Gpu(ctx) => {
-            if let Some(z) = split::flat("elementwise", &[x, y], |c| binary_raw(&c[0], &c[1], op))?
-            {
-                return Ok(z);
-            }
-            let n = x.numel();
-            let out = ctx.alloc(n)?;
-            ctx.dispatch(
-                &BINARY,
-                &elementwise_params(n, op.code())?,
-                &[x.gpu()?, y.gpu()?, &out],
-                groups_for(n, 256)?,
-            )?;
-            Tensor::from_gpu(out, x.shape())
-        }
-    }
+    let [z] = Launch::flat("elementwise", &[x, y]).run(
+        [x.shape()],
+        || Ok([cpu::zip_map(&x.cpu()?, &y.cpu()?, |a, b| op.apply(a, b))]),
+        |call| {
+            let n = call.out[0].len();
+            let bufs = [call.input(0)?, call.input(1)?, &call.out[0]];
+            let params = elementwise_params(n, op.code())?;
+            call.ctx
+                .dispatch(&BINARY, &params, &bufs, groups_for(n, 256)?)
+        },
+    )?;
+    Ok(z)
 }
 
 /// A tensor of ones with `t`'s shape and device.

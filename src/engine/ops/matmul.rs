@@ -2,11 +2,12 @@
 //! GPU: `shaders/matmul.wgsl` and `shaders/matmul_vec4.wgsl`, the GEMM kernel chosen by
 //! adapter type (see [`GemmKernel`]).
 
+use crate::engine::cpu;
 use crate::engine::error::{shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
+use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 
 const GEMM_TILED: Kernel = kernel!("matmul.wgsl", "matmul", [Read, Read, ReadWrite]);
@@ -194,8 +195,9 @@ pub fn gemm_raw_using(
     } else {
         vec![m, n]
     };
-    match same_device("matmul", &[a, b])? {
-        Device::Cpu => {
+    let [y] = Launch::new("matmul", &[a, b]).run(
+        [&out_shape],
+        || {
             let shape = CpuGemm {
                 m,
                 n,
@@ -204,12 +206,10 @@ pub fn gemm_raw_using(
                 a: va,
                 b: vb,
             };
-            let out = cpu_gemm(&shape, &a.cpu()?, &b.cpu()?);
-            Tensor::from_cpu(out, &out_shape)
-        }
-        Device::Gpu(ctx) => {
-            let out = ctx.alloc(batch * m * n)?;
-            let kernel = kernel.unwrap_or(ctx.policy().gemm_kernel());
+            Ok([cpu_gemm(&shape, &a.cpu()?, &b.cpu()?)])
+        },
+        |call| {
+            let kernel = kernel.unwrap_or(call.ctx.policy().gemm_kernel());
             let params = GemmParams {
                 m,
                 n,
@@ -222,10 +222,11 @@ pub fn gemm_raw_using(
                     && stored_row_len(b).is_multiple_of(4))
                 .then_some((!ta, tb)),
             };
-            dispatch_gemm(&ctx, kernel, &params, [a.gpu()?, b.gpu()?, &out])?;
-            Tensor::from_gpu(out, &out_shape)
-        }
-    }
+            let bufs = [call.input(0)?, call.input(1)?, &call.out[0]];
+            dispatch_gemm(call.ctx, kernel, &params, bufs)
+        },
+    )?;
+    Ok(y)
 }
 
 /// The sizes and operand views of one batched CPU product.
@@ -341,8 +342,9 @@ pub fn add_row_bias_raw_using(
             format!("bias {:?} for {:?}", bias.shape(), mat.shape()),
         );
     }
-    match same_device("add_row_bias", &[mat, bias])? {
-        Device::Cpu => {
+    let [y] = Launch::new("add_row_bias", &[mat, bias]).run(
+        [mat.shape()],
+        || {
             use rayon::prelude::*;
             let (mv, bv) = (mat.cpu()?, bias.cpu()?);
             let mut out = vec![0.0f32; mv.len()];
@@ -355,11 +357,11 @@ pub fn add_row_bias_raw_using(
                         *o = m + b;
                     }
                 });
-            Tensor::from_cpu(out, mat.shape())
-        }
-        Device::Gpu(ctx) => {
-            let out = ctx.alloc(rows * cols)?;
-            ctx.copy(mat.gpu()?, 0, &out, 0, rows * cols);
+            Ok([out])
+        },
+        |call| {
+            let out = &call.out[0];
+            call.ctx.copy(call.input(0)?, 0, out, 0, rows * cols);
             // out += ones[rows, 1] * bias[1, cols]
             let ones = Tensor::full(1.0, &[rows], &mat.device())?;
             let column = |len| View {
@@ -385,11 +387,16 @@ pub fn add_row_bias_raw_using(
                 accumulate: true,
                 vec4_layout: None,
             };
-            let kernel = kernel.unwrap_or(ctx.policy().gemm_kernel());
-            dispatch_gemm(&ctx, kernel, &params, [ones.gpu()?, bias.gpu()?, &out])?;
-            Tensor::from_gpu(out, mat.shape())
-        }
-    }
+            let kernel = kernel.unwrap_or(call.ctx.policy().gemm_kernel());
+            dispatch_gemm(
+                call.ctx,
+                kernel,
+                &params,
+                [ones.gpu()?, call.input(1)?, out],
+            )
+        },
+    )?;
+    Ok(y)
 }
 
 /// Column sums of a [rows, cols] matrix, as a [cols] vector (not recorded).

@@ -6,11 +6,11 @@ use rayon::prelude::*;
 use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{to_u32, Kernel};
+use crate::engine::launch::Launch;
 use crate::engine::ops::matmul;
 use crate::engine::ops::reduce::outer_n_inner;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
 use crate::{kernel, kernel_params};
 
 const FORWARD: Kernel = kernel!("normalize.wgsl", "l2n_forward", [Read, Read, ReadWrite]);
@@ -70,8 +70,9 @@ fn per_slab(slab_len: usize, len: usize, fill: impl Fn(usize, &mut [f32]) + Sync
 /// x / max(||x||, eps) along `dim`, not recorded.
 fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
     let (outer, n, inner) = outer_n_inner(x.shape(), dim, "l2_normalize")?;
-    match x.device() {
-        Device::Cpu => {
+    let [y] = Launch::new("l2_normalize", &[x]).run(
+        [x.shape()],
+        || {
             let xv = x.cpu()?;
             let out = per_slab(n * inner, xv.len(), |o, slab| {
                 for i in 0..inner {
@@ -84,24 +85,26 @@ fn l2_normalize_raw(x: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
                     }
                 }
             });
-            Tensor::from_cpu(out, x.shape())
-        }
-        Device::Gpu(ctx) => {
-            let out = ctx.alloc(x.numel())?;
-            let xb = x.gpu()?;
+            Ok([out])
+        },
+        |call| {
+            let xb = call.input(0)?;
             let params = NormalizeParams::new(outer, n, inner, eps)?;
-            ctx.dispatch(&FORWARD, &params, &[xb, xb, &out], to_u32(outer * inner)?)?;
-            Tensor::from_gpu(out, x.shape())
-        }
-    }
+            let bufs = [xb, xb, &call.out[0]];
+            call.ctx
+                .dispatch(&FORWARD, &params, &bufs, to_u32(outer * inner)?)
+        },
+    )?;
+    Ok(y)
 }
 
 /// The exact gradient of [`l2_normalize_raw`] at `x` for output gradient `g`: with r = ||x||,
 /// (g - y (g . y)) / r where r > eps, and g / eps where the norm was clamped.
 fn l2_normalize_backward_raw(x: &Tensor, g: &Tensor, dim: usize, eps: f32) -> Result<Tensor> {
     let (outer, n, inner) = outer_n_inner(x.shape(), dim, "l2_normalize backward")?;
-    match same_device("l2_normalize backward", &[x, g])? {
-        Device::Cpu => {
+    let [dx] = Launch::new("l2_normalize backward", &[x, g]).run(
+        [x.shape()],
+        || {
             let (xv, gv) = (x.cpu()?, g.cpu()?);
             let out = per_slab(n * inner, xv.len(), |o, slab| {
                 let (x, g) = (&xv[o * n * inner..], &gv[o * n * inner..]);
@@ -118,16 +121,16 @@ fn l2_normalize_backward_raw(x: &Tensor, g: &Tensor, dim: usize, eps: f32) -> Re
                     }
                 }
             });
-            Tensor::from_cpu(out, x.shape())
-        }
-        Device::Gpu(ctx) => {
-            let out = ctx.alloc(x.numel())?;
+            Ok([out])
+        },
+        |call| {
             let params = NormalizeParams::new(outer, n, inner, eps)?;
-            let bufs = [x.gpu()?, g.gpu()?, &out];
-            ctx.dispatch(&BACKWARD, &params, &bufs, to_u32(outer * inner)?)?;
-            Tensor::from_gpu(out, x.shape())
-        }
-    }
+            let bufs = [call.input(0)?, call.input(1)?, &call.out[0]];
+            call.ctx
+                .dispatch(&BACKWARD, &params, &bufs, to_u32(outer * inner)?)
+        },
+    )?;
+    Ok(dx)
 }
 
 struct L2NormalizeBack {

@@ -2,12 +2,13 @@
 //! parameter tensor, with a CPU twin, and global-norm gradient clipping.
 //! GPU: `shaders/adamw.wgsl`.
 
+use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel};
+use crate::engine::launch::{by_device, Launch};
 use crate::engine::ops::elementwise::{unary_raw, Unary};
 use crate::engine::ops::reduce::sum_squares_raw;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::{cpu, Device};
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 
 const ADAMW: Kernel = kernel!(
@@ -84,8 +85,10 @@ pub fn adamw_step(
             return invalid("adamw_step", "param, grad, m and v must not share storage");
         }
     }
-    match same_device("adamw_step", &all)? {
-        Device::Cpu => {
+    // In place: no outputs.
+    let [] = Launch::new("adamw_step", &all).run(
+        [],
+        || {
             use rayon::prelude::*;
             let g = grad.cpu()?;
             let (mut p, mut mv, mut vv) = (param.cpu_mut()?, m.cpu_mut()?, v.cpu_mut()?);
@@ -104,9 +107,9 @@ pub fn adamw_step(
                         p[i] -= step_size * (mv[i] / denom);
                     }
                 });
-            Ok(())
-        }
-        Device::Gpu(ctx) => {
+            Ok([])
+        },
+        |call| {
             let n = param.numel();
             let params = AdamwParams {
                 n: to_u32(n)?,
@@ -118,27 +121,36 @@ pub fn adamw_step(
                 step_size,
                 bc2_sqrt,
             };
-            let bufs = [param.gpu()?, grad.gpu()?, m.gpu()?, v.gpu()?];
-            ctx.dispatch(&ADAMW, &params, &bufs, groups_for(n, 256)?)
-        }
-    }
+            let bufs = [
+                call.input(0)?,
+                call.input(1)?,
+                call.input(2)?,
+                call.input(3)?,
+            ];
+            call.ctx
+                .dispatch(&ADAMW, &params, &bufs, groups_for(n, 256)?)
+        },
+    )?;
+    Ok(())
 }
 
 /// Global L2 norm of all `grads` together (one readback on the GPU).
 fn global_norm(grads: &[Tensor]) -> Result<f32> {
-    let device = same_device("clip_grad_norm", &grads.iter().collect::<Vec<_>>())?;
+    let inputs: Vec<&Tensor> = grads.iter().collect();
     let partials: Vec<Tensor> = grads.iter().map(sum_squares_raw).collect::<Result<_>>()?;
-    let squares: Vec<f32> = match device {
-        Device::Cpu => partials.iter().map(|t| t.item()).collect::<Result<_>>()?,
-        Device::Gpu(ctx) => {
+    let squares: Vec<f32> = by_device(
+        "clip_grad_norm",
+        &inputs,
+        || partials.iter().map(|t| t.item()).collect(),
+        |ctx| {
             // Gather the per-tensor sums into one buffer so the host waits only once.
             let all = ctx.alloc(partials.len())?;
             for (i, t) in partials.iter().enumerate() {
                 ctx.copy(t.gpu()?, 0, &all, i, 1);
             }
-            ctx.download(&all)?
-        }
-    };
+            ctx.download(&all)
+        },
+    )?;
     Ok(squares.iter().map(|&s| s as f64).sum::<f64>().sqrt() as f32)
 }
 

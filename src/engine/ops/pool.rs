@@ -6,12 +6,12 @@
 //! maximum on ties) so that backward routes each gradient without recomputing the windows.
 //! Both backward passes gather per input element, so the GPU needs no atomics.
 
+use crate::engine::cpu;
 use crate::engine::error::{invalid, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel};
-use crate::engine::split;
+use crate::engine::launch::Launch;
 use crate::engine::tape::{self, Backward};
-use crate::engine::tensor::Tensor;
-use crate::engine::{cpu, Device};
+use crate::engine::tensor::{numel, Tensor};
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -230,8 +230,10 @@ impl Geometry {
 fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
     let shape = g.out_shape();
     let total = g.planes() * g.oh * g.ow;
-    match x.device() {
-        Device::Cpu => {
+    let launch = Launch::per_sample("max_pool2d", &[x]);
+    let [out, arg] = launch.run(
+        [&shape, &shape],
+        || {
             let xv = x.cpu()?;
             let (mut out, mut arg) = (vec![0.0; total], vec![0.0; total]);
             // One plane per task.
@@ -260,29 +262,17 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
                         o += 1;
                     });
                 });
-            Ok((
-                Tensor::from_cpu(out, &shape)?,
-                Tensor::from_cpu(arg, &shape)?,
-            ))
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample("max_pool2d", &[x], &[&shape, &shape], |c| {
-                let (out, arg) = max_pool_raw(&c[0], &g.with_batch(c[0].shape()[0]))?;
-                Ok(vec![out, arg])
-            })?;
-            if let Some(mut v) = split {
-                let arg = v.remove(1);
-                return Ok((v.remove(0), arg));
-            }
-            let (out, arg) = (ctx.alloc(total)?, ctx.alloc(total)?);
-            let b = [x.gpu()?, &out, &arg];
-            ctx.dispatch(&MAX_FWD, &g.params(total)?, &b, groups_for(total, 256)?)?;
-            Ok((
-                Tensor::from_gpu(out, &shape)?,
-                Tensor::from_gpu(arg, &shape)?,
-            ))
-        }
-    }
+            Ok([out, arg])
+        },
+        |call| {
+            let g = g.with_batch(call.batch());
+            let total = call.out[0].len();
+            let b = [call.input(0)?, &call.out[0], &call.out[1]];
+            call.ctx
+                .dispatch(&MAX_FWD, &g.params(total)?, &b, groups_for(total, 256)?)
+        },
+    )?;
+    Ok((out, arg))
 }
 
 struct MaxPoolBack {
@@ -294,48 +284,46 @@ impl Backward for MaxPoolBack {
     fn name(&self) -> &'static str {
         "max_pool2d"
     }
-    fn backward(&self, i: &[Tensor], _o: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let g = &self.geom;
-        let total = i[0].numel();
-        let dx = match grad.device() {
-            Device::Cpu => {
-                let (gv, arg) = (grad.cpu()?, self.argmax.cpu()?);
-                let mut dx = vec![0.0f32; total];
-                let per_out = g.oh * g.ow;
-                // One plane per task; within it the outputs in order, as serially.
-                dx.par_chunks_mut((g.h * g.w).max(1))
-                    .enumerate()
-                    .with_min_len(cpu::rows_per_task(g.h * g.w))
-                    .for_each(|(plane, dx)| {
-                        let outputs = plane * per_out..(plane + 1) * per_out;
-                        for (&gval, &at) in gv[outputs.clone()].iter().zip(&arg[outputs]) {
-                            dx[at as usize] += gval;
-                        }
-                    });
-                Tensor::from_cpu(dx, i[0].shape())?
-            }
-            Device::Gpu(_) => max_pool_bwd_gpu(grad, &self.argmax, g)?,
-        };
-        Ok(vec![Some(dx)])
+    fn backward(&self, _i: &[Tensor], _o: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(max_pool_bwd_raw(
+            grad,
+            &self.argmax,
+            &self.geom,
+        )?)])
     }
 }
 
-fn max_pool_bwd_gpu(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tensor> {
-    let split =
-        split::per_sample_one("max_pool2d backward", &[grad, argmax], &g.in_shape(), |c| {
-            max_pool_bwd_gpu(&c[0], &c[1], &g.with_batch(c[0].shape()[0]))
-        })?;
-    if let Some(dx) = split {
-        return Ok(dx);
-    }
-    let ctx = grad.gpu()?.ctx();
-    let total = g.n * g.c * g.h * g.w;
-    let dx = ctx.alloc(total)?;
-    let b = [grad.gpu()?, &dx, argmax.gpu()?];
-    // One thread per input row.
-    let rows = total / g.w.max(1);
-    ctx.dispatch(&MAX_BWD, &g.params(rows)?, &b, groups_for(rows, 256)?)?;
-    Tensor::from_gpu(dx, &g.in_shape())
+/// Max pool's input gradient: each output's gradient routed to its saved argmax.
+fn max_pool_bwd_raw(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let launch = Launch::per_sample("max_pool2d backward", &[grad, argmax]);
+    let [dx] = launch.run(
+        [&g.in_shape()],
+        || {
+            let (gv, arg) = (grad.cpu()?, argmax.cpu()?);
+            let mut dx = vec![0.0f32; numel(&g.in_shape())];
+            let per_out = g.oh * g.ow;
+            // One plane per task; within it the outputs in order, as serially.
+            dx.par_chunks_mut((g.h * g.w).max(1))
+                .enumerate()
+                .with_min_len(cpu::rows_per_task(g.h * g.w))
+                .for_each(|(plane, dx)| {
+                    let outputs = plane * per_out..(plane + 1) * per_out;
+                    for (&gval, &at) in gv[outputs.clone()].iter().zip(&arg[outputs]) {
+                        dx[at as usize] += gval;
+                    }
+                });
+            Ok([dx])
+        },
+        |call| {
+            let g = g.with_batch(call.batch());
+            let b = [call.input(0)?, &call.out[0], call.input(1)?];
+            // One thread per input row.
+            let rows = call.out[0].len() / g.w.max(1);
+            call.ctx
+                .dispatch(&MAX_BWD, &g.params(rows)?, &b, groups_for(rows, 256)?)
+        },
+    )?;
+    Ok(dx)
 }
 
 /// PyTorch's `max_pool2d` (dilation 1). Recorded.
@@ -353,8 +341,9 @@ pub fn max_pool2d(x: &Tensor, p: Pool2dParams) -> Result<Tensor> {
 fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
     let shape = g.out_shape();
     let total = g.planes() * g.oh * g.ow;
-    match x.device() {
-        Device::Cpu => {
+    let [y] = Launch::per_sample("avg_pool2d", &[x]).run(
+        [&shape],
+        || {
             let xv = x.cpu()?;
             let mut out = vec![0.0; total];
             let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
@@ -380,21 +369,17 @@ fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
                         o += 1;
                     });
                 });
-            Tensor::from_cpu(out, &shape)
-        }
-        Device::Gpu(ctx) => {
-            let split = split::per_sample_one("avg_pool2d", &[x], &shape, |c| {
-                avg_pool_raw(&c[0], &g.with_batch(c[0].shape()[0]))
-            })?;
-            if let Some(y) = split {
-                return Ok(y);
-            }
-            let out = ctx.alloc(total)?;
-            let b = [x.gpu()?, &out];
-            ctx.dispatch(&AVG_FWD, &g.params(total)?, &b, groups_for(total, 256)?)?;
-            Tensor::from_gpu(out, &shape)
-        }
-    }
+            Ok([out])
+        },
+        |call| {
+            let g = g.with_batch(call.batch());
+            let total = call.out[0].len();
+            let b = [call.input(0)?, &call.out[0]];
+            call.ctx
+                .dispatch(&AVG_FWD, &g.params(total)?, &b, groups_for(total, 256)?)
+        },
+    )?;
+    Ok(y)
 }
 
 struct AvgPoolBack {
@@ -405,56 +390,51 @@ impl Backward for AvgPoolBack {
     fn name(&self) -> &'static str {
         "avg_pool2d"
     }
-    fn backward(&self, i: &[Tensor], _o: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let g = &self.geom;
-        let total = i[0].numel();
-        let dx = match grad.device() {
-            Device::Cpu => {
-                let gv = grad.cpu()?;
-                let mut dx = vec![0.0f32; total];
-                let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
-                // One plane per task (several when planes are small); within it the outputs
-                // in raster order, so every sum has a fixed order.
-                dx.par_chunks_mut(in_plane.max(1))
-                    .enumerate()
-                    .with_min_len(cpu::rows_per_task(in_plane))
-                    .for_each(|(plane, dx)| {
-                        let g_plane = &gv[plane * out_plane..(plane + 1) * out_plane];
-                        let mut o = 0;
-                        g.for_each_plane_output(|_, _, wy, wx| {
-                            let share = g_plane[o] / g.avg_divisor(wy, wx);
-                            o += 1;
-                            if wx.0 >= wx.1 {
-                                return;
-                            }
-                            for y in wy.0..wy.1 {
-                                for d in &mut dx[y * g.w + wx.0..y * g.w + wx.1] {
-                                    *d += share;
-                                }
-                            }
-                        });
-                    });
-                Tensor::from_cpu(dx, i[0].shape())?
-            }
-            Device::Gpu(_) => avg_pool_bwd_gpu(grad, g)?,
-        };
-        Ok(vec![Some(dx)])
+    fn backward(&self, _i: &[Tensor], _o: &Tensor, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(avg_pool_bwd_raw(grad, &self.geom)?)])
     }
 }
 
-fn avg_pool_bwd_gpu(grad: &Tensor, g: &Geometry) -> Result<Tensor> {
-    let split = split::per_sample_one("avg_pool2d backward", &[grad], &g.in_shape(), |c| {
-        avg_pool_bwd_gpu(&c[0], &g.with_batch(c[0].shape()[0]))
-    })?;
-    if let Some(dx) = split {
-        return Ok(dx);
-    }
-    let ctx = grad.gpu()?.ctx();
-    let total = g.n * g.c * g.h * g.w;
-    let dx = ctx.alloc(total)?;
-    let b = [grad.gpu()?, &dx];
-    ctx.dispatch(&AVG_BWD, &g.params(total)?, &b, groups_for(total, 256)?)?;
-    Tensor::from_gpu(dx, &g.in_shape())
+/// Average pool's input gradient: each output's gradient shared over its window.
+fn avg_pool_bwd_raw(grad: &Tensor, g: &Geometry) -> Result<Tensor> {
+    let [dx] = Launch::per_sample("avg_pool2d backward", &[grad]).run(
+        [&g.in_shape()],
+        || {
+            let gv = grad.cpu()?;
+            let mut dx = vec![0.0f32; numel(&g.in_shape())];
+            let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
+            // One plane per task (several when planes are small); within it the outputs
+            // in raster order, so every sum has a fixed order.
+            dx.par_chunks_mut(in_plane.max(1))
+                .enumerate()
+                .with_min_len(cpu::rows_per_task(in_plane))
+                .for_each(|(plane, dx)| {
+                    let g_plane = &gv[plane * out_plane..(plane + 1) * out_plane];
+                    let mut o = 0;
+                    g.for_each_plane_output(|_, _, wy, wx| {
+                        let share = g_plane[o] / g.avg_divisor(wy, wx);
+                        o += 1;
+                        if wx.0 >= wx.1 {
+                            return;
+                        }
+                        for y in wy.0..wy.1 {
+                            for d in &mut dx[y * g.w + wx.0..y * g.w + wx.1] {
+                                *d += share;
+                            }
+                        }
+                    });
+                });
+            Ok([dx])
+        },
+        |call| {
+            let g = g.with_batch(call.batch());
+            let total = call.out[0].len();
+            let b = [call.input(0)?, &call.out[0]];
+            call.ctx
+                .dispatch(&AVG_BWD, &g.params(total)?, &b, groups_for(total, 256)?)
+        },
+    )?;
+    Ok(dx)
 }
 
 /// PyTorch's `avg_pool2d` (no divisor override). Recorded.

@@ -5,9 +5,9 @@
 
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel};
+use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
-use crate::engine::tensor::{same_device, Tensor};
-use crate::engine::Device;
+use crate::engine::tensor::Tensor;
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -51,6 +51,20 @@ pub struct ProxyAnchorTerms {
     pub inv_c: f32,
 }
 
+impl ProxyAnchorTerms {
+    /// The kernels' parameters for a [b, c] cosine matrix.
+    fn params(&self, b: usize, c: usize) -> Result<ProxyAnchorParams> {
+        Ok(ProxyAnchorParams {
+            b: to_u32(b)?,
+            c: to_u32(c)?,
+            alpha: self.alpha,
+            delta: self.delta,
+            inv_pos: self.inv_pos,
+            inv_c: self.inv_c,
+        })
+    }
+}
+
 /// Stable log(1 + sum e^z): a log-sum-exp over {0, z...}.
 fn log1p_sum_exp(z: &[f32]) -> f32 {
     let m = z.iter().fold(0.0f32, |m, &v| m.max(v));
@@ -74,8 +88,9 @@ fn forward_raw(
     t: &ProxyAnchorTerms,
 ) -> Result<(Tensor, Tensor)> {
     let (b, c) = cos.dims2("proxy_anchor_loss")?;
-    match cos.device() {
-        Device::Cpu => {
+    let [lse, loss] = Launch::new("proxy_anchor_loss", &[cos, labels]).run(
+        [&[2 * c], &[1]],
+        || {
             let cv = cos.cpu()?;
             // One proxy per task, its rows in order.
             let per_proxy: Vec<(f32, f32)> = (0..c)
@@ -102,31 +117,19 @@ fn forward_raw(
             // Proxies without positives contribute log(1) = 0 to the positive sum.
             let loss =
                 lse[..c].iter().sum::<f32>() * t.inv_pos + lse[c..].iter().sum::<f32>() * t.inv_c;
-            Ok((
-                Tensor::from_cpu(lse, &[2 * c])?,
-                Tensor::from_cpu(vec![loss], &[1])?,
-            ))
-        }
-        Device::Gpu(ctx) => {
-            let params = ProxyAnchorParams {
-                b: to_u32(b)?,
-                c: to_u32(c)?,
-                alpha: t.alpha,
-                delta: t.delta,
-                inv_pos: t.inv_pos,
-                inv_c: t.inv_c,
-            };
-            let (cb, lb) = (cos.gpu()?, labels.gpu()?);
-            let lse = ctx.alloc(2 * c)?;
-            ctx.dispatch(&FORWARD, &params, &[cb, lb, cb, cb, &lse], to_u32(c)?)?;
-            let loss = ctx.alloc(1)?;
-            ctx.dispatch(&TOTAL, &params, &[&lse, lb, &lse, &lse, &loss], 1)?;
-            Ok((
-                Tensor::from_gpu(lse, &[2 * c])?,
-                Tensor::from_gpu(loss, &[1])?,
-            ))
-        }
-    }
+            Ok([lse, vec![loss]])
+        },
+        |call| {
+            let params = t.params(b, c)?;
+            let (cb, lb) = (call.input(0)?, call.input(1)?);
+            let [lse, loss] = call.out;
+            call.ctx
+                .dispatch(&FORWARD, &params, &[cb, lb, cb, cb, lse], to_u32(c)?)?;
+            call.ctx
+                .dispatch(&TOTAL, &params, &[lse, lb, lse, lse, loss], 1)
+        },
+    )?;
+    Ok((lse, loss))
 }
 
 /// d loss / d cos [B, C] for the loss gradient `g` [1].
@@ -139,8 +142,10 @@ fn backward_raw(
     t: &ProxyAnchorTerms,
 ) -> Result<Tensor> {
     let (b, c) = cos.dims2("proxy_anchor_loss backward")?;
-    match same_device("proxy_anchor_loss backward", &[cos, lse, g])? {
-        Device::Cpu => {
+    let launch = Launch::new("proxy_anchor_loss backward", &[cos, labels, lse, g]);
+    let [d] = launch.run(
+        [&[b, c]],
+        || {
             let (cv, lv, gv) = (cos.cpu()?, lse.cpu()?, g.cpu()?);
             let mut out = vec![0.0f32; b * c];
             // One row per task.
@@ -159,23 +164,23 @@ fn backward_raw(
                             };
                     }
                 });
-            Tensor::from_cpu(out, &[b, c])
-        }
-        Device::Gpu(ctx) => {
-            let params = ProxyAnchorParams {
-                b: to_u32(b)?,
-                c: to_u32(c)?,
-                alpha: t.alpha,
-                delta: t.delta,
-                inv_pos: t.inv_pos,
-                inv_c: t.inv_c,
-            };
-            let out = ctx.alloc(b * c)?;
-            let bufs = [cos.gpu()?, labels.gpu()?, lse.gpu()?, g.gpu()?, &out];
-            ctx.dispatch(&BACKWARD, &params, &bufs, groups_for(b * c, 256)?)?;
-            Tensor::from_gpu(out, &[b, c])
-        }
-    }
+            Ok([out])
+        },
+        |call| {
+            let params = t.params(b, c)?;
+            let out = &call.out[0];
+            let bufs = [
+                call.input(0)?,
+                call.input(1)?,
+                call.input(2)?,
+                call.input(3)?,
+                out,
+            ];
+            call.ctx
+                .dispatch(&BACKWARD, &params, &bufs, groups_for(b * c, 256)?)
+        },
+    )?;
+    Ok(d)
 }
 
 struct ProxyAnchorBack {

@@ -4,11 +4,12 @@
 //! A reduction along `dim` views the tensor as [outer, n, inner] (n = the size of `dim`), so
 //! one implementation serves every rank and dimension.
 
+use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, Kernel, OpCodes};
+use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
-use crate::engine::{cpu, Device};
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -191,31 +192,31 @@ fn reduce_dim_raw(x: &Tensor, dim: usize, op: DimOp, name: &'static str) -> Resu
         );
     }
     let out_shape = reduced_shape(x.shape(), dim);
-    match x.device() {
-        Device::Cpu => {
-            let out = cpu_reduce_dim(&x.cpu()?, (outer, n, inner), op);
-            Tensor::from_cpu(out, &out_shape)
-        }
-        Device::Gpu(ctx) => {
-            let cols = outer * inner;
-            let out = ctx.alloc(cols)?;
+    let [y] = Launch::new(name, &[x]).run(
+        [&out_shape],
+        || Ok([cpu_reduce_dim(&x.cpu()?, (outer, n, inner), op)]),
+        |call| {
             let (code, scale) = match op {
                 DimOp::ScaledSum(s) => (SCALED_SUM, s),
                 DimOp::LogSumExp => (LOGSUMEXP, 1.0),
             };
-            let xb = x.gpu()?;
+            let xb = call.input(0)?;
             let params = ReduceParams::new(outer, n, inner, code, scale)?;
-            ctx.dispatch(&REDUCE_DIM, &params, &[xb, xb, xb, &out], to_u32(cols)?)?;
-            Tensor::from_gpu(out, &out_shape)
-        }
-    }
+            let bufs = [xb, xb, xb, &call.out[0]];
+            call.ctx
+                .dispatch(&REDUCE_DIM, &params, &bufs, to_u32(outer * inner)?)
+        },
+    )?;
+    Ok(y)
 }
 
 /// scale * sum of all values (of their squares when `squares`), shape [1], without recording.
 /// GPU: passes of CHUNK-to-one partial sums until one value is left.
 fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
-    match x.device() {
-        Device::Cpu => {
+    // Several passes, each making the next one's input: the GPU code allocates them itself.
+    let [y] = Launch::new("sum", &[x]).run_tensors(
+        [&[1]],
+        || {
             let xv = x.cpu()?;
             // f64 accumulation keeps large sums accurate. The blocks depend on the length
             // alone and their partials are added in order: the same bits for any thread count.
@@ -230,12 +231,12 @@ fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
                 })
                 .collect();
             let s: f64 = partials.iter().sum();
-            Tensor::from_cpu(vec![(s * scale as f64) as f32], &[1])
-        }
-        Device::Gpu(ctx) => {
+            Ok([vec![(s * scale as f64) as f32]])
+        },
+        |ctx, inputs| {
             let mut n = x.numel();
             if n == 0 {
-                return Tensor::zeros(&[1], &x.device());
+                return Ok([Tensor::zeros(&[1], &x.device())?]);
             }
             let mut first = true;
             let mut current: Option<GpuBuffer> = None;
@@ -243,7 +244,7 @@ fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
                 let parts = n.div_ceil(CHUNK);
                 let last = parts == 1;
                 let out = ctx.alloc(parts)?;
-                let src = current.as_ref().map_or_else(|| x.gpu(), Ok)?;
+                let src = current.as_ref().map_or_else(|| inputs[0].gpu(), Ok)?;
                 let code = if first && squares {
                     OF_SQUARES
                 } else {
@@ -259,14 +260,15 @@ fn sum_all_raw(x: &Tensor, scale: f32, squares: bool) -> Result<Tensor> {
                     to_u32(parts)?,
                 )?;
                 if last {
-                    return Tensor::from_gpu(out, &[1]);
+                    return Ok([Tensor::from_gpu(out, &[1])?]);
                 }
                 current = Some(out);
                 n = parts;
                 first = false;
             }
-        }
-    }
+        },
+    )?;
+    Ok(y)
 }
 
 /// Sum of the squares of all values, shape [1], not recorded (gradient norms).
@@ -284,8 +286,11 @@ fn expand_raw(
     scale: f32,
 ) -> Result<Tensor> {
     let (outer, n, inner) = outer_n_inner(like.shape(), dim, "reduce backward")?;
-    match g.device() {
-        Device::Cpu => {
+    let mut inputs = vec![g, like];
+    inputs.extend(y);
+    let [gx] = Launch::new("reduce backward", &inputs).run(
+        [like.shape()],
+        || {
             let gv = g.cpu()?;
             let mut out = vec![0.0f32; outer * n * inner];
             let xy = match y {
@@ -316,26 +321,22 @@ fn expand_raw(
                         }
                     }
                 });
-            Tensor::from_cpu(out, like.shape())
-        }
-        Device::Gpu(ctx) => {
-            let total = outer * n * inner;
-            let out = ctx.alloc(total)?;
-            let gb = g.gpu()?;
+            Ok([out])
+        },
+        |call| {
+            let total = call.out[0].len();
+            let gb = call.input(0)?;
             let (code, xb, yb) = match y {
-                Some(y) => (LOGSUMEXP, like.gpu()?, y.gpu()?),
+                Some(_) => (LOGSUMEXP, call.input(1)?, call.input(2)?),
                 None => (SCALED_SUM, gb, gb),
             };
             let params = ReduceParams::new(outer, n, inner, code, scale)?;
-            ctx.dispatch(
-                &EXPAND_DIM,
-                &params,
-                &[xb, yb, gb, &out],
-                groups_for(total, 256)?,
-            )?;
-            Tensor::from_gpu(out, like.shape())
-        }
-    }
+            let bufs = [xb, yb, gb, &call.out[0]];
+            call.ctx
+                .dispatch(&EXPAND_DIM, &params, &bufs, groups_for(total, 256)?)
+        },
+    )?;
+    Ok(gx)
 }
 
 // ------------------------------------------------------------------ recorded ops

@@ -4,8 +4,9 @@
 
 use crate::engine::error::Result;
 use crate::engine::gpu::{to_u32, GpuContext, Kernel};
+use crate::engine::launch::by_device;
 use crate::engine::policy::TopkPlacement;
-use crate::engine::{Device, Tensor};
+use crate::engine::Tensor;
 use crate::{kernel, kernel_params};
 
 const TOPK: Kernel = kernel!("topk.wgsl", "row_topk", [ReadWrite, ReadWrite, ReadWrite]);
@@ -80,16 +81,15 @@ pub fn row_topk(
     self_offset: Option<usize>,
 ) -> Result<(Vec<u32>, Vec<f32>)> {
     let (rows, cols) = sim.dims2("topk")?;
-    match sim.device() {
-        Device::Cpu => {
-            let v = sim.cpu()?;
-            Ok(topk_host(&v, rows, cols, k, |r| self_offset.map(|o| r + o)))
-        }
-        Device::Gpu(ctx) if !topk_on_device(&ctx, k) => {
-            let v = sim.to_vec()?;
-            Ok(topk_host(&v, rows, cols, k, |r| self_offset.map(|o| r + o)))
-        }
-        Device::Gpu(ctx) => {
+    let exclude = |r| self_offset.map(|o| r + o);
+    by_device(
+        "topk",
+        &[sim],
+        || Ok(topk_host(&sim.cpu()?, rows, cols, k, exclude)),
+        |ctx| {
+            if !topk_on_device(ctx, k) {
+                return Ok(topk_host(&sim.to_vec()?, rows, cols, k, exclude));
+            }
             let idx = ctx.alloc(rows * k)?;
             let val = ctx.alloc(rows * k)?;
             let params = TopkParams {
@@ -102,6 +102,6 @@ pub fn row_topk(
             ctx.dispatch(&TOPK, &params, &[sim.gpu()?, &idx, &val], to_u32(rows)?)?;
             let i = ctx.download(&idx)?.into_iter().map(|x| x as u32).collect();
             Ok((i, ctx.download(&val)?))
-        }
-    }
+        },
+    )
 }
