@@ -20,8 +20,8 @@ const POLICY_CHOICES: &[(&str, usize, &str)] = &[
     (
         "src/engine/ops/conv.rs",
         2,
-        "ops_conv::{depthwise_kernels_of_both_targets_match_cpu, both_conv_routes_match_cpu}, \
-         resnet::deep_convolutions_gpu_match_cpu",
+        "ops_conv::{depthwise_kernels_of_both_targets_match_cpu, both_conv_routes_match_cpu, \
+         deep_convolutions_gpu_match_cpu}",
     ),
     // the GEMM kernel: every kernel is run by gemm_raw_using
     (

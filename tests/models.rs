@@ -1,13 +1,17 @@
 //! Models against PyTorch: golden fixtures from tests/fixtures/make_model_fixtures.py
 //! (torchvision MobileNetV2, Cadene's BN-Inception, c2f2) on the CPU and the GPU; weight loading
-//! (dtypes, errors, partial loads, timm names); checkpoints; the parameter store.
+//! (dtypes, errors, partial loads, timm names); checkpoints; the parameter store; a whole
+//! MobileNetV2 whose activations exceed one storage binding.
 
 mod common;
 
 use std::collections::BTreeMap;
 
+use common::binding_cap::capped;
 use common::{check_fixture, fixture, read_float_tensors, scratch, synthetic_uniform, D};
-use robust_dml::engine::testing::gpu_or_skip;
+use robust_dml::engine::testing::{
+    assert_close, assert_close_network, assert_close_network_l2, gpu_or_skip, randn, uniform,
+};
 use robust_dml::engine::{Device, Rng, Tensor};
 use robust_dml::nn::weights::{
     map_key, timm_to_torchvision, write_safetensors, FileTensor, KeyAction,
@@ -797,5 +801,82 @@ fn model_gradients_gpu_match_cpu() {
             2e-3,
             1e-2,
         );
+    }
+}
+
+// ------------------------------------------------------------------ activations over the binding cap
+
+/// A whole MobileNetV2 whose largest activations exceed the cap agrees with the CPU: in
+/// frozen-BN mode (Proxy Anchor's training mode) the embeddings and the gradients of the input
+/// and of every parameter; in train mode the embeddings and the updated running statistics.
+/// (Train-mode gradients of a whole random network are not compared: nearly constant channels
+/// ahead of batch norms on 2x2 planes make them ill-conditioned. A 1e-6 relative change of the
+/// input moves some by 10% on the CPU alone. `batch_norm_splits_with_whole_batch_statistics`
+/// checks that backward op by op.)
+#[test]
+fn mobilenet_v2_runs_with_activations_over_the_cap() {
+    // 1 MiB: over the largest weight (the last 1x1 conv, 800 KiB), under block 1's 48-channel
+    // 32x32 expansion at batch 8 (1.5 MiB), which must split, as [64, 96, 112, 112] must on
+    // an adapter with 128 MiB bindings at batch 64 and 224x224.
+    let Some(gpu) = capped("mobilenet_v2_runs_with_activations_over_the_cap", 1 << 20) else {
+        return;
+    };
+    let cpu_model = EmbeddingNet::new(
+        Backbone::MobileNetV2 { width: 0.5 },
+        8,
+        &Device::Cpu,
+        &mut Rng::new(21),
+    )
+    .unwrap();
+    let gpu_model = cpu_model.to_device(&gpu).unwrap();
+    let x = uniform(&[8, 3, 64, 64], 0.0, 1.0, 22);
+    let w = randn(&[8, 8], 23);
+    let run = |model: &EmbeddingNet, dev: &Device| {
+        let xv = x.to_device(dev).unwrap().var();
+        let e = model.forward(&xv, ForwardMode::FrozenBn).unwrap();
+        let emb = e.to_vec().unwrap();
+        let grads = robust_dml::engine::tape::backward_with(e, w.to_device(dev).unwrap()).unwrap();
+        let mut out = vec![
+            ("embedding".to_string(), emb),
+            (
+                "input".to_string(),
+                grads.get(&xv).unwrap().to_vec().unwrap(),
+            ),
+        ];
+        for (name, p) in model.parameters() {
+            out.push((name, grads.get(&p).unwrap().to_vec().unwrap()));
+        }
+        out
+    };
+    let want = run(&cpu_model, &Device::Cpu);
+    let Device::Gpu(ctx) = &gpu else {
+        unreachable!()
+    };
+    let splits_before = ctx.split_ops();
+    let got = run(&gpu_model, &gpu);
+    // The expansion's conv, batch norm and ReLU6, forward and backward, at least.
+    assert!(
+        ctx.split_ops() - splits_before >= 6,
+        "{} split ops",
+        ctx.split_ops() - splits_before
+    );
+    // The embedding is a continuous function of the rounding; the gradients are not (see
+    // assert_close_network_l2), so they are compared by norm, per tensor.
+    assert_close_network("frozen-BN", &got[..1], &want[..1], 2e-3, 1e-2);
+    assert_close_network_l2("frozen-BN", &got[1..], &want[1..], 0.1);
+    let train = |model: &EmbeddingNet, dev: &Device| {
+        let xd = x.to_device(dev).unwrap();
+        let e = robust_dml::engine::no_grad(|| model.forward(&xd, ForwardMode::Train)).unwrap();
+        let mut out = vec![("embedding".to_string(), e.to_vec().unwrap())];
+        for (name, t) in model.params().buffers() {
+            out.push((name, t.to_vec().unwrap()));
+        }
+        out
+    };
+    let want = train(&cpu_model, &Device::Cpu);
+    let got = train(&gpu_model, &gpu);
+    assert!(want.len() > 50, "running statistics are compared");
+    for ((name, g), (_, c)) in got.iter().zip(&want) {
+        assert_close(&format!("train-mode {name}"), g, c, 1e-4, 1e-3);
     }
 }

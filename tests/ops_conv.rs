@@ -1,8 +1,13 @@
 //! Convolution family: GPU against CPU (forward and every gradient) for every kernel variant
 //! (both routes of ungrouped convolutions, the depthwise kernels of both targets), central-
-//! difference gradient checks on the CPU reference, a hand-computed case, and shape errors.
+//! difference gradient checks on the CPU reference, a hand-computed case, shape errors, ResNet-50's
+//! deepest layers, and the split over the batch of tensors larger than one storage binding.
 
+mod common;
+
+use common::binding_cap::{capped, over_cap, CAP, X, X_GEMM};
 use robust_dml::engine::ops::conv::{conv2d, Conv2dParams, ConvRoute};
+use robust_dml::engine::ops::elementwise::relu6;
 use robust_dml::engine::policy::KernelTarget;
 use robust_dml::engine::tape::no_grad;
 use robust_dml::engine::testing::{
@@ -510,4 +515,114 @@ fn conv_shape_errors() {
         )
         .is_err());
     });
+}
+
+// ------------------------------------------------------------------ deep layers on the GPU
+
+/// ResNet-50's deepest convolutions at odd input sizes (output planes of 2x3 pixels, batch 3):
+/// 3x3 convs over 512 channels and 1x1 convs over 2048, forward and both gradients, GPU against
+/// CPU. On llvmpipe a shader invocation's loops stop after about 65,535 iterations in all, so the
+/// implicit-GEMM kernels, looping over C_in x taps, returned wrong values here; and the weight
+/// gradient's sum over a batch that is not a multiple of 4 overflowed the grid of a dispatch.
+#[test]
+fn deep_convolutions_gpu_match_cpu() {
+    let Some(gpu) = gpu_or_skip("deep_convolutions_gpu_match_cpu") else {
+        return;
+    };
+    // (C_in, C_out, kernel, stride, padding, input H, W)
+    let layers = [
+        (512, 512, 3, 2, 1, 4, 6),
+        (512, 512, 3, 1, 1, 2, 3),
+        (2048, 512, 1, 1, 0, 2, 3),
+        (1024, 2048, 1, 2, 0, 4, 6),
+    ];
+    for (c_in, c_out, k, s, p, h, w) in layers {
+        let params = Conv2dParams {
+            stride: (s, s),
+            padding: (p, p),
+            ..Conv2dParams::default()
+        };
+        let run = |device: &Device| {
+            let x = randn(&[3, c_in, h, w], 1).to_device(device).unwrap().var();
+            let weight = randn(&[c_out, c_in, k, k], 2)
+                .to_device(device)
+                .unwrap()
+                .var();
+            let y = conv2d(&x, &weight, None, params).unwrap();
+            let dy = randn(y.shape(), 3).to_device(device).unwrap();
+            let values = y.to_vec().unwrap();
+            let grads = robust_dml::engine::tape::backward_with(y, dy).unwrap();
+            let grad = |t: &Tensor| grads.get(t).unwrap().to_vec().unwrap();
+            [values, grad(&x), grad(&weight)]
+        };
+        let (want, got) = (run(&Device::Cpu), run(&gpu));
+        for (i, what) in ["y", "dx", "dw"].iter().enumerate() {
+            let case = format!("{what} of {c_in}->{c_out} k{k} s{s} on {h}x{w}");
+            assert_close(&case, &got[i], &want[i], 1e-2, 1e-3);
+        }
+    }
+}
+
+// ------------------------------------------------------------------ over the binding cap
+
+#[test]
+fn a_sample_over_the_cap_is_a_clear_error() {
+    let Some(dev) = capped("a_sample_over_the_cap_is_a_clear_error", 1024) else {
+        return;
+    };
+    // 315 values a sample, but aligned chunks need several samples: over 1 KiB.
+    let x = randn(&X, 2).to_device(&dev).unwrap();
+    let err = relu6(&x).map(|_| ()).and_then(|_| {
+        let w = randn(&[5, 5, 3, 3], 3).to_device(&dev)?;
+        conv2d(&x, &w, None, Conv2dParams::default()).map(|_| ())
+    });
+    let msg = err
+        .expect_err("a chunk over the cap must be refused")
+        .to_string();
+    assert!(msg.contains("conv2d") && msg.contains("binding"), "{msg}");
+}
+
+#[test]
+fn convolutions_split_over_the_batch() {
+    let Some(dev) = capped("convolutions_split_over_the_batch", CAP) else {
+        return;
+    };
+    for shape in [X, X_GEMM] {
+        let x = randn(&shape, 4);
+        over_cap(&dev, &x.to_device(&dev).unwrap());
+        let dense = Conv2dParams {
+            padding: (1, 1),
+            ..Default::default()
+        };
+        let depthwise = Conv2dParams {
+            stride: (2, 2),
+            padding: (1, 1),
+            groups: 5,
+            ..Default::default()
+        };
+        let cases = [
+            ("3x3 dense + bias", vec![6, 5, 3, 3], dense, true),
+            (
+                "1x1 pointwise",
+                vec![7, 5, 1, 1],
+                Conv2dParams::default(),
+                false,
+            ),
+            ("3x3 depthwise stride 2", vec![5, 1, 3, 3], depthwise, true),
+        ];
+        for (name, w_shape, p, bias) in cases {
+            let mut inputs = vec![x.clone(), randn(&w_shape, 5)];
+            if bias {
+                inputs.push(randn(&[w_shape[0]], 6));
+            }
+            assert_parity(
+                &format!("{name} on {shape:?}"),
+                &dev,
+                |t| conv2d(&t[0], &t[1], t.get(2), p),
+                &inputs,
+                1e-3,
+                1e-3,
+            );
+        }
+    }
 }

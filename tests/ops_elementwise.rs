@@ -1,5 +1,9 @@
-//! Elementwise ops: GPU against CPU, and central-difference gradients.
+//! Elementwise ops: GPU against CPU, central-difference gradients, and flat ranges over tensors
+//! larger than one storage binding.
 
+mod common;
+
+use common::binding_cap::{capped, over_cap, CAP, X};
 use robust_dml::engine::ops::elementwise as ew;
 use robust_dml::engine::testing::{assert_grad, assert_parity, gpu_or_skip, randn, GradCheck};
 use robust_dml::engine::Tensor;
@@ -147,4 +151,25 @@ fn sign_of_zero_is_zero_on_both_devices() {
             vec![-1.0, 0.0, 1.0]
         );
     }
+}
+
+// ------------------------------------------------------------------ over the binding cap
+
+/// Elementwise ops run over flat ranges of a tensor larger than one binding.
+#[test]
+fn elementwise_ops_split() {
+    let Some(dev) = capped("elementwise_ops_split", CAP) else {
+        return;
+    };
+    let x = randn(&X, 12);
+    let y = randn(&X, 13);
+    over_cap(&dev, &x.to_device(&dev).unwrap());
+    // Spread over the ReLU6 knees.
+    let x6 = Tensor::from_cpu(
+        x.to_vec().unwrap().iter().map(|v| 4.0 * v + 2.0).collect(),
+        &X,
+    )
+    .unwrap();
+    assert_parity("relu6", &dev, |t| ew::relu6(&t[0]), &[x6], 1e-5, 1e-5);
+    assert_parity("add", &dev, |t| ew::add(&t[0], &t[1]), &[x, y], 1e-5, 1e-5);
 }

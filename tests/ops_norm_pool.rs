@@ -1,6 +1,10 @@
 //! Batch norm and pooling: GPU against CPU (batch norm for the kernels of both targets), central-difference gradients, and hand-computed
-//! values from PyTorch's semantics (output sizes, divisors, running statistics).
+//! values from PyTorch's semantics (output sizes, divisors, running statistics), and the split over
+//! the batch of tensors larger than one storage binding (batch norm with whole-batch statistics).
 
+mod common;
+
+use common::binding_cap::{capped, over_cap, CAP, X};
 use robust_dml::engine::ops::batchnorm::{batch_norm_eval, batch_norm_train};
 use robust_dml::engine::ops::pool::{
     avg_pool2d, global_avg_pool, global_max_pool, max_pool2d, pool_output_size, Pool2dParams,
@@ -704,4 +708,106 @@ fn batch_norm_cases(gpu: &Device, target: KernelTarget) {
             1e-3,
         );
     }
+}
+
+// ------------------------------------------------------------------ over the binding cap
+
+#[test]
+fn batch_norm_splits_with_whole_batch_statistics() {
+    let Some(dev) = capped("batch_norm_splits_with_whole_batch_statistics", CAP) else {
+        return;
+    };
+    // Chunk reductions by one invocation per channel and by one workgroup per channel; planes of
+    // one invocation each, and over a workgroup.
+    for shape in [X, [10, 3, 17, 16], [12, 1, 60, 60]] {
+        batch_norm_split_case(&dev, shape);
+    }
+}
+
+fn batch_norm_split_case(dev: &Device, shape: [usize; 4]) {
+    let dev = dev.clone();
+    let c = shape[1];
+    // An offset far from zero: the chunks' statistics must be merged stably.
+    let x = randn(&shape, 7).to_vec().unwrap();
+    let x = Tensor::from_cpu(x.iter().map(|v| 3.0 * v + 40.0).collect(), &shape).unwrap();
+    over_cap(&dev, &x.to_device(&dev).unwrap());
+    let (gamma, beta) = (uniform(&[c], 0.5, 1.5, 8), randn(&[c], 9));
+    let running = |dev: &Device| {
+        (
+            randn(&[c], 10).to_device(dev).unwrap(),
+            uniform(&[c], 0.5, 2.0, 11).to_device(dev).unwrap(),
+        )
+    };
+    let (cpu_rm, cpu_rv) = running(&Device::Cpu);
+    let (gpu_rm, gpu_rv) = running(&dev);
+    let inputs = [x.clone(), gamma.clone(), beta.clone()];
+    let stats = |t: &[Tensor]| -> (Tensor, Tensor) {
+        if t[0].is_gpu() {
+            (gpu_rm.clone(), gpu_rv.clone())
+        } else {
+            (cpu_rm.clone(), cpu_rv.clone())
+        }
+    };
+    assert_parity(
+        "batch_norm_train",
+        &dev,
+        |t| {
+            let (rm, rv) = stats(t);
+            batch_norm_train(&t[0], &t[1], &t[2], &rm, &rv, 0.1, 1e-5)
+        },
+        &inputs,
+        2e-3,
+        2e-3,
+    );
+    let (a, b) = (gpu_rm.to_vec().unwrap(), cpu_rm.to_vec().unwrap());
+    assert_close("running mean after a split batch", &a, &b, 1e-4, 1e-5);
+    let (a, b) = (gpu_rv.to_vec().unwrap(), cpu_rv.to_vec().unwrap());
+    assert_close("running var after a split batch", &a, &b, 1e-3, 1e-4);
+    assert_parity(
+        "batch_norm_eval",
+        &dev,
+        |t| {
+            let (rm, rv) = stats(t);
+            batch_norm_eval(&t[0], &t[1], &t[2], &rm, &rv, 1e-5)
+        },
+        &inputs,
+        1e-3,
+        1e-3,
+    );
+}
+
+/// Pooling runs per sample on views of batch chunks.
+#[test]
+fn pooling_splits_over_the_batch() {
+    let Some(dev) = capped("pooling_splits_over_the_batch", CAP) else {
+        return;
+    };
+    let x = randn(&X, 12);
+    over_cap(&dev, &x.to_device(&dev).unwrap());
+    let pool = params(3, 2, 1, true, false);
+    let one = [x];
+    assert_parity(
+        "max_pool2d",
+        &dev,
+        |t| max_pool2d(&t[0], pool),
+        &one,
+        1e-5,
+        1e-5,
+    );
+    assert_parity(
+        "avg_pool2d",
+        &dev,
+        |t| avg_pool2d(&t[0], pool),
+        &one,
+        1e-5,
+        1e-5,
+    );
+    assert_parity(
+        "global_max_pool",
+        &dev,
+        |t| global_max_pool(&t[0]),
+        &one,
+        1e-5,
+        1e-5,
+    );
 }

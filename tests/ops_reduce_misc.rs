@@ -1,6 +1,11 @@
 //! Reductions, L2 normalisation and cosine similarity, channel ops and the fused PGD step:
-//! hand-computed cases, central-difference gradients and GPU against CPU on odd shapes.
+//! hand-computed cases, central-difference gradients and GPU against CPU on odd shapes; over
+//! tensors larger than one storage binding, the split of the channel ops and the PGD step, and the
+//! clear refusal of a whole-tensor reduction, which has no split.
 
+mod common;
+
+use common::binding_cap::{capped, over_cap, CAP, X};
 use robust_dml::engine::ops::attack::pgd_step;
 use robust_dml::engine::ops::channels as ch;
 use robust_dml::engine::ops::normalize::{cosine_similarity, l2_normalize};
@@ -8,7 +13,7 @@ use robust_dml::engine::ops::reduce as rd;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, uniform, GradCheck,
 };
-use robust_dml::engine::{Device, Tensor};
+use robust_dml::engine::{Device, EngineError, Tensor};
 
 const ODD: [usize; 4] = [2, 3, 7, 5];
 
@@ -456,5 +461,82 @@ fn pgd_step_gpu_matches_cpu() {
             "element {i}: {v}"
         );
     }
-    let _ = Device::Cpu;
+}
+
+// ------------------------------------------------------------------ over the binding cap
+
+#[test]
+fn the_cap_binds_for_ops_without_a_split() {
+    let Some(dev) = capped("the_cap_binds_for_ops_without_a_split", CAP) else {
+        return;
+    };
+    let x = randn(&X, 1).to_device(&dev).unwrap();
+    over_cap(&dev, &x);
+    // A whole-tensor reduction has no split path: it must fail clearly, not corrupt memory.
+    match rd::sum(&x) {
+        Err(EngineError::BindingTooLarge { .. }) => {}
+        other => panic!("expected BindingTooLarge, got {other:?}"),
+    }
+    // The values round-trip through a tensor over the cap (copies are not bindings).
+    assert_eq!(x.to_vec().unwrap(), randn(&X, 1).to_vec().unwrap());
+}
+
+/// Channel ops run per sample on views of batch chunks; the PGD step runs over flat ranges.
+#[test]
+fn channel_ops_and_the_pgd_step_split() {
+    let Some(dev) = capped("channel_ops_and_the_pgd_step_split", CAP) else {
+        return;
+    };
+    let x = randn(&X, 12);
+    over_cap(&dev, &x.to_device(&dev).unwrap());
+    let one = [x.clone()];
+    assert_parity(
+        "concat_channels",
+        &dev,
+        |t| ch::concat_channels(&[&t[0], &t[1]]),
+        &[x.clone(), randn(&[20, 2, 9, 7], 18)],
+        1e-6,
+        1e-6,
+    );
+    assert_parity(
+        "split_channels",
+        &dev,
+        |t| {
+            let parts = ch::split_channels(&t[0], &[2, 3])?;
+            ch::concat_channels(&[&parts[1], &parts[0]])
+        },
+        &one,
+        1e-5,
+        1e-5,
+    );
+    assert_parity(
+        "permute_channels",
+        &dev,
+        |t| ch::permute_channels(&t[0], &[4, 2, 0, 1, 3]),
+        &one,
+        1e-6,
+        1e-6,
+    );
+    let (scale, shift) = ([0.5, -1.0, 2.0, 1.5, 0.25], [0.1, 0.2, -0.3, 0.0, 1.0]);
+    assert_parity(
+        "channel_affine",
+        &dev,
+        |t| ch::channel_affine(&t[0], &scale, &shift),
+        &one,
+        1e-5,
+        1e-5,
+    );
+    let (adv, grad, orig) = (
+        uniform(&X, 0.0, 1.0, 15),
+        randn(&X, 16),
+        uniform(&X, 0.0, 1.0, 17),
+    );
+    let step = |d: &Device| {
+        let on = |t: &Tensor| t.to_device(d).unwrap();
+        pgd_step(&on(&adv), &on(&grad), &on(&orig), 0.01, 0.03)
+            .unwrap()
+            .to_vec()
+            .unwrap()
+    };
+    assert_close("pgd_step", &step(&dev), &step(&Device::Cpu), 1e-6, 0.0);
 }

@@ -1,7 +1,10 @@
 //! Helpers shared by the tests: the PyTorch fixtures of tests/fixtures (their synthetic weights,
 //! made whole on load), the closeness checks of embeddings against them, and the tiny
-//! embedding net the attack tests (pgd, sanity, ranking) run on.
+//! embedding net the attack tests (pgd, sanity, ranking) run on; `binding_cap`, the GPU contexts
+//! with bindings of a few KiB on which the op families' split tests run.
 #![allow(dead_code)] // each test binary uses its own subset
+
+pub mod binding_cap;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
