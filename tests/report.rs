@@ -1,8 +1,13 @@
-//! The experiment report: Table 1 layout and an HTML page with the plots.
+//! The experiment report: Table 1 layout and an HTML page with the plots; the tables `eval` and
+//! `attack` print.
 
+use robust_dml::config::{Objective, Optimizer, PgdConfig};
 use robust_dml::pipeline::report::{
     html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
 };
+use robust_dml::pipeline::sanity::SanityCheck;
+use robust_dml::pipeline::strength::{AttackRow, WorstMetric};
+use robust_dml::pipeline::tables::{eval_table, strength_table, EvalOutput, StrengthOutput};
 
 fn sample() -> Vec<MethodReport> {
     let m = |r1: f64| Metrics {
@@ -131,4 +136,77 @@ fn template_rows_in_json_have_no_clustering_metrics() {
     let back: Vec<MethodReport> = serde_json::from_value(json).unwrap();
     assert_eq!(back[0].pgd_template.recall, reports[0].pgd_template.recall);
     assert_eq!(back[0].pgd, reports[0].pgd);
+}
+
+/// The Markdown rows of `table`: each has as many cells as the header, or the table breaks.
+fn assert_rows_match_header(table: &str) {
+    let rows: Vec<&str> = table.lines().filter(|l| l.starts_with('|')).collect();
+    let cells = |row: &str| row.matches('|').count() - 1;
+    assert!(rows.len() > 2, "no rows: {table}");
+    for row in &rows {
+        assert_eq!(cells(row), cells(rows[0]), "{row}\nin\n{table}");
+    }
+}
+
+#[test]
+fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
+    let m = |v: f64| Metrics {
+        nmi: v,
+        f1: v / 2.0,
+        recall: [v, v + 1.0, v + 2.0, v + 3.0],
+        map_r: v / 4.0,
+    };
+    let eval = EvalOutput {
+        checkpoint: "run/checkpoint.safetensors".into(),
+        dataset: "synthetic".into(),
+        clean: m(40.0),
+        pgd_clustering: Some(m(10.0)),
+        pgd_template: Some((&m(20.0)).into()),
+        attack: Some(PgdConfig::new(8.0 / 255.0, 10)),
+        seconds: 1.5,
+    };
+    let t = eval_table(&eval, "PAL");
+    assert_rows_match_header(&t);
+    assert!(t.starts_with("### run/checkpoint.safetensors on synthetic: PGD-10 eps 8.0/255"));
+    assert!(t.contains("| PAL | clean | 40.00 | 20.00 | 40.00 | 41.00 | 42.00 | 43.00 | 10.00 |"));
+    assert!(
+        t.contains("| PAL | PGD (template) | - | - | 20.00 |"),
+        "{t}"
+    );
+    let attack = |objective, optimizer| AttackRow {
+        objective: Some(objective),
+        attack: Some(PgdConfig {
+            optimizer,
+            ..PgdConfig::new(8.0 / 255.0, 10)
+        }),
+        clustering: m(5.0),
+        template: m(6.0),
+        seconds: 2.0,
+    };
+    let strength = StrengthOutput {
+        checkpoint: "target".into(),
+        dataset: "synthetic".into(),
+        clean: m(40.0),
+        white_box: vec![
+            attack(Objective::EmbeddingShift, Optimizer::Pgd),
+            attack(Objective::Retrieval, Optimizer::Apgd),
+        ],
+        worst: (0..9)
+            .map(|i| WorstMetric {
+                metric: format!("metric {i}"),
+                value: i as f64,
+                objective: Objective::Retrieval,
+            })
+            .collect(),
+        transfer_from: Some("source".into()),
+        transfer: vec![attack(Objective::EmbeddingShift, Optimizer::Pgd)],
+        checks: vec![SanityCheck::default()],
+    };
+    let t = strength_table(&strength, "+ EAT");
+    assert_rows_match_header(&t);
+    assert!(
+        t.contains("| + EAT | transfer from source PGD-10 shift eps 8.0/255 alpha "),
+        "{t}"
+    );
+    assert_rows_match_header(&table_markdown(&sample(), "test"));
 }

@@ -22,8 +22,9 @@ use crate::pipeline::report::table_markdown;
 use crate::pipeline::run_dir::{check_output_path, RunDir};
 use crate::pipeline::sanity::transfer_check;
 use crate::pipeline::strength::{
-    attack_set, scenario_metrics, worst_of, AttackRow, AttackSource, TransferReport, WorstMetric,
+    attack_set, scenario_metrics, worst_of, AttackRow, AttackSource, TransferReport,
 };
+use crate::pipeline::tables::{eval_table, strength_table, EvalOutput, StrengthOutput};
 use crate::pipeline::train::{
     default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE,
 };
@@ -683,48 +684,6 @@ fn load_run(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> {
     Run::load(path, dataset, device)
 }
 
-#[derive(Serialize)]
-struct EvalOutput {
-    checkpoint: String,
-    dataset: String,
-    clean: crate::pipeline::report::Metrics,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pgd_clustering: Option<crate::pipeline::report::Metrics>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pgd_template: Option<crate::pipeline::report::TemplateMetrics>,
-    /// The attack's parameters and the wall time of the embedding pass with it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    attack: Option<PgdConfig>,
-    seconds: f64,
-}
-
-/// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run).
-fn eval_table(out: &EvalOutput, label: &str, title: &str) -> String {
-    let mut s =
-        format!("### {title}\n\n| method | input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R |\n");
-    s += "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n";
-    let f = |v: f64| format!("{v:.2}");
-    let mut row = |input: &str, nmi: String, f1: String, r: [f64; 4], map_r: f64| {
-        s += &format!(
-            "| {label} | {input} | {nmi} | {f1} | {} | {} | {} | {} | {} |\n",
-            f(r[0]),
-            f(r[1]),
-            f(r[2]),
-            f(r[3]),
-            f(map_r)
-        );
-    };
-    let m = &out.clean;
-    row("clean", f(m.nmi), f(m.f1), m.recall, m.map_r);
-    if let Some(m) = &out.pgd_clustering {
-        row("PGD (clustering)", f(m.nmi), f(m.f1), m.recall, m.map_r);
-    }
-    if let Some(m) = &out.pgd_template {
-        row("PGD (template)", "-".into(), "-".into(), m.recall, m.map_r);
-    }
-    s
-}
-
 fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> Result<()> {
     let device = device()?;
     let dataset = e.data.load()?;
@@ -775,28 +734,7 @@ fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> R
             serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
         );
     } else {
-        let title = match &out.attack {
-            Some(c) => format!(
-                "{} on {}: PGD-{} eps {:.1}/255 alpha {:.2}/255{}{}, {:.1} s",
-                e.checkpoint.display(),
-                dataset.name,
-                c.steps,
-                c.eps * 255.0,
-                c.alpha * 255.0,
-                if c.random_start { ", random start" } else { "" },
-                if c.restarts > 1 {
-                    format!(", best of {} random restarts", c.restarts)
-                } else {
-                    String::new()
-                },
-                out.seconds
-            ),
-            None => format!("{} on {}", e.checkpoint.display(), dataset.name),
-        };
-        println!(
-            "{}",
-            eval_table(&out, run.cfg.defense.method.label(), &title)
-        );
+        println!("{}", eval_table(&out, run.cfg.defense.method.label()));
     }
     Ok(())
 }
@@ -837,25 +775,6 @@ fn attack(a: AttackArgs) -> Result<()> {
         evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
     }
     Ok(())
-}
-
-#[derive(Serialize)]
-struct StrengthOutput {
-    checkpoint: String,
-    dataset: String,
-    clean: crate::pipeline::report::Metrics,
-    /// The target attacked through itself, one row per objective.
-    white_box: Vec<AttackRow>,
-    /// With three objectives: per metric, the lowest white-box value and its objective.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    worst: Vec<WorstMetric>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    transfer_from: Option<String>,
-    /// Made on the source, evaluated on the target, one row per objective.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    transfer: Vec<AttackRow>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    checks: Vec<crate::pipeline::sanity::SanityCheck>,
 }
 
 /// `attack` with --objective other than shift, --attack apgd or --transfer-from: every
@@ -969,91 +888,6 @@ fn attack_strength(a: &AttackArgs, cfg: &PgdConfig) -> Result<()> {
         eprintln!("SANITY FAIL {}: {}", c.name, c.detail);
     }
     Ok(())
-}
-
-/// The rows of [`attack_strength`] as Markdown.
-fn strength_table(out: &StrengthOutput, label: &str) -> String {
-    let mut s = format!(
-        "### {} on {}\n\n| method | input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 \
-         template | MAP@R template | s |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | \
-         ---: | ---: | ---: | ---: |\n",
-        out.checkpoint, out.dataset
-    );
-    let c = &out.clean;
-    s += &format!(
-        "| {label} | clean | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | | | |\n",
-        c.nmi, c.f1, c.recall[0], c.recall[1], c.recall[2], c.recall[3], c.map_r
-    );
-    let mut row = |input: String, r: &AttackRow| {
-        let (m, t) = (&r.clustering, &r.template);
-        s += &format!(
-            "| {label} | {input} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | \
-             {:.2} | {:.1} |\n",
-            m.nmi,
-            m.f1,
-            m.recall[0],
-            m.recall[1],
-            m.recall[2],
-            m.recall[3],
-            m.map_r,
-            t.recall[0],
-            t.map_r,
-            r.seconds
-        );
-    };
-    let name = |r: &AttackRow| match (r.attack, r.objective) {
-        (Some(c), Some(o)) => format!(
-            "{}-{} {} eps {:.1}/255{}{}",
-            c.optimizer.key(),
-            c.steps,
-            o.key(),
-            c.eps * 255.0,
-            if c.optimizer == Optimizer::Pgd {
-                format!(" alpha {:.2}/255", c.alpha * 255.0)
-            } else {
-                String::new()
-            },
-            if c.restarts > 1 {
-                format!(", best of {} restarts", c.restarts)
-            } else {
-                String::new()
-            }
-        ),
-        _ => "attacked".into(),
-    };
-    for r in &out.white_box {
-        row(format!("white-box {}", name(r)), r);
-    }
-    for r in &out.transfer {
-        row(
-            format!(
-                "transfer from {} {}",
-                out.transfer_from.as_deref().unwrap_or(""),
-                name(r)
-            ),
-            r,
-        );
-    }
-    if !out.worst.is_empty() {
-        let cells: Vec<String> = out
-            .worst
-            .iter()
-            .map(|w| format!("{:.2} ({})", w.value, w.objective.key()))
-            .collect();
-        s += &format!(
-            "| {label} | **worst (objective)** | {} | |\n",
-            cells.join(" | ")
-        );
-    }
-    for c in &out.checks {
-        s += &format!(
-            "\n{}: {} ({})",
-            c.name,
-            if c.passed { "pass" } else { "FAIL" },
-            c.detail
-        );
-    }
-    s
 }
 
 /// `attack --suite ranking`: the ranking attacks on the checkpoint's model (an ensemble

@@ -11,4 +11,5 @@ pub mod report;
 pub mod run_dir;
 pub mod sanity;
 pub mod strength;
+pub mod tables;
 pub mod train;

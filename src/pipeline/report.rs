@@ -20,6 +20,51 @@ pub struct Metrics {
     pub map_r: f64,
 }
 
+/// The metric columns of every results table, in the order of [`Metrics::cells`].
+pub const METRIC_COLUMNS: [&str; 7] = ["NMI", "F1", "R@1", "R@2", "R@4", "R@8", "MAP@R"];
+
+impl Metrics {
+    /// The cells of [`METRIC_COLUMNS`]: NMI, F1, R@1, R@2, R@4, R@8 and MAP@R, in percent to two
+    /// decimals. Every results table, Markdown or HTML, writes its metrics with it.
+    pub fn cells(&self) -> [String; 7] {
+        let [r1, r2, r4, r8] = self.recall.map(two_decimals);
+        [
+            two_decimals(self.nmi),
+            two_decimals(self.f1),
+            r1,
+            r2,
+            r4,
+            r8,
+            two_decimals(self.map_r),
+        ]
+    }
+}
+
+fn two_decimals(v: f64) -> String {
+    format!("{v:.2}")
+}
+
+/// The two lines that open a Markdown table: the `leading` columns (left-aligned), the metric
+/// columns, then the `trailing` ones (right-aligned, as numbers are).
+pub fn markdown_header(leading: &[&str], trailing: &[&str]) -> String {
+    let names: Vec<&str> = leading
+        .iter()
+        .chain(&METRIC_COLUMNS)
+        .chain(trailing)
+        .copied()
+        .collect();
+    let alignments: Vec<&str> = names
+        .iter()
+        .enumerate()
+        .map(|(i, _)| if i < leading.len() { "---" } else { "---:" })
+        .collect();
+    format!(
+        "| {} |\n| {} |\n",
+        names.join(" | "),
+        alignments.join(" | ")
+    )
+}
+
 /// A point of a robustness curve.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CurvePoint {
@@ -88,6 +133,23 @@ pub struct TemplateMetrics {
     pub map_r: f64,
 }
 
+impl TemplateMetrics {
+    /// The cells of [`METRIC_COLUMNS`], with "-" for NMI and F1, which were not computed.
+    pub fn cells(&self) -> [String; 7] {
+        let [r1, r2, r4, r8] = self.recall.map(two_decimals);
+        let not_computed = || "-".to_string();
+        [
+            not_computed(),
+            not_computed(),
+            r1,
+            r2,
+            r4,
+            r8,
+            two_decimals(self.map_r),
+        ]
+    }
+}
+
 impl From<&Metrics> for TemplateMetrics {
     fn from(m: &Metrics) -> Self {
         TemplateMetrics {
@@ -117,33 +179,20 @@ pub struct Projection {
 /// The paper's Table 1: NMI, F1, R@1/2/4/8 for clean and PGD rows of each method, plus the
 /// template-matching Recall@1 beside the clustering one.
 pub fn table_markdown(reports: &[MethodReport], title: &str) -> String {
-    let mut s = String::new();
-    let _ = writeln!(s, "### {title}\n");
-    let _ = writeln!(
-        s,
-        "| method | input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 template |"
-    );
-    let _ = writeln!(
-        s,
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    let mut s = format!(
+        "### {title}\n\n{}",
+        markdown_header(&["method", "input"], &["R@1 template"])
     );
     for r in reports {
-        for (input, m, t) in [
-            ("clean", &r.clean, None),
-            ("PGD", &r.pgd, Some(r.pgd_template.recall[0])),
+        for (input, m, template) in [
+            ("clean", &r.clean, String::new()),
+            ("PGD", &r.pgd, two_decimals(r.pgd_template.recall[0])),
         ] {
             let _ = writeln!(
                 s,
-                "| {} | {input} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+                "| {} | {input} | {} | {template} |",
                 r.label,
-                m.nmi,
-                m.f1,
-                m.recall[0],
-                m.recall[1],
-                m.recall[2],
-                m.recall[3],
-                m.map_r,
-                t.map_or("".to_string(), |v| format!("{v:.2}"))
+                m.cells().join(" | ")
             );
         }
     }
@@ -545,20 +594,25 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
 
 /// The Table 1 layout as HTML, with how to read it.
 fn results_table(reports: &[MethodReport]) -> String {
-    let mut h = String::from(
+    let headers: String = METRIC_COLUMNS
+        .iter()
+        .chain(&["R@1 template"])
+        .map(|name| format!("<th>{name}</th>"))
+        .collect();
+    let mut h = format!(
         "<h2>Results (Table 1 layout, percent)</h2><table><tr><th class=\"l\">method</th>\
-         <th>input</th><th>NMI</th><th>F1</th><th>R@1</th><th>R@2</th><th>R@4</th><th>R@8</th>\
-         <th>MAP@R</th><th>R@1 template</th></tr>",
+         <th>input</th>{headers}</tr>"
     );
     for r in reports {
-        for (input, m, t) in [
+        for (input, m, template) in [
             ("clean", &r.clean, String::new()),
-            ("PGD", &r.pgd, format!("{:.2}", r.pgd_template.recall[0])),
+            ("PGD", &r.pgd, two_decimals(r.pgd_template.recall[0])),
         ] {
+            let cells: String = m.cells().iter().map(|c| format!("<td>{c}</td>")).collect();
             let _ = write!(
                 h,
-                "<tr><td class=\"l\">{}</td><td>{input}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{t}</td></tr>",
-                html_escape(&r.label), m.nmi, m.f1, m.recall[0], m.recall[1], m.recall[2], m.recall[3], m.map_r
+                "<tr><td class=\"l\">{}</td><td>{input}</td>{cells}<td>{template}</td></tr>",
+                html_escape(&r.label)
             );
         }
     }
