@@ -377,6 +377,31 @@ fn bad_attack_and_eval_flags_are_named() {
     );
 }
 
+/// A transfer source trained at another input size is refused, naming both checkpoints and
+/// sizes in one sentence (the message once carried runs of 18 spaces from lost line breaks).
+#[test]
+fn a_transfer_source_of_another_input_size_is_refused() {
+    let sb = Sandbox::with_trained_run("transfer-size");
+    sb.succeeds(&tiny_train("source", &["--image-size", "20"]));
+    sb.refuses(
+        &[
+            "attack",
+            "--checkpoint",
+            "run/checkpoint.safetensors",
+            "--steps",
+            "1",
+            "--objective",
+            "metric",
+            "--transfer-from",
+            "source/checkpoint.safetensors",
+        ],
+        "--transfer-from source/checkpoint.safetensors takes 20 px images and embeds in 8 \
+         dimensions, the target run/checkpoint.safetensors takes 16 px and embeds in 8: transfer \
+         needs the same input size (pass a source trained at 16 px)",
+        None,
+    );
+}
+
 // ---------------------------------------------------------------- non-finite state
 
 /// The NaN guard checks the state before every save: a diverging run stops naming the flag,

@@ -850,7 +850,9 @@ fn attack_strength(a: &AttackArgs, cfg: &PgdConfig) -> Result<()> {
         let source = load_run(path, &dataset, &device)?;
         if source.cfg.image_size != size || source.cfg.embedding_dim != dim {
             return Err(Error::Config(format!(
-                "--transfer-from {} takes {} px images and embeds in {} dimensions, the target                  {} takes {size} px and embeds in {dim}: transfer needs the same input size                  (pass a source trained at {size} px)",
+                "--transfer-from {} takes {} px images and embeds in {} dimensions, the target \
+                 {} takes {size} px and embeds in {dim}: transfer needs the same input size \
+                 (pass a source trained at {size} px)",
                 path.display(),
                 source.cfg.image_size,
                 source.cfg.embedding_dim,
