@@ -67,7 +67,7 @@ fn per_query<T: Send>(
     let ng = gallery.len() / dim;
     let threads = threads_for(nq);
     let per_thread = nq.div_ceil(threads.max(1)).max(1);
-    let run = |range: std::ops::Range<usize>| -> Vec<T> {
+    let score_queries = |range: std::ops::Range<usize>| -> Vec<T> {
         let mut sims = vec![0f32; ng];
         let mut idx: Vec<usize> = Vec::with_capacity(ng);
         let mut out = Vec::with_capacity(range.len());
@@ -90,14 +90,14 @@ fn per_query<T: Send>(
         out
     };
     if threads <= 1 {
-        return run(0..nq);
+        return score_queries(0..nq);
     }
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..nq)
             .step_by(per_thread)
             .map(|start| {
-                let run = &run;
-                s.spawn(move || run(start..(start + per_thread).min(nq)))
+                let score_queries = &score_queries;
+                s.spawn(move || score_queries(start..(start + per_thread).min(nq)))
             })
             .collect();
         handles

@@ -91,7 +91,9 @@ impl Device {
         }
     }
 
-    pub fn same(&self, other: &Device) -> bool {
+    /// Whether both are the CPU, or the same GPU context (not merely the same adapter): a
+    /// tensor moves between them without a copy.
+    pub fn is_same_device(&self, other: &Device) -> bool {
         match (self, other) {
             (Device::Cpu, Device::Cpu) => true,
             (Device::Gpu(a), Device::Gpu(b)) => Arc::ptr_eq(a, b),

@@ -240,7 +240,7 @@ impl Tensor {
 
     /// An explicit copy onto `device` (not recorded by autograd).
     pub fn to_device(&self, device: &Device) -> Result<Tensor> {
-        if self.device().same(device) {
+        if self.device().is_same_device(device) {
             return Ok(self.detach());
         }
         Tensor::from_vec(self.to_vec()?, self.shape(), device)
@@ -404,7 +404,7 @@ pub fn same_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
     let d = tensors[0].device();
     for t in &tensors[1..] {
         let e = t.device();
-        if !d.same(&e) {
+        if !d.is_same_device(&e) {
             return Err(EngineError::DeviceMismatch {
                 op,
                 a: d.name(),

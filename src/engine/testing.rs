@@ -231,7 +231,7 @@ pub fn assert_parity(
     atol: f32,
     rtol: f32,
 ) {
-    let run = |dev: &Device| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let output_and_input_gradients = |dev: &Device| -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         let vars: Vec<Tensor> = inputs
             .iter()
             .map(|t| t.to_device(dev).map(|t| t.var()))
@@ -251,8 +251,9 @@ pub fn assert_parity(
             .collect::<Result<_>>()?;
         Ok((y, gs))
     };
-    let (cy, cg) = run(&Device::Cpu).unwrap_or_else(|e| panic!("{what} on cpu: {e}"));
-    let (gy, gg) = run(gpu).unwrap_or_else(|e| panic!("{what} on gpu: {e}"));
+    let (cy, cg) =
+        output_and_input_gradients(&Device::Cpu).unwrap_or_else(|e| panic!("{what} on cpu: {e}"));
+    let (gy, gg) = output_and_input_gradients(gpu).unwrap_or_else(|e| panic!("{what} on gpu: {e}"));
     assert_close(&format!("{what}: forward"), &gy, &cy, atol, rtol);
     for (i, (g, c)) in gg.iter().zip(&cg).enumerate() {
         assert_close(&format!("{what}: gradient of input {i}"), g, c, atol, rtol);

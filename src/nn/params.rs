@@ -68,7 +68,7 @@ impl ParamStore {
                 format!("duplicate parameter name '{name}'"),
             );
         }
-        let tensor = Self::wrap(tensor.to_device(&self.device)?, kind, false);
+        let tensor = Self::detached_leaf(tensor.to_device(&self.device)?, kind, false);
         let id = self.entries.len();
         self.entries.push(Entry {
             name: name.to_string(),
@@ -80,7 +80,8 @@ impl ParamStore {
         Ok(ParamId(id))
     }
 
-    fn wrap(tensor: Tensor, kind: ParamKind, frozen: bool) -> Tensor {
+    /// `tensor` cut from any graph, and a gradient leaf if it trains (trainable, not frozen).
+    fn detached_leaf(tensor: Tensor, kind: ParamKind, frozen: bool) -> Tensor {
         match kind {
             ParamKind::Trainable if !frozen => tensor.detach().var(),
             _ => tensor.detach(),
@@ -175,7 +176,7 @@ impl ParamStore {
                 ),
             );
         }
-        e.tensor = Self::wrap(tensor.to_device(&self.device)?, e.kind, e.frozen);
+        e.tensor = Self::detached_leaf(tensor.to_device(&self.device)?, e.kind, e.frozen);
         Ok(())
     }
 
@@ -202,7 +203,7 @@ impl ParamStore {
         for e in self.entries.iter_mut() {
             if e.kind == ParamKind::Trainable && pred(&e.name) && e.frozen != frozen {
                 e.frozen = frozen;
-                e.tensor = Self::wrap(e.tensor.clone(), e.kind, frozen);
+                e.tensor = Self::detached_leaf(e.tensor.clone(), e.kind, frozen);
             }
         }
     }
@@ -227,7 +228,7 @@ impl ParamStore {
     fn copy_frozen_flags(&mut self, from: &ParamStore) {
         for (dst, src) in self.entries.iter_mut().zip(&from.entries) {
             dst.frozen = src.frozen;
-            dst.tensor = Self::wrap(dst.tensor.clone(), dst.kind, src.frozen);
+            dst.tensor = Self::detached_leaf(dst.tensor.clone(), dst.kind, src.frozen);
         }
     }
 

@@ -168,7 +168,7 @@ fn sanitized_costs(weights: &[Vec<f64>], rows: usize, cols: usize) -> Vec<f64> {
 /// cheapest augmenting path in reduced costs (Dijkstra-like, dense), keeping dual potentials
 /// `u` (rows) and `v` (columns) feasible. Index 0 is a sentinel, real rows/columns are 1-based.
 fn min_cost_assignment(cost: &[f64], n: usize, m: usize) -> Vec<usize> {
-    let a = |i: usize, j: usize| cost[(i - 1) * m + (j - 1)];
+    let cost_at = |i: usize, j: usize| cost[(i - 1) * m + (j - 1)];
     let mut u = vec![0.0f64; n + 1];
     let mut v = vec![0.0f64; m + 1];
     let mut row_of_col = vec![0usize; m + 1];
@@ -187,7 +187,7 @@ fn min_cost_assignment(cost: &[f64], n: usize, m: usize) -> Vec<usize> {
                 if used[j] {
                     continue;
                 }
-                let reduced = a(i0, j) - u[i0] - v[j];
+                let reduced = cost_at(i0, j) - u[i0] - v[j];
                 if reduced < min_v[j] {
                     min_v[j] = reduced;
                     way[j] = j0;
