@@ -1,14 +1,17 @@
 //! Convolution family: GPU against CPU (forward and every gradient) for every kernel variant
 //! (both routes of ungrouped convolutions, the depthwise kernels of both targets), central-
 //! difference gradient checks on the CPU reference, a hand-computed case, shape errors, ResNet-50's
-//! deepest layers, and the split over the batch of tensors larger than one storage binding.
+//! deepest layers, the split over the batch of tensors larger than one storage binding, and the
+//! fast CPU kernels (every route) against the reference loops.
 
 mod common;
 
 use common::binding_cap::{capped, over_cap, CAP, X, X_GEMM};
+use common::cpu_reference::{close, dy, forward_backward, values};
 use robust_dml::engine::ops::conv::{conv2d, Conv2dParams, ConvRoute};
 use robust_dml::engine::ops::elementwise::relu6;
 use robust_dml::engine::policy::KernelTarget;
+use robust_dml::engine::reference as r;
 use robust_dml::engine::tape::no_grad;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck,
@@ -624,5 +627,80 @@ fn convolutions_split_over_the_batch() {
                 1e-3,
             );
         }
+    }
+}
+
+// ------------------------------------------------------------------ the fast CPU kernels against the reference loops
+
+fn conv(
+    stride: (usize, usize),
+    padding: (usize, usize),
+    dilation: (usize, usize),
+    groups: usize,
+) -> Conv2dParams {
+    Conv2dParams {
+        stride,
+        padding,
+        dilation,
+        groups,
+    }
+}
+
+/// Odd geometries covering every fast route: im2col with stride, padding and dilation, plain
+/// pointwise, padded 1x1, grouped, depthwise (multiplier 1 and 2, strided), one image
+/// (multi-threaded GEMMs) and more images than reduction blocks.
+fn conv_geometries() -> Vec<([usize; 4], [usize; 4], Conv2dParams)> {
+    vec![
+        ([3, 5, 11, 9], [7, 5, 3, 3], conv((1, 1), (1, 1), (1, 1), 1)),
+        (
+            [2, 3, 13, 10],
+            [4, 3, 5, 5],
+            conv((2, 2), (2, 2), (1, 1), 1),
+        ),
+        ([2, 4, 9, 7], [6, 2, 3, 2], conv((1, 2), (1, 0), (2, 1), 2)),
+        ([3, 6, 7, 5], [5, 6, 1, 1], conv((1, 1), (0, 0), (1, 1), 1)),
+        ([1, 2, 3, 3], [3, 2, 1, 1], conv((1, 1), (2, 2), (1, 1), 1)),
+        ([2, 5, 9, 11], [5, 1, 3, 3], conv((1, 1), (1, 1), (1, 1), 5)),
+        ([2, 3, 10, 9], [6, 1, 3, 3], conv((2, 2), (1, 1), (1, 1), 3)),
+        ([1, 4, 7, 6], [4, 1, 5, 5], conv((1, 1), (1, 3), (1, 2), 4)),
+        (
+            [1, 7, 33, 31],
+            [9, 7, 3, 3],
+            conv((1, 1), (1, 1), (1, 1), 1),
+        ),
+        ([19, 3, 5, 5], [4, 3, 3, 3], conv((1, 1), (1, 1), (1, 1), 1)),
+        // MobileNetV2's small planes: stride-2 depthwise down to 1x1, pointwise on 2x2.
+        ([8, 6, 4, 4], [6, 1, 3, 3], conv((1, 1), (1, 1), (1, 1), 6)),
+        ([8, 6, 4, 4], [6, 1, 3, 3], conv((2, 2), (1, 1), (1, 1), 6)),
+        ([8, 6, 2, 2], [6, 1, 3, 3], conv((2, 2), (1, 1), (1, 1), 6)),
+        ([8, 6, 2, 2], [10, 6, 1, 1], conv((1, 1), (0, 0), (1, 1), 1)),
+        (
+            [8, 3, 16, 16],
+            [8, 3, 3, 3],
+            conv((2, 2), (1, 1), (1, 1), 1),
+        ),
+    ]
+}
+
+#[test]
+fn conv2d_matches_reference() {
+    for (case, (xs, ws, p)) in conv_geometries().into_iter().enumerate() {
+        let seed = 10 * case as u64;
+        let (x, w, b) = (
+            randn(&xs, seed),
+            randn(&ws, seed + 1),
+            randn(&[ws[0]], seed + 2),
+        );
+        let (xv, wv, bv) = (values(&x), values(&w), values(&b));
+        let (want, out_shape) = r::conv2d_forward(&xv, xs, &wv, ws, Some(&bv), p);
+        let g = dy(out_shape.iter().product(), seed + 3);
+        let (out, grads) =
+            forward_backward(&[&x, &w, &b], &g, |t| conv2d(&t[0], &t[1], Some(&t[2]), p));
+        let what = format!("x {xs:?} w {ws:?} {p:?}");
+        close(&format!("{what}: forward"), &out, &want);
+        let (dx, dw, db) = r::conv2d_backward(&xv, xs, &wv, ws, p, &g);
+        close(&format!("{what}: input gradient"), &grads[0], &dx);
+        close(&format!("{what}: weight gradient"), &grads[1], &dw);
+        close(&format!("{what}: bias gradient"), &grads[2], &db);
     }
 }

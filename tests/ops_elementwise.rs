@@ -1,12 +1,14 @@
 //! Elementwise ops: GPU against CPU, central-difference gradients, and flat ranges over tensors
-//! larger than one storage binding.
+//! larger than one storage binding; the fast CPU kernels against the reference loops.
 
 mod common;
 
 use common::binding_cap::{capped, over_cap, CAP, X};
+use common::cpu_reference::{close, dy, forward_backward, values, LONG};
 use robust_dml::engine::ops::elementwise as ew;
+use robust_dml::engine::reference as r;
 use robust_dml::engine::testing::{assert_grad, assert_parity, gpu_or_skip, randn, GradCheck};
-use robust_dml::engine::Tensor;
+use robust_dml::engine::{Result, Tensor};
 
 /// Values kept away from the kinks of relu/relu6/clamp so that central differences are exact.
 fn away_from_kinks(shape: &[usize], seed: u64) -> Tensor {
@@ -172,4 +174,70 @@ fn elementwise_ops_split() {
     .unwrap();
     assert_parity("relu6", &dev, |t| ew::relu6(&t[0]), &[x6], 1e-5, 1e-5);
     assert_parity("add", &dev, |t| ew::add(&t[0], &t[1]), &[x, y], 1e-5, 1e-5);
+}
+
+// ------------------------------------------------------------------ the fast CPU kernels against the reference loops
+
+// The tables are (name, fast op, reference) tuples written inline, which is where they read
+// best; named aliases for each would only move the types away from the rows.
+#[allow(clippy::type_complexity)]
+#[test]
+fn elementwise_ops_match_reference() {
+    let x = randn(&[LONG], 1);
+    let y = randn(&[LONG], 2);
+    let (xv, yv) = (values(&x), values(&y));
+    let g = dy(LONG, 3);
+    type Op = fn(&Tensor) -> Result<Tensor>;
+    let unary: [(&str, Op, fn(f32) -> f32, fn(f32) -> f32); 6] = [
+        ("relu", ew::relu, |v| v.max(0.0), |v| (v > 0.0) as u8 as f32),
+        (
+            "relu6",
+            ew::relu6,
+            |v| v.clamp(0.0, 6.0),
+            |v| (v > 0.0 && v < 6.0) as u8 as f32,
+        ),
+        (
+            "clamp",
+            |t| ew::clamp(t, -0.5, 0.7),
+            |v| v.clamp(-0.5, 0.7),
+            |v| (-0.5..=0.7).contains(&v) as u8 as f32,
+        ),
+        ("sign", ew::sign, r::sign, |_| 0.0),
+        ("square", ew::square, |v| v * v, |v| 2.0 * v),
+        (
+            "affine",
+            |t| ew::affine(t, 1.5, -0.25),
+            |v| 1.5 * v - 0.25,
+            |_| 1.5,
+        ),
+    ];
+    for (name, op, value, slope) in unary {
+        let (out, grads) = forward_backward(&[&x], &g, |t| op(&t[0]));
+        close(name, &out, &r::map(&xv, value));
+        let want = r::zip_map(&xv, &g, |v, g| slope(v) * g);
+        close(&format!("{name} backward"), &grads[0], &want);
+    }
+    let binary: [(
+        &str,
+        fn(&Tensor, &Tensor) -> Result<Tensor>,
+        fn(f32, f32) -> f32,
+    ); 4] = [
+        ("add", ew::add, |a, b| a + b),
+        ("sub", ew::sub, |a, b| a - b),
+        ("mul", ew::mul, |a, b| a * b),
+        (
+            "axpby",
+            |a, b| ew::axpby(0.5, a, -2.0, b),
+            |a, b| 0.5 * a - 2.0 * b,
+        ),
+    ];
+    for (name, op, value) in binary {
+        let (out, grads) = forward_backward(&[&x, &y], &g, |t| op(&t[0], &t[1]));
+        close(name, &out, &r::zip_map(&xv, &yv, value));
+        // The partial derivatives of these bilinear maps, by differences at 0 and 1.
+        let dx = r::zip_map(&yv, &g, |b, g| (value(1.0, b) - value(0.0, b)) * g);
+        let dy = r::zip_map(&xv, &g, |a, g| (value(a, 1.0) - value(a, 0.0)) * g);
+        close(&format!("{name} backward x"), &grads[0], &dx);
+        close(&format!("{name} backward y"), &grads[1], &dy);
+    }
 }

@@ -1,6 +1,11 @@
-//! Matmul family: GPU against CPU on odd shapes, gradient checks, and a hand-computed case.
+//! Matmul family: GPU against CPU on odd shapes, gradient checks, a hand-computed case, and the
+//! fast CPU kernels against the reference loops.
 
-use robust_dml::engine::ops::matmul::{self as mm, GemmKernel};
+mod common;
+
+use common::cpu_reference::{close, dy, forward_backward, values};
+use robust_dml::engine::ops::matmul::{self as mm, add_row_bias, matmul_t, GemmKernel};
+use robust_dml::engine::reference as r;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, GradCheck,
 };
@@ -177,5 +182,89 @@ fn every_gemm_kernel_adds_row_bias() {
                 1e-5,
             );
         }
+    }
+}
+
+// ------------------------------------------------------------------ the fast CPU kernels against the reference loops
+
+/// Every transpose pair, batched and shared operands, one multi-threaded GEMM and a batch of
+/// single-threaded ones, forward and both gradients.
+#[test]
+fn matmul_matches_reference() {
+    let shapes = [
+        (1, 1, 1, 1),
+        (1, 7, 13, 5),
+        (3, 33, 17, 65),
+        (1, 129, 67, 71),
+        (2, 64, 301, 9),
+    ];
+    let mut seed = 0;
+    for (batch, m, k, n) in shapes {
+        for (ta, tb, shared_b) in (0..8).map(|i| (i & 1 == 1, i & 2 == 2, i & 4 == 4)) {
+            seed += 3;
+            let what = format!("batch {batch} m {m} k {k} n {n} ta {ta} tb {tb} shared {shared_b}");
+            let a_dims = if ta {
+                vec![batch, k, m]
+            } else {
+                vec![batch, m, k]
+            };
+            let mut b_dims = if tb {
+                vec![batch, n, k]
+            } else {
+                vec![batch, k, n]
+            };
+            if shared_b {
+                b_dims.remove(0);
+            }
+            let (a, b) = (randn(&a_dims, seed), randn(&b_dims, seed + 1));
+            let (av, bv) = (values(&a), values(&b));
+            let g = dy(batch * m * n, seed + 2);
+            let (out, grads) = forward_backward(&[&a, &b], &g, |t| matmul_t(&t[0], &t[1], ta, tb));
+            let (want, shape) = r::matmul(&av, &a_dims, ta, &bv, &b_dims, tb);
+            close(&what, &out, &want);
+            // dA = dY op(B)^T (transposed back when A was read transposed), dB likewise.
+            let g_dims = shape;
+            let da = if ta {
+                r::matmul(&bv, &b_dims, tb, &g, &g_dims, true).0
+            } else {
+                r::matmul(&g, &g_dims, false, &bv, &b_dims, !tb).0
+            };
+            let db = if tb {
+                r::matmul(&g, &g_dims, true, &av, &a_dims, ta).0
+            } else {
+                r::matmul(&av, &a_dims, !ta, &g, &g_dims, false).0
+            };
+            close(&format!("{what}: dA"), &grads[0], &da);
+            let db = if shared_b {
+                // A shared operand's gradient is the sum over the batch.
+                let per = db.len() / batch;
+                (0..per)
+                    .map(|i| (0..batch).map(|e| db[e * per + i]).sum())
+                    .collect()
+            } else {
+                db
+            };
+            close(&format!("{what}: dB"), &grads[1], &db);
+        }
+    }
+}
+
+#[test]
+fn row_bias_matches_reference() {
+    for (rows, cols) in [(1, 1), (3, 5), (2_001, 37), (7, 3_001)] {
+        let (m, b) = (randn(&[rows, cols], 1), randn(&[cols], 2));
+        let g = dy(rows * cols, 3);
+        let (out, grads) = forward_backward(&[&m, &b], &g, |t| add_row_bias(&t[0], &t[1]));
+        close(
+            "row bias",
+            &out,
+            &r::add_row_bias(&values(&m), cols, &values(&b)),
+        );
+        close("row bias dmat", &grads[0], &g);
+        close(
+            "row bias dbias",
+            &grads[1],
+            &r::sum_dim(&g, (1, rows, cols)),
+        );
     }
 }

@@ -1,15 +1,18 @@
 //! Batch norm and pooling: GPU against CPU (batch norm for the kernels of both targets), central-difference gradients, and hand-computed
 //! values from PyTorch's semantics (output sizes, divisors, running statistics), and the split over
-//! the batch of tensors larger than one storage binding (batch norm with whole-batch statistics).
+//! the batch of tensors larger than one storage binding (batch norm with whole-batch statistics),
+//! and the fast CPU kernels against the reference loops.
 
 mod common;
 
 use common::binding_cap::{capped, over_cap, CAP, X};
+use common::cpu_reference::{close, dy, forward_backward, values};
 use robust_dml::engine::ops::batchnorm::{batch_norm_eval, batch_norm_train};
 use robust_dml::engine::ops::pool::{
     avg_pool2d, global_avg_pool, global_max_pool, max_pool2d, pool_output_size, Pool2dParams,
 };
 use robust_dml::engine::policy::KernelTarget;
+use robust_dml::engine::reference as r;
 use robust_dml::engine::tape::backward_with;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, uniform, GradCheck,
@@ -810,4 +813,139 @@ fn pooling_splits_over_the_batch() {
         1e-5,
         1e-5,
     );
+}
+
+// ------------------------------------------------------------------ the fast CPU kernels against the reference loops
+
+/// Large planes (one task each), small planes (many to a task, several tasks) and odd sizes.
+const POOL_SHAPES: [[usize; 4]; 3] = [[2, 3, 13, 11], [2, 300, 9, 7], [5, 3, 4, 4]];
+
+fn pool_params() -> Vec<Pool2dParams> {
+    vec![
+        params(3, 2, 0, true, true),
+        params(3, 1, 1, false, true),
+        params(3, 1, 1, false, false),
+        params(2, 2, 0, false, true),
+        params(3, 2, 1, true, true),
+        params(3, 2, 1, true, false),
+        Pool2dParams {
+            kernel: (3, 2),
+            stride: (2, 1),
+            padding: (1, 0),
+            ceil_mode: true,
+            count_include_pad: false,
+        },
+    ]
+}
+
+#[test]
+fn pooling_matches_reference() {
+    let mut seed = 0;
+    for shape in POOL_SHAPES {
+        for p in pool_params() {
+            seed += 2;
+            let x = randn(&shape, seed);
+            let xv = values(&x);
+            let what = format!("{shape:?} {p:?}");
+
+            let (want, _, out_shape) = r::max_pool2d(&xv, shape, p);
+            let g = dy(out_shape.iter().product(), seed + 1);
+            let (out, grads) = forward_backward(&[&x], &g, |t| max_pool2d(&t[0], p));
+            close(&format!("max pool {what}"), &out, &want);
+            let dx = r::max_pool2d_backward(&xv, shape, p, &g);
+            close(&format!("max pool backward {what}"), &grads[0], &dx);
+
+            let (want, _) = r::avg_pool2d(&xv, shape, p);
+            let (out, grads) = forward_backward(&[&x], &g, |t| avg_pool2d(&t[0], p));
+            close(&format!("avg pool {what}"), &out, &want);
+            let dx = r::avg_pool2d_backward(shape, p, &g);
+            close(&format!("avg pool backward {what}"), &grads[0], &dx);
+        }
+        // Global pools: one window per plane.
+        let x = randn(&shape, seed + 100);
+        let xv = values(&x);
+        let whole = params(1, 1, 0, false, true);
+        let whole = Pool2dParams {
+            kernel: (shape[2], shape[3]),
+            stride: (shape[2], shape[3]),
+            ..whole
+        };
+        let g = dy(shape[0] * shape[1], seed + 101);
+        let (out, grads) = forward_backward(&[&x], &g, |t| global_avg_pool(&t[0]));
+        close("global avg pool", &out, &r::avg_pool2d(&xv, shape, whole).0);
+        close(
+            "global avg pool backward",
+            &grads[0],
+            &r::avg_pool2d_backward(shape, whole, &g),
+        );
+        let (out, grads) = forward_backward(&[&x], &g, |t| global_max_pool(&t[0]));
+        close("global max pool", &out, &r::max_pool2d(&xv, shape, whole).0);
+        let dx = r::max_pool2d_backward(&xv, shape, whole, &g);
+        close("global max pool backward", &grads[0], &dx);
+    }
+}
+
+#[test]
+fn batch_norm_matches_reference() {
+    let eps = 1e-5;
+    for (case, shape) in [[3, 5, 7, 9], [2, 300, 3, 3], [16, 4, 1, 1]]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 10 * case as u64;
+        let [n, c, h, w] = shape;
+        let lay = (n, c, h * w);
+        let x = randn(&shape, seed);
+        let gamma = uniform(&[c], 0.5, 1.5, seed + 1);
+        let beta = randn(&[c], seed + 2);
+        let (xv, gv, bv) = (values(&x), values(&gamma), values(&beta));
+        let g = dy(x.numel(), seed + 3);
+
+        let rm = randn(&[c], seed + 4);
+        let rv = uniform(&[c], 0.5, 2.0, seed + 5);
+        let (rm0, rv0) = (values(&rm), values(&rv));
+        let momentum = 0.1;
+        let (out, grads) = forward_backward(&[&x, &gamma, &beta], &g, |t| {
+            batch_norm_train(&t[0], &t[1], &t[2], &rm, &rv, momentum, eps)
+        });
+        let (want, mean, var) = r::batch_norm_train(&xv, lay, &gv, &bv, eps);
+        let what = format!("{shape:?}");
+        close(&format!("train {what}"), &out, &want);
+        let count = (n * h * w) as f64;
+        let want_rm: Vec<f32> = (0..c)
+            .map(|i| (1.0 - momentum) * rm0[i] + momentum * mean[i] as f32)
+            .collect();
+        let want_rv: Vec<f32> = (0..c)
+            .map(|i| (1.0 - momentum) * rv0[i] + momentum * (var[i] * count / (count - 1.0)) as f32)
+            .collect();
+        close(&format!("running mean {what}"), &values(&rm), &want_rm);
+        close(&format!("running var {what}"), &values(&rv), &want_rv);
+        let m32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let invstd: Vec<f32> = var
+            .iter()
+            .map(|&v| (1.0 / (v + eps as f64).sqrt()) as f32)
+            .collect();
+        let (dx, dgamma, dbeta) = r::batch_norm_backward(&xv, lay, &m32, &invstd, &gv, &g, true);
+        close(&format!("train dx {what}"), &grads[0], &dx);
+        close(&format!("train dgamma {what}"), &grads[1], &dgamma);
+        close(&format!("train dbeta {what}"), &grads[2], &dbeta);
+
+        let (out, grads) = forward_backward(&[&x, &gamma, &beta], &g, |t| {
+            batch_norm_eval(&t[0], &t[1], &t[2], &rm, &rv, eps)
+        });
+        let mean = values(&rm);
+        let invstd: Vec<f32> = values(&rv)
+            .iter()
+            .map(|&v| 1.0 / (v + eps).sqrt())
+            .collect();
+        close(
+            &format!("eval {what}"),
+            &out,
+            &r::batch_norm_apply(&xv, lay, &mean, &invstd, &gv, &bv),
+        );
+        let (dx, dgamma, dbeta) = r::batch_norm_backward(&xv, lay, &mean, &invstd, &gv, &g, false);
+        close(&format!("eval dx {what}"), &grads[0], &dx);
+        close(&format!("eval dgamma {what}"), &grads[1], &dgamma);
+        close(&format!("eval dbeta {what}"), &grads[2], &dbeta);
+    }
 }

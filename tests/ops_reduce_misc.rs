@@ -1,15 +1,22 @@
 //! Reductions, L2 normalisation and cosine similarity, channel ops and the fused PGD step:
 //! hand-computed cases, central-difference gradients and GPU against CPU on odd shapes; over
 //! tensors larger than one storage binding, the split of the channel ops and the PGD step, and the
-//! clear refusal of a whole-tensor reduction, which has no split.
+//! clear refusal of a whole-tensor reduction, which has no split; the fast CPU kernels against the
+//! reference loops.
 
 mod common;
 
 use common::binding_cap::{capped, over_cap, CAP, X};
+use common::cpu_reference::{close, dy, forward_backward, tensor, values, LONG, TOL};
 use robust_dml::engine::ops::attack::pgd_step;
-use robust_dml::engine::ops::channels as ch;
+use robust_dml::engine::ops::channels::{
+    self as ch, channel_affine, concat_channels, permute_channels, split_channels,
+};
 use robust_dml::engine::ops::normalize::{cosine_similarity, l2_normalize};
-use robust_dml::engine::ops::reduce as rd;
+use robust_dml::engine::ops::reduce::{
+    self as rd, logsumexp_dim, mean, mean_dim, sum, sum_dim, sum_squares_raw,
+};
+use robust_dml::engine::reference as r;
 use robust_dml::engine::testing::{
     assert_close, assert_grad, assert_parity, gpu_or_skip, randn, uniform, GradCheck,
 };
@@ -539,4 +546,210 @@ fn channel_ops_and_the_pgd_step_split() {
             .unwrap()
     };
     assert_close("pgd_step", &step(&dev), &step(&Device::Cpu), 1e-6, 0.0);
+}
+
+// ------------------------------------------------------------------ the fast CPU kernels against the reference loops
+
+#[test]
+fn channel_ops_match_reference() {
+    // Large planes, small planes (many to a task) and 2-D [N, C] tensors (planes of one).
+    for (case, (n, hw_shape)) in [(3, vec![7, 5]), (2, vec![3, 3]), (5, vec![])]
+        .into_iter()
+        .enumerate()
+    {
+        let seed = 20 * case as u64;
+        let hw: usize = hw_shape.iter().product();
+        let shape = |c: usize| [vec![n, c], hw_shape.clone()].concat();
+        let counts = [3, 1, 2_001];
+        let parts: Vec<Tensor> = counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| randn(&shape(c), seed + i as u64))
+            .collect();
+        let total: usize = counts.iter().sum();
+        let g = dy(n * total * hw, seed + 5);
+        let refs: Vec<&Tensor> = parts.iter().collect();
+        let (out, grads) = forward_backward(&refs, &g, |t| {
+            concat_channels(&t.iter().collect::<Vec<_>>())
+        });
+        let pv: Vec<Vec<f32>> = parts.iter().map(values).collect();
+        let slices: Vec<(&[f32], usize)> =
+            pv.iter().zip(counts).map(|(v, c)| (&v[..], c)).collect();
+        close("concat", &out, &r::concat_channels(&slices, n, hw));
+        // Concat's gradient is the split of g, i.e. the gather of each part's channels.
+        let mut offset = 0;
+        for (i, &c) in counts.iter().enumerate() {
+            let index: Vec<usize> = (offset..offset + c).collect();
+            close(
+                "concat backward",
+                &grads[i],
+                &r::gather_channels(&g, (n, total, hw), &index),
+            );
+            offset += c;
+        }
+
+        let x = randn(&shape(total), seed + 6);
+        let xv = values(&x);
+        // Split, then backward through one piece only (the others get no gradient: zeros).
+        let pieces_g = dy(n * counts[2] * hw, seed + 7);
+        let (out, grads) = forward_backward(&[&x], &pieces_g, |t| {
+            Ok(split_channels(&t[0], &counts)?.remove(2))
+        });
+        let index: Vec<usize> = (counts[0] + counts[1]..total).collect();
+        close(
+            "split",
+            &out,
+            &r::gather_channels(&xv, (n, total, hw), &index),
+        );
+        let mut want = vec![0.0; xv.len()];
+        for img in 0..n {
+            for (j, &ch) in index.iter().enumerate() {
+                for s in 0..hw {
+                    want[(img * total + ch) * hw + s] = pieces_g[(img * counts[2] + j) * hw + s];
+                }
+            }
+        }
+        close("split backward", &grads[0], &want);
+
+        let perm: Vec<usize> = (0..total).map(|i| (i * 7 + 3) % total).collect();
+        let g = dy(xv.len(), seed + 8);
+        let (out, grads) = forward_backward(&[&x], &g, |t| permute_channels(&t[0], &perm));
+        close(
+            "permute",
+            &out,
+            &r::gather_channels(&xv, (n, total, hw), &perm),
+        );
+        let mut inverse = vec![0; total];
+        for (i, &p) in perm.iter().enumerate() {
+            inverse[p] = i;
+        }
+        close(
+            "permute backward",
+            &grads[0],
+            &r::gather_channels(&g, (n, total, hw), &inverse),
+        );
+
+        let scale = values(&randn(&[total], seed + 9));
+        let shift = values(&randn(&[total], seed + 10));
+        let (out, grads) = forward_backward(&[&x], &g, |t| channel_affine(&t[0], &scale, &shift));
+        close(
+            "channel affine",
+            &out,
+            &r::channel_affine(&xv, (n, total, hw), &scale, &shift),
+        );
+        let zeros = vec![0.0; total];
+        close(
+            "channel affine backward",
+            &grads[0],
+            &r::channel_affine(&g, (n, total, hw), &scale, &zeros),
+        );
+    }
+}
+
+#[test]
+fn whole_tensor_reductions_match_reference() {
+    for len in [1, 7, LONG] {
+        let x = randn(&[len], len as u64);
+        let xv = values(&x);
+        let g = [0.75f32];
+        let (out, grads) = forward_backward(&[&x], &g, |t| sum(&t[0]));
+        close("sum", &out, &[r::sum_all(&xv)]);
+        close("sum backward", &grads[0], &vec![0.75; len]);
+        let (out, grads) = forward_backward(&[&x], &g, |t| mean(&t[0]));
+        close("mean", &out, &[r::sum_all(&xv) / len as f32]);
+        close("mean backward", &grads[0], &vec![0.75 / len as f32; len]);
+        let squares = values(&sum_squares_raw(&x).unwrap());
+        close("sum of squares", &squares, &[r::sum_squares(&xv)]);
+    }
+}
+
+#[test]
+fn reductions_along_a_dimension_match_reference() {
+    // Contiguous rows (last dim), strided columns, more columns than one task takes.
+    let shapes: [&[usize]; 4] = [&[5, 7, 300], &[3, 2_500, 2], &[2, 3, 1_500], &[4_099]];
+    for (case, shape) in shapes.into_iter().enumerate() {
+        for dim in 0..shape.len() {
+            let seed = 10 * case as u64 + dim as u64;
+            let x = randn(shape, seed);
+            let xv = values(&x);
+            let lay = r::outer_n_inner(shape, dim);
+            let what = format!("{shape:?} dim {dim}");
+            let g = dy(lay.0 * lay.2, seed + 100);
+
+            let (out, grads) = forward_backward(&[&x], &g, |t| sum_dim(&t[0], dim));
+            close(&format!("sum_dim {what}"), &out, &r::sum_dim(&xv, lay));
+            close(
+                &format!("sum_dim backward {what}"),
+                &grads[0],
+                &r::reduce_backward(&g, lay, 1.0, None),
+            );
+
+            let (out, grads) = forward_backward(&[&x], &g, |t| mean_dim(&t[0], dim));
+            let scale = 1.0 / lay.1 as f32;
+            let want: Vec<f32> = r::sum_dim(&xv, lay).iter().map(|v| v * scale).collect();
+            close(&format!("mean_dim {what}"), &out, &want);
+            close(
+                &format!("mean_dim backward {what}"),
+                &grads[0],
+                &r::reduce_backward(&g, lay, scale, None),
+            );
+
+            let (out, grads) = forward_backward(&[&x], &g, |t| logsumexp_dim(&t[0], dim));
+            let lse = r::logsumexp_dim(&xv, lay);
+            close(&format!("logsumexp_dim {what}"), &out, &lse);
+            let want = r::reduce_backward(&g, lay, 1.0, Some((&xv, &lse)));
+            close(&format!("logsumexp_dim backward {what}"), &grads[0], &want);
+        }
+    }
+}
+
+#[test]
+fn l2_normalize_matches_reference() {
+    // [1_030, 67] along 1 and [40, 30, 20] along 1 split into several parallel tasks of slabs.
+    let shapes: [&[usize]; 4] = [&[5, 6, 7], &[1_030, 67], &[3, 2_000], &[40, 30, 20]];
+    for (case, shape) in shapes.into_iter().enumerate() {
+        for dim in 0..shape.len() {
+            let seed = 10 * case as u64 + dim as u64;
+            let mut xv = values(&randn(shape, seed));
+            // A zero column: the norm is clamped to eps.
+            let lay = r::outer_n_inner(shape, dim);
+            for k in 0..lay.1 {
+                xv[k * lay.2] = 0.0;
+            }
+            let x = tensor(xv.clone(), shape);
+            let eps = 1e-6;
+            let g = dy(xv.len(), seed + 100);
+            let (out, grads) = forward_backward(&[&x], &g, |t| l2_normalize(&t[0], dim, eps));
+            let what = format!("{shape:?} dim {dim}");
+            close(
+                &format!("l2_normalize {what}"),
+                &out,
+                &r::l2_normalize(&xv, lay, eps),
+            );
+            let want = r::l2_normalize_backward(&xv, &g, lay, eps);
+            // Gradients at a clamped norm are scaled by 1 / eps: compare relative to that.
+            assert_close(
+                &format!("l2_normalize backward {what}"),
+                &grads[0],
+                &want,
+                TOL,
+                TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn pgd_step_matches_reference() {
+    let x0 = uniform(&[LONG], 0.0, 1.0, 1);
+    let xa = uniform(&[LONG], -0.1, 1.1, 2);
+    let mut gv = values(&randn(&[LONG], 3));
+    gv[5] = 0.0;
+    let grad = tensor(gv.clone(), &[LONG]);
+    let out = values(&pgd_step(&xa, &grad, &x0, 0.01, 0.03).unwrap());
+    close(
+        "pgd step",
+        &out,
+        &r::pgd_step(&values(&xa), &gv, &values(&x0), 0.01, 0.03),
+    );
 }

@@ -1,7 +1,12 @@
-//! AdamW against PyTorch's update written out by hand, on both devices; global-norm clipping.
+//! AdamW against PyTorch's update written out by hand, on both devices; the fast CPU kernel
+//! against the reference loop; global-norm clipping.
 
+mod common;
+
+use common::cpu_reference::{close, values, LONG};
 use robust_dml::engine::ops::optim::{adamw_step, clip_grad_norm, AdamWStep};
-use robust_dml::engine::testing::{assert_close, gpu_or_skip, randn};
+use robust_dml::engine::reference as r;
+use robust_dml::engine::testing::{assert_close, gpu_or_skip, randn, uniform};
 use robust_dml::engine::{Device, Tensor};
 
 const HYPER: AdamWStep = AdamWStep {
@@ -193,4 +198,27 @@ fn clip_grad_norm_gpu_matches_cpu() {
         (clipped_norm - 10.0).abs() < 1e-3,
         "norm after clipping {clipped_norm}"
     );
+}
+
+// ------------------------------------------------------------------ the fast CPU kernels against the reference loops
+
+#[test]
+fn adamw_step_matches_reference() {
+    let h = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 1e-2,
+        step: 3,
+    };
+    let (p, g) = (randn(&[LONG], 1), randn(&[LONG], 2));
+    let m = randn(&[LONG], 3);
+    let v = uniform(&[LONG], 0.0, 1.0, 4);
+    let (mut pv, gv, mut mv, mut vv) = (values(&p), values(&g), values(&m), values(&v));
+    adamw_step(&p, &g, &m, &v, h).unwrap();
+    r::adamw_step(&mut pv, &gv, &mut mv, &mut vv, h);
+    close("adamw param", &values(&p), &pv);
+    close("adamw m", &values(&m), &mv);
+    close("adamw v", &values(&v), &vv);
 }

@@ -1,5 +1,5 @@
 //! The simple loops: the numerical oracle every fast CPU kernel is tested against
-//! (`tests/cpu_reference.rs`). Serial, written for obviousness rather than speed, on plain
+//! (in each op family's test file, `tests/ops_*.rs` and `tests/optim.rs`). Serial, written for obviousness rather than speed, on plain
 //! slices with explicit shapes, and independent of the fast kernels' code (their own window,
 //! index and formula logic), so that a slip in a fast kernel cannot hide in a shared helper.
 //! Nothing in the engine calls them.

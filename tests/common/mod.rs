@@ -1,10 +1,12 @@
 //! Helpers shared by the tests: the PyTorch fixtures of tests/fixtures (their synthetic weights,
 //! made whole on load), the closeness checks of embeddings against them, and the tiny
 //! embedding net the attack tests (pgd, sanity, ranking) run on; `binding_cap`, the GPU contexts
-//! with bindings of a few KiB on which the op families' split tests run.
+//! with bindings of a few KiB on which the op families' split tests run; `cpu_reference`, the
+//! harness of their fast-CPU-kernel-against-reference-loops tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod binding_cap;
+pub mod cpu_reference;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

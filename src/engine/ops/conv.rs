@@ -204,7 +204,7 @@ impl Geom {
 }
 
 // ------------------------------------------------------------------ CPU fast path
-// Tested against the plain loops of `engine::reference` by tests/cpu_reference.rs.
+// Tested against the plain loops of `engine::reference` by tests/ops_conv.rs.
 
 /// The fast CPU forward: depthwise convolutions by direct loops, the others as one GEMM per
 /// image and group over an im2col matrix (the input itself for pointwise convolutions).
