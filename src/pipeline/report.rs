@@ -507,13 +507,14 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
         String::new()
     };
     let steps_how = format!(
-        "Recall@1 of every method as the attack gets more PGD steps at the evaluation eps; \
-         0 steps is the clean score. A flat line is a robust model; the higher the line at the \
-         right, the better.{on}"
+        "Recall@1 of every method as the attack gets more PGD steps at the evaluation eps and \
+         step size (k steps are the first k of the evaluation attack's path); 0 steps is the \
+         clean score. A flat line is a robust model; the higher the line at the right, the \
+         better.{on}"
     );
     let eps_how = format!(
-        "The same, as the attack's budget eps grows at the evaluation steps; eps 0 is the clean \
-         score.{on}"
+        "The same, as the attack's budget eps grows at the evaluation steps (the step size \
+         grows with eps); eps 0 is the clean score.{on}"
     );
     let f1_how = "Pair-counting F1 of k-means clustering (the paper's clustering metric) on \
                   the same attacked images; higher is better.";
