@@ -206,20 +206,8 @@ fn slice_raw(x: &Tensor, off: usize, count: usize) -> Result<Tensor> {
         dst_off: 0,
         count,
     };
-    let shape = with_channels(x.shape(), count);
-    let [y] = Launch::per_sample("split_channels", &[x]).run(
-        [&shape],
-        || {
-            let mut out = vec![0.0f32; batch * count * hw];
-            s.copy_cpu(&x.cpu()?, &mut out);
-            Ok([out])
-        },
-        |call| {
-            let s = s.with_batch(call.batch());
-            s.copy_gpu(call.ctx, &call.inputs[0], &call.out[0])
-        },
-    )?;
-    Ok(y)
+    // The slice fills every output channel, so no zeroing.
+    copy_slice(x, s, Launch::per_sample("split_channels", &[x]))
 }
 
 /// `g` placed at channels [off, off + g's C) of a zero tensor with `total_c` channels.
@@ -234,14 +222,22 @@ fn pad_raw(g: &Tensor, off: usize, total_c: usize) -> Result<Tensor> {
         dst_off: off,
         count,
     };
-    let shape = with_channels(g.shape(), total_c);
     // The copy writes only the piece's channels: the rest of the output starts zeroed.
-    let launch = Launch::per_sample("split_channels backward", &[g]).zeroed();
+    copy_slice(
+        g,
+        s,
+        Launch::per_sample("split_channels backward", &[g]).zeroed(),
+    )
+}
+
+/// Runs the channel copy `s` of `x` into a fresh [N, s.dst_c, H, W] output through `launch`.
+fn copy_slice(x: &Tensor, s: Slice, launch: Launch) -> Result<Tensor> {
+    let shape = with_channels(x.shape(), s.dst_c);
     let [y] = launch.run(
         [&shape],
         || {
-            let mut out = vec![0.0f32; batch * total_c * hw];
-            s.copy_cpu(&g.cpu()?, &mut out);
+            let mut out = vec![0.0f32; s.batch * s.dst_c * s.hw];
+            s.copy_cpu(&x.cpu()?, &mut out);
             Ok([out])
         },
         |call| {
