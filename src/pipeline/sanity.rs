@@ -88,6 +88,8 @@ pub struct AttackProbe {
     #[serde(default)]
     pub objective_pgd_equal: f64,
     #[serde(default)]
+    pub seconds_pgd_equal: f64,
+    #[serde(default)]
     pub recall1_apgd: Option<f64>,
     #[serde(default)]
     pub seconds_apgd: f64,
@@ -140,11 +142,13 @@ pub fn probe_attack(
     };
     let (apgd_adv, apgd_obj) = apgd(members, x, &apgd_cfg, &goal, &mut Rng::new(seed))?;
     let seconds_apgd = t2.elapsed().as_secs_f64();
-    let equal_obj = if apgd_steps == cfg.steps {
-        single_obj.clone()
+    let t3 = std::time::Instant::now();
+    let (equal_obj, seconds_pgd_equal) = if apgd_steps == cfg.steps {
+        (single_obj.clone(), seconds_single)
     } else {
         let adv = pgd(members, x, &equal, &goal, &mut Rng::new(seed))?;
-        per_image_objective(members, x, &adv, &goal)?
+        let obj = per_image_objective(members, x, &adv, &goal)?;
+        (obj, t3.elapsed().as_secs_f64())
     };
     let mean = |v: &[f32]| v.iter().map(|&s| s as f64).sum::<f64>() / v.len().max(1) as f64;
     let (r_single, r_restarts, r_apgd) = match recall1 {
@@ -167,6 +171,7 @@ pub fn probe_attack(
         apgd_steps,
         objective_apgd: mean(&apgd_obj),
         objective_pgd_equal: mean(&equal_obj),
+        seconds_pgd_equal,
         recall1_apgd: r_apgd,
         seconds_apgd,
     })
@@ -257,13 +262,14 @@ pub fn sanity_checks(
         && probe.objective_apgd >= probe.objective_pgd_equal;
     let mut detail = format!(
         "mean objective {:.5} with APGD-{} ({:.1} s) vs {:.5} for the single PGD run and {:.5} \
-         for PGD-{} (equal iterations)",
+         for PGD-{} (equal iterations, {:.1} s)",
         probe.objective_apgd,
         probe.apgd_steps,
         probe.seconds_apgd,
         probe.objective_single,
         probe.objective_pgd_equal,
-        probe.apgd_steps
+        probe.apgd_steps,
+        probe.seconds_pgd_equal
     );
     if let (Some(a), Some(b)) = (probe.recall1_single, probe.recall1_apgd) {
         detail += &format!("; probe R@1 {a:.2} -> {b:.2}");
