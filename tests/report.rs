@@ -218,6 +218,7 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
         t.contains("| R@1 template | MAP@R template | s |") && !t.contains("NMI"),
         "{t}"
     );
+    assert!(t.contains("| + EAT | clean | 40.00 | 10.00 |  |"), "{t}");
     assert!(
         t.contains("| + EAT | **worst (objective)** | 7.00 (retrieval) | 8.00 (retrieval) |"),
         "{t}"

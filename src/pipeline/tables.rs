@@ -122,8 +122,15 @@ pub fn strength_table(out: &StrengthOutput, label: &str) -> String {
         cells.extend(rest.iter().cloned());
         s += &format!("| {label} | {input} | {} |\n", cells.join(" | "));
     };
-    let blank = || [String::new(), String::new()];
-    row("clean", out.clean.cells(), blank(), &[String::new()]);
+    // Clean, the template scenario's figures are the clustering ones; they are written there
+    // only when the clustering columns are not shown.
+    let clean_tail = if clustering {
+        [String::new(), String::new()]
+    } else {
+        let c = &out.clean;
+        [format!("{:.2}", c.recall[0]), format!("{:.2}", c.map_r)]
+    };
+    row("clean", out.clean.cells(), clean_tail, &[String::new()]);
     let attacked = |r: &AttackRow| {
         [
             format!("{:.2}", r.template.recall[0]),
