@@ -24,9 +24,8 @@ use crate::pipeline::report::table_markdown;
 use crate::pipeline::run_dir::RunDir;
 use crate::pipeline::tables::{eval_table, strength_table};
 use crate::pipeline::train::{
-    claim_run_dir, default_image_size, serde_name, Arch, Run, TrainConfig, CHECKPOINT_FILE,
+    claim_run_dir, default_image_size, serde_name, Arch, Method, Run, TrainConfig, CHECKPOINT_FILE,
 };
-use crate::robust::defense::Method;
 
 #[derive(Parser, Debug)]
 #[command(
