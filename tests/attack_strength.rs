@@ -15,8 +15,8 @@ use robust_dml::pipeline::evaluate::{embed_set, EvalSet};
 use robust_dml::pipeline::report::Metrics;
 use robust_dml::pipeline::sanity::transfer_check;
 use robust_dml::pipeline::strength::{
-    attack_set, objectives_markdown, worst_of, AttackRow, AttackSource, ObjectivesReport,
-    TransferReport,
+    attack_set, objectives_markdown, strength_html, transfer_markdown, worst_of, AttackRow,
+    AttackSource, ObjectivesReport, TransferReport,
 };
 use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
 use robust_dml::robust::apgd::{apgd, checkpoints};
@@ -219,6 +219,61 @@ fn worst_of_picks_the_minimum_and_names_its_objective() {
     assert!(table.contains("60.00 (metric)"), "{table}");
     assert!(table.contains("30.00 (retrieval)"), "{table}");
 }
+
+/// The objectives and transfer tables, Markdown and HTML, byte for byte as they were when
+/// each formatted its own metric cells (the cells now come from `Metrics::cells`).
+#[test]
+fn the_strength_tables_keep_their_layout() {
+    let rows = vec![
+        row(Objective::EmbeddingShift, 70.125, 20.0, 40.0),
+        row(Objective::MetricLoss, 60.0, 25.5, 45.0),
+    ];
+    let objectives = ObjectivesReport {
+        samples: 12,
+        worst: worst_of(&rows),
+        rows: rows.clone(),
+    };
+    let transfer = TransferReport {
+        source: "PAL <src>".into(),
+        samples: 12,
+        transfer: rows[0].clone(),
+        white_box: rows[1].clone(),
+    };
+    let all = format!(
+        "{}\n{}\n{}",
+        objectives_markdown("+ EAT", &objectives),
+        transfer_markdown("+ EAT", &transfer),
+        strength_html("+ EAT", Some(&objectives), Some(&transfer))
+    );
+    assert_eq!(all, GOLDEN_STRENGTH_TABLES, "{all}");
+}
+
+const GOLDEN_STRENGTH_TABLES: &str = "#### Attack objectives: + EAT (12 test images; worst = lowest over the objectives)\n\
+\n\
+| input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 template | MAP@R template | s |\n\
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+| PGD-10 shift (eps 25.5/255) | 20.00 | 50.00 | 70.12 | 90.00 | 95.00 | 99.00 | 30.00 | 40.00 | 10.00 | 1.0 |\n\
+| PGD-10 metric (eps 25.5/255) | 25.50 | 50.00 | 60.00 | 90.00 | 95.00 | 99.00 | 30.00 | 45.00 | 10.00 | 1.0 |\n\
+| **worst** | 20.00 (shift) | 50.00 (shift) | 60.00 (metric) | 90.00 (shift) | 95.00 (shift) | 99.00 (shift) | 30.00 (shift) | 40.00 (shift) | 10.00 (shift) | |\n\
+\n\
+#### Transfer: + EAT attacked through PAL <src> (12 test images)\n\
+\n\
+| input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 template | MAP@R template | s |\n\
+| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n\
+| transfer from PAL <src>: PGD-10 shift (eps 25.5/255) | 20.00 | 50.00 | 70.12 | 90.00 | 95.00 | 99.00 | 30.00 | 40.00 | 10.00 | 1.0 |\n\
+| white-box: PGD-10 metric (eps 25.5/255) | 25.50 | 50.00 | 60.00 | 90.00 | 95.00 | 99.00 | 30.00 | 45.00 | 10.00 | 1.0 |\n\
+\n\
+<h2>Attack objectives: + EAT (12 test images)</h2><table><tr><th class=\"l\">input</th><th>NMI</th><th>F1</th><th>R@1</th><th>R@2</th><th>R@4</th><th>R@8</th><th>MAP@R</th><th>R@1 template</th><th>MAP@R template</th><th>s</th></tr>\
+<tr><td class=\"l\">PGD-10 shift (eps 25.5/255)</td><td>20.00</td><td>50.00</td><td>70.12</td><td>90.00</td><td>95.00</td><td>99.00</td><td>30.00</td><td>40.00</td><td>10.00</td><td>1.0</td></tr>\
+<tr><td class=\"l\">PGD-10 metric (eps 25.5/255)</td><td>25.50</td><td>50.00</td><td>60.00</td><td>90.00</td><td>95.00</td><td>99.00</td><td>30.00</td><td>45.00</td><td>10.00</td><td>1.0</td></tr>\
+<tr><td class=\"l\">worst</td><td>20.00 (shift)</td><td>50.00 (shift)</td><td>60.00 (metric)</td><td>90.00 (shift)</td><td>95.00 (shift)</td><td>99.00 (shift)</td><td>30.00 (shift)</td><td>40.00 (shift)</td><td>10.00 (shift)</td><td></td></tr>\
+</table>\
+<p class=\"how\"><b>How to read this:</b> the evaluation attack with each objective on the same images; the last row is each metric's lowest value and the objective that reached it. A defense is only as robust as its worst row.</p>\
+<h2>Transfer: + EAT attacked through PAL &lt;src&gt; (12 test images)</h2><table><tr><th class=\"l\">input</th><th>NMI</th><th>F1</th><th>R@1</th><th>R@2</th><th>R@4</th><th>R@8</th><th>MAP@R</th><th>R@1 template</th><th>MAP@R template</th><th>s</th></tr>\
+<tr><td class=\"l\">transfer from PAL &lt;src&gt;</td><td>20.00</td><td>50.00</td><td>70.12</td><td>90.00</td><td>95.00</td><td>99.00</td><td>30.00</td><td>40.00</td><td>10.00</td><td>1.0</td></tr>\
+<tr><td class=\"l\">white-box</td><td>25.50</td><td>50.00</td><td>60.00</td><td>90.00</td><td>95.00</td><td>99.00</td><td>30.00</td><td>45.00</td><td>10.00</td><td>1.0</td></tr>\
+</table>\
+<p class=\"how\"><b>How to read this:</b> adversarial examples made on the source model (black-box for the target) against the target's own white-box attack on the same images; white-box should be at least as strong.</p>";
 
 #[test]
 fn apgd_checkpoints_follow_the_paper() {

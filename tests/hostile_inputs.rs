@@ -383,7 +383,7 @@ fn bad_attack_and_eval_flags_are_named() {
 fn a_transfer_source_of_another_input_size_is_refused() {
     let sb = Sandbox::with_trained_run("transfer-size");
     sb.succeeds(&tiny_train("source", &["--image-size", "20"]));
-    sb.refuses(
+    let err = sb.refuses(
         &[
             "attack",
             "--checkpoint",
@@ -399,6 +399,11 @@ fn a_transfer_source_of_another_input_size_is_refused() {
          dimensions, the target run/checkpoint.safetensors takes 16 px and embeds in 8: transfer \
          needs the same input size (pass a source trained at 16 px)",
         None,
+    );
+    // Refused before anything ran: no embedding or attack pass reported its summary line.
+    assert!(
+        !err.contains(" img in "),
+        "the source was checked only after embedding or attacking:\n{err}"
     );
 }
 

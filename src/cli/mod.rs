@@ -1,34 +1,31 @@
 //! The command line: `train`, `eval`, `embed`, `attack` and `experiment`. Defaults come from
-//! `crate::config` (one place), and `--help` shows them.
+//! `crate::config` (one place), and `--help` shows them. It only parses and validates the
+//! flags, turns them into the pipeline's requests, calls the pipeline and prints the result.
 
 use std::path::{Path, PathBuf};
 
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
-use serde::Serialize;
 
 use crate::config::{self, Objective, Optimizer, PgdConfig, RankProfile, Scenario};
 use crate::data::{self, Dataset, DatasetKind};
-use crate::dml::loss::ProxyAnchorConfig;
-use crate::engine::{Device, Rng, Tensor};
+use crate::engine::Device;
 use crate::error::{Error, Result};
-use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
-use crate::pipeline::evaluate::{embed_set, template_metrics, EvalSet};
-use crate::pipeline::experiment::{claim_experiment_dir, model_metrics, run_experiment};
+use crate::nn::Checkpoint;
+use crate::pipeline::checkpoint::{
+    attack_strength, evaluate_checkpoint, rank_checkpoint, test_metrics, EvalRequest,
+    RankingRequest, StrengthRequest,
+};
+use crate::pipeline::embed::{embed as embed_images, EmbedRequest};
+use crate::pipeline::experiment::{claim_experiment_dir, run_experiment};
 use crate::pipeline::presets::Preset;
-use crate::pipeline::progress::Progress;
-use crate::pipeline::ranking::{ranking_markdown, run_ranking_suite, RankingPlan};
+use crate::pipeline::ranking::{ranking_markdown, RankingPlan};
 use crate::pipeline::report::table_markdown;
-use crate::pipeline::run_dir::{check_output_path, RunDir};
-use crate::pipeline::sanity::transfer_check;
-use crate::pipeline::strength::{
-    attack_set, scenario_metrics, worst_of, AttackRow, AttackSource, TransferReport,
-};
-use crate::pipeline::tables::{eval_table, strength_table, EvalOutput, StrengthOutput};
+use crate::pipeline::run_dir::RunDir;
+use crate::pipeline::tables::{eval_table, strength_table};
 use crate::pipeline::train::{
-    default_image_size, Arch, Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE,
+    claim_run_dir, default_image_size, serde_name, Arch, Method, Run, TrainConfig, CHECKPOINT_FILE,
 };
-use crate::robust::defense::Method;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -474,14 +471,6 @@ fn flag_value(c: &TrainConfig, flag: &str) -> Option<String> {
     })
 }
 
-/// A value's serde name (`c2f2`, `mobilenet-v2`, `eat`).
-fn serde_name<T: Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn flag_name(id: &str) -> String {
     format!("--{}", id.replace('_', "-"))
 }
@@ -571,41 +560,6 @@ fn resume_data_args(a: &TrainArgs, ck: &Checkpoint) -> Result<DataArgs> {
     Ok(data)
 }
 
-/// Refuses to replace a run that exists in `out` unless --overwrite is given; with it, the
-/// old checkpoint and log are deleted.
-fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
-    let files = [out.join(CHECKPOINT_FILE), out.join(LOG_FILE)];
-    for f in &files {
-        crate::pipeline::run_dir::check_writable(f)?;
-    }
-    // An empty log is what a run killed before its first checkpoint leaves: nothing to lose.
-    let existing: Vec<&PathBuf> = files
-        .iter()
-        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.len() > 0))
-        .collect();
-    if existing.is_empty() {
-        return Ok(());
-    }
-    if !overwrite {
-        return Err(Error::Config(format!(
-            "{} already holds a run ({}); pass --resume to continue it, --overwrite to replace \
-             it, or choose another --out",
-            out.display(),
-            existing
-                .iter()
-                .map(|f| f.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
-    for f in existing {
-        if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file()) {
-            std::fs::remove_file(f).map_err(crate::error::io_err(f))?;
-        }
-    }
-    Ok(())
-}
-
 fn train(a: TrainArgs) -> Result<()> {
     // The device first: a missing adapter is found before the run directory is touched.
     let device = device()?;
@@ -638,18 +592,7 @@ fn train(a: TrainArgs) -> Result<()> {
         (run, dataset)
     };
     run.train(&dataset, run_dir.path(), false)?;
-    let set = EvalSet::of(&dataset);
-    let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
-    let emb = embed_set(
-        &nets,
-        &set,
-        run.cfg.image_size,
-        64,
-        run.cfg.workers,
-        &device,
-        None,
-    )?;
-    let m = model_metrics(&emb.clean, &set, emb.dim, &device, 0)?;
+    let m = test_metrics(&run, &dataset, &device)?;
     println!(
         "test: R@1 {:.2}  R@2 {:.2}  R@4 {:.2}  R@8 {:.2}  NMI {:.2}  F1 {:.2}  MAP@R {:.2}",
         m.recall[0], m.recall[1], m.recall[2], m.recall[3], m.nmi, m.f1, m.map_r
@@ -658,80 +601,30 @@ fn train(a: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn load_run(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> {
-    if path.is_dir() {
-        return Err(Error::Config(format!(
-            "--checkpoint {} is a directory; pass the checkpoint file inside it ({})",
-            path.display(),
-            path.join(CHECKPOINT_FILE).display()
-        )));
-    }
-    if !path.exists() {
-        return Err(Error::Config(format!(
-            "checkpoint {} not found",
-            path.display()
-        )));
-    }
-    Run::load(path, dataset, device)
-}
-
-fn evaluate_checkpoint(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> Result<()> {
+/// `eval`, or `attack` with one PGD embedding-shift attack: the table or the JSON.
+fn evaluate(e: &EvalArgs, attack: Option<(PgdConfig, Scenario)>) -> Result<()> {
     let device = device()?;
     let dataset = e.data.load()?;
-    let run = load_run(&e.checkpoint, &dataset, &device)?;
-    let set = EvalSet::of(&dataset);
-    let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
-    let all: Vec<usize> = (0..nets.len()).collect();
-    let start = std::time::Instant::now();
-    let emb = embed_set(
-        &nets,
-        &set,
-        run.cfg.image_size,
-        e.batch_size as usize,
-        run.cfg.workers,
-        &device,
-        attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)),
-    )?;
-    let seconds = start.elapsed().as_secs_f64();
-    let metrics = |embs: &[Vec<f32>]| model_metrics(embs, &set, emb.dim, &device, 0);
-    let mut out = EvalOutput {
-        checkpoint: e.checkpoint.display().to_string(),
-        dataset: dataset.name.clone(),
-        clean: metrics(&emb.clean)?,
-        pgd_clustering: None,
-        pgd_template: None,
-        attack: attack.map(|(c, _)| c),
-        seconds,
+    let req = EvalRequest {
+        checkpoint: &e.checkpoint,
+        batch_size: e.batch_size as usize,
+        attack,
     };
-    if let (Some((_, scenario)), Some(adv)) = (attack, emb.attacked.as_ref()) {
-        if scenario.clustering() {
-            out.pgd_clustering = Some(metrics(adv)?);
-        }
-        if scenario.template() {
-            let (a, c) = if adv.len() == 1 {
-                (adv[0].clone(), emb.clean[0].clone())
-            } else {
-                (
-                    crate::robust::ensemble::mean_embedding(adv, emb.dim),
-                    crate::robust::ensemble::mean_embedding(&emb.clean, emb.dim),
-                )
-            };
-            out.pgd_template = Some((&template_metrics(&a, &c, &set, emb.dim, &device)?).into());
-        }
-    }
+    let measured = evaluate_checkpoint(&req, &dataset, &device)?;
     if e.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
-        );
+        println!("{}", to_json(&measured.output)?);
     } else {
-        println!("{}", eval_table(&out, run.cfg.defense.method.label()));
+        println!("{}", eval_table(&measured.output, measured.method.label()));
     }
     Ok(())
 }
 
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String> {
+    serde_json::to_string_pretty(value).map_err(|err| Error::Config(err.to_string()))
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
-    evaluate_checkpoint(&a, None)
+    evaluate(&a, None)
 }
 
 fn attack(a: AttackArgs) -> Result<()> {
@@ -758,125 +651,36 @@ fn attack(a: AttackArgs) -> Result<()> {
     if !plain {
         cfg.optimizer = a.attack;
         cfg.restarts = a.restarts;
-        return attack_strength(&a, &cfg);
+        return strength(&a, cfg);
     }
-    evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
+    evaluate(&a.eval, Some((cfg, a.scenario)))?;
     if a.restarts > 1 {
         cfg.restarts = a.restarts;
-        evaluate_checkpoint(&a.eval, Some((cfg, a.scenario)))?;
+        evaluate(&a.eval, Some((cfg, a.scenario)))?;
     }
     Ok(())
 }
 
-/// `attack` with --objective other than shift, --attack apgd or --transfer-from: every
-/// requested objective white-box, the worst per metric, and the transfer rows with their
-/// check. Table rows give each attack's parameters and wall time.
-fn attack_strength(a: &AttackArgs, cfg: &PgdConfig) -> Result<()> {
+/// `attack` with --objective other than shift, --attack apgd or --transfer-from: the
+/// strength table (or JSON), then a line on stderr per failed transfer check.
+fn strength(a: &AttackArgs, attack: PgdConfig) -> Result<()> {
     let e = &a.eval;
     let device = device()?;
     let dataset = e.data.load()?;
-    let run = load_run(&e.checkpoint, &dataset, &device)?;
-    let set = EvalSet::of(&dataset);
-    let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
-    let batch = e.batch_size as usize;
-    let size = run.cfg.image_size;
-    let embed = |nets: &[&EmbeddingNet], workers: usize| {
-        embed_set(nets, &set, size, batch, workers, &device, None).map(|e| e.clean)
-    };
-    let clean = embed(&nets, run.cfg.workers)?;
-    let dim = run.cfg.embedding_dim;
-    let loss_of = |r: &Run| ProxyAnchorConfig {
-        alpha: r.cfg.pa_alpha,
-        delta: r.cfg.pa_delta,
-    };
-    let rows_through = |source: &AttackSource| -> Result<Vec<AttackRow>> {
-        a.objective
-            .objectives()
-            .into_iter()
-            .map(|objective| {
-                let c = PgdConfig { objective, ..*cfg };
-                let r = attack_set(
-                    &nets,
-                    source,
-                    &set,
-                    size,
-                    batch,
-                    run.cfg.workers,
-                    &device,
-                    &c,
-                    1,
-                )?;
-                let (clustering, template) =
-                    scenario_metrics(&clean, &r.attacked, &set, dim, &device, 0)?;
-                Ok(AttackRow {
-                    objective: Some(objective),
-                    attack: Some(c),
-                    clustering,
-                    template,
-                    seconds: r.seconds,
-                })
-            })
-            .collect()
-    };
-    let white_box = rows_through(&AttackSource {
-        nets: &nets,
-        clean: &clean,
-        loss: loss_of(&run),
-    })?;
-    let mut out = StrengthOutput {
-        checkpoint: e.checkpoint.display().to_string(),
-        dataset: dataset.name.clone(),
+    let req = StrengthRequest {
+        checkpoint: &e.checkpoint,
+        transfer_from: a.transfer_from.as_deref(),
+        objectives: a.objective.objectives(),
+        attack,
         scenario: a.scenario,
-        clean: model_metrics(&clean, &set, dim, &device, 0)?,
-        worst: if white_box.len() > 1 {
-            worst_of(&white_box)
-        } else {
-            Vec::new()
-        },
-        white_box,
-        transfer_from: None,
-        transfer: Vec::new(),
-        checks: Vec::new(),
+        batch_size: e.batch_size as usize,
     };
-    if let Some(path) = &a.transfer_from {
-        let source = load_run(path, &dataset, &device)?;
-        if source.cfg.image_size != size || source.cfg.embedding_dim != dim {
-            return Err(Error::Config(format!(
-                "--transfer-from {} takes {} px images and embeds in {} dimensions, the target \
-                 {} takes {size} px and embeds in {dim}: transfer needs the same input size \
-                 (pass a source trained at {size} px)",
-                path.display(),
-                source.cfg.image_size,
-                source.cfg.embedding_dim,
-                e.checkpoint.display()
-            )));
-        }
-        let source_nets: Vec<&EmbeddingNet> = source.members.iter().map(|m| &m.net).collect();
-        let source_clean = embed(&source_nets, source.cfg.workers)?;
-        out.transfer = rows_through(&AttackSource {
-            nets: &source_nets,
-            clean: &source_clean,
-            loss: loss_of(&source),
-        })?;
-        out.transfer_from = Some(path.display().to_string());
-        for (t, w) in out.transfer.iter().zip(&out.white_box) {
-            let mut check = transfer_check(&TransferReport {
-                source: path.display().to_string(),
-                samples: set.samples.len(),
-                transfer: t.clone(),
-                white_box: w.clone(),
-            });
-            check.name += &format!(" ({})", t.objective.map_or("", |o| o.key()));
-            out.checks.push(check);
-        }
-    }
+    let measured = attack_strength(&req, &dataset, &device)?;
+    let out = &measured.output;
     if e.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&out).map_err(|err| Error::Config(err.to_string()))?
-        );
+        println!("{}", to_json(out)?);
     } else {
-        println!("{}", strength_table(&out, run.cfg.defense.method.label()));
+        println!("{}", strength_table(out, measured.method.label()));
     }
     for c in out.checks.iter().filter(|c| !c.passed) {
         eprintln!("SANITY FAIL {}: {}", c.name, c.detail);
@@ -884,232 +688,53 @@ fn attack_strength(a: &AttackArgs, cfg: &PgdConfig) -> Result<()> {
     Ok(())
 }
 
-/// `attack --suite ranking`: the ranking attacks on the checkpoint's model (an ensemble
-/// through its mean embedding), as a table or JSON.
+/// `attack --suite ranking`: the ranking attacks' table or JSON.
 fn ranking_suite(a: &AttackArgs) -> Result<()> {
     let e = &a.eval;
     let device = device()?;
     let dataset = e.data.load()?;
-    let run = load_run(&e.checkpoint, &dataset, &device)?;
-    let set = EvalSet::of(&dataset);
-    let nets: Vec<&EmbeddingNet> = run.members.iter().map(|m| &m.net).collect();
-    let plan = RankingPlan {
-        profile: a.profile,
-        queries: a.queries,
+    let req = RankingRequest {
+        checkpoint: &e.checkpoint,
+        batch_size: e.batch_size as usize,
+        plan: RankingPlan {
+            profile: a.profile,
+            queries: a.queries,
+        },
     };
-    let report = run_ranking_suite(
-        &nets,
-        &set,
-        run.cfg.image_size,
-        e.batch_size as usize,
-        run.cfg.workers,
-        &device,
-        &plan,
-        1,
-    )?;
+    let measured = rank_checkpoint(&req, &dataset, &device)?;
     if e.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|err| Error::Config(err.to_string()))?
-        );
+        println!("{}", to_json(&measured.output)?);
     } else {
         let label = format!(
             "{} ({} on {})",
-            run.cfg.defense.method.label(),
+            measured.method.label(),
             e.checkpoint.display(),
             dataset.name
         );
-        println!("{}", ranking_markdown(&label, &report));
+        println!("{}", ranking_markdown(&label, &measured.output));
     }
     Ok(())
-}
-
-/// The `input` tensor of `embed`: [N, 3, H, W] with N, H, W > 0 and finite values.
-fn embed_input(path: &Path) -> Result<Tensor> {
-    let input = Checkpoint::load(path)?;
-    let x = input.get("input").ok_or_else(|| {
-        Error::Config(format!(
-            "{}: no tensor named 'input' (expected [N, 3, H, W], RGB in [0, 1])",
-            path.display()
-        ))
-    })?;
-    let s = &x.shape;
-    if s.len() != 4 || s[1] != 3 || s[0] == 0 || s[2] == 0 || s[3] == 0 {
-        return Err(Error::Config(format!(
-            "{}: 'input' has shape {s:?}; expected [N, 3, H, W] with N, H and W at least 1",
-            path.display()
-        )));
-    }
-    if let Some(i) = x.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Config(format!(
-            "{}: 'input' holds {} at index {i}; images must be finite RGB values in [0, 1]",
-            path.display(),
-            x.data[i]
-        )));
-    }
-    if x.data.iter().any(|v| !(0.0..=1.0).contains(v)) {
-        eprintln!(
-            "warning: {}: 'input' has values outside [0, 1]; the models expect RGB in [0, 1]",
-            path.display()
-        );
-    }
-    Ok(x.to_tensor(&Device::Cpu)?)
-}
-
-/// The network `embed` runs: from a model weights file, or from member 0 of a training
-/// checkpoint (whose stored settings then decide the architecture).
-fn embed_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<EmbeddingNet> {
-    // Model weights files may hold tensors a checkpoint does not (torchvision's I64
-    // `num_batches_tracked`); only a file that reads as a checkpoint can be a training one.
-    let member0 = format!("{}/model", crate::pipeline::train::member_prefix(0));
-    let net = match Checkpoint::load(&a.weights) {
-        Ok(ck) if ck.meta("config").is_some() && !ck.group(&member0).is_empty() => {
-            checkpoint_net(a, &ck, &member0, hw, device)?
-        }
-        _ => weights_net(a, hw, device)?,
-    };
-    check_net_finite(&net, &a.weights)?;
-    Ok(net)
-}
-
-/// Refuses weights holding NaN or infinite values: their embeddings would be meaningless.
-fn check_net_finite(net: &EmbeddingNet, path: &Path) -> Result<()> {
-    for (name, t, _) in net.params().iter() {
-        if let Some(&value) = t.to_vec()?.iter().find(|v| !v.is_finite()) {
-            return Err(Error::NonFiniteState {
-                what: format!("weights file {}", path.display()),
-                tensor: name.to_string(),
-                value,
-                when: String::new(),
-                consequence: "its embeddings would be meaningless, so nothing was computed".into(),
-                cause: "the file was written from a diverged model or is damaged".into(),
-            });
-        }
-    }
-    Ok(())
-}
-
-fn weights_net(a: &EmbedArgs, hw: (usize, usize), device: &Device) -> Result<EmbeddingNet> {
-    // The same checks as training's: flag values, the model's smallest input, memory.
-    let mut c = TrainConfig::new(a.arch, Method::None);
-    c.embedding_dim = a.embedding_dim;
-    c.width_mult = a.width_mult;
-    c.batch_size = a.batch_size as usize;
-    c.image_size = hw.0.min(hw.1);
-    c.validate()
-        .map_err(|e| Error::Config(e.to_string().replace("--image-size", "an input of size")))?;
-    c.image_size = hw.0.max(hw.1);
-    c.check_memory(0, c.batch_size)?;
-    let backbone = match a.arch {
-        Arch::C2f2 => crate::nn::Backbone::C2f2 { input_size: hw },
-        Arch::MobilenetV2 => crate::nn::Backbone::MobileNetV2 {
-            width: a.width_mult,
-        },
-        Arch::BnInception => crate::nn::Backbone::BnInception,
-        Arch::Resnet18 => crate::nn::Backbone::ResNet18,
-        Arch::Resnet50 => crate::nn::Backbone::ResNet50,
-    };
-    let mut net = EmbeddingNet::new(backbone, a.embedding_dim, device, &mut Rng::new(0))?;
-    let report = net.load_weights(&a.weights, LoadMode::Strict)?;
-    eprintln!("{}", report.summary());
-    Ok(net)
-}
-
-/// Member 0 of a training checkpoint, refusing flags that contradict its stored settings.
-fn checkpoint_net(
-    a: &EmbedArgs,
-    ck: &Checkpoint,
-    prefix: &str,
-    hw: (usize, usize),
-    device: &Device,
-) -> Result<EmbeddingNet> {
-    let cfg = Run::config_of(ck)?;
-    let given = |id: &str| a.explicit.iter().any(|e| e == id);
-    let path = a.weights.display();
-    let mut conflicts = Vec::new();
-    if a.arch != cfg.arch {
-        conflicts.push(format!(
-            "--arch {} (it has {})",
-            serde_name(&a.arch),
-            serde_name(&cfg.arch)
-        ));
-    }
-    if given("embedding_dim") && a.embedding_dim != cfg.embedding_dim {
-        conflicts.push(format!(
-            "--embedding-dim {} (it has {})",
-            a.embedding_dim, cfg.embedding_dim
-        ));
-    }
-    if given("width_mult") && a.width_mult != cfg.width_mult {
-        conflicts.push(format!(
-            "--width-mult {} (it has {})",
-            a.width_mult, cfg.width_mult
-        ));
-    }
-    if cfg.arch == Arch::C2f2 && hw != (cfg.image_size, cfg.image_size) {
-        conflicts.push(format!(
-            "an input of {}x{} (its c2f2 takes {}x{} images)",
-            hw.0, hw.1, cfg.image_size, cfg.image_size
-        ));
-    }
-    if !conflicts.is_empty() {
-        return Err(Error::Config(format!(
-            "{path} is a training checkpoint (written by `train`); its model is used as stored, \
-             and these differ from it: {}",
-            conflicts.join(", ")
-        )));
-    }
-    let backbone = match cfg.arch {
-        Arch::C2f2 => crate::nn::Backbone::C2f2 { input_size: hw },
-        _ => cfg.backbone(),
-    };
-    let mut net = EmbeddingNet::new(backbone, cfg.embedding_dim, device, &mut Rng::new(0))?;
-    net.load_from(ck, prefix)?;
-    eprintln!(
-        "{path} is a training checkpoint: embedding with its model{}",
-        if cfg.members() > 1 {
-            format!(" (member 1 of the {}-model ensemble)", cfg.members())
-        } else {
-            String::new()
-        }
-    );
-    Ok(net)
 }
 
 fn embed(a: EmbedArgs) -> Result<()> {
-    check_output_path(&a.output, &[&a.weights, &a.input], a.overwrite)?;
+    let given = |id: &str| a.explicit.iter().any(|e| e == id);
+    let req = EmbedRequest {
+        arch: a.arch,
+        embedding_dim_given: given("embedding_dim"),
+        width_mult_given: given("width_mult"),
+        weights: a.weights,
+        input: a.input,
+        output: a.output,
+        embedding_dim: a.embedding_dim,
+        width_mult: a.width_mult,
+        batch_size: usize::try_from(a.batch_size).unwrap_or(usize::MAX),
+        overwrite: a.overwrite,
+    };
+    // The output first: a refused one is reported before the device is opened.
+    req.check_output()?;
     let device = device()?;
-    let x = embed_input(&a.input)?;
-    let net = embed_net(&a, (x.shape()[2], x.shape()[3]), &device)?;
-    let n = x.shape()[0];
-    let batch = a.batch_size.min(n as u64) as usize;
-    let (mut values, mut dim) = (Vec::new(), a.embedding_dim);
-    let bar = Progress::new("embed", n as u64, "img", false);
-    for start in (0..n).step_by(batch) {
-        let count = batch.min(n - start);
-        let rows = x.rows(start, count)?.to_device(&device)?;
-        let e = crate::engine::no_grad(|| net.forward(&rows, ForwardMode::Eval))?;
-        dim = e.shape()[1];
-        values.extend(e.to_vec()?);
-        bar.inc(count as u64);
-    }
-    bar.finish("");
-    if values.iter().any(|v| !v.is_finite()) {
-        return Err(Error::Config(format!(
-            "the embeddings of {} are not finite; nothing was written to {}",
-            a.input.display(),
-            a.output.display()
-        )));
-    }
-    let emb = Tensor::from_cpu(values, &[n, dim])?;
-    let mut out = Checkpoint::new();
-    out.insert("embedding", &emb)?;
-    out.save(&a.output)?;
-    eprintln!(
-        "wrote embedding {:?} to {}",
-        emb.shape(),
-        a.output.display()
-    );
+    let shape = embed_images(&req, &device)?;
+    eprintln!("wrote embedding {shape:?} to {}", req.output.display());
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::report::Metrics;
+use crate::robust::ensemble::mean_embedding;
 use crate::robust::pgd::{pgd, BoxedEmbedFn, EmbedFn, Goal};
 
 pub const RECALL_KS: [usize; 4] = [1, 2, 4, 8];
@@ -311,6 +312,27 @@ pub fn template_metrics(
         recall: [r[0] * 100.0, r[1] * 100.0, r[2] * 100.0, r[3] * 100.0],
         map_r: map * 100.0,
     })
+}
+
+/// Template matching of a model's attacked embeddings against its clean ones, one matrix per
+/// member: a single model's directly, an ensemble's through the members' mean embedding.
+pub fn template_of_models(
+    clean: &[Vec<f32>],
+    attacked: &[Vec<f32>],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+) -> Result<Metrics> {
+    match (clean, attacked) {
+        ([c], [a]) => template_metrics(a, c, set, dim, device),
+        _ => template_metrics(
+            &mean_embedding(attacked, dim),
+            &mean_embedding(clean, dim),
+            set,
+            dim,
+            device,
+        ),
+    }
 }
 
 /// Removes each query's own index from its neighbour list (keeping k - 1 columns).

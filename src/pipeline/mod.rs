@@ -2,6 +2,8 @@
 //! and the run directory they write. It sits above `dml` and `robust` and uses both; neither
 //! imports it.
 
+pub mod checkpoint;
+pub mod embed;
 pub mod evaluate;
 pub mod experiment;
 pub mod presets;

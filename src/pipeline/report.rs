@@ -40,6 +40,17 @@ impl Metrics {
     }
 }
 
+/// The template-matching columns of an attack row, in the order of [`Metrics::template_cells`].
+pub const TEMPLATE_COLUMNS: [&str; 2] = ["R@1 template", "MAP@R template"];
+
+impl Metrics {
+    /// The cells of [`TEMPLATE_COLUMNS`] for template-matching metrics: R@1 and MAP@R, in
+    /// percent to two decimals.
+    pub fn template_cells(&self) -> [String; 2] {
+        [two_decimals(self.recall[0]), two_decimals(self.map_r)]
+    }
+}
+
 fn two_decimals(v: f64) -> String {
     format!("{v:.2}")
 }

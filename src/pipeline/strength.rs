@@ -13,11 +13,12 @@ use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
-use crate::pipeline::evaluate::{per_image_linf, template_metrics, EvalSet};
+use crate::pipeline::evaluate::{per_image_linf, template_of_models, EvalSet};
 use crate::pipeline::experiment::model_metrics;
 use crate::pipeline::progress::Progress;
-use crate::pipeline::report::{html_escape, Metrics};
-use crate::robust::ensemble::mean_embedding;
+use crate::pipeline::report::{
+    html_escape, markdown_header, Metrics, METRIC_COLUMNS, TEMPLATE_COLUMNS,
+};
 use crate::robust::objectives::{retrieval_directions, CentroidProxies};
 use crate::robust::pgd::{pgd, BoxedEmbedFn, EmbedFn, Goal};
 
@@ -155,16 +156,7 @@ pub fn scenario_metrics(
     seed: u64,
 ) -> Result<(Metrics, Metrics)> {
     let clustering = model_metrics(attacked, set, dim, device, seed)?;
-    let template = match (clean, attacked) {
-        ([c], [a]) => template_metrics(a, c, set, dim, device)?,
-        _ => template_metrics(
-            &mean_embedding(attacked, dim),
-            &mean_embedding(clean, dim),
-            set,
-            dim,
-            device,
-        )?,
-    };
+    let template = template_of_models(clean, attacked, set, dim, device)?;
     Ok((clustering, template))
 }
 
@@ -247,28 +239,26 @@ pub struct TransferReport {
     pub white_box: AttackRow,
 }
 
-fn metric_cells(r: &AttackRow) -> [f64; 9] {
-    let (c, t) = (&r.clustering, &r.template);
-    [
-        c.nmi,
-        c.f1,
-        c.recall[0],
-        c.recall[1],
-        c.recall[2],
-        c.recall[3],
-        c.map_r,
-        t.recall[0],
-        t.map_r,
-    ]
+/// A row's nine metric cells: the clustering ones, then template R@1 and MAP@R.
+fn metric_cells(r: &AttackRow) -> Vec<String> {
+    let mut cells = r.clustering.cells().to_vec();
+    cells.extend(r.template.template_cells());
+    cells
 }
 
-const HEADER: &str = "| input | NMI | F1 | R@1 | R@2 | R@4 | R@8 | MAP@R | R@1 template | MAP@R \
-                      template | s |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | \
-                      ---: | ---: | ---: |\n";
+/// The columns after the metric ones: template R@1 and MAP@R, then the wall time.
+const TRAILING: [&str; 3] = [TEMPLATE_COLUMNS[0], TEMPLATE_COLUMNS[1], "s"];
+
+fn header() -> String {
+    markdown_header(&["input"], &TRAILING)
+}
 
 fn row_markdown(input: &str, r: &AttackRow) -> String {
-    let cells: Vec<String> = metric_cells(r).iter().map(|v| format!("{v:.2}")).collect();
-    format!("| {input} | {} | {:.1} |\n", cells.join(" | "), r.seconds)
+    format!(
+        "| {input} | {} | {:.1} |\n",
+        metric_cells(r).join(" | "),
+        r.seconds
+    )
 }
 
 fn attack_name(r: &AttackRow) -> String {
@@ -287,8 +277,9 @@ fn attack_name(r: &AttackRow) -> String {
 /// The objectives table: one row per objective, then the worst per metric and its objective.
 pub fn objectives_markdown(label: &str, r: &ObjectivesReport) -> String {
     let mut s = format!(
-        "#### Attack objectives: {label} ({} test images; worst = lowest over the objectives)\n\n{HEADER}",
-        r.samples
+        "#### Attack objectives: {label} ({} test images; worst = lowest over the objectives)\n\n{}",
+        r.samples,
+        header()
     );
     for row in &r.rows {
         s += &row_markdown(&attack_name(row), row);
@@ -311,9 +302,10 @@ pub fn objectives_markdown(label: &str, r: &ObjectivesReport) -> String {
 /// The transfer table: transfer and white-box rows on the same images.
 pub fn transfer_markdown(label: &str, t: &TransferReport) -> String {
     format!(
-        "#### Transfer: {label} attacked through {} ({} test images)\n\n{HEADER}{}{}",
+        "#### Transfer: {label} attacked through {} ({} test images)\n\n{}{}{}",
         t.source,
         t.samples,
+        header(),
         row_markdown(
             &format!("transfer from {}: {}", t.source, attack_name(&t.transfer)),
             &t.transfer
@@ -331,9 +323,12 @@ pub fn strength_html(
     o: Option<&ObjectivesReport>,
     t: Option<&TransferReport>,
 ) -> String {
-    let head = "<tr><th class=\"l\">input</th><th>NMI</th><th>F1</th><th>R@1</th><th>R@2</th>\
-                <th>R@4</th><th>R@8</th><th>MAP@R</th><th>R@1 template</th><th>MAP@R template</th>\
-                <th>s</th></tr>";
+    let columns: String = METRIC_COLUMNS
+        .iter()
+        .chain(&TRAILING)
+        .map(|name| format!("<th>{name}</th>"))
+        .collect();
+    let head = format!("<tr><th class=\"l\">input</th>{columns}</tr>");
     let row = |input: &str, cells: Vec<String>, seconds: String| {
         format!(
             "<tr><td class=\"l\">{}</td>{}<td>{seconds}</td></tr>",
@@ -344,7 +339,6 @@ pub fn strength_html(
                 .collect::<String>()
         )
     };
-    let numbers = |r: &AttackRow| metric_cells(r).iter().map(|v| format!("{v:.2}")).collect();
     let mut h = String::new();
     if let Some(o) = o {
         h += &format!(
@@ -353,7 +347,11 @@ pub fn strength_html(
             o.samples
         );
         for r in &o.rows {
-            h += &row(&attack_name(r), numbers(r), format!("{:.1}", r.seconds));
+            h += &row(
+                &attack_name(r),
+                metric_cells(r),
+                format!("{:.1}", r.seconds),
+            );
         }
         let worst = WORST_METRICS
             .iter()
@@ -380,12 +378,12 @@ pub fn strength_html(
         );
         h += &row(
             &format!("transfer from {}", t.source),
-            numbers(&t.transfer),
+            metric_cells(&t.transfer),
             format!("{:.1}", t.transfer.seconds),
         );
         h += &row(
             "white-box",
-            numbers(&t.white_box),
+            metric_cells(&t.white_box),
             format!("{:.1}", t.white_box.seconds),
         );
         h += "</table><p class=\"how\"><b>How to read this:</b> adversarial examples made on the \

@@ -4,7 +4,9 @@
 use serde::Serialize;
 
 use crate::config::{Optimizer, PgdConfig, Scenario};
-use crate::pipeline::report::{markdown_columns, markdown_header, Metrics, TemplateMetrics};
+use crate::pipeline::report::{
+    markdown_columns, markdown_header, Metrics, TemplateMetrics, TEMPLATE_COLUMNS,
+};
 use crate::pipeline::sanity::SanityCheck;
 use crate::pipeline::strength::{AttackRow, WorstMetric};
 
@@ -95,7 +97,7 @@ pub struct StrengthOutput {
 pub fn strength_table(out: &StrengthOutput, label: &str) -> String {
     let (clustering, template) = (out.scenario.clustering(), out.scenario.template());
     let trailing: &[&str] = if template {
-        &["R@1 template", "MAP@R template", "s"]
+        &[TEMPLATE_COLUMNS[0], TEMPLATE_COLUMNS[1], "s"]
     } else {
         &["s"]
     };
@@ -127,22 +129,15 @@ pub fn strength_table(out: &StrengthOutput, label: &str) -> String {
     let clean_tail = if clustering {
         [String::new(), String::new()]
     } else {
-        let c = &out.clean;
-        [format!("{:.2}", c.recall[0]), format!("{:.2}", c.map_r)]
+        out.clean.template_cells()
     };
     row("clean", out.clean.cells(), clean_tail, &[String::new()]);
-    let attacked = |r: &AttackRow| {
-        [
-            format!("{:.2}", r.template.recall[0]),
-            format!("{:.2}", r.template.map_r),
-        ]
-    };
     for r in &out.white_box {
         let input = format!("white-box {}", attack_description(r));
         row(
             &input,
             r.clustering.cells(),
-            attacked(r),
+            r.template.template_cells(),
             &[format!("{:.1}", r.seconds)],
         );
     }
@@ -152,7 +147,7 @@ pub fn strength_table(out: &StrengthOutput, label: &str) -> String {
         row(
             &input,
             r.clustering.cells(),
-            attacked(r),
+            r.template.template_cells(),
             &[format!("{:.1}", r.seconds)],
         );
     }

@@ -20,7 +20,10 @@ use crate::files::{available_memory_bytes, human_bytes};
 use crate::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::run_dir;
-use crate::robust::defense::{eat_member_indices, step_loss, DefenseConfig, Method, StepContext};
+/// The defense a run trains with, part of its [`TrainConfig`]; the CLI's `--method` names it
+/// through here, so the command line imports nothing from `robust`.
+pub use crate::robust::defense::Method;
+use crate::robust::defense::{eat_member_indices, step_loss, DefenseConfig, StepContext};
 use crate::robust::pgd::{BoxedEmbedFn, EmbedFn};
 
 /// The backbone as named on the command line.
@@ -312,8 +315,8 @@ impl TrainConfig {
     }
 }
 
-/// A value's command-line spelling (`c2f2`, `mobilenet-v2`).
-fn serde_name<T: Serialize>(v: &T) -> String {
+/// A value's command-line spelling (`c2f2`, `mobilenet-v2`, `eat`).
+pub fn serde_name<T: Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -410,6 +413,41 @@ pub fn member_prefix(i: usize) -> String {
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 pub const LOG_FILE: &str = "train_log.jsonl";
+
+/// Refuses to replace a run that exists in `out` unless `overwrite`; with it, the old
+/// checkpoint and log are deleted.
+pub fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
+    let files = [out.join(CHECKPOINT_FILE), out.join(LOG_FILE)];
+    for f in &files {
+        run_dir::check_writable(f)?;
+    }
+    // An empty log is what a run killed before its first checkpoint leaves: nothing to lose.
+    let existing: Vec<&PathBuf> = files
+        .iter()
+        .filter(|f| std::fs::symlink_metadata(f).is_ok_and(|m| m.len() > 0))
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    if !overwrite {
+        return Err(Error::Config(format!(
+            "{} already holds a run ({}); pass --resume to continue it, --overwrite to replace \
+             it, or choose another --out",
+            out.display(),
+            existing
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    for f in existing {
+        if std::fs::symlink_metadata(f).is_ok_and(|m| m.is_file()) {
+            std::fs::remove_file(f).map_err(io_err(f))?;
+        }
+    }
+    Ok(())
+}
 
 impl Run {
     /// Fresh members (random or pretrained backbones, new heads and proxies).
