@@ -476,13 +476,9 @@ fn attack_cli_runs_objectives_apgd_and_transfer() {
     );
     assert_eq!(white.len(), 3, "{v}");
     for (w, t) in white.iter().zip(transfer) {
-        // The same adversarial embeddings; NMI's sums may round differently in the last bits.
-        for key in ["recall", "f1", "map_r"] {
-            assert_eq!(w["clustering"][key], t["clustering"][key], "{key}: {v}");
-        }
+        // The same adversarial embeddings, so the same bits, NMI included.
+        assert_eq!(w["clustering"], t["clustering"], "{v}");
         assert_eq!(w["template"], t["template"], "{v}");
-        let nmi = |r: &serde_json::Value| r["clustering"]["nmi"].as_f64().unwrap();
-        assert!((nmi(w) - nmi(t)).abs() < 1e-9, "{v}");
         assert_eq!(w["attack"]["optimizer"], "apgd", "{v}");
         assert!(
             w["template"].get("nmi").is_none(),

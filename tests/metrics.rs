@@ -3,7 +3,7 @@
 
 use robust_dml::dml::metrics::{
     cluster_scores, f1_pairs, kmeans, map_at_r, nmi, recall_at_k, recall_at_k_query_gallery,
-    KMeansConfig,
+    ClusterScores, KMeansConfig,
 };
 use robust_dml::engine::Rng;
 
@@ -199,6 +199,41 @@ fn kmeans_recovers_separated_clusters() {
     close("cluster NMI", scores.nmi, 1.0, 1e-9);
     // Recall@1 on the same blobs is perfect too.
     assert_eq!(recall_at_k(&data, 4, &labels, &[1]).unwrap(), vec![1.0]);
+}
+
+/// The clustering metrics are the same bits on every call and with 1, 2 or 3 threads. NMI sums
+/// floats over the contingency cells, so their order must come from the data alone: a `HashMap`
+/// (its hash keys change with every instance) made the NMI's last digits differ from call to
+/// call, which this test caught (8 of 8 runs failed before the cells were ordered).
+#[test]
+fn cluster_scores_are_bit_identical_across_calls_and_thread_counts() {
+    // Overlapping blobs, so that the clusters mix the labels and the contingency has many cells.
+    let (data, labels) = blobs(20, 15, 8, 0.8, 3);
+    let cfg = KMeansConfig::default();
+    let bits = |s: ClusterScores| (s.nmi.to_bits(), s.f1.to_bits());
+    let scores = || cluster_scores(&data, 8, &labels, &cfg).unwrap();
+    let clusters = || kmeans(&data, 8, 20, &cfg).unwrap();
+    let (first, first_clusters) = (scores(), clusters());
+    assert!(first.nmi > 0.0 && first.nmi < 1.0, "{first:?}");
+    for call in 1..8 {
+        assert_eq!(bits(scores()), bits(first), "call {call}: {first:?}");
+    }
+    for threads in [1, 2, 3] {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        assert_eq!(
+            bits(pool.install(scores)),
+            bits(first),
+            "{threads} threads differ from the default pool"
+        );
+        assert_eq!(
+            pool.install(clusters),
+            first_clusters,
+            "k-means with {threads} threads differs from the default pool"
+        );
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! deterministic. Queries are processed one row at a time per thread, so memory stays at
 //! O(threads x N) whatever N is.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 pub use crate::dml::kmeans::{kmeans, KMeansConfig, KMeansResult};
 use crate::engine::error::{invalid, Result};
@@ -206,11 +206,13 @@ pub fn map_at_r(emb: &[f32], dim: usize, labels: &[usize]) -> Result<f64> {
     Ok(valid.iter().sum::<f64>() / valid.len() as f64)
 }
 
-/// Contingency counts of (label, cluster) pairs, and the marginals.
+/// Contingency counts of (label, cluster) pairs, and the marginals. Ordered maps: NMI sums
+/// floats over these cells, and a `HashMap`'s iteration order (its hash keys are random, new
+/// for every map) changed the last bits of the sum from call to call.
 struct Contingency {
-    joint: HashMap<(usize, usize), u64>,
-    labels: HashMap<usize, u64>,
-    clusters: HashMap<usize, u64>,
+    joint: BTreeMap<(usize, usize), u64>,
+    labels: BTreeMap<usize, u64>,
+    clusters: BTreeMap<usize, u64>,
     n: u64,
 }
 
@@ -226,9 +228,9 @@ fn contingency(op: &'static str, labels: &[usize], clusters: &[usize]) -> Result
         );
     }
     let mut c = Contingency {
-        joint: HashMap::new(),
-        labels: HashMap::new(),
-        clusters: HashMap::new(),
+        joint: BTreeMap::new(),
+        labels: BTreeMap::new(),
+        clusters: BTreeMap::new(),
         n: labels.len() as u64,
     };
     for (&y, &k) in labels.iter().zip(clusters) {
@@ -239,7 +241,7 @@ fn contingency(op: &'static str, labels: &[usize], clusters: &[usize]) -> Result
     Ok(c)
 }
 
-fn entropy(counts: &HashMap<usize, u64>, n: u64) -> f64 {
+fn entropy(counts: &BTreeMap<usize, u64>, n: u64) -> f64 {
     let n = n as f64;
     -counts
         .values()
