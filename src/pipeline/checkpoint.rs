@@ -178,15 +178,8 @@ pub fn attack_strength(
                     &c,
                     1,
                 )?;
-                let (clustering, template) =
-                    scenario_metrics(&clean, &r.attacked, &set, dim, device, 0)?;
-                Ok(AttackRow {
-                    objective: Some(objective),
-                    attack: Some(c),
-                    clustering,
-                    template,
-                    seconds: r.seconds,
-                })
+                let scenarios = scenario_metrics(&clean, &r.attacked, &set, dim, device, 0)?;
+                Ok(AttackRow::of(&c, scenarios, r.seconds))
             })
             .collect()
     };

@@ -703,21 +703,7 @@ impl WholeEval<'_> {
     /// The main attack's row on the subset (its images were attacked with `plan.attack`).
     fn main_row(&self, picks: &[usize], sub: &EvalSet, clean: &[Vec<f32>]) -> Result<AttackRow> {
         let attacked = self.rows(self.attacked, picks);
-        let (clustering, template) = scenario_metrics(
-            clean,
-            &attacked,
-            sub,
-            self.dim(),
-            self.device,
-            self.plan.seed,
-        )?;
-        Ok(AttackRow {
-            objective: Some(self.plan.attack.objective),
-            attack: Some(self.plan.attack),
-            clustering,
-            template,
-            seconds: 0.0,
-        })
+        self.scored_row(&self.plan.attack, sub, clean, &attacked, 0.0)
     }
     /// `cfg` on the subset, made on `source` and evaluated on this run's nets.
     fn attacked_row(
@@ -739,21 +725,26 @@ impl WholeEval<'_> {
             cfg,
             self.plan.seed,
         )?;
-        let (clustering, template) = scenario_metrics(
+        self.scored_row(cfg, sub, clean, &r.attacked, r.seconds)
+    }
+    /// The row of attack `cfg` from the attacked embeddings of `sub` (both scenarios).
+    fn scored_row(
+        &self,
+        cfg: &PgdConfig,
+        sub: &EvalSet,
+        clean: &[Vec<f32>],
+        attacked: &[Vec<f32>],
+        seconds: f64,
+    ) -> Result<AttackRow> {
+        let scenarios = scenario_metrics(
             clean,
-            &r.attacked,
+            attacked,
             sub,
             self.dim(),
             self.device,
             self.plan.seed,
         )?;
-        Ok(AttackRow {
-            objective: Some(cfg.objective),
-            attack: Some(*cfg),
-            clustering,
-            template,
-            seconds: r.seconds,
-        })
+        Ok(AttackRow::of(cfg, scenarios, seconds))
     }
 }
 

@@ -172,6 +172,20 @@ pub struct AttackRow {
     pub seconds: f64,
 }
 
+impl AttackRow {
+    /// The row of attack `cfg` from its (clustering, template) metrics, as
+    /// [`scenario_metrics`] gives them, and its wall time.
+    pub fn of(cfg: &PgdConfig, (clustering, template): (Metrics, Metrics), seconds: f64) -> Self {
+        AttackRow {
+            objective: Some(cfg.objective),
+            attack: Some(*cfg),
+            clustering,
+            template,
+            seconds,
+        }
+    }
+}
+
 /// The worst (lowest) value of one metric over the objectives, and the objective that won.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorstMetric {
