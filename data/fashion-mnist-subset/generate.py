@@ -1,9 +1,10 @@
 """Writes the class-balanced Fashion-MNIST subset that ships inside the binary (include_bytes! in
-src/data/fashion_mnist.rs): the zero-shot split of ../../../shared/SPEC.md section 10, i.e. TRAIN_PER_CLASS
-images of each of classes 0-4 from the official training set and TEST_PER_CLASS images of each of
-classes 5-9 from the official test set, picked at random with SEED and kept in their original
-order. Run once by a developer (python3 generate.py [FASHION_MNIST_DIR]); never at run time.
-The output is deterministic: gzip's timestamp and file name are not written.
+src/data/fashion_mnist.rs): the zero-shot split of the Fashion-MNIST protocol (docs/DESIGN.md,
+"The Fashion-MNIST protocol"), i.e. TRAIN_PER_CLASS images of each of classes 0-4 from the
+official training set and TEST_PER_CLASS images of each of classes 5-9 from the official test
+set, picked at random with SEED and kept in their original order. Run once by a developer
+(python3 generate.py [FASHION_MNIST_DIR]); never at run time. The output is deterministic:
+gzip's timestamp and file name are not written.
 """
 import gzip
 import sys
