@@ -1,0 +1,159 @@
+"""The PyTorch side of the CPU comparison (2 threads): the same cases as benches/kernels.rs and benches/model.rs.
+
+Each case: 2 warm-up runs (the first also reported as `first_run_ms`), then 5 timed runs
+(CPU ops are synchronous, so the clock needs no sync). Output lines:
+  bench <case> median_ms=<f> min_ms=<f> max_ms=<f> [gflops=<f>]
+Lines starting with `#` are information only.
+
+Usage: python3 torch_cpu.py [CASE ...]   (needs: pip install torch torchvision)
+  runs only the named cases (exact names, or a prefix ending in `*`); all by default.
+"""
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+WARMUP, RUNS = 2, 5
+SELECTED = sys.argv[1:]
+
+
+def wants(name):
+    return not SELECTED or any(
+        name.startswith(s[:-1]) if s.endswith("*") else name == s for s in SELECTED)
+
+
+def case(name, run, flop=None):
+    if not wants(name):
+        return
+    first_ms = 0.0
+    for i in range(WARMUP):
+        t = time.perf_counter()
+        out = run()
+        if i == 0:
+            first_ms = (time.perf_counter() - t) * 1e3
+        del out
+    ms = []
+    for _ in range(RUNS):
+        t = time.perf_counter()
+        out = run()
+        ms.append((time.perf_counter() - t) * 1e3)
+        del out
+    ms.sort()
+    med = ms[RUNS // 2]
+    line = f"bench {name} median_ms={med:.3f} min_ms={ms[0]:.3f} max_ms={ms[-1]:.3f}"
+    if flop is not None:
+        line += f" gflops={flop / (med * 1e-3) / 1e9:.3f}"
+    print(line, flush=True)
+    print(f"# {name} first_run_ms={first_ms:.1f}", flush=True)
+
+
+def mobilenet_v2_half(num_out=128):
+    """torchvision MobileNetV2, width 0.5, classifier = plain Linear(1280, num_out) (no dropout)."""
+    m = torchvision.models.mobilenet_v2(width_mult=0.5)
+    m.classifier = nn.Linear(m.last_channel, num_out)
+    return m
+
+
+def c2f2(dim=128):
+    """conv5x5(3->32, pad 2)+ReLU+maxpool2, conv5x5(32->64, pad 2)+ReLU+maxpool2, fc(3136->1024)+ReLU,
+    fc(1024->dim), L2 normalisation (28x28 input)."""
+    class C2f2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 32, 5, padding=2)
+            self.conv2 = nn.Conv2d(32, 64, 5, padding=2)
+            self.fc = nn.Linear(64 * 7 * 7, 1024)
+            self.embedding = nn.Linear(1024, dim)
+
+        def forward(self, x):
+            x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+            x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+            x = F.relu(self.fc(x.flatten(1)))
+            return F.normalize(self.embedding(x), dim=1)
+    return C2f2()
+
+
+def main():
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    print(f"# torch {torch.__version__} torchvision {torchvision.__version__} threads={torch.get_num_threads()} "
+          f"mkldnn={torch.backends.mkldnn.is_available()} cpu_capability={torch.backends.cpu.get_cpu_capability()}")
+
+    # a. matmul 1024^3
+    n = 1024
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    with torch.no_grad():
+        case("matmul_1024_fwd", lambda: a @ b, 2.0 * n ** 3)
+
+    # b/c. conv2d 3x3 s1 p1 (dense 32->32 and depthwise 96), no bias; loss = sum(y).
+    for name, c, groups in [("conv3x3_c32", 32, 1), ("dwconv3x3_c96", 96, 96)]:
+        flop = 2.0 * 8 * 56 * 56 * (c * c // groups) * 9
+        x = torch.randn(8, c, 56, 56)
+        w = torch.randn(c, c // groups, 3, 3)
+        with torch.no_grad():
+            case(f"{name}_fwd", lambda: F.conv2d(x, w, padding=1, groups=groups), flop)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        case(f"{name}_fwdbwd",
+             lambda: torch.autograd.grad(F.conv2d(xg, wg, padding=1, groups=groups).sum(), [xg, wg]),
+             3.0 * flop)
+
+    # d. batch norm 2d, training mode (batch statistics + running-stat update); loss = sum(y).
+    bn = nn.BatchNorm2d(96).train()
+    x = torch.randn(8, 96, 56, 56, requires_grad=True)
+    case("bn2d_c96_train_fwdbwd",
+         lambda: torch.autograd.grad(bn(x).sum(), [x, bn.weight, bn.bias]))
+
+    # e0. c2f2 (the small CNN of the Fashion-MNIST protocol), batch 128, 3x28x28, 128-d L2-normalised
+    #     embedding, MSE to a fixed target, AdamW: one clean training step, and one PGD iteration.
+    if wants("c2f2_train_step_b128_28px") or wants("c2f2_input_grad_b128_28px"):
+        net = c2f2().train()
+        xc = torch.rand(128, 3, 28, 28)
+        yc = F.normalize(torch.randn(128, 128), dim=1)
+        optc = torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+        def c2f2_step():
+            optc.zero_grad(set_to_none=True)
+            loss = F.mse_loss(net(xc), yc)
+            loss.backward()
+            optc.step()
+            return loss
+
+        case("c2f2_train_step_b128_28px", c2f2_step)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        xcin = xc.clone().requires_grad_()
+        case("c2f2_input_grad_b128_28px",
+             lambda: torch.autograd.grad(F.mse_loss(net(xcin), yc), [xcin]))
+
+    # e. MobileNetV2 x0.5 -> 128, batch 16, 64x64, MSE loss.
+    if not (wants("mbv2_train_step_b16_64px") or wants("mbv2_input_grad_b16_64px")):
+        return
+    model = mobilenet_v2_half().train()
+    print(f"# mbv2_x0.5 params={sum(p.numel() for p in model.parameters())}")
+    x = torch.randn(16, 3, 64, 64)
+    y = torch.randn(16, 128)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    case("mbv2_train_step_b16_64px", train_step)
+
+    # One PGD iteration: forward + backward w.r.t. the input only (parameters frozen,
+    # BatchNorm still in training mode, as in the training step).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xin = x.clone().requires_grad_()
+    case("mbv2_input_grad_b16_64px",
+         lambda: torch.autograd.grad(F.mse_loss(model(xin), y), [xin]))
+
+
+if __name__ == "__main__":
+    main()
