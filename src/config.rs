@@ -96,7 +96,7 @@ impl Objective {
 /// How an attack climbs its objective.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
-pub enum Optimizer {
+pub enum AttackKind {
     /// Fixed-size sign-gradient steps (Madry et al.).
     #[default]
     Pgd,
@@ -105,11 +105,11 @@ pub enum Optimizer {
     Apgd,
 }
 
-impl Optimizer {
+impl AttackKind {
     pub fn key(self) -> &'static str {
         match self {
-            Optimizer::Pgd => "PGD",
-            Optimizer::Apgd => "APGD",
+            AttackKind::Pgd => "PGD",
+            AttackKind::Apgd => "APGD",
         }
     }
 }
@@ -137,9 +137,10 @@ pub struct PgdConfig {
     /// (1 = a single run from the configured start).
     #[serde(default = "one")]
     pub restarts: usize,
-    /// PGD or APGD (APGD ignores `alpha`: it starts at 2 eps and halves).
-    #[serde(default)]
-    pub optimizer: Optimizer,
+    /// PGD or APGD (APGD ignores `alpha`: it starts at 2 eps and halves). Stored under its
+    /// first name, `optimizer`, so that reports already written still read.
+    #[serde(default, rename = "optimizer")]
+    pub kind: AttackKind,
 }
 
 fn one() -> usize {
@@ -155,7 +156,7 @@ impl PgdConfig {
             random_start: false,
             objective: Objective::EmbeddingShift,
             restarts: 1,
-            optimizer: Optimizer::Pgd,
+            kind: AttackKind::Pgd,
         }
     }
     pub fn train_default() -> Self {

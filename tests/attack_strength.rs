@@ -5,25 +5,26 @@
 //! a transfer attack from the model itself is the white-box attack, and the transfer check
 //! flags a white-box attack weaker than transfer.
 
-use robust_dml::config::{Objective, Optimizer, PgdConfig};
+use robust_dml::config::{AttackKind, Objective, PgdConfig};
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
 use robust_dml::dml::loss::ProxyAnchorConfig;
 use robust_dml::engine::ops::elementwise::{add, clamp};
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{no_grad, Device, Rng, Tensor};
-use robust_dml::pipeline::evaluate::{embed_set, EvalSet};
-use robust_dml::pipeline::report::Metrics;
-use robust_dml::pipeline::sanity::transfer_check;
-use robust_dml::pipeline::strength::{
-    attack_set, objectives_markdown, strength_html, transfer_markdown, worst_of, AttackRow,
-    AttackSource, ObjectivesReport, TransferReport,
+use robust_dml::pipeline::evaluate::{embed_set, EvalContext, EvalSet};
+use robust_dml::pipeline::report::strength_html;
+use robust_dml::pipeline::results::{
+    worst_of, AttackRow, Metrics, ObjectivesReport, TransferReport,
 };
+use robust_dml::pipeline::sanity::transfer_check;
+use robust_dml::pipeline::strength::{attack_set, AttackSource};
+use robust_dml::pipeline::tables::{objectives_markdown, transfer_markdown};
 use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
-use robust_dml::robust::apgd::{apgd, checkpoints};
+use robust_dml::robust::attack::apgd::{apgd, checkpoints};
+use robust_dml::robust::attack::per_image_objective;
+use robust_dml::robust::attack::{attack, objective_value, EmbedFn, Goal};
 use robust_dml::robust::defense::Method;
 use robust_dml::robust::objectives::{retrieval_directions, CentroidProxies};
-use robust_dml::robust::pgd::{objective_value, pgd, EmbedFn, Goal};
-use robust_dml::robust::restarts::per_image_objective;
 
 mod common;
 use common::Tiny;
@@ -121,7 +122,7 @@ fn label_aware_objectives_beat_noise_of_the_same_size() {
     let noisy = sign_noise(&x, cfg.eps, 3);
     for objective in [Objective::MetricLoss, Objective::Retrieval] {
         let goal = goal(&g, objective);
-        let adv = pgd(&members, &x, &cfg, &goal, &mut Rng::new(5)).unwrap();
+        let adv = attack(&members, &x, &cfg, &goal, &mut Rng::new(5)).unwrap();
         let (after_attack, after_noise, clean) = (
             objective_value(&members, &x, &adv, &goal).unwrap(),
             objective_value(&members, &x, &noisy, &goal).unwrap(),
@@ -291,7 +292,7 @@ fn check_apgd(d: &Device) {
     let g = goals(&m, &x, d);
     let pgd_cfg = PgdConfig::new(8.0 / 255.0, 10);
     let cfg = PgdConfig {
-        optimizer: Optimizer::Apgd,
+        kind: AttackKind::Apgd,
         ..pgd_cfg
     };
     for objective in Objective::ALL {
@@ -307,9 +308,9 @@ fn check_apgd(d: &Device) {
         for (a, b) in again.iter().zip(&kept) {
             assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
         }
-        let via_pgd = pgd(&members, &x, &cfg, &goal, &mut Rng::new(5)).unwrap();
-        assert_eq!(via_pgd.to_vec().unwrap(), av, "pgd() dispatches to APGD");
-        let single = pgd(&members, &x, &pgd_cfg, &goal, &mut Rng::new(5)).unwrap();
+        let via_pgd = attack(&members, &x, &cfg, &goal, &mut Rng::new(5)).unwrap();
+        assert_eq!(via_pgd.to_vec().unwrap(), av, "attack() dispatches to APGD");
+        let single = attack(&members, &x, &pgd_cfg, &goal, &mut Rng::new(5)).unwrap();
         let (a, p) = (
             objective_value(&members, &x, &adv, &goal).unwrap(),
             objective_value(&members, &x, &single, &goal).unwrap(),
@@ -370,7 +371,15 @@ fn transfer_from_the_model_itself_is_the_white_box_attack() {
     let nets = [&run.members[0].net];
     let copy_nets = [&copy.members[0].net];
     let cfg = PgdConfig::new(8.0 / 255.0, 3);
-    let white = embed_set(&nets, &set, 16, 5, 0, &d, Some((&cfg, &[0], 9))).unwrap();
+    let ctx = EvalContext {
+        nets: &nets,
+        set: &set,
+        image_size: 16,
+        batch_size: 5,
+        workers: 0,
+        device: &d,
+    };
+    let white = embed_set(&ctx, Some((&cfg, &[0], 9))).unwrap();
     let clean = white.clean.clone();
     for objective in Objective::ALL {
         let c = PgdConfig { objective, ..cfg };
@@ -380,9 +389,7 @@ fn transfer_from_the_model_itself_is_the_white_box_attack() {
                 clean: &clean,
                 loss: ProxyAnchorConfig::default(),
             };
-            attack_set(&nets, &source, &set, 16, 5, 0, &d, &c, 9)
-                .unwrap()
-                .attacked
+            attack_set(&ctx, &source, &c, 9).unwrap().attacked
         };
         let (itself, from_copy) = (through(&nets), through(&copy_nets));
         assert_eq!(itself, from_copy, "{objective:?}: transfer from a copy");

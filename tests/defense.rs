@@ -6,10 +6,10 @@ use robust_dml::dml::loss::ProxyAnchorConfig;
 use robust_dml::engine::ops::matmul::linear;
 use robust_dml::engine::ops::normalize::l2_normalize;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
+use robust_dml::robust::attack::EmbedFn;
 use robust_dml::robust::defense::{
     eat_member_indices, step_loss, DefenseConfig, Method, MixPlan, StepContext,
 };
-use robust_dml::robust::pgd::EmbedFn;
 
 #[test]
 fn eat_members_train_on_all_parts_but_their_own() {

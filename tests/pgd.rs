@@ -8,7 +8,7 @@ use robust_dml::engine::ops::elementwise::{square, sub};
 use robust_dml::engine::ops::reduce::sum;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{Device, Rng, Tensor};
-use robust_dml::robust::pgd::{objective_value, pgd, start_point, EmbedFn, Goal};
+use robust_dml::robust::attack::{attack, objective_value, start_point, EmbedFn, Goal};
 
 mod common;
 use common::Tiny;
@@ -31,7 +31,7 @@ fn check_invariants(d: &Device) {
     let members: [EmbedFn; 1] = [&f];
     let x = images(d, 2);
     let cfg = PgdConfig::new(8.0 / 255.0, 10);
-    let adv = pgd(&members, &x, &cfg, &Goal::EmbeddingShift, &mut Rng::new(3)).unwrap();
+    let adv = attack(&members, &x, &cfg, &Goal::EmbeddingShift, &mut Rng::new(3)).unwrap();
     let (xv, av) = (x.to_vec().unwrap(), adv.to_vec().unwrap());
     for (a, b) in av.iter().zip(&xv) {
         assert!((a - b).abs() <= cfg.eps + 1e-6, "left the eps-ball");
@@ -62,7 +62,7 @@ fn check_invariants(d: &Device) {
     );
     // eps = 0 is the identity.
     let zero = PgdConfig::new(0.0, 10);
-    let same = pgd(&members, &x, &zero, &Goal::EmbeddingShift, &mut Rng::new(5)).unwrap();
+    let same = attack(&members, &x, &zero, &Goal::EmbeddingShift, &mut Rng::new(5)).unwrap();
     assert_eq!(same.to_vec().unwrap(), xv);
 }
 
@@ -88,15 +88,15 @@ fn ensemble_attack_uses_every_member() {
     let cfg = PgdConfig::new(8.0 / 255.0, 5);
     let both: [EmbedFn; 2] = [&fa, &fb];
     let only_a: [EmbedFn; 1] = [&fa];
-    let adv_both = pgd(&both, &x, &cfg, &Goal::EmbeddingShift, &mut Rng::new(1)).unwrap();
-    let adv_a = pgd(&only_a, &x, &cfg, &Goal::EmbeddingShift, &mut Rng::new(1)).unwrap();
+    let adv_both = attack(&both, &x, &cfg, &Goal::EmbeddingShift, &mut Rng::new(1)).unwrap();
+    let adv_a = attack(&only_a, &x, &cfg, &Goal::EmbeddingShift, &mut Rng::new(1)).unwrap();
     assert!(
         max_abs_diff(&adv_both, &adv_a) > 0.0,
         "the second member's gradient was ignored"
     );
     // One step by hand: x1 = step(x0, grad_a(x0) + grad_b(x0)), from the same start point.
     let one = PgdConfig { steps: 1, ..cfg };
-    let adv1 = pgd(&both, &x, &one, &Goal::EmbeddingShift, &mut Rng::new(7)).unwrap();
+    let adv1 = attack(&both, &x, &one, &Goal::EmbeddingShift, &mut Rng::new(7)).unwrap();
     let x0 = start_point(&x, &one, &mut Rng::new(7)).unwrap();
     let grad_of = |m: &Tiny| {
         let clean = m.embed(&x).unwrap().detach();
@@ -124,7 +124,7 @@ fn metric_loss_objective_ascends() {
     };
     let x = images(&d, 22);
     let cfg = PgdConfig::new(16.0 / 255.0, 5);
-    let adv = pgd(&members, &x, &cfg, &goal, &mut Rng::new(23)).unwrap();
+    let adv = attack(&members, &x, &cfg, &goal, &mut Rng::new(23)).unwrap();
     let before = objective_value(&members, &x, &x, &goal).unwrap();
     let after = objective_value(&members, &x, &adv, &goal).unwrap();
     assert!(

@@ -1,13 +1,14 @@
 //! The experiment report: Table 1 layout and an HTML page with the plots; the tables `eval` and
 //! `attack` print.
 
-use robust_dml::config::{Objective, Optimizer, PgdConfig, Scenario};
-use robust_dml::pipeline::report::{
-    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
+use robust_dml::config::{AttackKind, Objective, PgdConfig, Scenario};
+use robust_dml::pipeline::evaluate::pca_2d;
+use robust_dml::pipeline::report::{html_report, RunInfo};
+use robust_dml::pipeline::results::{
+    AttackRow, CurvePoint, EvalOutput, MethodReport, Metrics, Projection, SanityCheck,
+    StrengthOutput, WorstMetric,
 };
-use robust_dml::pipeline::sanity::SanityCheck;
-use robust_dml::pipeline::strength::{AttackRow, WorstMetric};
-use robust_dml::pipeline::tables::{eval_table, strength_table, EvalOutput, StrengthOutput};
+use robust_dml::pipeline::tables::{eval_table, strength_table, table_markdown};
 
 fn sample() -> Vec<MethodReport> {
     let m = |r1: f64| Metrics {
@@ -173,10 +174,10 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
         t.contains("| PAL | PGD (template) | - | - | 20.00 |"),
         "{t}"
     );
-    let attack = |objective, optimizer| AttackRow {
+    let attack = |objective, kind| AttackRow {
         objective: Some(objective),
         attack: Some(PgdConfig {
-            optimizer,
+            kind,
             ..PgdConfig::new(8.0 / 255.0, 10)
         }),
         clustering: m(5.0),
@@ -189,8 +190,8 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
         scenario: Scenario::Both,
         clean: m(40.0),
         white_box: vec![
-            attack(Objective::EmbeddingShift, Optimizer::Pgd),
-            attack(Objective::Retrieval, Optimizer::Apgd),
+            attack(Objective::EmbeddingShift, AttackKind::Pgd),
+            attack(Objective::Retrieval, AttackKind::Apgd),
         ],
         worst: (0..9)
             .map(|i| WorstMetric {
@@ -200,7 +201,7 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
             })
             .collect(),
         transfer_from: Some("source".into()),
-        transfer: vec![attack(Objective::EmbeddingShift, Optimizer::Pgd)],
+        transfer: vec![attack(Objective::EmbeddingShift, AttackKind::Pgd)],
         checks: vec![SanityCheck::default()],
     };
     let t = strength_table(&strength, "+ EAT");

@@ -7,10 +7,11 @@ use robust_dml::engine::ops::elementwise::zeros_like;
 use robust_dml::engine::tape::Backward;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
-use robust_dml::pipeline::report::{CurvePoint, MethodReport};
-use robust_dml::pipeline::sanity::{failed_lines, probe_attack, sanity_checks, PROBE_APGD_STEPS};
-use robust_dml::robust::pgd::{pgd, EmbedFn, Goal};
-use robust_dml::robust::restarts::{per_image_objective, pgd_restarts};
+use robust_dml::pipeline::results::{CurvePoint, MethodReport};
+use robust_dml::pipeline::sanity::{probe_attack, sanity_checks, PROBE_APGD_STEPS};
+use robust_dml::pipeline::tables::failed_lines;
+use robust_dml::robust::attack::{attack, EmbedFn, Goal};
+use robust_dml::robust::attack::{per_image_objective, pgd_restarts};
 
 mod common;
 use common::Tiny;
@@ -151,7 +152,7 @@ fn restarts_keep_the_best_run_per_image() {
     };
     let runs: Vec<Vec<f32>> = (0..3)
         .map(|_| {
-            let adv = pgd(&members, &x, &random, &goal, &mut rng).unwrap();
+            let adv = attack(&members, &x, &random, &goal, &mut rng).unwrap();
             per_image_objective(&members, &x, &adv, &goal).unwrap()
         })
         .collect();
@@ -159,9 +160,9 @@ fn restarts_keep_the_best_run_per_image() {
         let want = runs.iter().map(|r| r[i]).fold(f32::MIN, f32::max);
         assert_eq!(kept[i], want, "image {i}");
     }
-    // pgd() with cfg.restarts runs the same restarts.
+    // attack() with cfg.restarts runs the same restarts.
     let via_pgd = PgdConfig { restarts: 3, ..cfg };
-    let adv = pgd(&members, &x, &via_pgd, &goal, &mut Rng::new(9)).unwrap();
+    let adv = attack(&members, &x, &via_pgd, &goal, &mut Rng::new(9)).unwrap();
     assert_eq!(adv.to_vec().unwrap(), best.to_vec().unwrap());
     let again = per_image_objective(&members, &x, &best, &goal).unwrap();
     for (a, b) in again.iter().zip(&kept) {
@@ -171,7 +172,7 @@ fn restarts_keep_the_best_run_per_image() {
 
 #[test]
 fn apgd_must_reach_pgd_at_equal_iterations_too() {
-    use robust_dml::pipeline::sanity::AttackProbe;
+    use robust_dml::pipeline::results::AttackProbe;
     let verdict = |apgd: f64| {
         let probe = AttackProbe {
             objective_single: 0.20,

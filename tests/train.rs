@@ -3,7 +3,7 @@
 
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
 use robust_dml::engine::Device;
-use robust_dml::pipeline::evaluate::{embed_set, full_metrics, EvalSet};
+use robust_dml::pipeline::evaluate::{embed_set, full_metrics, EvalContext, EvalSet};
 use robust_dml::pipeline::train::{Arch, Run, TrainConfig, CHECKPOINT_FILE};
 use robust_dml::robust::defense::Method;
 
@@ -37,16 +37,15 @@ fn dataset() -> data::Dataset {
 
 fn recall1(run: &Run, ds: &data::Dataset, d: &Device) -> f64 {
     let set = EvalSet::of(ds);
-    let e = embed_set(
-        &[&run.members[0].net],
-        &set,
-        run.cfg.image_size,
-        60,
-        0,
-        d,
-        None,
-    )
-    .unwrap();
+    let ctx = EvalContext {
+        nets: &[&run.members[0].net],
+        set: &set,
+        image_size: run.cfg.image_size,
+        batch_size: 60,
+        workers: 0,
+        device: d,
+    };
+    let e = embed_set(&ctx, None).unwrap();
     full_metrics(&e.clean[0], &set, e.dim, d, 0).unwrap().recall[0]
 }
 

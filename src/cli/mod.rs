@@ -7,22 +7,21 @@ use std::path::{Path, PathBuf};
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, Objective, Optimizer, PgdConfig, RankProfile, Scenario};
+use crate::config::{self, AttackKind, Objective, PgdConfig, RankProfile, Scenario};
 use crate::data::{self, Dataset, DatasetKind};
 use crate::engine::Device;
 use crate::error::{Error, Result};
 use crate::nn::Checkpoint;
-use crate::pipeline::checkpoint::{
+use crate::pipeline::commands::{
     attack_strength, evaluate_checkpoint, rank_checkpoint, test_metrics, EvalRequest,
     RankingRequest, StrengthRequest,
 };
 use crate::pipeline::embed::{embed as embed_images, EmbedRequest};
 use crate::pipeline::experiment::{claim_experiment_dir, run_experiment};
 use crate::pipeline::presets::Preset;
-use crate::pipeline::ranking::{ranking_markdown, RankingPlan};
-use crate::pipeline::report::table_markdown;
+use crate::pipeline::ranking::RankingPlan;
 use crate::pipeline::run_dir::RunDir;
-use crate::pipeline::tables::{eval_table, strength_table};
+use crate::pipeline::tables::{eval_table, ranking_markdown, strength_table, table_markdown};
 use crate::pipeline::train::{
     claim_run_dir, default_image_size, serde_name, Arch, Method, Run, TrainConfig, CHECKPOINT_FILE,
 };
@@ -229,8 +228,8 @@ pub struct AttackArgs {
     pub objective: ObjectiveChoice,
     /// The optimiser: PGD, or APGD (momentum, step-size halving, best-point tracking; ignores
     /// --alpha).
-    #[arg(long, value_enum, default_value_t = Optimizer::Pgd)]
-    pub attack: Optimizer,
+    #[arg(long, value_enum, default_value_t = AttackKind::Pgd)]
+    pub attack: AttackKind,
     /// Make the adversarial examples on this checkpoint (the source model) and evaluate them
     /// on --checkpoint (the target): a transfer (black-box) attack, printed beside the
     /// target's white-box figures and the check that white-box is at least as strong.
@@ -646,10 +645,10 @@ fn attack(a: AttackArgs) -> Result<()> {
         )));
     }
     let plain = a.objective == ObjectiveChoice::Shift
-        && a.attack == Optimizer::Pgd
+        && a.attack == AttackKind::Pgd
         && a.transfer_from.is_none();
     if !plain {
-        cfg.optimizer = a.attack;
+        cfg.kind = a.attack;
         cfg.restarts = a.restarts;
         return strength(&a, cfg);
     }

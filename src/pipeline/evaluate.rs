@@ -12,9 +12,12 @@ use crate::engine::{no_grad, Device, Rng, Tensor};
 use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
 use crate::pipeline::progress::Progress;
-use crate::pipeline::report::Metrics;
-use crate::robust::ensemble::mean_embedding;
-use crate::robust::pgd::{pgd, BoxedEmbedFn, EmbedFn, Goal};
+use crate::pipeline::results::Metrics;
+use crate::pipeline::train::TrainConfig;
+use crate::robust::attack::{attack, BoxedEmbedFn, EmbedFn, Goal};
+use crate::robust::ensemble::{
+    mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels,
+};
 
 pub const RECALL_KS: [usize; 4] = [1, 2, 4, 8];
 
@@ -94,37 +97,108 @@ pub struct Embedded {
     pub attack_linf: Option<(f32, f32)>,
 }
 
-/// Embeds the set with every net (eval-mode BatchNorm); with `attack`, also embeds PGD inputs
-/// made against `attack_on` (indices into `nets`: one model, or the whole ensemble).
-pub fn embed_set(
-    nets: &[&EmbeddingNet],
-    set: &EvalSet,
-    image_size: usize,
-    batch_size: usize,
-    workers: usize,
-    device: &Device,
-    attack: Option<(&PgdConfig, &[usize], u64)>,
-) -> Result<Embedded> {
-    let mut lc = LoaderConfig::eval(batch_size, image_size).for_samples(&set.samples);
-    lc.workers = workers;
-    let loader = BatchLoader::new(set.samples.clone(), lc)?;
-    let frozen: Vec<EmbeddingNet> = nets
-        .iter()
+/// The models under evaluation, the set they see and how it is fed to them: what embedding,
+/// the attacked passes, the sanity probe and the ranking suite share.
+#[derive(Clone, Copy)]
+pub struct EvalContext<'a> {
+    /// One model, or an ensemble's members.
+    pub nets: &'a [&'a EmbeddingNet],
+    pub set: &'a EvalSet,
+    pub image_size: usize,
+    pub batch_size: usize,
+    /// The loader's worker threads (`LoaderConfig::workers`).
+    pub workers: usize,
+    pub device: &'a Device,
+}
+
+impl<'a> EvalContext<'a> {
+    /// The nets of a trained run (`nets`, from its members) on `set`, fed at the run's image
+    /// size by its loader threads.
+    pub fn of_run(
+        cfg: &TrainConfig,
+        nets: &'a [&'a EmbeddingNet],
+        set: &'a EvalSet,
+        batch_size: usize,
+        device: &'a Device,
+    ) -> Self {
+        EvalContext {
+            nets,
+            set,
+            image_size: cfg.image_size,
+            batch_size,
+            workers: cfg.workers,
+            device,
+        }
+    }
+
+    /// The same models, fed the same way, on `set`.
+    pub fn on<'b>(&self, set: &'b EvalSet) -> EvalContext<'b>
+    where
+        'a: 'b,
+    {
+        EvalContext { set, ..*self }
+    }
+
+    /// The embedding width of the models.
+    pub fn dim(&self) -> usize {
+        self.nets[0].embedding_dim
+    }
+
+    /// The set's batches, in order, without augmentation.
+    pub fn loader(&self) -> Result<BatchLoader> {
+        let samples = &self.set.samples;
+        let mut lc = LoaderConfig::eval(self.batch_size, self.image_size).for_samples(samples);
+        lc.workers = self.workers;
+        Ok(BatchLoader::new(samples.clone(), lc)?)
+    }
+
+    /// Eval-mode views of the nets on the device, for attacks to differentiate.
+    pub fn frozen(&self) -> Result<Vec<EmbeddingNet>> {
+        frozen_views(self.nets, self.device)
+    }
+}
+
+/// Eval-mode views of `nets` on `device` (see [`EmbeddingNet::frozen_view`]).
+pub fn frozen_views(nets: &[&EmbeddingNet], device: &Device) -> Result<Vec<EmbeddingNet>> {
+    nets.iter()
         .map(|n| n.frozen_view(device).map_err(Into::into))
-        .collect::<Result<_>>()?;
-    let fns: Vec<BoxedEmbedFn<'_>> = frozen
+        .collect()
+}
+
+/// Each frozen net as an embedding function with eval-mode BatchNorm.
+pub fn eval_fns(frozen: &[EmbeddingNet]) -> Vec<BoxedEmbedFn<'_>> {
+    frozen
         .iter()
         .map(|v| {
             Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>
         })
-        .collect();
+        .collect()
+}
+
+/// Embeds the context's set with every net (eval-mode BatchNorm). With an attack (its config,
+/// the indices of the nets it is made against, one or the whole ensemble, and its seed), also
+/// embeds the attacked inputs.
+pub fn embed_set(
+    ctx: &EvalContext,
+    with_attack: Option<(&PgdConfig, &[usize], u64)>,
+) -> Result<Embedded> {
+    let EvalContext {
+        nets,
+        set,
+        image_size,
+        device,
+        ..
+    } = *ctx;
+    let loader = ctx.loader()?;
+    let frozen = ctx.frozen()?;
+    let fns = eval_fns(&frozen);
     let dim = nets[0].embedding_dim;
     let mut clean = vec![Vec::with_capacity(set.samples.len() * dim); nets.len()];
     let mut attacked =
-        attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
+        with_attack.map(|_| vec![Vec::with_capacity(set.samples.len() * dim); nets.len()]);
     let model = format!("{:?} at {image_size}x{image_size}", nets[0].backbone);
     let mut linf: Vec<f32> = Vec::new();
-    let label = match attack {
+    let label = match with_attack {
         Some((cfg, on, _)) => format!(
             "PGD-{} at eps {:.1}/255 on {} model{}",
             cfg.steps,
@@ -145,11 +219,11 @@ pub fn embed_set(
             for (k, f) in fns.iter().enumerate() {
                 clean[k].extend(no_grad(|| f(&x))?.to_vec()?);
             }
-            if let (Some((cfg, on, seed)), Some(adv_out)) = (attack, attacked.as_mut()) {
+            if let (Some((cfg, on, seed)), Some(adv_out)) = (with_attack, attacked.as_mut()) {
                 let targets: Vec<EmbedFn> =
                     on.iter().map(|&k| fns[k].as_ref() as EmbedFn).collect();
                 let mut rng = Rng::new(seed ^ batch.batch_index as u64);
-                let adv = pgd(&targets, &x, cfg, &Goal::EmbeddingShift, &mut rng)?;
+                let adv = attack(&targets, &x, cfg, &Goal::EmbeddingShift, &mut rng)?;
                 linf.extend(per_image_linf(&x, &adv)?);
                 for (k, f) in fns.iter().enumerate() {
                     adv_out[k].extend(no_grad(|| f(&adv))?.to_vec()?);
@@ -171,6 +245,19 @@ pub fn embed_set(
         attacked,
         attack_linf,
     })
+}
+
+/// The rows at `picks`, in that order, of a row-major [N, dim] matrix.
+pub fn rows_at(matrix: &[f32], picks: &[usize], dim: usize) -> Vec<f32> {
+    picks
+        .iter()
+        .flat_map(|&i| matrix[i * dim..(i + 1) * dim].iter().copied())
+        .collect()
+}
+
+/// [`rows_at`] of each matrix.
+pub fn rows_at_each(matrices: &[Vec<f32>], picks: &[usize], dim: usize) -> Vec<Vec<f32>> {
+    matrices.iter().map(|m| rows_at(m, picks, dim)).collect()
 }
 
 /// max |adv - x| of each image of a batch (on the host: a batch is small).
@@ -356,4 +443,122 @@ fn drop_self(nn: Neighbors) -> Neighbors {
         }
     }
     Neighbors { k, index, score }
+}
+
+/// A point of a 2-D projection.
+pub type Point2 = (f32, f32);
+
+/// A 2-D PCA projection of rows of `a` and `b` (D wide) on the top two principal axes of `a`
+/// (power iteration; deterministic).
+pub fn pca_2d(a: &[f32], b: &[f32], d: usize) -> (Vec<Point2>, Vec<Point2>) {
+    let n = a.len() / d.max(1);
+    let mut mean = vec![0.0f64; d];
+    for row in a.chunks(d) {
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += v as f64 / n.max(1) as f64;
+        }
+    }
+    let centred =
+        |row: &[f32]| -> Vec<f64> { row.iter().zip(&mean).map(|(&v, m)| v as f64 - m).collect() };
+    let rows: Vec<Vec<f64>> = a.chunks(d).map(centred).collect();
+    let mut axes: Vec<Vec<f64>> = Vec::new();
+    for k in 0..2 {
+        let mut v: Vec<f64> = (0..d)
+            .map(|i| ((i * 7 + k * 3) % 11) as f64 + 1.0)
+            .collect();
+        for _ in 0..100 {
+            let mut w = vec![0.0; d];
+            for r in &rows {
+                let dot: f64 = r.iter().zip(&v).map(|(x, y)| x * y).sum();
+                for (wi, ri) in w.iter_mut().zip(r) {
+                    *wi += dot * ri;
+                }
+            }
+            for u in &axes {
+                let dot: f64 = w.iter().zip(u).map(|(x, y)| x * y).sum();
+                for (wi, ui) in w.iter_mut().zip(u) {
+                    *wi -= dot * ui;
+                }
+            }
+            let norm = w.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            v = w.into_iter().map(|x| x / norm).collect();
+        }
+        axes.push(v);
+    }
+    let project = |data: &[f32]| -> Vec<(f32, f32)> {
+        data.chunks(d)
+            .map(|row| {
+                let c = centred(row);
+                let p = |u: &Vec<f64>| c.iter().zip(u).map(|(x, y)| x * y).sum::<f64>() as f32;
+                (p(&axes[0]), p(&axes[1]))
+            })
+            .collect()
+    };
+    (project(a), project(b))
+}
+
+/// Metrics of one model's embeddings, or of an ensemble's by voting.
+pub fn model_metrics(
+    embs: &[Vec<f32>],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<Metrics> {
+    match embs {
+        [single] => full_metrics(single, set, dim, device, seed),
+        _ => voted_metrics(embs, set, dim, device, seed),
+    }
+}
+
+/// Ensemble metrics by voting (docs/DESIGN.md, Defenses): retrieval votes over the members' rankings,
+/// clustering votes over the members' aligned k-means clusters; MAP@R of the mean embedding.
+pub fn voted_metrics(
+    embs: &[Vec<f32>],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<Metrics> {
+    let mut nns = Vec::new();
+    let mut clusters = Vec::new();
+    for e in embs {
+        let (_, _, nn) = retrieval(e, e, set, dim, true, device)?;
+        nns.push(nn);
+        clusters.push(clustering(e, set, dim, device, seed)?.2);
+    }
+    let (ql, gl) = match set.query_count {
+        Some(q) => (&set.labels[..q], &set.labels[q..]),
+        None => (&set.labels[..], &set.labels[..]),
+    };
+    let votes = vote_ranked_labels(&nns, gl, 8);
+    let r = recall_from_votes(&votes, ql, &RECALL_KS);
+    let voted = vote_clusters(&clusters, set.classes);
+    let mean = mean_embedding(embs, dim);
+    let (_, map_r, _) = retrieval(&mean, &mean, set, dim, true, device)?;
+    Ok(Metrics {
+        nmi: pct(crate::dml::metrics::nmi(&set.labels, &voted)?),
+        f1: pct(crate::dml::metrics::f1_pairs(&set.labels, &voted)?),
+        recall: [pct(r[0]), pct(r[1]), pct(r[2]), pct(r[3])],
+        map_r,
+    })
+}
+
+fn pct(v: f64) -> f64 {
+    v * 100.0
+}
+
+/// Metrics of one attacked pass: the clustering scenario (voting for an ensemble) and the
+/// template scenario (the members' mean embedding against the clean gallery).
+pub fn scenario_metrics(
+    clean: &[Vec<f32>],
+    attacked: &[Vec<f32>],
+    set: &EvalSet,
+    dim: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<(Metrics, Metrics)> {
+    let clustering = model_metrics(attacked, set, dim, device, seed)?;
+    let template = template_of_models(clean, attacked, set, dim, device)?;
+    Ok((clustering, template))
 }

@@ -16,24 +16,24 @@ use crate::engine::Device;
 use crate::error::{io_err, Error, Result};
 use crate::nn::EmbeddingNet;
 use crate::pipeline::evaluate::{
-    clustering, embed_set, full_metrics, retrieval, spread_indices, template_metrics, EvalSet,
-    RECALL_KS,
+    embed_set, full_metrics, model_metrics, pca_2d, retrieval, rows_at, rows_at_each,
+    scenario_metrics, spread_indices, template_metrics, voted_metrics, EvalContext, EvalSet,
 };
-use crate::pipeline::ranking::{ranking_markdown, ranking_tables, run_ranking_suite, RankingPlan};
-use crate::pipeline::report::{
-    html_report, pca_2d, table_markdown, CurvePoint, MethodReport, Metrics, Projection, RunInfo,
+use crate::pipeline::ranking::{run_ranking_suite, RankingPlan};
+use crate::pipeline::report::{html_report, RunInfo};
+use crate::pipeline::results::{
+    worst_of, AttackRow, CurvePoint, MethodReport, ObjectivesReport, Projection, TransferReport,
 };
 use crate::pipeline::run_dir;
-use crate::pipeline::sanity::{failed_lines, run_sanity, sanity_tables, transfer_check};
-use crate::pipeline::strength::{
-    attack_set, objectives_markdown, scenario_metrics, transfer_markdown, worst_of, AttackRow,
-    AttackSource, ObjectivesReport, TransferReport,
+use crate::pipeline::sanity::{run_sanity, transfer_check};
+use crate::pipeline::strength::{attack_set, AttackSource};
+use crate::pipeline::tables::{
+    failed_lines, objectives_markdown, ranking_markdown, ranking_tables, sanity_tables,
+    strength_tables, table_markdown, transfer_markdown,
 };
 use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
 use crate::robust::defense::Method;
-use crate::robust::ensemble::{
-    mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels,
-};
+use crate::robust::ensemble::mean_embedding;
 
 /// Most test samples drawn in the clean-versus-attacked projection.
 const PROJECTION_SAMPLES: usize = 250;
@@ -72,7 +72,7 @@ impl EvalPlan {
         PgdConfig {
             steps,
             restarts: 1,
-            optimizer: crate::config::Optimizer::Pgd,
+            kind: crate::config::AttackKind::Pgd,
             ..self.attack
         }
     }
@@ -91,7 +91,7 @@ impl EvalPlan {
             eps,
             alpha,
             restarts: 1,
-            optimizer: crate::config::Optimizer::Pgd,
+            kind: crate::config::AttackKind::Pgd,
             ..self.attack
         }
     }
@@ -431,20 +431,6 @@ fn transfer_source(
     Run::load(&ckpt, dataset, device).map(Some)
 }
 
-/// The objectives and transfer tables of every method that has them.
-fn strength_tables(reports: &[MethodReport]) -> String {
-    let mut s = String::new();
-    for r in reports {
-        if let Some(o) = &r.objectives {
-            s += &format!("\n{}", objectives_markdown(&r.label, o));
-        }
-        if let Some(t) = &r.transfer {
-            s += &format!("\n{}", transfer_markdown(&r.label, t));
-        }
-    }
-    s
-}
-
 /// Trains one method, resuming from its checkpoint when one exists.
 fn train_method(
     cfg: &ExperimentConfig,
@@ -472,10 +458,6 @@ fn train_method(
     Ok(run)
 }
 
-fn pct(v: f64) -> f64 {
-    v * 100.0
-}
-
 /// Clean and attacked metrics, curves, members and projection of a trained run.
 pub fn evaluate_run(
     run: &Run,
@@ -496,20 +478,10 @@ pub fn evaluate_run_with(
     transfer_from: Option<(&str, &Run)>,
 ) -> Result<MethodReport> {
     let set = EvalSet::of(dataset).capped(plan.max_test_samples);
-    let nets: Vec<&_> = run.members.iter().map(|m| &m.net).collect();
+    let nets = member_nets(run);
+    let ctx = EvalContext::of_run(&run.cfg, &nets, &set, plan.batch_size, device);
     let all: Vec<usize> = (0..nets.len()).collect();
-    let size = run.cfg.image_size;
-    let workers = run.cfg.workers;
-    let emb = embed_set(
-        &nets,
-        &set,
-        size,
-        plan.batch_size,
-        workers,
-        device,
-        Some((&plan.attack, &all, plan.seed)),
-    )?;
-    let dim = emb.dim;
+    let emb = embed_set(&ctx, Some((&plan.attack, &all, plan.seed)))?;
     let attacked = emb.attacked.as_ref().expect("attack requested");
     let method = run.cfg.defense.method;
     let mut report = MethodReport {
@@ -517,123 +489,31 @@ pub fn evaluate_run_with(
         label: method.label().into(),
         ..Default::default()
     };
-    if nets.len() == 1 {
-        report.clean = full_metrics(&emb.clean[0], &set, dim, device, plan.seed)?;
-        report.pgd = full_metrics(&attacked[0], &set, dim, device, plan.seed)?;
-        report.pgd_template = template_metrics(&attacked[0], &emb.clean[0], &set, dim, device)?;
-    } else {
-        report.clean = voted_metrics(&emb.clean, &set, dim, device, plan.seed)?;
-        report.pgd = voted_metrics(attacked, &set, dim, device, plan.seed)?;
-        let mean_clean = mean_embedding(&emb.clean, dim);
-        let mean_adv = mean_embedding(attacked, dim);
-        report.pgd_template = template_metrics(&mean_adv, &mean_clean, &set, dim, device)?;
-        report.mean_embedding = Some((
-            full_metrics(&mean_clean, &set, dim, device, plan.seed)?,
-            full_metrics(&mean_adv, &set, dim, device, plan.seed)?,
-        ));
-        for (clean, adv) in emb.clean.iter().zip(attacked).take(nets.len()) {
-            let (c, _, _) = retrieval(clean, clean, &set, dim, true, device)?;
-            let (a, _, _) = retrieval(adv, adv, &set, dim, true, device)?;
-            report.members.push((c[0], a[0]));
-        }
-    }
+    score_main_attack(&ctx, &emb.clean, attacked, plan.seed, &mut report)?;
     // Curves and the projection on a subset spread over the test set.
     let picks = match plan.curve_samples {
         0 => (0..set.samples.len()).collect(),
         n => spread_indices(set.samples.len(), n),
     };
     let sub = set.subset(&picks);
-    let rows_of = |m: &Vec<f32>| -> Vec<f32> {
-        picks
-            .iter()
-            .flat_map(|&i| m[i * dim..(i + 1) * dim].iter().copied())
-            .collect()
-    };
-    let sub_clean: Vec<Vec<f32>> = emb.clean.iter().map(rows_of).collect();
-    let sub_attacked: Vec<Vec<f32>> = attacked.iter().map(rows_of).collect();
-    // Both curves start at the clean point (0 steps, eps 0): the same images, not attacked.
-    let clean_point = model_metrics(&sub_clean, &sub, dim, device, plan.seed)?;
-    let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
-        let m = if cfg.steps == 0 || cfg.eps == 0.0 {
-            clean_point.clone()
-        } else if cfg == plan.attack {
-            // The evaluation attack itself is a point of both curves: reuse its embeddings
-            // (PGD treats samples independently, eval-mode BatchNorm included).
-            model_metrics(&sub_attacked, &sub, dim, device, plan.seed)?
-        } else {
-            let e = embed_set(
-                &nets,
-                &sub,
-                size,
-                plan.batch_size,
-                workers,
-                device,
-                Some((&cfg, &all, plan.seed)),
-            )?;
-            let adv = e.attacked.expect("attack requested");
-            model_metrics(&adv, &sub, dim, device, plan.seed)?
-        };
-        Ok(CurvePoint {
-            x,
-            recall1: m.recall[0],
-            f1: m.f1,
-        })
-    };
-    for &steps in &plan.steps_sweep {
-        report
-            .steps_curve
-            .push(curve_point(plan.attack_with_steps(steps), steps as f64)?);
-    }
-    for &e255 in &plan.eps_sweep {
-        report.eps_curve.push(curve_point(
-            plan.attack_with_eps(e255 / 255.0),
-            e255 as f64,
-        )?);
-    }
+    let dim = emb.dim;
+    let sub_clean = rows_at_each(&emb.clean, &picks, dim);
+    let sub_attacked = rows_at_each(attacked, &picks, dim);
+    (report.steps_curve, report.eps_curve) =
+        robustness_curves(&ctx.on(&sub), plan, &sub_clean, &sub_attacked)?;
     report.curve_samples = picks.len();
     report.test_samples = set.samples.len();
     report.attack_linf = emb.attack_linf;
-    // The projection draws a line per sample: a few hundred stay readable.
-    let shown = spread_indices(picks.len(), PROJECTION_SAMPLES);
-    let rows = |m: &[f32]| -> Vec<f32> {
-        shown
-            .iter()
-            .flat_map(|&i| m[i * dim..(i + 1) * dim].iter().copied())
-            .collect()
-    };
-    let (clean2d, adv2d) = pca_2d(
-        &rows(&mean_embedding(&sub_clean, dim)),
-        &rows(&mean_embedding(&sub_attacked, dim)),
-        dim,
-    );
-    report.projection = Some(Projection {
-        clean: clean2d,
-        attacked: adv2d,
-        labels: shown.iter().map(|&i| sub.labels[i]).collect(),
-        class_names: dataset.test_classes.clone(),
-    });
-    let (probe, checks) = run_sanity(
-        &nets,
-        &set,
-        &picks,
-        &emb.clean,
-        dim,
-        size,
-        plan.batch_size,
-        device,
-        &plan.attack,
-        plan.seed,
-        &report,
-    )?;
+    report.projection = Some(projection(&sub, &sub_clean, &sub_attacked, dim, dataset));
+    let (probe, checks) = run_sanity(&ctx, &picks, &emb.clean, &plan.attack, plan.seed, &report)?;
     report.sanity = checks;
     report.sanity_probe = Some(probe);
     let whole = WholeEval {
         run,
-        set: &set,
+        ctx,
         clean: &emb.clean,
         attacked,
         plan,
-        device,
     };
     if plan.strength.objective_samples > 0 {
         report.objectives = Some(objectives_on_subset(&whole)?);
@@ -644,65 +524,141 @@ pub fn evaluate_run_with(
         report.transfer = Some(t);
     }
     if let Some(rp) = &plan.ranking {
-        report.ranking = Some(run_ranking_suite(
-            &nets,
-            &set,
-            size,
-            plan.batch_size,
-            workers,
-            device,
-            rp,
-            plan.seed,
-        )?);
+        report.ranking = Some(run_ranking_suite(&ctx, rp, plan.seed)?);
     }
     Ok(report)
+}
+
+fn member_nets(run: &Run) -> Vec<&EmbeddingNet> {
+    run.members.iter().map(|m| &m.net).collect()
+}
+
+/// The clean and attacked rows of `report` from the whole set's embeddings; for an ensemble
+/// also the mean-embedding rows and each member alone.
+fn score_main_attack(
+    ctx: &EvalContext,
+    clean: &[Vec<f32>],
+    attacked: &[Vec<f32>],
+    seed: u64,
+    report: &mut MethodReport,
+) -> Result<()> {
+    let (set, dim, device) = (ctx.set, ctx.dim(), ctx.device);
+    if let ([clean], [attacked]) = (clean, attacked) {
+        report.clean = full_metrics(clean, set, dim, device, seed)?;
+        report.pgd = full_metrics(attacked, set, dim, device, seed)?;
+        report.pgd_template = template_metrics(attacked, clean, set, dim, device)?;
+        return Ok(());
+    }
+    report.clean = voted_metrics(clean, set, dim, device, seed)?;
+    report.pgd = voted_metrics(attacked, set, dim, device, seed)?;
+    let mean_clean = mean_embedding(clean, dim);
+    let mean_adv = mean_embedding(attacked, dim);
+    report.pgd_template = template_metrics(&mean_adv, &mean_clean, set, dim, device)?;
+    report.mean_embedding = Some((
+        full_metrics(&mean_clean, set, dim, device, seed)?,
+        full_metrics(&mean_adv, set, dim, device, seed)?,
+    ));
+    for (clean, adv) in clean.iter().zip(attacked).take(ctx.nets.len()) {
+        let (c, _, _) = retrieval(clean, clean, set, dim, true, device)?;
+        let (a, _, _) = retrieval(adv, adv, set, dim, true, device)?;
+        report.members.push((c[0], a[0]));
+    }
+    Ok(())
+}
+
+/// Recall@1 and F1 against PGD steps and against eps on the context's set (a subset), whose
+/// clean and main-attack embeddings are `clean` and `attacked`.
+fn robustness_curves(
+    ctx: &EvalContext,
+    plan: &EvalPlan,
+    clean: &[Vec<f32>],
+    attacked: &[Vec<f32>],
+) -> Result<(Vec<CurvePoint>, Vec<CurvePoint>)> {
+    let (set, dim, device, seed) = (ctx.set, ctx.dim(), ctx.device, plan.seed);
+    let all: Vec<usize> = (0..ctx.nets.len()).collect();
+    // Both curves start at the clean point (0 steps, eps 0): the same images, not attacked.
+    let clean_point = model_metrics(clean, set, dim, device, seed)?;
+    let curve_point = |cfg: PgdConfig, x: f64| -> Result<CurvePoint> {
+        let m = if cfg.steps == 0 || cfg.eps == 0.0 {
+            clean_point.clone()
+        } else if cfg == plan.attack {
+            // The evaluation attack itself is a point of both curves: reuse its embeddings
+            // (PGD treats samples independently, eval-mode BatchNorm included).
+            model_metrics(attacked, set, dim, device, seed)?
+        } else {
+            let e = embed_set(ctx, Some((&cfg, &all, seed)))?;
+            let adv = e.attacked.expect("attack requested");
+            model_metrics(&adv, set, dim, device, seed)?
+        };
+        Ok(CurvePoint {
+            x,
+            recall1: m.recall[0],
+            f1: m.f1,
+        })
+    };
+    let steps = plan
+        .steps_sweep
+        .iter()
+        .map(|&steps| curve_point(plan.attack_with_steps(steps), steps as f64))
+        .collect::<Result<_>>()?;
+    let eps = plan
+        .eps_sweep
+        .iter()
+        .map(|&e255| curve_point(plan.attack_with_eps(e255 / 255.0), e255 as f64))
+        .collect::<Result<_>>()?;
+    Ok((steps, eps))
+}
+
+/// Figure 1: the members' mean embeddings of `set` clean and attacked, projected to 2-D, on at
+/// most `PROJECTION_SAMPLES` images (a line per image: a few hundred stay readable).
+fn projection(
+    set: &EvalSet,
+    clean: &[Vec<f32>],
+    attacked: &[Vec<f32>],
+    dim: usize,
+    dataset: &Dataset,
+) -> Projection {
+    let shown = spread_indices(set.samples.len(), PROJECTION_SAMPLES);
+    let (clean2d, adv2d) = pca_2d(
+        &rows_at(&mean_embedding(clean, dim), &shown, dim),
+        &rows_at(&mean_embedding(attacked, dim), &shown, dim),
+        dim,
+    );
+    Projection {
+        clean: clean2d,
+        attacked: adv2d,
+        labels: shown.iter().map(|&i| set.labels[i]).collect(),
+        class_names: dataset.test_classes.clone(),
+    }
 }
 
 /// What the objectives and transfer rows reuse from the main evaluation.
 struct WholeEval<'a> {
     run: &'a Run,
-    set: &'a EvalSet,
+    /// The run's nets on the whole (capped) test set.
+    ctx: EvalContext<'a>,
     clean: &'a [Vec<f32>],
-    /// The main attack's embeddings of every image of `set`.
+    /// The main attack's embeddings of every image of the set.
     attacked: &'a [Vec<f32>],
     plan: &'a EvalPlan,
-    device: &'a Device,
 }
 
 impl WholeEval<'_> {
-    fn nets(&self) -> Vec<&EmbeddingNet> {
-        self.run.members.iter().map(|m| &m.net).collect()
-    }
     fn dim(&self) -> usize {
         self.run.cfg.embedding_dim
     }
     /// `n` images spread over the set: the subset and its rows of `matrices`.
     fn subset(&self, n: usize) -> (Vec<usize>, EvalSet) {
-        let picks = spread_indices(self.set.samples.len(), n);
-        let sub = self.set.subset(&picks);
+        let picks = spread_indices(self.ctx.set.samples.len(), n);
+        let sub = self.ctx.set.subset(&picks);
         (picks, sub)
     }
-    fn rows(&self, matrices: &[Vec<f32>], picks: &[usize]) -> Vec<Vec<f32>> {
-        let dim = self.dim();
-        matrices
-            .iter()
-            .map(|m| {
-                picks
-                    .iter()
-                    .flat_map(|&i| m[i * dim..(i + 1) * dim].iter().copied())
-                    .collect()
-            })
-            .collect()
-    }
     fn loss(&self) -> ProxyAnchorConfig {
-        ProxyAnchorConfig {
-            alpha: self.run.cfg.pa_alpha,
-            delta: self.run.cfg.pa_delta,
-        }
+        loss_of(self.run)
     }
     /// The main attack's row on the subset (its images were attacked with `plan.attack`).
     fn main_row(&self, picks: &[usize], sub: &EvalSet, clean: &[Vec<f32>]) -> Result<AttackRow> {
-        let attacked = self.rows(self.attacked, picks);
+        let attacked = rows_at_each(self.attacked, picks, self.dim());
         self.scored_row(&self.plan.attack, sub, clean, &attacked, 0.0)
     }
     /// `cfg` on the subset, made on `source` and evaluated on this run's nets.
@@ -713,18 +669,7 @@ impl WholeEval<'_> {
         clean: &[Vec<f32>],
         cfg: &PgdConfig,
     ) -> Result<AttackRow> {
-        let nets = self.nets();
-        let r = attack_set(
-            &nets,
-            source,
-            sub,
-            self.run.cfg.image_size,
-            self.plan.batch_size,
-            self.run.cfg.workers,
-            self.device,
-            cfg,
-            self.plan.seed,
-        )?;
+        let r = attack_set(&self.ctx.on(sub), source, cfg, self.plan.seed)?;
         self.scored_row(cfg, sub, clean, &r.attacked, r.seconds)
     }
     /// The row of attack `cfg` from the attacked embeddings of `sub` (both scenarios).
@@ -736,15 +681,16 @@ impl WholeEval<'_> {
         attacked: &[Vec<f32>],
         seconds: f64,
     ) -> Result<AttackRow> {
-        let scenarios = scenario_metrics(
-            clean,
-            attacked,
-            sub,
-            self.dim(),
-            self.device,
-            self.plan.seed,
-        )?;
+        let device = self.ctx.device;
+        let scenarios = scenario_metrics(clean, attacked, sub, self.dim(), device, self.plan.seed)?;
         Ok(AttackRow::of(cfg, scenarios, seconds))
+    }
+}
+
+fn loss_of(run: &Run) -> ProxyAnchorConfig {
+    ProxyAnchorConfig {
+        alpha: run.cfg.pa_alpha,
+        delta: run.cfg.pa_delta,
     }
 }
 
@@ -752,10 +698,9 @@ impl WholeEval<'_> {
 /// attack's objective reuses its embeddings.
 fn objectives_on_subset(w: &WholeEval) -> Result<ObjectivesReport> {
     let (picks, sub) = w.subset(w.plan.strength.objective_samples);
-    let clean = w.rows(w.clean, &picks);
-    let nets = w.nets();
+    let clean = rows_at_each(w.clean, &picks, w.dim());
     let source = AttackSource {
-        nets: &nets,
+        nets: w.ctx.nets,
         clean: &clean,
         loss: w.loss(),
     };
@@ -782,82 +727,26 @@ fn objectives_on_subset(w: &WholeEval) -> Result<ObjectivesReport> {
 /// `transfer_samples` images, beside this run's white-box row on them.
 fn transfer_on_subset(w: &WholeEval, label: &str, source_run: &Run) -> Result<TransferReport> {
     let (picks, sub) = w.subset(w.plan.strength.transfer_samples);
-    let clean = w.rows(w.clean, &picks);
-    let source_nets: Vec<&EmbeddingNet> = source_run.members.iter().map(|m| &m.net).collect();
+    let clean = rows_at_each(w.clean, &picks, w.dim());
+    let source_nets = member_nets(source_run);
     // The label-aware objectives need the source's clean embeddings; the shift does not.
     let source_clean = if w.plan.attack.objective.needs_labels() {
-        embed_set(
-            &source_nets,
-            &sub,
-            source_run.cfg.image_size,
-            w.plan.batch_size,
-            source_run.cfg.workers,
-            w.device,
-            None,
-        )?
-        .clean
+        let batch = w.plan.batch_size;
+        let source_ctx =
+            EvalContext::of_run(&source_run.cfg, &source_nets, &sub, batch, w.ctx.device);
+        embed_set(&source_ctx, None)?.clean
     } else {
         Vec::new()
     };
     let source = AttackSource {
         nets: &source_nets,
         clean: &source_clean,
-        loss: ProxyAnchorConfig {
-            alpha: source_run.cfg.pa_alpha,
-            delta: source_run.cfg.pa_delta,
-        },
+        loss: loss_of(source_run),
     };
     Ok(TransferReport {
         source: label.to_string(),
         samples: picks.len(),
         transfer: w.attacked_row(&source, &sub, &clean, &w.plan.attack)?,
         white_box: w.main_row(&picks, &sub, &clean)?,
-    })
-}
-
-/// Metrics of one model's embeddings, or of an ensemble's by voting.
-pub fn model_metrics(
-    embs: &[Vec<f32>],
-    set: &EvalSet,
-    dim: usize,
-    device: &Device,
-    seed: u64,
-) -> Result<Metrics> {
-    match embs {
-        [single] => full_metrics(single, set, dim, device, seed),
-        _ => voted_metrics(embs, set, dim, device, seed),
-    }
-}
-
-/// Ensemble metrics by voting (docs/DESIGN.md, Defenses): retrieval votes over the members' rankings,
-/// clustering votes over the members' aligned k-means clusters; MAP@R of the mean embedding.
-pub fn voted_metrics(
-    embs: &[Vec<f32>],
-    set: &EvalSet,
-    dim: usize,
-    device: &Device,
-    seed: u64,
-) -> Result<Metrics> {
-    let mut nns = Vec::new();
-    let mut clusters = Vec::new();
-    for e in embs {
-        let (_, _, nn) = retrieval(e, e, set, dim, true, device)?;
-        nns.push(nn);
-        clusters.push(clustering(e, set, dim, device, seed)?.2);
-    }
-    let (ql, gl) = match set.query_count {
-        Some(q) => (&set.labels[..q], &set.labels[q..]),
-        None => (&set.labels[..], &set.labels[..]),
-    };
-    let votes = vote_ranked_labels(&nns, gl, 8);
-    let r = recall_from_votes(&votes, ql, &RECALL_KS);
-    let voted = vote_clusters(&clusters, set.classes);
-    let mean = mean_embedding(embs, dim);
-    let (_, map_r, _) = retrieval(&mean, &mean, set, dim, true, device)?;
-    Ok(Metrics {
-        nmi: pct(crate::dml::metrics::nmi(&set.labels, &voted)?),
-        f1: pct(crate::dml::metrics::f1_pairs(&set.labels, &voted)?),
-        recall: [pct(r[0]), pct(r[1]), pct(r[2]), pct(r[3])],
-        map_r,
     })
 }

@@ -2,14 +2,16 @@
 //! and the run directory they write. It sits above `dml` and `robust` and uses both; neither
 //! imports it.
 
-pub mod checkpoint;
+pub mod commands;
 pub mod embed;
 pub mod evaluate;
 pub mod experiment;
+pub mod plots;
 pub mod presets;
 pub mod progress;
 pub mod ranking;
 pub mod report;
+pub mod results;
 pub mod run_dir;
 pub mod sanity;
 pub mod strength;

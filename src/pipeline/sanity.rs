@@ -18,22 +18,20 @@
 //! - with a transfer row: white-box Recall@1 is at most the transfer Recall@1 plus 2 binomial
 //!   standard errors.
 
-use serde::{Deserialize, Serialize};
-
-use crate::config::{Optimizer, PgdConfig};
-use crate::data::loader::{BatchLoader, LoaderConfig};
+use crate::config::{AttackKind, PgdConfig};
 use crate::engine::ops::elementwise::{add, square, sub};
 use crate::engine::ops::reduce::sum;
-use crate::engine::{no_grad, Device, Rng, Tensor};
+use crate::engine::{no_grad, Rng, Tensor};
 use crate::error::Result;
-use crate::nn::{EmbeddingNet, ForwardMode};
-use crate::pipeline::evaluate::EvalSet;
-use crate::pipeline::report::{CurvePoint, MethodReport};
-use crate::pipeline::strength::TransferReport;
-use crate::robust::apgd::apgd;
+use crate::pipeline::evaluate::{eval_fns, EvalContext};
+use crate::pipeline::results::{
+    AttackProbe, CurvePoint, MethodReport, SanityCheck, TransferReport,
+};
+use crate::robust::attack::apgd::apgd;
+use crate::robust::attack::{
+    attack, per_image_objective, pgd_restarts, start_point, EmbedFn, Goal,
+};
 use crate::robust::ensemble::mean_embedding;
-use crate::robust::pgd::{pgd, start_point, EmbedFn, Goal};
-use crate::robust::restarts::{per_image_objective, pgd_restarts};
 
 /// Random restarts the probe compares with the single PGD run.
 pub const PROBE_RESTARTS: usize = 3;
@@ -52,48 +50,6 @@ pub const PROBE_IMAGES: usize = 64;
 pub const PROBE_APGD_STEPS: usize = 50;
 /// A gradient with more exactly-zero entries than this is masked.
 pub const MAX_ZERO_GRADIENT_FRACTION: f64 = 0.5;
-
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct SanityCheck {
-    pub name: String,
-    pub passed: bool,
-    pub detail: String,
-}
-
-/// What the probe measured on one batch.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct AttackProbe {
-    pub images: usize,
-    pub eps: f32,
-    pub max_move: f32,
-    pub max_move_at_eps0: f32,
-    pub zero_gradient_fraction: f64,
-    /// Mean per-image objective of the single run and of the best of the restarts.
-    pub objective_single: f64,
-    pub objective_restarts: f64,
-    pub restarts: usize,
-    /// Recall@1 (%) of the probe's attacked images against the clean set, single and restarts.
-    pub recall1_single: Option<f64>,
-    pub recall1_restarts: Option<f64>,
-    pub seconds_single: f64,
-    pub seconds_restarts: f64,
-    /// APGD with the same eps and start and `apgd_steps` iterations: mean per-image objective,
-    /// probe Recall@1, time.
-    #[serde(default)]
-    pub apgd_steps: usize,
-    #[serde(default)]
-    pub objective_apgd: f64,
-    /// PGD with `apgd_steps` iterations (alpha 2.5 eps / iterations): APGD's equal-budget peer
-    /// (the single run when `apgd_steps` is the attack's steps).
-    #[serde(default)]
-    pub objective_pgd_equal: f64,
-    #[serde(default)]
-    pub seconds_pgd_equal: f64,
-    #[serde(default)]
-    pub recall1_apgd: Option<f64>,
-    #[serde(default)]
-    pub seconds_apgd: f64,
-}
 
 /// Scores attacked embeddings (host, [B, D]) as a Recall@1.
 pub type Recall1Fn<'a> = dyn Fn(&Tensor) -> Result<f64> + 'a;
@@ -117,10 +73,10 @@ pub fn probe_attack(
             .fold(0.0, f32::max))
     };
     let t0 = std::time::Instant::now();
-    let single = pgd(members, x, cfg, &goal, &mut Rng::new(seed))?;
+    let single = attack(members, x, cfg, &goal, &mut Rng::new(seed))?;
     let seconds_single = t0.elapsed().as_secs_f64();
     let zero = PgdConfig { eps: 0.0, ..*cfg };
-    let at_zero = pgd(members, x, &zero, &goal, &mut Rng::new(seed))?;
+    let at_zero = attack(members, x, &zero, &goal, &mut Rng::new(seed))?;
     let t1 = std::time::Instant::now();
     let (best, best_obj) = pgd_restarts(members, x, cfg, &goal, restarts, &mut Rng::new(seed + 1))?;
     let seconds_restarts = t1.elapsed().as_secs_f64();
@@ -130,12 +86,12 @@ pub fn probe_attack(
         steps: apgd_steps,
         alpha: PgdConfig::new(cfg.eps, apgd_steps).alpha,
         restarts: 1,
-        optimizer: Optimizer::Pgd,
+        kind: AttackKind::Pgd,
         ..*cfg
     };
     let t2 = std::time::Instant::now();
     let apgd_cfg = PgdConfig {
-        optimizer: Optimizer::Apgd,
+        kind: AttackKind::Apgd,
         ..equal
     };
     let (apgd_adv, apgd_obj) = apgd(members, x, &apgd_cfg, &goal, &mut Rng::new(seed))?;
@@ -144,7 +100,7 @@ pub fn probe_attack(
     let (equal_obj, seconds_pgd_equal) = if apgd_steps == cfg.steps {
         (single_obj.clone(), seconds_single)
     } else {
-        let adv = pgd(members, x, &equal, &goal, &mut Rng::new(seed))?;
+        let adv = attack(members, x, &equal, &goal, &mut Rng::new(seed))?;
         let obj = per_image_objective(members, x, &adv, &goal)?;
         (obj, t3.elapsed().as_secs_f64())
     };
@@ -361,98 +317,36 @@ fn monotone(curve: &[CurvePoint], n: usize) -> (bool, String) {
     }
 }
 
-/// The checks as a Markdown table ("Sanity").
-pub fn sanity_markdown(label: &str, checks: &[SanityCheck]) -> String {
-    let mut s =
-        format!("#### Sanity: {label}\n\n| check | result | numbers |\n| --- | --- | --- |\n");
-    for c in checks {
-        s += &format!(
-            "| {} | {} | {} |\n",
-            c.name,
-            if c.passed { "pass" } else { "**FAIL**" },
-            c.detail
-        );
-    }
-    s
-}
-
-/// Sanity tables of every method that has checks.
-pub fn sanity_tables(reports: &[MethodReport]) -> String {
-    reports
-        .iter()
-        .filter(|r| !r.sanity.is_empty())
-        .map(|r| format!("\n{}", sanity_markdown(&r.label, &r.sanity)))
-        .collect()
-}
-
-/// Failed checks, one line each, for the terminal summary.
-pub fn failed_lines(label: &str, checks: &[SanityCheck]) -> Vec<String> {
-    checks
-        .iter()
-        .filter(|c| !c.passed)
-        .map(|c| format!("SANITY FAIL [{label}] {}: {}", c.name, c.detail))
-        .collect()
-}
-
-/// The HTML "Sanity" section.
-pub fn sanity_html(reports: &[MethodReport]) -> String {
-    let mut h = String::new();
-    for r in reports.iter().filter(|r| !r.sanity.is_empty()) {
-        h += &format!(
-            "<h2>Sanity: {}</h2><table><tr><th>check</th><th>result</th><th>numbers</th></tr>",
-            crate::pipeline::report::html_escape(&r.label)
-        );
-        for c in &r.sanity {
-            h += &format!(
-                "<tr><td style=\"text-align:left\">{}</td><td>{}</td><td style=\"text-align:left\">{}</td></tr>",
-                crate::pipeline::report::html_escape(&c.name),
-                if c.passed { "pass" } else { "<b>FAIL</b>" },
-                crate::pipeline::report::html_escape(&c.detail)
-            );
-        }
-        h += "</table>";
-    }
-    h
-}
-
-/// Probes the attack on the first batch of `picks` (indices into `set`) and returns the probe
-/// and every check for `report`. `clean` holds the members' clean embeddings of the whole set.
-#[allow(clippy::too_many_arguments)]
+/// Probes `cfg`'s attack on the first batch of `picks` (indices into the context's set) and
+/// returns the probe and every check for `report`. `clean` holds the members' clean embeddings
+/// of the whole set.
 pub fn run_sanity(
-    nets: &[&EmbeddingNet],
-    set: &EvalSet,
+    ctx: &EvalContext,
     picks: &[usize],
     clean: &[Vec<f32>],
-    dim: usize,
-    image_size: usize,
-    batch_size: usize,
-    device: &Device,
     cfg: &PgdConfig,
     seed: u64,
     report: &MethodReport,
 ) -> Result<(AttackProbe, Vec<SanityCheck>)> {
+    let (set, dim) = (ctx.set, ctx.dim());
     let probe_rows: Vec<usize> = picks
         .iter()
         .copied()
-        .take(PROBE_IMAGES.min(batch_size).max(1))
+        .take(PROBE_IMAGES.min(ctx.batch_size).max(1))
         .collect();
     let sub = set.subset(&probe_rows);
-    let lc = LoaderConfig::eval(probe_rows.len().max(1), image_size).for_samples(&sub.samples);
-    let loader = BatchLoader::new(sub.samples.clone(), LoaderConfig { workers: 0, ..lc })?;
-    let Some(batch) = loader.epoch(0).next() else {
+    // One batch of the probe's rows, loaded on this thread.
+    let probe = EvalContext {
+        batch_size: probe_rows.len().max(1),
+        workers: 0,
+        ..ctx.on(&sub)
+    };
+    let Some(batch) = probe.loader()?.epoch(0).next() else {
         return Ok((AttackProbe::default(), Vec::new()));
     };
-    let x = batch.images_tensor(device)?;
-    let frozen: Vec<EmbeddingNet> = nets
-        .iter()
-        .map(|n| n.frozen_view(device).map_err(Into::into))
-        .collect::<Result<_>>()?;
-    let fns: Vec<crate::robust::pgd::BoxedEmbedFn<'_>> = frozen
-        .iter()
-        .map(|v| {
-            Box::new(move |x: &Tensor| v.forward(x, ForwardMode::Eval)) as Box<dyn Fn(&Tensor) -> _>
-        })
-        .collect();
+    let x = batch.images_tensor(ctx.device)?;
+    let frozen = ctx.frozen()?;
+    let fns = eval_fns(&frozen);
     let members: Vec<EmbedFn> = fns.iter().map(|f| f.as_ref() as EmbedFn).collect();
     let gallery = match clean {
         [single] => single.clone(),

@@ -1,30 +1,15 @@
-//! What the `eval` and `attack` commands measured, and the Markdown tables they print. Their
-//! metric cells come from [`Metrics::cells`], as those of the experiment's Table 1 do.
+//! Every Markdown table: the experiment's Table 1, the sanity, strength and ranking tables, and
+//! what the `eval` and `attack` commands print. They only read [`crate::pipeline::results`];
+//! their metric cells come from [`Metrics::cells`].
 
-use serde::Serialize;
+use std::fmt::Write as _;
 
-use crate::config::{Optimizer, PgdConfig, Scenario};
-use crate::pipeline::report::{
-    markdown_columns, markdown_header, Metrics, TemplateMetrics, TEMPLATE_COLUMNS,
+use crate::config::AttackKind;
+use crate::pipeline::results::{
+    two_decimals, AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport,
+    SanityCheck, StrengthOutput, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS, WORST_METRICS,
 };
-use crate::pipeline::sanity::SanityCheck;
-use crate::pipeline::strength::{AttackRow, WorstMetric};
-
-/// What `eval` and `attack` (PGD on one model or ensemble) measured.
-#[derive(Serialize)]
-pub struct EvalOutput {
-    pub checkpoint: String,
-    pub dataset: String,
-    pub clean: Metrics,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pgd_clustering: Option<Metrics>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pgd_template: Option<TemplateMetrics>,
-    /// The attack's parameters and the wall time of the embedding pass with it.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attack: Option<PgdConfig>,
-    pub seconds: f64,
-}
+use crate::robust::ranking::{RankAttack, RankPgd};
 
 /// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run),
 /// under a title that names the checkpoint, the dataset and the attack.
@@ -65,29 +50,6 @@ fn eval_title(out: &EvalOutput) -> String {
         ),
         None => format!("{checkpoint} on {dataset}"),
     }
-}
-
-/// What `attack` with other objectives, APGD or a transfer source measured.
-#[derive(Serialize)]
-pub struct StrengthOutput {
-    pub checkpoint: String,
-    pub dataset: String,
-    /// The scenarios the table shows; the rows carry the figures of both (the attack is the
-    /// same, only the gallery differs, so both cost one attack).
-    pub scenario: Scenario,
-    pub clean: Metrics,
-    /// The target attacked through itself, one row per objective.
-    pub white_box: Vec<AttackRow>,
-    /// With three objectives: per metric, the lowest white-box value and its objective.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub worst: Vec<WorstMetric>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transfer_from: Option<String>,
-    /// Made on the source, evaluated on the target, one row per objective.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub transfer: Vec<AttackRow>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub checks: Vec<SanityCheck>,
 }
 
 /// The rows of a [`StrengthOutput`] as Markdown: clean, each white-box and transfer attack with
@@ -181,11 +143,11 @@ fn attack_description(r: &AttackRow) -> String {
     };
     format!(
         "{}-{} {} eps {:.1}/255{}{}",
-        c.optimizer.key(),
+        c.kind.key(),
         c.steps,
         o.key(),
         c.eps * 255.0,
-        if c.optimizer == Optimizer::Pgd {
+        if c.kind == AttackKind::Pgd {
             format!(" alpha {:.2}/255", c.alpha * 255.0)
         } else {
             String::new()
@@ -196,4 +158,218 @@ fn attack_description(r: &AttackRow) -> String {
             String::new()
         }
     )
+}
+
+/// The two lines that open a Markdown table: the `leading` columns (left-aligned), the metric
+/// columns, then the `trailing` ones (right-aligned, as numbers are).
+pub fn markdown_header(leading: &[&str], trailing: &[&str]) -> String {
+    let names: Vec<&str> = leading
+        .iter()
+        .chain(&METRIC_COLUMNS)
+        .chain(trailing)
+        .copied()
+        .collect();
+    markdown_columns(&names, leading.len())
+}
+
+/// A Markdown table header of `names`, the first `left` of them left-aligned (labels) and the
+/// rest right-aligned (numbers).
+pub fn markdown_columns(names: &[&str], left: usize) -> String {
+    let alignments: Vec<&str> = (0..names.len())
+        .map(|i| if i < left { "---" } else { "---:" })
+        .collect();
+    format!(
+        "| {} |\n| {} |\n",
+        names.join(" | "),
+        alignments.join(" | ")
+    )
+}
+
+/// The paper's Table 1: NMI, F1, R@1/2/4/8 for clean and PGD rows of each method, plus the
+/// template-matching Recall@1 beside the clustering one.
+pub fn table_markdown(reports: &[MethodReport], title: &str) -> String {
+    let mut s = format!(
+        "### {title}\n\n{}",
+        markdown_header(&["method", "input"], &["R@1 template"])
+    );
+    for r in reports {
+        for (input, m, template) in [
+            ("clean", &r.clean, String::new()),
+            ("PGD", &r.pgd, two_decimals(r.pgd_template.recall[0])),
+        ] {
+            let _ = writeln!(
+                s,
+                "| {} | {input} | {} | {template} |",
+                r.label,
+                m.cells().join(" | ")
+            );
+        }
+    }
+    s
+}
+
+/// The suite of one model as a Markdown table: per score, the attacked and the noise value.
+pub fn ranking_markdown(label: &str, r: &RankingReport) -> String {
+    let mut s = String::new();
+    let p = r.pgd.unwrap_or(RankPgd {
+        eps: 0.0,
+        alpha: 0.0,
+        steps: 0,
+    });
+    s += &format!(
+        "#### Ranking attacks: {label} ({}: eps {:.0}/255, alpha {:.0}/255, {} steps; {} queries \
+         against a database of {}; {:.1} s)\n\n",
+        r.profile,
+        p.eps * 255.0,
+        p.alpha * 255.0,
+        p.steps,
+        r.queries,
+        r.database,
+        r.wall_seconds
+    );
+    s += "| score | attacked | +-eps noise | attack time (s) |\n| --- | ---: | ---: | ---: |\n";
+    for (a, t) in RankAttack::ALL.iter().zip(&r.attacks) {
+        for ((name, v), (_, nv)) in r.attacked.of(*a).into_iter().zip(r.noise.of(*a)) {
+            s += &format!("| {name} | {v:.2} | {nv:.2} | {:.1} |\n", t.seconds);
+        }
+    }
+    s += &format!("| **ERS** | **{:.1}** | {:.1} | |\n", r.ers, r.noise_ers);
+    s
+}
+
+/// One ranking table per method that ran the suite (empty when none did).
+pub fn ranking_tables(reports: &[MethodReport]) -> String {
+    reports
+        .iter()
+        .filter_map(|r| {
+            r.ranking
+                .as_ref()
+                .map(|k| format!("\n{}", ranking_markdown(&r.label, k)))
+        })
+        .collect()
+}
+
+/// The checks as a Markdown table ("Sanity").
+pub fn sanity_markdown(label: &str, checks: &[SanityCheck]) -> String {
+    let mut s =
+        format!("#### Sanity: {label}\n\n| check | result | numbers |\n| --- | --- | --- |\n");
+    for c in checks {
+        s += &format!(
+            "| {} | {} | {} |\n",
+            c.name,
+            if c.passed { "pass" } else { "**FAIL**" },
+            c.detail
+        );
+    }
+    s
+}
+
+/// Sanity tables of every method that has checks.
+pub fn sanity_tables(reports: &[MethodReport]) -> String {
+    reports
+        .iter()
+        .filter(|r| !r.sanity.is_empty())
+        .map(|r| format!("\n{}", sanity_markdown(&r.label, &r.sanity)))
+        .collect()
+}
+
+/// Failed checks, one line each, for the terminal summary.
+pub fn failed_lines(label: &str, checks: &[SanityCheck]) -> Vec<String> {
+    checks
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| format!("SANITY FAIL [{label}] {}: {}", c.name, c.detail))
+        .collect()
+}
+
+/// A row's nine metric cells: the clustering ones, then template R@1 and MAP@R.
+pub(crate) fn metric_cells(r: &AttackRow) -> Vec<String> {
+    let mut cells = r.clustering.cells().to_vec();
+    cells.extend(r.template.template_cells());
+    cells
+}
+
+/// The columns after the metric ones: template R@1 and MAP@R, then the wall time.
+pub(crate) const TRAILING: [&str; 3] = [TEMPLATE_COLUMNS[0], TEMPLATE_COLUMNS[1], "s"];
+
+pub(crate) fn header() -> String {
+    markdown_header(&["input"], &TRAILING)
+}
+
+fn row_markdown(input: &str, r: &AttackRow) -> String {
+    format!(
+        "| {input} | {} | {:.1} |\n",
+        metric_cells(r).join(" | "),
+        r.seconds
+    )
+}
+
+pub(crate) fn attack_name(r: &AttackRow) -> String {
+    match (r.attack, r.objective) {
+        (Some(a), Some(o)) => format!(
+            "{}-{} {} (eps {:.1}/255)",
+            a.kind.key(),
+            a.steps,
+            o.key(),
+            a.eps * 255.0
+        ),
+        _ => "attacked".into(),
+    }
+}
+
+/// The objectives table: one row per objective, then the worst per metric and its objective.
+pub fn objectives_markdown(label: &str, r: &ObjectivesReport) -> String {
+    let mut s = format!(
+        "#### Attack objectives: {label} ({} test images; worst = lowest over the objectives)\n\n{}",
+        r.samples,
+        header()
+    );
+    for row in &r.rows {
+        s += &row_markdown(&attack_name(row), row);
+    }
+    let cells: Vec<String> = WORST_METRICS
+        .iter()
+        .map(|(name, _)| {
+            r.worst
+                .iter()
+                .find(|w| w.metric == *name)
+                .map_or("".into(), |w| {
+                    format!("{:.2} ({})", w.value, w.objective.key())
+                })
+        })
+        .collect();
+    s += &format!("| **worst** | {} | |\n", cells.join(" | "));
+    s
+}
+
+/// The transfer table: transfer and white-box rows on the same images.
+pub fn transfer_markdown(label: &str, t: &TransferReport) -> String {
+    format!(
+        "#### Transfer: {label} attacked through {} ({} test images)\n\n{}{}{}",
+        t.source,
+        t.samples,
+        header(),
+        row_markdown(
+            &format!("transfer from {}: {}", t.source, attack_name(&t.transfer)),
+            &t.transfer
+        ),
+        row_markdown(
+            &format!("white-box: {}", attack_name(&t.white_box)),
+            &t.white_box
+        )
+    )
+}
+
+/// The objectives and transfer tables of every method that has them.
+pub fn strength_tables(reports: &[MethodReport]) -> String {
+    let mut s = String::new();
+    for r in reports {
+        if let Some(o) = &r.objectives {
+            s += &format!("\n{}", objectives_markdown(&r.label, o));
+        }
+        if let Some(t) = &r.transfer {
+            s += &format!("\n{}", transfer_markdown(&r.label, t));
+        }
+    }
+    s
 }

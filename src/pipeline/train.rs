@@ -20,11 +20,11 @@ use crate::files::{available_memory_bytes, human_bytes};
 use crate::nn::{Backbone, Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::run_dir;
+use crate::robust::attack::{BoxedEmbedFn, EmbedFn};
 /// The defense a run trains with, part of its [`TrainConfig`]; the CLI's `--method` names it
 /// through here, so the command line imports nothing from `robust`.
 pub use crate::robust::defense::Method;
 use crate::robust::defense::{eat_member_indices, step_loss, DefenseConfig, StepContext};
-use crate::robust::pgd::{BoxedEmbedFn, EmbedFn};
 
 /// The backbone as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

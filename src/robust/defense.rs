@@ -11,7 +11,7 @@ use crate::engine::ops::elementwise::{add, axpby, scale, square, sub};
 use crate::engine::ops::reduce::sum;
 use crate::engine::{EngineError, Result, Rng, Tensor};
 
-use super::pgd::{pgd, EmbedFn, Goal};
+use super::attack::{attack, EmbedFn, Goal};
 
 /// The training method (`--method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -155,7 +155,7 @@ impl StepContext<'_> {
     }
 
     fn adversarial(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
-        pgd(
+        attack(
             self.attack_on,
             x,
             &self.defense.attack,

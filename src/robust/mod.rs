@@ -2,10 +2,8 @@
 //! and retrieval objectives), the defenses, EAT ensembles and their
 //! voting inference. Built on `dml`; training and evaluation live above, in `pipeline`.
 
-pub mod apgd;
+pub mod attack;
 pub mod defense;
 pub mod ensemble;
 pub mod objectives;
-pub mod pgd;
 pub mod ranking;
-pub mod restarts;

@@ -26,7 +26,7 @@ use crate::engine::ops::elementwise::clamp;
 use crate::engine::ops::matmul::gemm_raw;
 use crate::engine::tape::backward_with;
 use crate::engine::{no_grad, Device, EngineError, Result, Rng, Tensor};
-use crate::robust::pgd::EmbedFn;
+use crate::robust::attack::EmbedFn;
 
 /// One attack of the suite.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -21,9 +21,11 @@ use crate::config::{
 };
 use crate::engine::ops::attack::pgd_step;
 use crate::engine::ops::elementwise::{add, axpby, mul, sign, zeros_like};
-use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
-use crate::robust::pgd::{clean_embeddings, objective_terms, start_point, EmbedFn, Goal};
-use crate::robust::restarts::per_image_objective;
+use crate::engine::{no_grad, Result, Rng, Tensor};
+
+use super::goal::{
+    clean_embeddings, input_gradient, per_image_objective, start_point, EmbedFn, Goal,
+};
 
 /// The checkpoint iterations w_j (1 <= w_j <= steps, increasing, no repeats) of a run of
 /// `steps` iterations.
@@ -68,17 +70,8 @@ fn evaluate(
     goal: &Goal,
 ) -> Result<(Vec<f32>, Tensor)> {
     let rows = x_adv.shape().first().copied().unwrap_or(0);
-    let var = x_adv.var();
-    let (total, per_image) = objective_terms(members, &var, clean, goal)?;
-    let values = match &per_image {
-        Some(r) => r.to_vec()?,
-        None => vec![total.item()?; rows],
-    };
-    let grads = total.backward()?;
-    let g = grads.get(&var).ok_or_else(|| {
-        EngineError::Autograd("the attack objective does not depend on the input".into())
-    })?;
-    Ok((values, g.detach()))
+    let (at, g) = input_gradient(members, x_adv, clean, goal)?;
+    Ok((at.values(rows)?, g))
 }
 
 /// Runs APGD for `cfg.steps` iterations from `start_point`; returns the best point per image

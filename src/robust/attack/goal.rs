@@ -1,12 +1,10 @@
-//! PGD on embeddings (docs/DESIGN.md, Attacks): L-infinity, sign-gradient steps fused with the
-//! projection and [0, 1] clipping in one kernel (`shaders/pgd.wgsl`), on one model or on an
-//! ensemble (members' objectives summed, so their gradients are summed before the sign).
+//! What every attack shares (docs/DESIGN.md, "Attacks"): the goal it climbs, the members'
+//! summed objective, its gradient with respect to the input, and the start point. PGD, APGD and
+//! the restarts build on these and on nothing else of the attack module.
 
-use crate::config::{Objective, Optimizer, PgdConfig, PGD_START_NOISE};
+use crate::config::{Objective, PgdConfig, PGD_START_NOISE};
 use crate::dml::loss::{proxy_anchor_loss, ProxyAnchorConfig};
-use crate::engine::ops::attack::pgd_step;
-use crate::engine::ops::elementwise::square;
-use crate::engine::ops::elementwise::{add, clamp, mul, sub};
+use crate::engine::ops::elementwise::{add, clamp, mul, square, sub};
 use crate::engine::ops::reduce::{sum, sum_dim};
 use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
 
@@ -60,14 +58,32 @@ pub fn start_point(x: &Tensor, cfg: &PgdConfig, rng: &mut Rng) -> Result<Tensor>
     clamp(&add(x, &noise)?, 0.0, 1.0)
 }
 
-/// The summed objective of every member at `x_adv`: the scalar to differentiate and, for
+/// The summed objective of every member at one point: the scalar to differentiate and, for
 /// per-image objectives, its per-image terms [B] (None for the metric loss).
+pub(crate) struct ObjectiveAt {
+    pub total: Tensor,
+    pub per_image: Option<Tensor>,
+}
+
+impl ObjectiveAt {
+    /// Per image, the objective: its own term, or (metric loss) the batch's loss for every
+    /// image of the `rows`.
+    pub fn values(&self, rows: usize) -> Result<Vec<f32>> {
+        match &self.per_image {
+            Some(r) => r.to_vec(),
+            None => Ok(vec![self.total.item()?; rows]),
+        }
+    }
+}
+
+/// The summed objective of every member at `x_adv`, measured from the members' `clean`
+/// embeddings (see [`clean_embeddings`]).
 pub(crate) fn objective_terms(
     members: &[EmbedFn],
     x_adv: &Tensor,
     clean: &[Tensor],
     goal: &Goal,
-) -> Result<(Tensor, Option<Tensor>)> {
+) -> Result<ObjectiveAt> {
     let mut rows: Option<Tensor> = None;
     let mut total: Option<Tensor> = None;
     for (i, member) in members.iter().enumerate() {
@@ -96,16 +112,35 @@ pub(crate) fn objective_terms(
         }
     }
     if let Some(r) = rows {
-        return Ok((sum(&r)?, Some(r)));
+        return Ok(ObjectiveAt {
+            total: sum(&r)?,
+            per_image: Some(r),
+        });
     }
     let total =
         total.ok_or_else(|| EngineError::Autograd("PGD needs at least one model".into()))?;
-    Ok((total, None))
+    Ok(ObjectiveAt {
+        total,
+        per_image: None,
+    })
 }
 
-/// The summed objective of every member at `x_adv`.
-fn objective(members: &[EmbedFn], x_adv: &Tensor, clean: &[Tensor], goal: &Goal) -> Result<Tensor> {
-    Ok(objective_terms(members, x_adv, clean, goal)?.0)
+/// The objective at `x_adv` and its gradient with respect to `x_adv` (no graph attached): the
+/// one backward pass every attack step takes.
+pub(crate) fn input_gradient(
+    members: &[EmbedFn],
+    x_adv: &Tensor,
+    clean: &[Tensor],
+    goal: &Goal,
+) -> Result<(ObjectiveAt, Tensor)> {
+    let var = x_adv.var();
+    let at = objective_terms(members, &var, clean, goal)?;
+    // The per-image terms stay readable after the pass (APGD reads them).
+    let grads = at.total.clone().backward()?;
+    let g = grads.get(&var).ok_or_else(|| {
+        EngineError::Autograd("the attack objective does not depend on the input".into())
+    })?;
+    Ok((at, g.detach()))
 }
 
 /// The members' clean embeddings of `x`, which the embedding-shift objective measures from
@@ -126,39 +161,19 @@ pub(crate) fn clean_embeddings(
     }
 }
 
-/// Runs PGD against the ensemble `members` from clean inputs `x` (RGB in [0, 1]); returns the
-/// adversarial inputs (no graph attached). At eps = 0 it returns x unchanged. With
-/// `cfg.optimizer` APGD, runs [`crate::robust::apgd::apgd`] instead.
-pub fn pgd(
+/// Per image, the objective at `x_adv`: the member-summed per-image term (embedding shift,
+/// retrieval), or (metric loss) the batch's loss for every image.
+pub fn per_image_objective(
     members: &[EmbedFn],
     x: &Tensor,
-    cfg: &PgdConfig,
+    x_adv: &Tensor,
     goal: &Goal,
-    rng: &mut Rng,
-) -> Result<Tensor> {
-    if cfg.eps == 0.0 || cfg.steps == 0 {
-        return Ok(x.detach());
-    }
-    if cfg.restarts > 1 {
-        return crate::robust::restarts::pgd_restarts(members, x, cfg, goal, cfg.restarts, rng)
-            .map(|(adv, _)| adv);
-    }
-    if cfg.optimizer == Optimizer::Apgd {
-        return crate::robust::apgd::apgd(members, x, cfg, goal, rng).map(|(adv, _)| adv);
-    }
-    let x = x.detach();
-    let clean = clean_embeddings(members, &x, goal)?;
-    let mut x_adv = no_grad(|| start_point(&x, cfg, rng))?;
-    for _ in 0..cfg.steps {
-        let var = x_adv.var();
-        let obj = objective(members, &var, &clean, goal)?;
-        let grads = obj.backward()?;
-        let g = grads.get(&var).ok_or_else(|| {
-            EngineError::Autograd("the attack objective does not depend on the input".into())
-        })?;
-        x_adv = pgd_step(&x_adv, g, &x, cfg.alpha, cfg.eps)?;
-    }
-    Ok(x_adv)
+) -> Result<Vec<f32>> {
+    let rows = x.shape().first().copied().unwrap_or(0);
+    no_grad(|| {
+        let clean = clean_embeddings(members, x, goal)?;
+        objective_terms(members, x_adv, &clean, goal)?.values(rows)
+    })
 }
 
 /// The objective's value at `x_adv` (for tests and reports).
@@ -170,6 +185,6 @@ pub fn objective_value(
 ) -> Result<f32> {
     no_grad(|| {
         let clean = clean_embeddings(members, x, goal)?;
-        objective(members, x_adv, &clean, goal)?.item()
+        objective_terms(members, x_adv, &clean, goal)?.total.item()
     })
 }

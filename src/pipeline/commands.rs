@@ -10,15 +10,15 @@ use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::Device;
 use crate::error::{Error, Result};
 use crate::nn::EmbeddingNet;
-use crate::pipeline::evaluate::{embed_set, template_of_models, EvalSet};
-use crate::pipeline::experiment::model_metrics;
-use crate::pipeline::ranking::{run_ranking_suite, RankingPlan, RankingReport};
-use crate::pipeline::report::Metrics;
-use crate::pipeline::sanity::transfer_check;
-use crate::pipeline::strength::{
-    attack_set, scenario_metrics, worst_of, AttackRow, AttackSource, TransferReport,
+use crate::pipeline::evaluate::{
+    embed_set, model_metrics, scenario_metrics, template_of_models, EvalContext, EvalSet,
 };
-use crate::pipeline::tables::{EvalOutput, StrengthOutput};
+use crate::pipeline::ranking::{run_ranking_suite, RankingPlan};
+use crate::pipeline::results::{
+    worst_of, AttackRow, EvalOutput, Metrics, RankingReport, StrengthOutput, TransferReport,
+};
+use crate::pipeline::sanity::transfer_check;
+use crate::pipeline::strength::{attack_set, AttackSource};
 use crate::pipeline::train::{Run, CHECKPOINT_FILE};
 use crate::robust::defense::Method;
 
@@ -57,12 +57,7 @@ pub fn test_metrics(run: &Run, dataset: &Dataset, device: &Device) -> Result<Met
     let set = EvalSet::of(dataset);
     let nets = member_nets(run);
     let emb = embed_set(
-        &nets,
-        &set,
-        run.cfg.image_size,
-        64,
-        run.cfg.workers,
-        device,
+        &EvalContext::of_run(&run.cfg, &nets, &set, 64, device),
         None,
     )?;
     model_metrics(&emb.clean, &set, emb.dim, device, 0)
@@ -88,13 +83,9 @@ pub fn evaluate_checkpoint(
     let nets = member_nets(&run);
     let all: Vec<usize> = (0..nets.len()).collect();
     let start = std::time::Instant::now();
+    let ctx = EvalContext::of_run(&run.cfg, &nets, &set, req.batch_size, device);
     let emb = embed_set(
-        &nets,
-        &set,
-        run.cfg.image_size,
-        req.batch_size,
-        run.cfg.workers,
-        device,
+        &ctx,
         req.attack.as_ref().map(|(c, _)| (c, all.as_slice(), 1)),
     )?;
     let seconds = start.elapsed().as_secs_f64();
@@ -154,11 +145,9 @@ pub fn attack_strength(
     };
     let set = EvalSet::of(dataset);
     let nets = member_nets(&run);
-    let (size, dim) = (run.cfg.image_size, run.cfg.embedding_dim);
-    let embed = |nets: &[&EmbeddingNet], workers: usize| {
-        embed_set(nets, &set, size, req.batch_size, workers, device, None).map(|e| e.clean)
-    };
-    let clean = embed(&nets, run.cfg.workers)?;
+    let dim = run.cfg.embedding_dim;
+    let ctx = EvalContext::of_run(&run.cfg, &nets, &set, req.batch_size, device);
+    let clean = embed_set(&ctx, None)?.clean;
     let rows_through = |source: &AttackSource| -> Result<Vec<AttackRow>> {
         req.objectives
             .iter()
@@ -167,17 +156,7 @@ pub fn attack_strength(
                     objective,
                     ..req.attack
                 };
-                let r = attack_set(
-                    &nets,
-                    source,
-                    &set,
-                    size,
-                    req.batch_size,
-                    run.cfg.workers,
-                    device,
-                    &c,
-                    1,
-                )?;
+                let r = attack_set(&ctx, source, &c, 1)?;
                 let scenarios = scenario_metrics(&clean, &r.attacked, &set, dim, device, 0)?;
                 Ok(AttackRow::of(&c, scenarios, r.seconds))
             })
@@ -205,7 +184,9 @@ pub fn attack_strength(
     };
     if let Some((path, source)) = source {
         let source_nets = member_nets(&source);
-        let source_clean = embed(&source_nets, source.cfg.workers)?;
+        let source_ctx =
+            EvalContext::of_run(&source.cfg, &source_nets, &set, req.batch_size, device);
+        let source_clean = embed_set(&source_ctx, None)?.clean;
         out.transfer = rows_through(&AttackSource {
             nets: &source_nets,
             clean: &source_clean,
@@ -276,16 +257,9 @@ pub fn rank_checkpoint(
 ) -> Result<Measured<RankingReport>> {
     let run = load_run(req.checkpoint, dataset, device)?;
     let set = EvalSet::of(dataset);
-    let report = run_ranking_suite(
-        &member_nets(&run),
-        &set,
-        run.cfg.image_size,
-        req.batch_size,
-        run.cfg.workers,
-        device,
-        &req.plan,
-        1,
-    )?;
+    let nets = member_nets(&run);
+    let ctx = EvalContext::of_run(&run.cfg, &nets, &set, req.batch_size, device);
+    let report = run_ranking_suite(&ctx, &req.plan, 1)?;
     Ok(Measured {
         output: report,
         method: run.cfg.defense.method,
