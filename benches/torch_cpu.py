@@ -128,6 +128,30 @@ def main():
         case("c2f2_input_grad_b128_28px",
              lambda: torch.autograd.grad(F.mse_loss(net(xcin), yc), [xcin]))
 
+    # e0'. ResNet-18 -> 512 (torchvision's, fc replaced by Linear(512, 512)), batch 16, 64x64,
+    #      MSE loss, AdamW: the shape of benches/model.rs's resnet18 cases.
+    if wants("resnet18_train_step_b16_64px") or wants("resnet18_input_grad_b16_64px"):
+        rn = torchvision.models.resnet18()
+        rn.fc = nn.Linear(512, 512)
+        rn.train()
+        xr = torch.rand(16, 3, 64, 64)
+        yr = torch.randn(16, 512) * 0.05
+        optr = torch.optim.AdamW(rn.parameters(), lr=1e-4)
+
+        def resnet_step():
+            optr.zero_grad(set_to_none=True)
+            loss = F.mse_loss(rn(xr), yr)
+            loss.backward()
+            optr.step()
+            return loss
+
+        case("resnet18_train_step_b16_64px", resnet_step)
+        for p in rn.parameters():
+            p.requires_grad_(False)
+        xrin = xr.clone().requires_grad_()
+        case("resnet18_input_grad_b16_64px",
+             lambda: torch.autograd.grad(F.mse_loss(rn(xrin), yr), [xrin]))
+
     # e. MobileNetV2 x0.5 -> 128, batch 16, 64x64, MSE loss.
     if not (wants("mbv2_train_step_b16_64px") or wants("mbv2_input_grad_b16_64px")):
         return
