@@ -45,6 +45,15 @@ impl Bench {
             Device::Cpu => "wall time",
         };
         println!("adapter: {} (timing: {timing})", device.name());
+        if let Device::Cpu = device {
+            // Which SGEMM code ran: gemm picks its micro-kernels from the CPU's features.
+            println!(
+                "cpu: {}, {} threads, gemm kernels: {}",
+                robust_dml::engine::cpu::cpu_model(),
+                robust_dml::engine::cpu::threads(),
+                robust_dml::engine::cpu::gemm_kernels()
+            );
+        }
         Bench {
             device,
             runs,

@@ -133,6 +133,43 @@ pub fn tune_allocator() {
     }
 }
 
+/// The family of SGEMM micro-kernels `gemm` runs on this CPU: `avx512f`, `fma` (AVX2 + FMA),
+/// `neon` or `scalar`. It repeats the crate's own run-time choice (gemm-common 0.19's
+/// `init_gemm_fn`: avx512f first, which the `x86-v4` feature compiles in, then fma, then scalar),
+/// so that the benches and the run's device line can say which code ran.
+pub fn gemm_kernels() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return "avx512f";
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            return "fma";
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return "neon";
+        }
+    }
+    "scalar"
+}
+
+/// The CPU's model name as the OS reports it (Linux's `/proc/cpuinfo`), for the conditions
+/// printed beside measured figures; "unknown CPU" elsewhere.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, name)| name.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_string())
+}
+
 /// Threads of the pool (RAYON_NUM_THREADS, else one per logical CPU).
 pub fn threads() -> usize {
     rayon::current_num_threads()
