@@ -2,8 +2,8 @@
 //! `/dev/zero` would block or never end. A file larger than the memory the OS reports available
 //! is refused before it is read, instead of the process aborting part-way.
 
-use std::io::{Error, ErrorKind};
-use std::path::Path;
+use std::io::{Error, ErrorKind, Write};
+use std::path::{Path, PathBuf};
 
 /// The whole file, if `path` is a regular file (links followed) that fits in memory.
 pub fn read_regular(path: &Path) -> std::io::Result<Vec<u8>> {
@@ -31,6 +31,73 @@ pub fn check_regular(path: &Path) -> std::io::Result<std::fs::Metadata> {
         ));
     }
     Ok(meta)
+}
+
+/// `<path>.tmp`: where [`write_atomic`] writes before the rename.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    PathBuf::from(tmp)
+}
+
+/// A failed [`write_atomic`]: the file it failed on (`<path>.tmp` or `path`) and why.
+#[derive(Debug)]
+pub struct AtomicWriteError {
+    pub path: PathBuf,
+    pub source: Error,
+}
+
+/// Writes `bytes` to `path` so that a reader only ever sees the old file or the new one whole:
+/// to `<path>.tmp`, fsync, rename over `path`, fsync the folder (best effort: not every platform
+/// can open one). The folder is created if missing. A leftover `.tmp` of a killed write is
+/// replaced; anything else by that name (a link, a directory) is refused rather than written
+/// through. On failure (a full disk, say) the partial `.tmp` is removed, and `path` is untouched.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
+    let tmp = tmp_path(path);
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| AtomicWriteError { path: p, source }
+    };
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir {
+        std::fs::create_dir_all(dir).map_err(at(dir))?;
+    }
+    if let Ok(m) = std::fs::symlink_metadata(&tmp) {
+        if !m.is_file() {
+            return Err(AtomicWriteError {
+                path: tmp,
+                source: Error::new(
+                    ErrorKind::AlreadyExists,
+                    "it exists and is not a regular file; remove it so the file can be written",
+                ),
+            });
+        }
+        std::fs::remove_file(&tmp).map_err(at(&tmp))?;
+    }
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(source) = written {
+        // Best effort: the error that matters is the write's.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AtomicWriteError { path: tmp, source });
+    }
+    if let Err(source) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AtomicWriteError {
+            path: path.to_path_buf(),
+            source,
+        });
+    }
+    if let Some(d) = dir.and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// [`check_regular`], and the file is no larger than the memory the OS reports available.
@@ -104,6 +171,37 @@ mod tests {
         assert!(e.to_string().contains("a directory"), "{e}");
         let e = read_regular(Path::new("/no/such/file")).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn an_atomic_write_replaces_whole_and_leaves_no_tmp() {
+        let dir = std::env::temp_dir().join(format!("robust-dml-atomic-{}", std::process::id()));
+        let path = dir.join("sub").join("f.bin");
+        write_atomic(&path, b"old").unwrap();
+        std::fs::write(tmp_path(&path), b"leftover of a killed write").unwrap();
+        write_atomic(&path, b"new").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        assert!(!tmp_path(&path).exists());
+        // A directory where the .tmp would go is refused, naming it; the file is untouched.
+        std::fs::create_dir(tmp_path(&path)).unwrap();
+        let e = write_atomic(&path, b"newer").unwrap_err();
+        assert_eq!(e.path, tmp_path(&path));
+        assert_eq!(std::fs::read(&path).unwrap(), b"new");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_atomic_write_removes_its_tmp_and_keeps_the_old_file() {
+        // The rename onto a non-empty folder fails after the .tmp was written whole: the same
+        // clean-up path as a write that fails part-way on a full disk.
+        let dir = std::env::temp_dir().join(format!("robust-dml-atomic-f-{}", std::process::id()));
+        let path = dir.join("target");
+        std::fs::create_dir_all(path.join("inside")).unwrap();
+        let e = write_atomic(&path, b"bytes").unwrap_err();
+        assert_eq!(e.path, path);
+        assert!(!tmp_path(&path).exists(), "the partial .tmp is removed");
+        assert!(path.join("inside").is_dir(), "the old content is kept");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! mid-write never leaves a truncated checkpoint behind.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::TensorView;
@@ -160,48 +159,14 @@ impl Checkpoint {
             .map_err(|e| NnError::Config(format!("checkpoint serialise: {e}")))
     }
 
-    /// Writes the checkpoint atomically: `<path>.tmp`, fsync, rename.
+    /// Writes the checkpoint atomically ([`crate::files::write_atomic`]): a failed write leaves
+    /// the previous file as it was and no `.tmp` behind.
     pub fn save(&self, path: impl AsRef<Path>) -> NnResult<()> {
-        let path = path.as_ref();
         let bytes = self.to_bytes()?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let io = |p: &Path| {
-            let p = p.to_path_buf();
-            move |e| NnError::Io { path: p, source: e }
-        };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io(dir))?;
-        }
-        // A leftover of a killed write is replaced; anything else by that name (a link, a
-        // directory) is refused rather than written through.
-        if let Ok(m) = std::fs::symlink_metadata(&tmp) {
-            if !m.is_file() {
-                return Err(NnError::Config(format!(
-                    "{} exists and is not a regular file; remove it so the checkpoint can be written",
-                    tmp.display()
-                )));
-            }
-            std::fs::remove_file(&tmp).map_err(io(&tmp))?;
-        }
-        {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            f.write_all(&bytes).map_err(io(&tmp))?;
-            f.sync_all().map_err(io(&tmp))?;
-        }
-        std::fs::rename(&tmp, path).map_err(io(path))?;
-        // Make the rename itself durable (best effort: not every platform can open a directory).
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
-        Ok(())
+        crate::files::write_atomic(path.as_ref(), &bytes).map_err(|e| NnError::Io {
+            path: e.path,
+            source: e.source,
+        })
     }
 
     /// Reads a checkpoint written by [`Checkpoint::save`] (F16/BF16 tensors are accepted too).
