@@ -507,6 +507,81 @@ fn image_folder_split_and_errors() {
     assert!(err.to_string().contains("nope"));
 }
 
+/// A small valid PNG whose header claims `w` x `h` 8-bit RGB pixels (one empty data chunk).
+fn png_claiming(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        let mut body = kind.to_vec();
+        body.extend_from_slice(data);
+        let mut out = (data.len() as u32).to_be_bytes().to_vec();
+        out.extend_from_slice(&body);
+        out.extend_from_slice(&crc32(&body).to_be_bytes());
+        out
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+/// A decompression bomb (a header claiming 100,000 x 100,000 pixels) is skipped when the dataset
+/// loads, named with its reason, exactly as a corrupt file is: it never reaches the batch
+/// loader, where a failed decode would become a grey image that counts in the metrics.
+#[test]
+fn decompression_bombs_are_skipped_like_corrupt_images() {
+    let tmp = TempDir::new("bomb");
+    for (i, class) in ["a", "b", "c", "d"].iter().enumerate() {
+        write_image(&tmp.path().join(class).join("x.png"), 6, 6, i as u8);
+    }
+    write_bytes(
+        &tmp.path().join("c/bomb.png"),
+        &png_claiming(100_000, 100_000),
+    );
+    write_bytes(&tmp.path().join("d/corrupt.png"), b"\x89PNG\r\n\x1a\nshort");
+    let ds = folders::load_image_folder(tmp.path()).unwrap();
+    assert_eq!(
+        ds.test.len(),
+        2,
+        "neither the bomb nor the corrupt file is a sample"
+    );
+    let reasons: Vec<String> = ds
+        .skipped
+        .skipped
+        .iter()
+        .map(|(p, r)| format!("{}: {r}", p.display()))
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].contains("bomb.png") && reasons[0].contains("100000x100000"),
+        "{reasons:?}"
+    );
+    assert!(reasons[1].contains("corrupt.png"), "{reasons:?}");
+    // An image of ordinary size with the same kind of header passes the check.
+    write_bytes(&tmp.path().join("c/ok.png"), &png_claiming(64, 64));
+    assert!(data::check_image_header(&tmp.path().join("c/ok.png")).is_ok());
+}
+
 // ---------------------------------------------------------------- Fashion-MNIST (IDX)
 
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -987,39 +1062,7 @@ fn small_in_memory_images_are_not_cropped() {
 /// the image exceeds the image-size limit, not that it is corrupt.
 #[test]
 fn decompression_bomb_is_named_as_too_large() {
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in bytes {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xEDB8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-    fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-        let mut body = kind.to_vec();
-        body.extend_from_slice(data);
-        let mut out = (data.len() as u32).to_be_bytes().to_vec();
-        out.extend_from_slice(&body);
-        out.extend_from_slice(&crc32(&body).to_be_bytes());
-        out
-    }
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&50_000u32.to_be_bytes());
-    ihdr.extend_from_slice(&50_000u32.to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB, no interlace
-    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend(chunk(b"IHDR", &ihdr));
-    png.extend(chunk(
-        b"IDAT",
-        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
-    ));
-    png.extend(chunk(b"IEND", &[]));
+    let png = png_claiming(50_000, 50_000);
     let tmp = TempDir::new("bomb");
     let path = tmp.path().join("bomb.png");
     write_bytes(&path, &png);

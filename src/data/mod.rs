@@ -351,7 +351,7 @@ pub(crate) fn is_image_file(path: &Path) -> bool {
 /// Checks that an image file exists and has a readable header; returns the reason if not.
 /// Reading only the header keeps loading fast; a file whose body is broken is caught again (and
 /// counted) when the batch loader decodes it.
-pub(crate) fn check_image_header(path: &Path) -> Result<(), String> {
+pub fn check_image_header(path: &Path) -> Result<(), String> {
     // A FIFO named like an image would block the loader forever.
     crate::files::check_regular(path).map_err(|e| format!("cannot open: {e}"))?;
     let reader = image::ImageReader::open(path).map_err(|e| format!("cannot open: {e}"))?;
@@ -361,10 +361,29 @@ pub(crate) fn check_image_header(path: &Path) -> Result<(), String> {
     if reader.format().is_none() {
         return Err("not a recognised image format (corrupt or truncated?)".into());
     }
-    reader.into_dimensions().map(|_| ()).map_err(|e| match e {
+    let decoder = reader.into_decoder().map_err(|e| match e {
         image::ImageError::Limits(l) => format!("exceeds the image-size limit: {l}"),
         e => format!("corrupt image header: {e}"),
-    })
+    })?;
+    check_decodable_size(&decoder)
+}
+
+/// Refuses, from the header alone, an image that the decoder would refuse for its size (a
+/// decompression bomb: a few bytes that claim 100,000 x 100,000 pixels). Found here, it is
+/// skipped like a corrupt file, instead of failing later in the batch loader.
+fn check_decodable_size(decoder: &impl image::ImageDecoder) -> Result<(), String> {
+    let limit = image::Limits::default().max_alloc.unwrap_or(u64::MAX);
+    let need = decoder.total_bytes();
+    if need <= limit {
+        return Ok(());
+    }
+    let (w, h) = decoder.dimensions();
+    Err(format!(
+        "exceeds the image-size limit: its header claims {w}x{h} pixels ({} decoded), over the \
+         decoder's limit of {} (a decompression bomb or a corrupt header)",
+        crate::files::human_bytes(need as f64),
+        crate::files::human_bytes(limit as f64)
+    ))
 }
 
 /// Adds `path` as a sample if its header is readable, else records it as skipped.
