@@ -13,7 +13,7 @@ use crate::error::Result;
 use crate::nn::{EmbeddingNet, ForwardMode};
 use crate::pipeline::progress::Progress;
 use crate::pipeline::results::Metrics;
-use crate::pipeline::train::TrainConfig;
+use crate::pipeline::train_config::TrainConfig;
 use crate::robust::attack::{attack, BoxedEmbedFn, EmbedFn, Goal};
 use crate::robust::ensemble::{
     mean_embedding, recall_from_votes, vote_clusters, vote_ranked_labels,

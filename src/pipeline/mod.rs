@@ -17,3 +17,4 @@ pub mod sanity;
 pub mod strength;
 pub mod tables;
 pub mod train;
+pub mod train_config;
