@@ -12,16 +12,20 @@ const POLICY_CHOICES: &[(&str, usize, &str)] = &[
         1,
         "ops_norm_pool::batch_norm_kernels_of_both_targets_match_cpu",
     ),
-    // the depthwise weight gradient, and the route of ungrouped convolutions. On CPU adapters
-    // the im2col route also takes reductions over 2,048 (C x taps); a GPU takes the
-    // implicit-GEMM route there, which is forced at shorter reductions only, because
-    // llvmpipe's loop limit makes the implicit kernels wrong beyond about 3,000
-    // (benches/gpu-check.sh runs the long ones on a real GPU).
+    // the route of ungrouped convolutions. On CPU adapters the im2col route also takes
+    // reductions over 2,048 (C x taps); a GPU takes the implicit-GEMM route there, which is
+    // forced at shorter reductions only, because llvmpipe's loop limit makes the implicit
+    // kernels wrong beyond about 3,000 (benches/gpu-check.sh runs the long ones on a real GPU).
     (
-        "src/engine/ops/conv.rs",
-        2,
-        "ops_conv::{depthwise_kernels_of_both_targets_match_cpu, both_conv_routes_match_cpu, \
-         deep_convolutions_gpu_match_cpu}",
+        "src/engine/ops/conv/im2col.rs",
+        1,
+        "ops_conv::{both_conv_routes_match_cpu, deep_convolutions_gpu_match_cpu}",
+    ),
+    // the depthwise weight gradient
+    (
+        "src/engine/ops/conv/implicit_gemm.rs",
+        1,
+        "ops_conv::depthwise_kernels_of_both_targets_match_cpu",
     ),
     // the GEMM kernel: every kernel is run by gemm_raw_using
     (
@@ -67,7 +71,7 @@ fn every_kernel_choice_is_covered() {
             .unwrap()
             .to_string_lossy()
             .replace('\\', "/");
-        if rel == "src/engine/gpu.rs" || rel == "src/engine/policy.rs" {
+        if rel == "src/engine/gpu/mod.rs" || rel == "src/engine/policy.rs" {
             continue; // where the policy is defined and held
         }
         let text = std::fs::read_to_string(&path).expect("read a source file");

@@ -100,38 +100,28 @@ kernel_params! {
     }
 }
 
-/// Forms of the affine pass (see the shader).
-const FORM_FORWARD: u32 = 0;
-const FORM_SCALE_U: u32 = 1;
-const FORM_TRAIN_DX: u32 = 2;
-/// The affine forms: the shader's `FORM_*` constants.
+/// The forms of the affine pass (see the shader): its `FORM_*` constants.
 pub const FORM_CODES: OpCodes = OpCodes {
     file: "batchnorm.wgsl",
     prefix: "FORM_",
     switch_fn: None,
-    codes: &[
-        ("FORWARD", FORM_FORWARD),
-        ("SCALE_U", FORM_SCALE_U),
-        ("TRAIN_DX", FORM_TRAIN_DX),
-    ],
+    codes: &[("FORWARD", 0), ("SCALE_U", 1), ("TRAIN_DX", 2)],
 };
+const FORM_FORWARD: u32 = FORM_CODES.code("FORWARD");
+const FORM_SCALE_U: u32 = FORM_CODES.code("SCALE_U");
+const FORM_TRAIN_DX: u32 = FORM_CODES.code("TRAIN_DX");
 
-/// Reduction modes.
-const MODE_TRAIN: u32 = 0;
-const MODE_EVAL: u32 = 1;
-/// Per-chunk partial results, when x exceeds one binding (see `engine::split`).
-const MODE_PARTIAL: u32 = 2;
-/// The reduction modes: the shader's `MODE_*` constants.
+/// The reduction modes: the shader's `MODE_*` constants. `PARTIAL` gives per-chunk partial
+/// results, when x exceeds one binding (see `engine::split`).
 pub const MODE_CODES: OpCodes = OpCodes {
     file: "batchnorm.wgsl",
     prefix: "MODE_",
     switch_fn: None,
-    codes: &[
-        ("TRAIN", MODE_TRAIN),
-        ("EVAL", MODE_EVAL),
-        ("PARTIAL", MODE_PARTIAL),
-    ],
+    codes: &[("TRAIN", 0), ("EVAL", 1), ("PARTIAL", 2)],
 };
+const MODE_TRAIN: u32 = MODE_CODES.code("TRAIN");
+const MODE_EVAL: u32 = MODE_CODES.code("EVAL");
+const MODE_PARTIAL: u32 = MODE_CODES.code("PARTIAL");
 
 /// Dimensions of x and the checks on the per-channel tensors.
 fn check(

@@ -34,46 +34,32 @@ pub enum Unary {
     Square,
 }
 
-/// The shader's unary op codes (`UNARY_*` in `elementwise.wgsl`).
-mod unary_code {
-    pub const AFFINE: u32 = 0;
-    pub const RELU: u32 = 1;
-    pub const RELU6: u32 = 2;
-    pub const SIGN: u32 = 3;
-    pub const CLAMP: u32 = 4;
-    pub const SQUARE: u32 = 5;
-}
-
-/// The unary op codes as the shader must see them: its `UNARY_*` constants and the cases of
-/// its `unary_op` switch.
-pub const UNARY_CODES: OpCodes = {
-    use unary_code::*;
-    OpCodes {
-        file: "elementwise.wgsl",
-        prefix: "UNARY_",
-        switch_fn: Some("unary_op"),
-        codes: &[
-            ("AFFINE", AFFINE),
-            ("RELU", RELU),
-            ("RELU6", RELU6),
-            ("SIGN", SIGN),
-            ("CLAMP", CLAMP),
-            ("SQUARE", SQUARE),
-        ],
-    }
+/// The unary op codes: the shader's `UNARY_*` constants and the cases of its `unary_op`
+/// switch.
+pub const UNARY_CODES: OpCodes = OpCodes {
+    file: "elementwise.wgsl",
+    prefix: "UNARY_",
+    switch_fn: Some("unary_op"),
+    codes: &[
+        ("AFFINE", 0),
+        ("RELU", 1),
+        ("RELU6", 2),
+        ("SIGN", 3),
+        ("CLAMP", 4),
+        ("SQUARE", 5),
+    ],
 };
 
 impl Unary {
     /// The op code (an entry of [`UNARY_CODES`]) and the two scalar arguments.
     fn code(self) -> (u32, f32, f32) {
-        use unary_code::*;
         match self {
-            Unary::Affine(a, b) => (AFFINE, a, b),
-            Unary::Relu => (RELU, 0.0, 0.0),
-            Unary::Relu6 => (RELU6, 0.0, 0.0),
-            Unary::Sign => (SIGN, 0.0, 0.0),
-            Unary::Clamp(lo, hi) => (CLAMP, lo, hi),
-            Unary::Square => (SQUARE, 0.0, 0.0),
+            Unary::Affine(a, b) => (const { UNARY_CODES.code("AFFINE") }, a, b),
+            Unary::Relu => (const { UNARY_CODES.code("RELU") }, 0.0, 0.0),
+            Unary::Relu6 => (const { UNARY_CODES.code("RELU6") }, 0.0, 0.0),
+            Unary::Sign => (const { UNARY_CODES.code("SIGN") }, 0.0, 0.0),
+            Unary::Clamp(lo, hi) => (const { UNARY_CODES.code("CLAMP") }, lo, hi),
+            Unary::Square => (const { UNARY_CODES.code("SQUARE") }, 0.0, 0.0),
         }
     }
 
@@ -110,43 +96,30 @@ pub enum Binary {
     ClampBack(f32, f32),
 }
 
-/// The shader's binary op codes (`BINARY_*` in `elementwise.wgsl`).
-mod binary_code {
-    pub const AXPBY: u32 = 0;
-    pub const MUL: u32 = 1;
-    pub const RELU_BACK: u32 = 2;
-    pub const RELU6_BACK: u32 = 3;
-    pub const CLAMP_BACK: u32 = 4;
-}
-
-/// The binary op codes as the shader must see them: its `BINARY_*` constants and the cases of
-/// its `binary_op` switch.
-pub const BINARY_CODES: OpCodes = {
-    use binary_code::*;
-    OpCodes {
-        file: "elementwise.wgsl",
-        prefix: "BINARY_",
-        switch_fn: Some("binary_op"),
-        codes: &[
-            ("AXPBY", AXPBY),
-            ("MUL", MUL),
-            ("RELU_BACK", RELU_BACK),
-            ("RELU6_BACK", RELU6_BACK),
-            ("CLAMP_BACK", CLAMP_BACK),
-        ],
-    }
+/// The binary op codes: the shader's `BINARY_*` constants and the cases of its `binary_op`
+/// switch.
+pub const BINARY_CODES: OpCodes = OpCodes {
+    file: "elementwise.wgsl",
+    prefix: "BINARY_",
+    switch_fn: Some("binary_op"),
+    codes: &[
+        ("AXPBY", 0),
+        ("MUL", 1),
+        ("RELU_BACK", 2),
+        ("RELU6_BACK", 3),
+        ("CLAMP_BACK", 4),
+    ],
 };
 
 impl Binary {
     /// The op code (an entry of [`BINARY_CODES`]) and the two scalar arguments.
     fn code(self) -> (u32, f32, f32) {
-        use binary_code::*;
         match self {
-            Binary::Axpby(a, b) => (AXPBY, a, b),
-            Binary::Mul => (MUL, 0.0, 0.0),
-            Binary::ReluBack => (RELU_BACK, 0.0, 0.0),
-            Binary::Relu6Back => (RELU6_BACK, 0.0, 0.0),
-            Binary::ClampBack(lo, hi) => (CLAMP_BACK, lo, hi),
+            Binary::Axpby(a, b) => (const { BINARY_CODES.code("AXPBY") }, a, b),
+            Binary::Mul => (const { BINARY_CODES.code("MUL") }, 0.0, 0.0),
+            Binary::ReluBack => (const { BINARY_CODES.code("RELU_BACK") }, 0.0, 0.0),
+            Binary::Relu6Back => (const { BINARY_CODES.code("RELU6_BACK") }, 0.0, 0.0),
+            Binary::ClampBack(lo, hi) => (const { BINARY_CODES.code("CLAMP_BACK") }, lo, hi),
         }
     }
 

@@ -43,25 +43,25 @@ impl ReduceParams {
     }
 }
 
-const SCALED_SUM: u32 = 0;
-const LOGSUMEXP: u32 = 1;
 /// What `reduce_dim` and `expand_dim` compute: the shader's `REDUCE_*` constants.
 pub const DIM_CODES: OpCodes = OpCodes {
     file: "reduce.wgsl",
     prefix: "REDUCE_",
     switch_fn: None,
-    codes: &[("SCALED_SUM", SCALED_SUM), ("LOGSUMEXP", LOGSUMEXP)],
+    codes: &[("SCALED_SUM", 0), ("LOGSUMEXP", 1)],
 };
+const SCALED_SUM: u32 = DIM_CODES.code("SCALED_SUM");
+const LOGSUMEXP: u32 = DIM_CODES.code("LOGSUMEXP");
 
-const OF_VALUES: u32 = 0;
-const OF_SQUARES: u32 = 1;
 /// What the first pass of `sum_partial` adds up: the shader's `SUM_OF_*` constants.
 pub const SUM_CODES: OpCodes = OpCodes {
     file: "reduce.wgsl",
     prefix: "SUM_OF_",
     switch_fn: None,
-    codes: &[("VALUES", OF_VALUES), ("SQUARES", OF_SQUARES)],
+    codes: &[("VALUES", 0), ("SQUARES", 1)],
 };
+const OF_VALUES: u32 = SUM_CODES.code("VALUES");
+const OF_SQUARES: u32 = SUM_CODES.code("SQUARES");
 
 /// What a reduction along a dimension computes.
 #[derive(Clone, Copy, Debug, PartialEq)]
