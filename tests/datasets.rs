@@ -124,6 +124,37 @@ fn cub200_both_layouts_split_by_class_id() {
     }
 }
 
+/// CUB's `images.txt`: an entry leading outside `images/` is refused with its line named (it was
+/// dropped without a word); a listed file that is not there is warned about, and loading goes on.
+#[test]
+fn cub200_index_entries_outside_the_dataset_are_refused() {
+    let tmp = TempDir::new("cub-index");
+    let images = tmp.path().join("CUB_200_2011/images");
+    make_cub(&images);
+    let index = tmp.path().join("CUB_200_2011/images.txt");
+    write_bytes(
+        &index,
+        b"1 001.Black_footed_Albatross/a.jpg\n2 002.Laysan_Albatross/gone.jpg\n",
+    );
+    folders::load_cub200(tmp.path()).expect("a listed but missing file is only warned about");
+    write_bytes(
+        &index,
+        b"1 001.Black_footed_Albatross/a.jpg\n2 ../../etc/passwd\n",
+    );
+    let err = folders::load_cub200(tmp.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("images.txt") && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains("../../etc/passwd") && err.contains("outside"),
+        "{err}"
+    );
+    write_bytes(&index, b"1 /etc/passwd\n");
+    let err = folders::load_cub200(tmp.path()).unwrap_err().to_string();
+    assert!(err.contains("line 1") && err.contains("outside"), "{err}");
+}
+
 #[test]
 fn cub200_missing_directory_is_named() {
     let tmp = TempDir::new("cub-missing");
@@ -481,6 +512,17 @@ fn sop_lists_and_missing_images() {
     );
     assert_eq!(ds.skipped.count(), 1);
     assert!(ds.skipped.skipped[0].0.ends_with("8_1.JPG"));
+
+    // A list entry that leads outside the dataset folder is refused, naming the line.
+    let mut escaping = test.to_vec();
+    escaping[1].3 = "../../etc/passwd";
+    write_list("Ebay_test.txt", &escaping);
+    let err = lists::load_sop(tmp.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("Ebay_test.txt") && err.contains("line 3"),
+        "{err}"
+    );
+    assert!(err.contains("outside"), "{err}");
 
     let missing = TempDir::new("sop-missing");
     let err = lists::load_sop(missing.path()).unwrap_err();

@@ -23,6 +23,16 @@ pub enum DataError {
         line: usize,
         detail: String,
     },
+    #[error(
+        "{path} line {line}: the entry '{entry}' leads outside the dataset folder {root}; a list \
+         names images inside it by relative path: fix or remove the line"
+    )]
+    EntryOutsideDataset {
+        path: PathBuf,
+        line: usize,
+        entry: String,
+        root: PathBuf,
+    },
     #[error("{path}: {detail}; the file is corrupt or not in the expected format: re-download it")]
     BadFile { path: PathBuf, detail: String },
     #[error(

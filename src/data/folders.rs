@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use super::error::{require_dir, require_file};
 use super::{
-    image_files_recursive, mat, push_checked, read_dir_sorted, DataError, DataResult, Dataset,
-    SkipSummary, VisitedDirs,
+    image_files_recursive, list_entry_path, mat, push_checked, read_dir_sorted, DataError,
+    DataResult, Dataset, SkipSummary, VisitedDirs,
 };
 
 /// One class: a sort key (the original class id), its name and its image files.
@@ -83,8 +83,10 @@ pub fn load_cub200(dir: &Path) -> DataResult<Dataset> {
             })
         }
     };
+    let folders = class_folders(&images)?;
+    check_cub_index(&images, &folders)?;
     let mut classes = Vec::new();
-    for (name, files) in class_folders(&images)? {
+    for (name, files) in folders {
         let id = name
             .split('.')
             .next()
@@ -102,6 +104,47 @@ pub fn load_cub200(dir: &Path) -> DataResult<Dataset> {
         });
     }
     Ok(split_classes("cub200", classes, |_, id| id <= 100))
+}
+
+/// CUB's own index, `images.txt` beside `images/` (lines `id relative/path.jpg`), when present:
+/// an entry leading outside `images/` is refused, naming the line; an entry whose file is not in
+/// the class folders is warned about, naming the line. The samples are the folders' images.
+fn check_cub_index(images: &Path, folders: &[(String, Vec<PathBuf>)]) -> DataResult<()> {
+    let Some(index) = images.parent().map(|p| p.join("images.txt")) else {
+        return Ok(());
+    };
+    if !index.is_file() {
+        return Ok(());
+    }
+    let text =
+        crate::files::read_regular_to_string(&index).map_err(|e| DataError::io(&index, e))?;
+    let found: std::collections::HashSet<&PathBuf> =
+        folders.iter().flat_map(|(_, files)| files).collect();
+    for (i, line) in text.lines().enumerate() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let rel = match fields.as_slice() {
+            [] => continue,
+            [_, rel] => *rel,
+            _ => {
+                return Err(DataError::malformed(
+                    &index,
+                    i + 1,
+                    format!("expected 'image_id relative/path.jpg', got '{line}'"),
+                ))
+            }
+        };
+        let path = list_entry_path(images, rel, &index, i + 1)?;
+        if !found.contains(&path) {
+            eprintln!(
+                "warning: {} line {}: {rel} is listed but not an image of the class folders \
+                 under {}; it is not used",
+                index.display(),
+                i + 1,
+                images.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// CARS196: `<dir>/car_ims/` + `<dir>/cars_annos.mat` (label = class - 1, classes 1-98 train), or

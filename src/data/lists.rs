@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::error::{require_dir, require_file};
-use super::{push_checked, DataError, DataResult, Dataset, Sample, SkipSummary};
+use super::{list_entry_path, push_checked, DataError, DataResult, Dataset, Sample, SkipSummary};
 
 fn read_text(path: &Path) -> DataResult<String> {
     crate::files::read_regular_to_string(path).map_err(|e| DataError::io(path, e))
@@ -40,7 +40,7 @@ pub fn load_inshop(dir: &Path) -> DataResult<Dataset> {
         &format!("extract img.zip into {}", dir.display()),
     )?;
     let text = read_text(&list)?;
-    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let mut rows: Vec<(PathBuf, String, String)> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         // Line 1 is the image count and line 2 the column header; both are skipped by shape.
@@ -62,14 +62,15 @@ pub fn load_inshop(dir: &Path) -> DataResult<Dataset> {
                 format!("evaluation_status '{status}' is not train, query or gallery"),
             ));
         }
-        rows.push((fields[0].into(), fields[1].into(), status.into()));
+        let path = list_entry_path(dir, fields[0], &list, i + 1)?;
+        rows.push((path, fields[1].into(), status.into()));
     }
     let train_ids = label_map(rows.iter().filter(|r| r.2 == "train").map(|r| r.1.clone()));
     let test_ids = label_map(rows.iter().filter(|r| r.2 != "train").map(|r| r.1.clone()));
     let mut skipped = SkipSummary::default();
     let (mut train, mut query, mut gallery) = (Vec::new(), Vec::new(), Vec::new());
-    for (name, id, status) in &rows {
-        let path = dir.join(name);
+    for (path, id, status) in &rows {
+        let path = path.clone();
         match status.as_str() {
             "train" => push_checked(&mut train, &mut skipped, path, train_ids[id]),
             "query" => push_checked(&mut query, &mut skipped, path, test_ids[id]),
@@ -91,7 +92,8 @@ pub fn load_inshop(dir: &Path) -> DataResult<Dataset> {
 }
 
 /// Reads one SOP list: header `image_id class_id super_class_id path`, then one image per line.
-fn read_sop_list(list: &Path) -> DataResult<Vec<(u64, PathBuf)>> {
+/// Paths are `root`-relative, and refused when they lead outside it.
+fn read_sop_list(root: &Path, list: &Path) -> DataResult<Vec<(u64, PathBuf)>> {
     let text = read_text(list)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -101,7 +103,7 @@ fn read_sop_list(list: &Path) -> DataResult<Vec<(u64, PathBuf)>> {
         }
         let class = fields.get(1).and_then(|c| c.parse::<u64>().ok());
         match (fields.len(), class) {
-            (4, Some(class)) => out.push((class, PathBuf::from(fields[3]))),
+            (4, Some(class)) => out.push((class, list_entry_path(root, fields[3], list, i + 1)?)),
             _ => {
                 return Err(DataError::malformed(
                     list,
@@ -133,11 +135,11 @@ pub fn load_sop(dir: &Path) -> DataResult<Dataset> {
     let mut split = |file: &str| -> DataResult<(Vec<Sample>, Vec<String>)> {
         let list = root.join("Info_Files").join(file);
         require_file("SOP", &list, &hint)?;
-        let rows = read_sop_list(&list)?;
+        let rows = read_sop_list(&root, &list)?;
         let labels = label_map(rows.iter().map(|r| r.0));
         let mut samples = Vec::with_capacity(rows.len());
-        for (class, rel) in rows {
-            push_checked(&mut samples, &mut skipped, root.join(rel), labels[&class]);
+        for (class, path) in rows {
+            push_checked(&mut samples, &mut skipped, path, labels[&class]);
         }
         let names = labels.into_keys().map(|c| format!("product {c}")).collect();
         Ok((samples, names))

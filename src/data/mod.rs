@@ -386,6 +386,30 @@ fn check_decodable_size(decoder: &impl image::ImageDecoder) -> Result<(), String
     ))
 }
 
+/// The image a list file's line names, `root` joined with `rel`. An entry that could lead
+/// outside `root` (an absolute path, `..`, a drive prefix) is refused, naming the list and the
+/// line, instead of being read or silently dropped.
+pub(crate) fn list_entry_path(
+    root: &Path,
+    rel: &str,
+    list: &Path,
+    line: usize,
+) -> DataResult<PathBuf> {
+    use std::path::Component;
+    let inside = Path::new(rel)
+        .components()
+        .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !inside {
+        return Err(DataError::EntryOutsideDataset {
+            path: list.to_path_buf(),
+            line,
+            entry: rel.to_string(),
+            root: root.to_path_buf(),
+        });
+    }
+    Ok(root.join(rel))
+}
+
 /// Adds `path` as a sample if its header is readable, else records it as skipped.
 pub(crate) fn push_checked(
     samples: &mut Vec<Sample>,
