@@ -1,4 +1,5 @@
-//! Kernel microbenchmarks; the case names match ../shared/peer-bench.md.
+//! Kernel microbenchmarks; the case names match those of `benches/torch_cpu.py` and
+//! `benches/RESULTS.md`.
 //! `cargo bench --bench kernels [-- FILTER]`; `ROBUST_DML_DEVICE` picks the adapter.
 
 mod common;

@@ -1,8 +1,8 @@
-//! Whole-model benchmarks (cases of ../shared/peer-bench.md): a MobileNetV2 and a ResNet-18
-//! training step (forward, mean-square loss on the head's output, backward, AdamW) and the input
-//! gradient alone (the cost of one PGD iteration). The 224x224 cases run only on a real GPU (or
-//! with BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`; `-- memory` prints only the notes
-//! on peak memory and split ops of one forward+backward per model.
+//! Whole-model benchmarks (cases of `benches/torch_cpu.py` and `benches/RESULTS.md`): a MobileNetV2
+//! and a ResNet-18 training step (forward, mean-square loss on the head's output, backward, AdamW)
+//! and the input gradient alone (the cost of one PGD iteration). The 224x224 cases run only on a
+//! real GPU (or with BENCH_LARGE=1). `cargo bench --bench model [-- FILTER]`; `-- memory` prints
+//! only the notes on peak memory and split ops of one forward+backward per model.
 
 mod common;
 

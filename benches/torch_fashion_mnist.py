@@ -5,7 +5,7 @@ scenarios' attacks (every test image perturbed once; template matching reuses th
 Timing only: it prints seconds and peak RSS, not metrics. Never run in tests or CI.
 
 Usage: python3 benches/torch_fashion_mnist.py [DATA_DIR] (default /usr/share/datasets/fashion-mnist;
-needs torch). Threads: 2, as ../shared/peer-bench/torch_cpu.py.
+needs torch). Threads: 2, as benches/torch_cpu.py.
 """
 import gzip
 import resource

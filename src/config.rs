@@ -259,8 +259,9 @@ impl PgdConfig {
     }
 }
 
-/// The ranking-attack suite's PGD profiles (SPEC section 11, robrank's): 28 px images
-/// (Fashion-MNIST) and 224 px images. No random start; alpha and steps as robrank's code.
+/// The ranking-attack suite's PGD profiles (docs/DESIGN.md, "The ranking-attack suite and ERS";
+/// robrank's): 28 px images (Fashion-MNIST) and 224 px images. No random start; alpha and steps as
+/// robrank's code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum RankProfile {

@@ -1,4 +1,5 @@
-//! The experiment presets: the Fashion-MNIST protocol (SPEC section 10) at two scales.
+//! The experiment presets: the Fashion-MNIST protocol (docs/DESIGN.md, "The Fashion-MNIST
+//! protocol") at two scales.
 
 use robust_dml::cli::{Cli, Command};
 use robust_dml::pipeline::presets::{self, Preset};

@@ -1,6 +1,6 @@
-//! The ranking-attack suite (SPEC section 11): every attack moves its score in the intended
-//! direction further than uniform +-eps sign noise of the same size, on a tiny model whose
-//! clean retrieval is perfect; ERS matches a row computed by hand.
+//! The ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS"): every attack
+//! moves its score in the intended direction further than uniform +-eps sign noise of the same
+//! size, on a tiny model whose clean retrieval is perfect; ERS matches a row computed by hand.
 
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{no_grad, Device, Rng, Tensor};

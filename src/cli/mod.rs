@@ -258,7 +258,8 @@ impl ObjectiveChoice {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Suite {
-    /// CA+, CA-, QA+, QA-, ES, TMA, LTM, GTM, GTT and ERS (SPEC section 11).
+    /// CA+, CA-, QA+, QA-, ES, TMA, LTM, GTM, GTT and ERS (docs/DESIGN.md, "The ranking-attack
+    /// suite and ERS").
     Ranking,
 }
 
@@ -324,8 +325,9 @@ pub struct ExperimentArgs {
     /// much of a gap between methods is training noise.
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Run the ranking-attack suite (SPEC section 11) on this many test images per method,
-    /// spread over the test set (0 = off); profile rob28 up to 64 px, rob224 above.
+    /// Run the ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS") on this
+    /// many test images per method, spread over the test set (0 = off); profile rob28 up to 64 px,
+    /// rob224 above.
     #[arg(long)]
     pub ranking_queries: Option<usize>,
     /// Test images (spread) attacked with every objective, worst per metric reported (0 = off;

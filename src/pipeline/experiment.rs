@@ -55,7 +55,8 @@ pub struct EvalPlan {
     pub max_test_samples: usize,
     pub batch_size: usize,
     pub seed: u64,
-    /// The ranking-attack suite (SPEC section 11) on a subset of queries; absent = not run.
+    /// The ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS") on a subset of
+    /// queries; absent = not run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ranking: Option<RankingPlan>,
     /// The objectives and transfer evaluations and their subsets.

@@ -1,6 +1,6 @@
 //! The experiment presets (`robust-dml experiment --preset ...`): the Fashion-MNIST protocol of
-//! `../shared/SPEC.md` section 10 at two scales, and the paper's CUB200 settings. The CLI only
-//! picks one and applies the user's overrides.
+//! `docs/DESIGN.md`, "The Fashion-MNIST protocol", at two scales, and the paper's CUB200 settings.
+//! The CLI only picks one and applies the user's overrides.
 
 use crate::config::{PgdConfig, RankProfile};
 use crate::data::SyntheticConfig;
@@ -62,9 +62,10 @@ const FASHION_EPS: f32 = 0.1;
 const FASHION_TRAIN_STEPS: usize = 5;
 const FASHION_EVAL_STEPS: usize = 10;
 
-/// SPEC section 10: c2f2 at 28x28 with a 128-d embedding, Proxy Anchor, AdamW lr 1e-3,
-/// batch 128, no warm-up and no schedule, clipping at 10; embedding-shift PGD eps 0.1 x5 in
-/// training (alpha 2.5 eps / steps), x10 in evaluation (alpha eps / 4); EAT with 3 members.
+/// docs/DESIGN.md, "The Fashion-MNIST protocol": c2f2 at 28x28 with a 128-d embedding, Proxy
+/// Anchor, AdamW lr 1e-3, batch 128, no warm-up and no schedule, clipping at 10; embedding-shift
+/// PGD eps 0.1 x5 in training (alpha 2.5 eps / steps), x10 in evaluation (alpha eps / 4); EAT with
+/// 3 members.
 fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> ExperimentConfig {
     let mut t = TrainConfig::new(Arch::C2f2, Method::None);
     t.image_size = FASHION_SIZE;

@@ -1,7 +1,7 @@
-//! The ranking-attack suite (SPEC section 11) run on a trained model: the database is the
-//! clean embeddings of the whole evaluation set; the attacked queries are a subset spread
-//! evenly over it (all of it with `queries` 0). An ensemble is attacked and ranked through
-//! its mean embedding (the differentiable ensemble, L2-normalised).
+//! The ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS") run on a trained
+//! model: the database is the clean embeddings of the whole evaluation set; the attacked queries
+//! are a subset spread evenly over it (all of it with `queries` 0). An ensemble is attacked and
+//! ranked through its mean embedding (the differentiable ensemble, L2-normalised).
 //!
 //! Beside each attack's scores the report gives the same scores under uniform +-eps sign noise
 //! (the reference every attack must beat), the PGD parameters, and the wall time per attack.

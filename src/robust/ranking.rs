@@ -1,7 +1,7 @@
-//! The ranking-attack suite of robrank (Zhou et al.; SPEC section 11) and its summary score,
-//! ERS: candidate attacks (CA+, CA-), query attacks (QA+, QA-), embedding shift (ES), the
-//! template-matching attack (TMA), and the label-aware (LTM), guided (GTM) and top-1 (GTT)
-//! attacks.
+//! The ranking-attack suite of robrank (Zhou et al.; docs/DESIGN.md, "The ranking-attack suite and
+//! ERS") and its summary score, ERS: candidate attacks (CA+, CA-), query attacks (QA+, QA-),
+//! embedding shift (ES), the template-matching attack (TMA), and the label-aware (LTM), guided
+//! (GTM) and top-1 (GTT) attacks.
 //!
 //! Every attack minimises a loss of the attacked image's embedding against a database, the
 //! clean embeddings of the whole test set (an attacked image keeps its clean copy there), with
@@ -166,7 +166,8 @@ impl Database {
     }
 }
 
-/// The suite's scores (SPEC section 11), each averaged per batch and then over batches.
+/// The suite's scores (docs/DESIGN.md, "The ranking-attack suite and ERS"), each averaged per batch
+/// and then over batches.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RankScores {
     /// 100 prank of the attacked candidate for its query (CA+: lower = stronger attack).
@@ -196,7 +197,7 @@ impl RankScores {
         self.ers_terms().iter().sum::<f64>() / 10.0
     }
 
-    /// The ten ERS terms in the order of SPEC section 11.
+    /// The ten ERS terms in the order of docs/DESIGN.md, "The ranking-attack suite and ERS".
     pub fn ers_terms(&self) -> [f64; 10] {
         [
             2.0 * self.ca_plus,
