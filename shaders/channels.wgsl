@@ -11,6 +11,8 @@ struct Params {
     count: u32,
 }
 
+const WG: u32 = 256u;
+
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 // Per-channel data: source channel indices (gather) or scales (affine).
@@ -19,7 +21,20 @@ struct Params {
 @group(0) @binding(3) var<storage, read> aux2: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-const WG: u32 = 256u;
+// Element idx of a [batch, channels, hw] tensor: image n, channel c, spatial position s.
+struct Element {
+    n: u32,
+    c: u32,
+    s: u32,
+}
+
+fn element_of(idx: u32, channels: u32) -> Element {
+    var e: Element;
+    e.s = idx % p.hw;
+    e.c = (idx / p.hw) % channels;
+    e.n = idx / (p.hw * channels);
+    return e;
+}
 
 // out[n, dst_off + c, s] = src[n, src_off + c, s] for c < count: concat writes each input into
 // its slice of the output, split reads one slice, split's backward pads into zeros.
@@ -30,10 +45,9 @@ fn copy_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
     if (idx >= p.batch * p.count * p.hw) {
         return;
     }
-    let s = idx % p.hw;
-    let c = (idx / p.hw) % p.count;
-    let n = idx / (p.hw * p.count);
-    out[(n * p.dst_c + p.dst_off + c) * p.hw + s] = src[(n * p.src_c + p.src_off + c) * p.hw + s];
+    let e = element_of(idx, p.count);
+    out[(e.n * p.dst_c + p.dst_off + e.c) * p.hw + e.s] =
+        src[(e.n * p.src_c + p.src_off + e.c) * p.hw + e.s];
 }
 
 // out[n, c, s] = src[n, aux[c], s] (channel permutation; aux holds exact small integers).
@@ -44,11 +58,9 @@ fn gather_channels(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     if (idx >= p.batch * p.dst_c * p.hw) {
         return;
     }
-    let s = idx % p.hw;
-    let c = (idx / p.hw) % p.dst_c;
-    let n = idx / (p.hw * p.dst_c);
-    let src_ch = u32(aux[c]);
-    out[idx] = src[(n * p.src_c + src_ch) * p.hw + s];
+    let e = element_of(idx, p.dst_c);
+    let src_ch = u32(aux[e.c]);
+    out[idx] = src[(e.n * p.src_c + src_ch) * p.hw + e.s];
 }
 
 // out[n, c, s] = src[n, c, s] * aux[c] + aux2[c]

@@ -35,6 +35,14 @@ fn run_of(wid: vec3<u32>, nwg: vec3<u32>, lid: vec3<u32>, rows: u32, cols: u32, 
     return r;
 }
 
+// Writes the run's values that fall inside its row to `out` (planes of rows x cols).
+fn store_run(r: Run, rows: u32, cols: u32, values: ptr<function, array<f32, 8>>) {
+    let row = r.plane * rows * cols + r.y * cols;
+    for (var j = 0u; j < PX; j++) {
+        if (r.x0 + j < cols) { out[row + r.x0 + j] = (*values)[j]; }
+    }
+}
+
 // Bindings: a = x, b = w, c = bias, out = y.
 @compute @workgroup_size(64, 1, 1)
 fn dw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -79,10 +87,7 @@ fn dw_forward(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
             }
         }
     }
-    let o_row = o.plane * p.oh * p.ow + o.y * p.ow;
-    for (var j = 0u; j < PX; j++) {
-        if (o.x0 + j < p.ow) { out[o_row + o.x0 + j] = acc[j]; }
-    }
+    store_run(o, p.oh, p.ow, &acc);
 }
 
 // Bindings: a = dy, b = w, out = dx. Each input pixel gathers the dy pixels its taps fed.
@@ -133,10 +138,7 @@ fn dw_input_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
             }
         }
     }
-    let o_row = i.plane * p.h * p.w + i.y * p.w;
-    for (var j = 0u; j < PX; j++) {
-        if (i.x0 + j < p.w) { out[o_row + i.x0 + j] = acc[j]; }
-    }
+    store_run(i, p.h, p.w, &acc);
 }
 
 // Bindings: a = dy, b = x, out = dw (splits == 1) or partial sums [splits][cout][kh][kw].

@@ -1,7 +1,7 @@
-// The im2col + GEMM route of conv2d (src/engine/ops/conv.rs), used where the vec4 GEMM is the
-// fastest kernel we have (CPU adapters): unfolding the input into columns, folding column
-// gradients back into an input gradient (a gather, so no float atomics), the per-channel bias,
-// and zero-padding a matrix's rows to a multiple of 4 (vec4 reads) and back.
+// The im2col + GEMM route of conv2d (src/engine/ops/conv/im2col.rs), used where the vec4 GEMM is
+// the fastest kernel we have (CPU adapters): unfolding the input into columns, folding column
+// gradients back into an input gradient (a gather, so no float atomics), the per-channel bias, and
+// zero-padding a matrix's rows to a multiple of 4 (vec4 reads) and back.
 
 struct Params {
     n: u32, cin: u32, h: u32, w: u32,
@@ -16,11 +16,11 @@ struct Params {
     total: u32,
 }
 
+const WG: u32 = 64u;
+
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<f32>;
 @group(0) @binding(2) var<storage, read_write> dst: array<f32>;
-
-const WG: u32 = 64u;
 
 // dst [n, kp, oh * ow] from src [n, cin, h, w]: row (ci, ky, kx) of image n holds the input
 // pixels that tap reads for every output pixel; rows k..kp are zero. One invocation per

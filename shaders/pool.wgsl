@@ -45,6 +45,24 @@ fn thread_index(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return wg_linear(wid, nwg) * 256u + lid;
 }
 
+// Output element i (forward): where its plane starts in src, and its window along each axis.
+struct OutputWindow {
+    base: u32,
+    wy: Window,
+    wx: Window,
+}
+
+fn output_window(i: u32) -> OutputWindow {
+    let ox = i % p.ow;
+    let t = i / p.ow;
+    let oy = t % p.oh;
+    var o: OutputWindow;
+    o.base = (t / p.oh) * p.h * p.w;
+    o.wy = window(oy, p.sh, p.ph, p.kh, p.h);
+    o.wx = window(ox, p.sw, p.pw, p.kw, p.w);
+    return o;
+}
+
 @compute @workgroup_size(256)
 fn max_pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                 @builtin(local_invocation_index) lid: u32) {
@@ -52,18 +70,13 @@ fn max_pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= p.total) {
         return;
     }
-    let ox = i % p.ow;
-    let t = i / p.ow;
-    let oy = t % p.oh;
-    let base = (t / p.oh) * p.h * p.w;
-    let wy = window(oy, p.sh, p.ph, p.kh, p.h);
-    let wx = window(ox, p.sw, p.pw, p.kw, p.w);
+    let o = output_window(i);
     var best = bitcast<f32>(0xff800000u); // -inf
-    var best_at = u32(wy.start) * p.w + u32(wx.start);
-    for (var y = wy.start; y < wy.end; y++) {
-        for (var x = wx.start; x < wx.end; x++) {
+    var best_at = u32(o.wy.start) * p.w + u32(o.wx.start);
+    for (var y = o.wy.start; y < o.wy.end; y++) {
+        for (var x = o.wx.start; x < o.wx.end; x++) {
             let at = u32(y) * p.w + u32(x);
-            let v = src[base + at];
+            let v = src[o.base + at];
             // Strictly greater keeps the first maximum; NaN wins, as in PyTorch.
             if (v > best || v != v) {
                 best = v;
@@ -89,22 +102,17 @@ fn avg_pool_fwd(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     if (i >= p.total) {
         return;
     }
-    let ox = i % p.ow;
-    let t = i / p.ow;
-    let oy = t % p.oh;
-    let base = (t / p.oh) * p.h * p.w;
-    let wy = window(oy, p.sh, p.ph, p.kh, p.h);
-    let wx = window(ox, p.sw, p.pw, p.kw, p.w);
+    let o = output_window(i);
     var s = 0.0;
-    for (var y = wy.start; y < wy.end; y++) {
-        for (var x = wx.start; x < wx.end; x++) {
-            s += src[base + u32(y) * p.w + u32(x)];
+    for (var y = o.wy.start; y < o.wy.end; y++) {
+        for (var x = o.wx.start; x < o.wx.end; x++) {
+            s += src[o.base + u32(y) * p.w + u32(x)];
         }
     }
-    if (wy.start >= wy.end || wx.start >= wx.end) {
+    if (o.wy.start >= o.wy.end || o.wx.start >= o.wx.end) {
         dst[i] = 0.0;
     } else {
-        dst[i] = s / avg_divisor(wy, wx);
+        dst[i] = s / avg_divisor(o.wy, o.wx);
     }
 }
 

@@ -11,6 +11,10 @@ struct Params {
     scale: f32,
 }
 
+const WG: u32 = 256u;
+// Values folded into one partial sum by one workgroup of `sum_partial` (8 per thread).
+const CHUNK: u32 = 2048u;
+
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 // Forward output (logsumexp backward only).
@@ -18,10 +22,6 @@ struct Params {
 // Output gradient (backward entries only).
 @group(0) @binding(3) var<storage, read> g: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
-
-const WG: u32 = 256u;
-// Values folded into one partial sum by one workgroup of `sum_partial` (8 per thread).
-const CHUNK: u32 = 2048u;
 
 // What reduce_dim and expand_dim compute (Rust: reduce::DIM_CODES).
 const REDUCE_SCALED_SUM: u32 = 0u;  // sum * scale (sum, mean)
