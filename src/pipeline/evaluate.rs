@@ -1,6 +1,10 @@
 //! Evaluation of trained models, clean and under attack: embeddings of the test set (attacked
 //! on the fly, batch by batch), Recall@k and MAP@R through the device's neighbour search,
 //! k-means NMI and F1; both attack scenarios from one attack pass.
+//!
+//! [`EvalContext`] is what every evaluation shares (the nets, the set, how it is fed); the
+//! metric helpers (one model or an ensemble by voting, both scenarios of an attacked pass, the
+//! 2-D projection) are here for every producer of `results` to use.
 
 use crate::config::PgdConfig;
 use crate::data::loader::{BatchLoader, LoaderConfig};
