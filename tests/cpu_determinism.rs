@@ -15,7 +15,7 @@ use robust_dml::engine::ops::pool::{avg_pool2d, global_avg_pool, Pool2dParams};
 use robust_dml::engine::ops::reduce::{logsumexp_dim, sum, sum_dim};
 use robust_dml::engine::testing::{randn, uniform};
 
-/// Outputs and gradients of a mix of fast kernels (GEMM, convolution, batch norm, pooling,
+/// Outputs and gradients of a mix of fast kernels (GEMM, convolution on both routes, batch norm, pooling,
 /// reductions, normalisation) on one input.
 fn fingerprint() -> Vec<Vec<f32>> {
     let x = randn(&[6, 5, 17, 13], 1);
@@ -34,10 +34,19 @@ fn fingerprint() -> Vec<Vec<f32>> {
         ceil_mode: true,
         count_include_pad: false,
     };
-    let (out, grads) = forward_backward(&[&x, &w, &gamma, &beta], &[1.0], |t| {
+    // A strided convolution onto 5x4 planes: the blocks-of-images route of the fast conv.
+    let w_small_planes = randn(&[4, 7, 3, 3], 7);
+    let p_small_planes = Conv2dParams {
+        stride: (2, 2),
+        padding: (1, 1),
+        ..Default::default()
+    };
+    let inputs = [&x, &w, &gamma, &beta, &w_small_planes];
+    let (out, grads) = forward_backward(&inputs, &[1.0], |t| {
         let y = conv2d(&t[0], &t[1], None, p)?;
         let y = batch_norm_train(&y, &t[2], &t[3], &rm, &rv, 0.1, 1e-5)?;
         let y = avg_pool2d(&ew::relu(&y)?, pool_3x3_stride_2)?;
+        let y = conv2d(&y, &t[4], None, p_small_planes)?;
         let e = l2_normalize(&global_avg_pool(&y)?, 1, 1e-12)?;
         let lse = logsumexp_dim(&matmul_t(&e, &e, false, true)?, 1)?;
         sum(&ew::add(&sum_dim(&e, 1)?, &lse)?)

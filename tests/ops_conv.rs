@@ -679,7 +679,37 @@ fn conv_geometries() -> Vec<([usize; 4], [usize; 4], Conv2dParams)> {
             [8, 3, 3, 3],
             conv((2, 2), (1, 1), (1, 1), 1),
         ),
+        // Per image with several images: grouped, and plain pointwise, on planes of 64+ pixels.
+        ([3, 4, 9, 8], [6, 2, 3, 3], conv((1, 1), (1, 1), (1, 1), 2)),
+        ([2, 5, 8, 9], [3, 5, 1, 1], conv((1, 1), (0, 0), (1, 1), 1)),
+        // Blocks of images (planes under 64 pixels): ResNet's last stages, a last block shorter
+        // than the others (37 images of 9 pixels: blocks of 29 and 8), grouped with dilation.
+        ([5, 8, 4, 4], [6, 8, 3, 3], conv((2, 2), (1, 1), (1, 1), 1)),
+        ([37, 3, 3, 3], [4, 3, 3, 3], conv((1, 1), (1, 1), (1, 1), 1)),
+        ([4, 6, 7, 6], [4, 3, 3, 2], conv((1, 1), (2, 1), (2, 1), 2)),
     ]
+}
+
+/// The geometries above reach every fast CPU route, several images on each GEMM route.
+#[test]
+fn conv_geometries_cover_every_cpu_route() {
+    use robust_dml::engine::ops::conv::{cpu_route, CpuConvRoute};
+    let mut seen = std::collections::HashSet::new();
+    for (xs, ws, p) in conv_geometries() {
+        let route = cpu_route(&xs, &ws, p).unwrap();
+        seen.insert((route, xs[0] > 1));
+    }
+    for route in [
+        CpuConvRoute::Depthwise,
+        CpuConvRoute::PerImage,
+        CpuConvRoute::ImageBlocks,
+    ] {
+        assert!(
+            seen.contains(&(route, true)),
+            "{route:?} with several images"
+        );
+    }
+    assert!(seen.contains(&(CpuConvRoute::PerImage, false)));
 }
 
 #[test]

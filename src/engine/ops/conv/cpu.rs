@@ -1,15 +1,41 @@
 //! The CPU fast path: depthwise convolutions by direct loops, the others as one GEMM per image
-//! and group over an im2col matrix (the input itself for pointwise convolutions). Tested
-//! against the plain loops of `engine::reference` by tests/ops_conv.rs.
+//! and group over an im2col matrix (the input itself for pointwise convolutions), or, for small
+//! output planes, per block of images ([`super::blocked`]). Tested against the plain loops of
+//! `engine::reference` by tests/ops_conv.rs, which covers every [`CpuConvRoute`].
 
+use super::blocked;
 use super::geom::Geom;
 use crate::engine::cpu;
+
+/// Which fast CPU code runs a convolution (the same for its forward and both gradients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CpuConvRoute {
+    /// Direct loops per plane.
+    Depthwise,
+    /// One GEMM per image (and group) over its im2col matrix.
+    PerImage,
+    /// One GEMM per block of images, their column matrices side by side.
+    ImageBlocks,
+}
+
+pub(super) fn route(g: &Geom) -> CpuConvRoute {
+    if g.is_depthwise() {
+        CpuConvRoute::Depthwise
+    } else if blocked::takes_blocked_path(g) {
+        CpuConvRoute::ImageBlocks
+    } else {
+        CpuConvRoute::PerImage
+    }
+}
 
 /// The fast CPU forward: depthwise convolutions by direct loops, the others as one GEMM per
 /// image and group over an im2col matrix (the input itself for pointwise convolutions).
 pub(super) fn fast_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     if g.is_depthwise() {
         return depthwise_forward(g, x, w, bias);
+    }
+    if blocked::takes_blocked_path(g) {
+        return blocked::forward(g, x, w, bias);
     }
     let (in_len, out_len, plane) = (g.cin * g.h * g.w, g.cout * g.oh * g.ow, g.oh * g.ow);
     let mut y = vec![0.0; g.n * out_len];
@@ -72,31 +98,37 @@ fn image_columns<'a>(g: &Geom, x_img: &'a [f32], scratch: &'a mut Vec<f32>) -> &
     // Every element is written below (padding included), so old contents need no clearing.
     scratch.resize(rows * plane, 0.0);
     for (row, col_row) in scratch[..rows * plane].chunks_mut(plane).enumerate() {
-        let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-        let x_plane = &x_img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        let (lo, hi) = valid_columns(g, kx);
-        for (oy, out_row) in col_row.chunks_mut(g.ow).enumerate() {
-            let Some(iy) = (oy * g.sh + ky * g.dh)
-                .checked_sub(g.ph)
-                .filter(|&iy| iy < g.h)
-            else {
-                out_row.fill(0.0); // the tap reads padding
-                continue;
-            };
-            let x_row = &x_plane[iy * g.w..(iy + 1) * g.w];
-            out_row[..lo].fill(0.0);
-            out_row[hi..].fill(0.0);
-            if g.sw == 1 && lo < hi {
-                let start = lo + kx * g.dw - g.pw;
-                out_row[lo..hi].copy_from_slice(&x_row[start..start + hi - lo]);
-            } else {
-                for ox in lo..hi {
-                    out_row[ox] = x_row[ox * g.sw + kx * g.dw - g.pw];
-                }
+        fill_column_row(g, x_img, row, col_row);
+    }
+    &scratch[..rows * plane]
+}
+
+/// Row `row` (input channel, ky, kx) of one image's im2col matrix: the input pixel each output
+/// pixel's tap reads, 0 where it reads padding. `out` is one output plane long.
+pub(super) fn fill_column_row(g: &Geom, x_img: &[f32], row: usize, out: &mut [f32]) {
+    let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+    let x_plane = &x_img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+    let (lo, hi) = valid_columns(g, kx);
+    for (oy, out_row) in out.chunks_mut(g.ow).enumerate() {
+        let Some(iy) = (oy * g.sh + ky * g.dh)
+            .checked_sub(g.ph)
+            .filter(|&iy| iy < g.h)
+        else {
+            out_row.fill(0.0); // the tap reads padding
+            continue;
+        };
+        let x_row = &x_plane[iy * g.w..(iy + 1) * g.w];
+        out_row[..lo].fill(0.0);
+        out_row[hi..].fill(0.0);
+        if g.sw == 1 && lo < hi {
+            let start = lo + kx * g.dw - g.pw;
+            out_row[lo..hi].copy_from_slice(&x_row[start..start + hi - lo]);
+        } else {
+            for ox in lo..hi {
+                out_row[ox] = x_row[ox * g.sw + kx * g.dw - g.pw];
             }
         }
     }
-    &scratch[..rows * plane]
 }
 
 /// 1x1, stride 1, no padding, one group: the input is the column matrix (any channel count).
@@ -120,6 +152,9 @@ fn valid_columns(g: &Geom, kx: usize) -> (usize, usize) {
 pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     if g.is_depthwise() {
         return depthwise_input_grad(g, dy, w);
+    }
+    if blocked::takes_blocked_path(g) {
+        return blocked::input_grad(g, dy, w);
     }
     let (in_len, out_len, plane) = (g.cin * g.h * g.w, g.cout * g.oh * g.ow, g.oh * g.ow);
     let (m, k) = (g.cout_g, g.cin_g * g.kh * g.kw);
@@ -159,31 +194,36 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
 
 /// Adds a column-matrix gradient back onto the image it was gathered from (dx_img starts zero).
 fn col2im(g: &Geom, dcol: &[f32], dx_img: &mut [f32]) {
-    let plane = g.oh * g.ow;
-    for (row, col_row) in dcol.chunks(plane).enumerate() {
-        let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-        let dx_plane = &mut dx_img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        let (lo, hi) = valid_columns(g, kx);
-        for (oy, d_row) in col_row.chunks(g.ow).enumerate() {
-            let Some(iy) = (oy * g.sh + ky * g.dh)
-                .checked_sub(g.ph)
-                .filter(|&iy| iy < g.h)
-            else {
-                continue;
-            };
-            let dx_row = &mut dx_plane[iy * g.w..(iy + 1) * g.w];
-            if g.sw == 1 && lo < hi {
-                let start = lo + kx * g.dw - g.pw;
-                for (d, &v) in dx_row[start..start + hi - lo]
-                    .iter_mut()
-                    .zip(&d_row[lo..hi])
-                {
-                    *d += v;
-                }
-            } else {
-                for ox in lo..hi {
-                    dx_row[ox * g.sw + kx * g.dw - g.pw] += d_row[ox];
-                }
+    for (row, col_row) in dcol.chunks(g.oh * g.ow).enumerate() {
+        add_column_row(g, col_row, row, dx_img);
+    }
+}
+
+/// The transpose of [`fill_column_row`]: adds row `row` of a column-matrix gradient onto the
+/// input pixels that row was gathered from.
+pub(super) fn add_column_row(g: &Geom, d_row_plane: &[f32], row: usize, dx_img: &mut [f32]) {
+    let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+    let dx_plane = &mut dx_img[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+    let (lo, hi) = valid_columns(g, kx);
+    for (oy, d_row) in d_row_plane.chunks(g.ow).enumerate() {
+        let Some(iy) = (oy * g.sh + ky * g.dh)
+            .checked_sub(g.ph)
+            .filter(|&iy| iy < g.h)
+        else {
+            continue;
+        };
+        let dx_row = &mut dx_plane[iy * g.w..(iy + 1) * g.w];
+        if g.sw == 1 && lo < hi {
+            let start = lo + kx * g.dw - g.pw;
+            for (d, &v) in dx_row[start..start + hi - lo]
+                .iter_mut()
+                .zip(&d_row[lo..hi])
+            {
+                *d += v;
+            }
+        } else {
+            for ox in lo..hi {
+                dx_row[ox * g.sw + kx * g.dw - g.pw] += d_row[ox];
             }
         }
     }
@@ -195,6 +235,9 @@ pub(super) fn fast_weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
     if g.is_depthwise() {
         return depthwise_weight_grad(g, dy, x);
+    }
+    if blocked::takes_blocked_path(g) {
+        return blocked::weight_grad(g, dy, x);
     }
     let (in_len, out_len, plane) = (g.cin * g.h * g.w, g.cout * g.oh * g.ow, g.oh * g.ow);
     let (m, k) = (g.cout_g, g.cin_g * g.kh * g.kw);

@@ -25,6 +25,7 @@ use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
 use std::sync::Arc;
 
+mod blocked;
 mod cpu;
 mod geom;
 mod im2col;
@@ -34,6 +35,7 @@ use geom::Geom;
 pub use im2col::{ConvRoute, Im2colParams};
 pub use implicit_gemm::ConvParams;
 
+pub use cpu::CpuConvRoute;
 use cpu::{fast_bias_grad, fast_forward, fast_input_grad, fast_weight_grad};
 use im2col::{padded_k, use_gemm_route};
 
@@ -225,6 +227,11 @@ impl Backward for Conv2dBack {
         }
         Ok(grads)
     }
+}
+
+/// The fast CPU code that runs a convolution of these shapes (tests check that each is covered).
+pub fn cpu_route(x_shape: &[usize], w_shape: &[usize], p: Conv2dParams) -> Result<CpuConvRoute> {
+    Ok(cpu::route(&Geom::new(x_shape, w_shape, p)?))
 }
 
 /// y = conv2d(x, w) + bias, x [N, C_in, H, W] -> y [N, C_out, H_out, W_out]. Recorded.
