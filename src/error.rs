@@ -66,6 +66,20 @@ pub enum Error {
         /// Advice when not even one image fits.
         smaller_input: &'static str,
     },
+    #[error(
+        "could not save the checkpoint of epoch {epoch} to {}: {source}. The partial file was \
+         removed and {kept}. Free some space (or fix the folder), then rerun with --resume",
+        path.display()
+    )]
+    CheckpointNotSaved {
+        path: PathBuf,
+        /// The epoch (1-based) whose checkpoint failed.
+        epoch: usize,
+        /// What is on disk instead: "the checkpoint of epoch N is kept" or that none was written.
+        kept: String,
+        #[source]
+        source: Box<Error>,
+    },
     #[error("{0}")]
     Config(String),
 }

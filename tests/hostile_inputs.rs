@@ -754,6 +754,50 @@ fn stale_tmp_is_removed_and_the_log_rebuilt_on_resume() {
     assert_eq!(text.lines().count(), 3, "{text}");
 }
 
+/// A checkpoint that cannot be written (the disk full: a file-size limit, with SIGXFSZ ignored,
+/// makes the write fail as ENOSPC would) leaves no partial `.tmp` behind, and the message says
+/// which checkpoint is kept. The run then resumes from that checkpoint once there is room.
+#[test]
+fn a_failed_save_removes_its_tmp_and_names_the_checkpoint_kept() {
+    let sb = Sandbox::new("full-disk");
+    sb.succeeds(&tiny_train("run", &[]));
+    let ckpt = sb.path("run/checkpoint.safetensors");
+    let before = std::fs::read(&ckpt).unwrap();
+    // bash's `ulimit -f` counts 1024-byte blocks; half the checkpoint fits, the log easily.
+    let limit_blocks = (before.len() / 1024 / 2).max(1);
+    let out = Command::new("bash")
+        .current_dir(&sb.dir)
+        .env("ROBUST_DML_DEVICE", "cpu")
+        .arg("-c")
+        .arg(format!(
+            "trap '' XFSZ; ulimit -f {limit_blocks}; exec \"$0\" \"$@\""
+        ))
+        .arg(BIN)
+        .args(["train", "--resume", "--out", "run", "--epochs", "2"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("could not save the checkpoint of epoch 2"),
+        "{err}"
+    );
+    assert!(
+        err.contains("the checkpoint of epoch 1 is kept") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!sb.path("run/checkpoint.safetensors.tmp").exists());
+    assert_eq!(
+        std::fs::read(&ckpt).unwrap(),
+        before,
+        "the old checkpoint is whole"
+    );
+    sb.succeeds(&["train", "--resume", "--out", "run", "--epochs", "2"]);
+    let log = std::fs::read_to_string(sb.path("run/train_log.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 2, "{log}");
+}
+
 // ---------------------------------------------------------------- outputs of embed
 
 #[test]

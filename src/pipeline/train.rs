@@ -397,11 +397,28 @@ impl Run {
             if let Err(e) = self.save(&ckpt) {
                 self.epochs_done -= 1;
                 self.log.pop();
-                return Err(e);
+                return Err(self.not_saved(e, &ckpt));
             }
             self.write_log(&log_path)?;
         }
         Ok(())
+    }
+
+    /// A failed save, saying what is kept on disk; a refused non-finite state already does.
+    fn not_saved(&self, e: Error, ckpt: &Path) -> Error {
+        if matches!(e, Error::NonFiniteState { .. }) {
+            return e;
+        }
+        let kept = match self.epochs_done {
+            0 => "no checkpoint had been written yet".to_string(),
+            n => format!("the checkpoint of epoch {n} is kept, whole"),
+        };
+        Error::CheckpointNotSaved {
+            path: ckpt.to_path_buf(),
+            epoch: self.epochs_done + 1,
+            kept,
+            source: Box::new(e),
+        }
     }
 
     /// Rewrites the JSON-lines log atomically from [`Run::log`].
