@@ -10,7 +10,7 @@
 //! GEMM (gemm never splits its K reduction over threads), and the weight gradient sums the
 //! blocks' partials in block order. Tested against the reference loops by tests/ops_conv.rs.
 
-use super::cpu::{add_column_row, fill_column_row};
+use super::columns::{add_column_row, fill_column_row};
 use super::geom::Geom;
 use crate::engine::cpu;
 use rayon::prelude::*;

@@ -26,7 +26,9 @@ use crate::engine::tensor::Tensor;
 use std::sync::Arc;
 
 mod blocked;
+mod columns;
 mod cpu;
+mod depthwise;
 mod geom;
 mod im2col;
 mod implicit_gemm;
