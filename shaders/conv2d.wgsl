@@ -60,6 +60,19 @@ fn bias_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
 const RB: u32 = 16u;   // rows (channels) per invocation
 const CB: u32 = 8u;    // consecutive pixels of one row per invocation
 
+// Where an invocation of the register-blocked pixel kernels works: group g, block cb of RB
+// channels, and `run` consecutive pixels from column x0 of row y of image img, over planes of
+// rows x cols (tiles_m = channel blocks, tiles_n = n * rows * ceil(cols / run) pixel runs).
+struct PixelRun { g: u32, cb: u32, img: u32, y: u32, x0: u32 }
+
+fn pixel_run(gid: u32, rows: u32, cols: u32, run: u32) -> PixelRun {
+    let pixel_group = gid % p.tiles_n;
+    let rest = gid / p.tiles_n;
+    let runs = (cols + run - 1u) / run;
+    let row = pixel_group / runs;
+    return PixelRun(rest / p.tiles_m, rest % p.tiles_m, row / rows, row % rows, (pixel_group % runs) * run);
+}
+
 // Forward: invocation = (group, block of RB output channels, FB pixels of one output row).
 // tiles_m = channel blocks, tiles_n = pixel groups (n * oh * ceil(ow / FB)). With stride 1,
 // dilation 1 and 3 taps per row, one sliding window of FB + 2 inputs serves all three taps.
@@ -68,30 +81,21 @@ const FB: u32 = 16u;
 @compute @workgroup_size(64, 1, 1)
 fn conv_forward_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                    @builtin(local_invocation_id) lid: vec3<u32>) {
-    let gid = wg_linear(wid, nwg) * 64u + lid.x;
-    let pg = gid % p.tiles_n;
-    let rest = gid / p.tiles_n;
-    let cb = rest % p.tiles_m;
-    let g = rest / p.tiles_m;
-    if (g >= p.groups) { return; }
-    let owb = (p.ow + FB - 1u) / FB;
-    let ox0 = (pg % owb) * FB;
-    let r1 = pg / owb;
-    let oy = r1 % p.oh;
-    let img = r1 / p.oh;
+    let at = pixel_run(wg_linear(wid, nwg) * 64u + lid.x, p.oh, p.ow, FB);
+    if (at.g >= p.groups) { return; }
     let khkw = p.kh * p.kw;
     let hw = p.h * p.w;
-    let co0 = cb * RB;
+    let co0 = at.cb * RB;
     let w_stride = p.cin_g * khkw;
     // Rows past the group's channels read the last valid row; their results are never stored.
     var w_row: array<u32, 16>;
     for (var r = 0u; r < RB; r++) {
-        w_row[r] = (g * p.cout_g + min(co0 + r, p.cout_g - 1u)) * w_stride;
+        w_row[r] = (at.g * p.cout_g + min(co0 + r, p.cout_g - 1u)) * w_stride;
     }
     var acc: array<vec4<f32>, 64>; // [RB][FB / 4]
     for (var i = 0u; i < 64u; i++) { acc[i] = vec4<f32>(0.0); }
-    let x_img = (img * p.cin + g * p.cin_g) * hw;
-    let iy0 = i32(oy * p.sh) - i32(p.ph);
+    let x_img = (at.img * p.cin + at.g * p.cin_g) * hw;
+    let iy0 = i32(at.y * p.sh) - i32(p.ph);
     let window = p.sw == 1u && p.dw == 1u && p.kw == 3u;
     for (var ci = 0u; ci < p.cin_g; ci++) {
         let x_ch = x_img + ci * hw;
@@ -103,7 +107,7 @@ fn conv_forward_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
             if (window) {
                 var win: array<f32, 18>;
                 for (var j = 0u; j < FB + 2u; j++) {
-                    let ix = i32(ox0 + j) - i32(p.pw);
+                    let ix = i32(at.x0 + j) - i32(p.pw);
                     let ok = row_ok && ix >= 0 && ix < i32(p.w);
                     win[j] = select(0.0, a[select(0u, x_row + u32(ix), ok)], ok);
                 }
@@ -132,7 +136,7 @@ fn conv_forward_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
                 for (var kx = 0u; kx < p.kw; kx++) {
                     var xv: array<f32, 16>;
                     for (var c = 0u; c < FB; c++) {
-                        let ix = i32((ox0 + c) * p.sw + kx * p.dw) - i32(p.pw);
+                        let ix = i32((at.x0 + c) * p.sw + kx * p.dw) - i32(p.pw);
                         let ok = row_ok && ix >= 0 && ix < i32(p.w);
                         xv[c] = select(0.0, a[select(0u, x_row + u32(ix), ok)], ok);
                     }
@@ -155,12 +159,12 @@ fn conv_forward_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
     for (var r = 0u; r < RB; r++) {
         let co = co0 + r;
         if (co >= p.cout_g) { break; }
-        let och = g * p.cout_g + co;
+        let och = at.g * p.cout_g + co;
         var bias = 0.0;
         if (p.has_bias == 1u) { bias = c[och]; }
-        let o_row = (img * p.cout + och) * ohw + oy * p.ow;
+        let o_row = (at.img * p.cout + och) * ohw + at.y * p.ow;
         for (var cc = 0u; cc < FB; cc++) {
-            if (ox0 + cc < p.ow) { out[o_row + ox0 + cc] = acc[4u * r + cc / 4u][cc % 4u] + bias; }
+            if (at.x0 + cc < p.ow) { out[o_row + at.x0 + cc] = acc[4u * r + cc / 4u][cc % 4u] + bias; }
         }
     }
 }
@@ -171,37 +175,28 @@ fn conv_forward_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
 @compute @workgroup_size(64, 1, 1)
 fn conv_input_grad_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                       @builtin(local_invocation_id) lid: vec3<u32>) {
-    let gid = wg_linear(wid, nwg) * 64u + lid.x;
-    let pg = gid % p.tiles_n;
-    let rest = gid / p.tiles_n;
-    let cb = rest % p.tiles_m;
-    let g = rest / p.tiles_m;
-    if (g >= p.groups) { return; }
-    let wb = (p.w + CB - 1u) / CB;
-    let ix0 = (pg % wb) * CB;
-    let r1 = pg / wb;
-    let iy = r1 % p.h;
-    let img = r1 / p.h;
+    let at = pixel_run(wg_linear(wid, nwg) * 64u + lid.x, p.h, p.w, CB);
+    if (at.g >= p.groups) { return; }
+    let ci0 = at.cb * RB;
     let khkw = p.kh * p.kw;
     let ohw = p.oh * p.ow;
-    let ci0 = cb * RB;
     var w_col: array<u32, 16>;
     for (var r = 0u; r < RB; r++) { w_col[r] = min(ci0 + r, p.cin_g - 1u) * khkw; }
     var acc: array<vec4<f32>, 32>;
     for (var i = 0u; i < 32u; i++) { acc[i] = vec4<f32>(0.0); }
-    let dy_img = (img * p.cout + g * p.cout_g) * ohw;
+    let dy_img = (at.img * p.cout + at.g * p.cout_g) * ohw;
     for (var co = 0u; co < p.cout_g; co++) {
         let dy_ch = dy_img + co * ohw;
-        let w_co = (g * p.cout_g + co) * p.cin_g * khkw;
+        let w_co = (at.g * p.cout_g + co) * p.cin_g * khkw;
         for (var ky = 0u; ky < p.kh; ky++) {
-            let ty = i32(iy + p.ph) - i32(ky * p.dh);
+            let ty = i32(at.y + p.ph) - i32(ky * p.dh);
             var oy = u32(max(ty, 0)) / p.sh;
             let row_ok = ty >= 0 && oy * p.sh == u32(ty) && oy < p.oh;
             let dy_row = dy_ch + select(0u, oy, row_ok) * p.ow;
             for (var kx = 0u; kx < p.kw; kx++) {
                 var dv: array<f32, 8>;
                 for (var c = 0u; c < CB; c++) {
-                    let tx = i32(ix0 + c + p.pw) - i32(kx * p.dw);
+                    let tx = i32(at.x0 + c + p.pw) - i32(kx * p.dw);
                     var ox = u32(max(tx, 0));
                     var ok = row_ok && tx >= 0;
                     if (p.sw != 1u) { ox = ox / p.sw; ok = ok && ox * p.sw == u32(tx); }
@@ -223,9 +218,9 @@ fn conv_input_grad_rb(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgr
     for (var r = 0u; r < RB; r++) {
         let ci = ci0 + r;
         if (ci >= p.cin_g) { break; }
-        let o_row = (img * p.cin + g * p.cin_g + ci) * hw + iy * p.w;
+        let o_row = (at.img * p.cin + at.g * p.cin_g + ci) * hw + at.y * p.w;
         for (var cc = 0u; cc < CB; cc++) {
-            if (ix0 + cc < p.w) { out[o_row + ix0 + cc] = acc[2u * r + cc / 4u][cc % 4u]; }
+            if (at.x0 + cc < p.w) { out[o_row + at.x0 + cc] = acc[2u * r + cc / 4u][cc % 4u]; }
         }
     }
 }

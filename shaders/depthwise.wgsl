@@ -96,9 +96,9 @@ fn dw_input_grad(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups)
                  @builtin(local_invocation_id) lid: vec3<u32>) {
     let i = run_of(wid, nwg, lid, p.h, p.w, p.n * p.cin);
     if (!i.ok) { return; }
-    let mult = p.cout / p.cin;
     let ci = i.plane % p.cin;
     let img = i.plane / p.cin;
+    let mult = p.cout / p.cin;
     let ohw = p.oh * p.ow;
     let khkw = p.kh * p.kw;
     var acc: array<f32, 8>;
