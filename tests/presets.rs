@@ -42,6 +42,11 @@ fn quick_and_full_presets_are_the_fashion_mnist_protocol() {
     }
     let full = presets::fashion_mnist();
     assert_eq!((full.train.epochs, full.train.max_steps_per_epoch), (3, 78));
+    let quick = presets::quick();
+    assert_eq!(
+        (quick.train.epochs, quick.train.max_steps_per_epoch),
+        (2, 8)
+    );
 }
 
 #[test]
