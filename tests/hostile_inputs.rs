@@ -1210,3 +1210,28 @@ fn bad_environment_values_are_named() {
     assert_eq!(err.matches("no GPU adapter found").count(), 1, "{err}");
     assert!(!sb.path("run").exists());
 }
+
+/// `--eat-split`: an unknown value and a contradiction with the Table 3 methods are refused
+/// before any work, and `--resume` refuses a change of it.
+#[test]
+fn eat_split_is_checked_and_kept_on_resume() {
+    let sb = Sandbox::with_trained_run("eat-split");
+    sb.refuses(
+        &tiny_train("fresh", &["--method", "eat", "--eat-split", "halves"]),
+        "--eat-split",
+        Some("fresh"),
+    );
+    sb.refuses(
+        &tiny_train(
+            "fresh",
+            &["--method", "eat-no-split", "--eat-split", "leave-one-out"],
+        ),
+        "--eat-split leave-one-out contradicts --method eat-no-split",
+        Some("fresh"),
+    );
+    sb.refuses(
+        &["train", "--resume", "--out", "run", "--eat-split", "none"],
+        "--eat-split none (the run has leave-one-out)",
+        Some("run"),
+    );
+}

@@ -152,7 +152,7 @@ impl ExperimentConfig {
         }
         for &method in &self.methods {
             let mut t = self.train.clone();
-            t.defense.method = method;
+            t.defense = t.defense.with_method(method);
             t.validate()?;
         }
         self.eval
@@ -197,7 +197,7 @@ pub fn claim_experiment_dir(cfg: &ExperimentConfig, out: &Path, overwrite: bool)
     for name in TOP_FILES {
         remove_if_file(&out.join(name))?;
     }
-    for method in Method::ALL {
+    for method in Method::EVERY {
         let dir = out.join(method.key());
         for name in [CHECKPOINT_FILE, LOG_FILE, "report.json"] {
             remove_if_file(&dir.join(name))?;
@@ -441,7 +441,7 @@ fn train_method(
     dir: &Path,
 ) -> Result<Run> {
     let mut tc = cfg.train.clone();
-    tc.defense.method = method;
+    tc.defense = tc.defense.with_method(method);
     let ckpt: PathBuf = dir.join(CHECKPOINT_FILE);
     let mut run = if ckpt.exists() {
         let run = Run::load(&ckpt, dataset, device)?;

@@ -1,5 +1,5 @@
-//! The training loop: Proxy Anchor training of one model or of an EAT ensemble, with any of
-//! the defenses; AdamW with Proxy-Anchor's parameter groups, step schedule, warm-up epochs
+//! The training loop: Proxy Anchor training of one model or of an ensemble (EAT or a Table 3
+//! ablation), with any of the defenses; AdamW with Proxy-Anchor's parameter groups, step schedule, warm-up epochs
 //! (head and proxies only), BatchNorm freezing, gradient clipping; an atomic checkpoint every
 //! epoch and `--resume` that continues bit for bit (all randomness is derived from the seed,
 //! the epoch, the member and the step); a NaN guard; progress and a JSON-lines log.
@@ -22,12 +22,12 @@ pub use crate::pipeline::train_config::{
     default_image_size, min_image_size, serde_name, Arch, TrainConfig,
 };
 use crate::robust::attack::{BoxedEmbedFn, EmbedFn};
+use crate::robust::defense::{eat_member_indices, step_loss, StepContext};
 /// The defense a run trains with, part of its [`TrainConfig`]; the CLI's `--method` names it
 /// through here, so the command line imports nothing from `robust`.
-pub use crate::robust::defense::Method;
-use crate::robust::defense::{eat_member_indices, step_loss, StepContext};
+pub use crate::robust::defense::{EatSplit, Method};
 
-/// One model of the run (the only one, or an EAT member).
+/// One model of the run (the only one, or an ensemble member).
 pub struct Member {
     pub net: EmbeddingNet,
     pub proxies: Tensor,
@@ -150,10 +150,12 @@ impl Run {
         }
         cfg.check_memory(classes, dataset.train.len())?;
         let mut rng = Rng::new(cfg.seed);
-        let splits = if n > 1 {
+        // Algorithm 1's split for EAT; the whole set for one model and for the Table 3
+        // ablations (members then differ only by their seeds).
+        let splits = if n > 1 && cfg.defense.splits_data() {
             eat_member_indices(dataset.train.len(), n, &mut Rng::new(cfg.seed ^ 0xEA7))
         } else {
-            vec![(0..dataset.train.len()).collect()]
+            vec![(0..dataset.train.len()).collect(); n]
         };
         let mut members = Vec::with_capacity(n);
         for (i, train_indices) in splits.into_iter().enumerate() {
@@ -516,6 +518,20 @@ impl Run {
         })
     }
 
+    /// The members whose sum of objectives member `i`'s training attack climbs: all of them
+    /// for EAT (eq. 10), member `i` alone for AT and the naive ensemble, none for methods
+    /// that do not attack.
+    pub fn attacked_members(&self, i: usize) -> Vec<usize> {
+        let method = self.cfg.defense.method;
+        if !method.uses_attack() {
+            Vec::new()
+        } else if method.attacks_ensemble() {
+            (0..self.members.len()).collect()
+        } else {
+            vec![i]
+        }
+    }
+
     /// One optimizer step of member `i`; returns the loss value.
     fn member_step(
         &mut self,
@@ -526,18 +542,12 @@ impl Run {
     ) -> Result<f32> {
         let cfg = &self.cfg;
         let mode = cfg.train_mode();
-        let needs_attack = cfg.defense.method.uses_attack();
         // Attacks run on frozen views (no parameter gradients) in the training BN mode.
-        let views: Vec<EmbeddingNet> = if !needs_attack {
-            Vec::new()
-        } else if cfg.defense.method.is_ensemble() {
-            self.members
-                .iter()
-                .map(|m| m.frozen_net())
-                .collect::<Result<_>>()?
-        } else {
-            vec![self.members[i].frozen_net()?]
-        };
+        let views: Vec<EmbeddingNet> = self
+            .attacked_members(i)
+            .into_iter()
+            .map(|k| self.members[k].frozen_net())
+            .collect::<Result<_>>()?;
         let attack_mode = if cfg.bn_freeze {
             ForwardMode::FrozenBn
         } else {

@@ -11,7 +11,7 @@ use crate::dml::loss::ProxyAnchorConfig;
 use crate::error::{Error, Result};
 use crate::files::{available_memory_bytes, human_bytes};
 use crate::nn::{Backbone, ForwardMode};
-use crate::robust::defense::{DefenseConfig, Method};
+use crate::robust::defense::{DefenseConfig, EatSplit, Method};
 
 /// The backbone as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -248,8 +248,19 @@ impl TrainConfig {
         if self.defense.method.is_ensemble() && !(2..=config::MAX_ENSEMBLE_SIZE).contains(&ensemble)
         {
             return Err(format!(
-                "--ensemble-size {ensemble} is not valid: an EAT ensemble has 2 to {} members",
+                "--ensemble-size {ensemble} is not valid: an ensemble ({}) has 2 to {} members",
+                serde_name(&self.defense.method),
                 config::MAX_ENSEMBLE_SIZE
+            ));
+        }
+        let method = self.defense.method;
+        if method.default_eat_split() == EatSplit::None && self.defense.eat_split != EatSplit::None
+        {
+            return Err(format!(
+                "--eat-split {} contradicts --method {}, whose members all train on the whole \
+                 training set; drop --eat-split, or use --method eat for Algorithm 1's split",
+                serde_name(&self.defense.eat_split),
+                serde_name(&method)
             ));
         }
         if self.defense.method.uses_attack() {

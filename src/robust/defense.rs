@@ -1,7 +1,8 @@
 //! The training objectives of the defenses, as the paper adapts them to DML (docs/DESIGN.md, Defenses):
-//! no defense, AT, Mix-Up, IAT, TRADES, and EAT's per-member objective. Each takes the member
-//! being trained as a differentiable embedding function, so the same code serves any backbone
-//! and device.
+//! no defense, AT, Mix-Up, IAT, TRADES, and EAT's per-member objective, and the two ablations
+//! of the paper's Table 3 (a naive ensemble of AT models, EAT without the data split). Each
+//! takes the member being trained as a differentiable embedding function, so the same code
+//! serves any backbone and device.
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +26,27 @@ pub enum Method {
     Iat,
     Trades,
     Eat,
+    /// The paper's Table 3 naive ensemble: --ensemble-size members, each trained alone with AT
+    /// (examples made on that member) on the whole training set with its own seed; voted and
+    /// attacked as EAT's ensemble. Opt-in: not in `experiment`'s default methods.
+    NaiveEnsemble,
+    /// The paper's Table 3 "EAT w/o data split": EAT with every member on the whole training
+    /// set (`--method eat --eat-split none`). Opt-in: not in `experiment`'s default methods.
+    EatNoSplit,
+}
+
+/// How EAT gives its members their training data (`--eat-split`).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum EatSplit {
+    /// Algorithm 1: N equal random parts; member i trains on every part but part i.
+    #[default]
+    LeaveOneOut,
+    /// Every member on the whole training set (the paper's Table 3, "EAT w/o data split").
+    None,
 }
 
 impl Method {
@@ -37,6 +59,21 @@ impl Method {
         Method::Eat,
     ];
 
+    /// The ablations of the paper's Table 3, run only when `experiment --methods` names them.
+    pub const TABLE3: [Method; 2] = [Method::NaiveEnsemble, Method::EatNoSplit];
+
+    /// Every method: [`Method::ALL`] then [`Method::TABLE3`].
+    pub const EVERY: [Method; 8] = [
+        Method::None,
+        Method::At,
+        Method::MixUp,
+        Method::Iat,
+        Method::Trades,
+        Method::Eat,
+        Method::NaiveEnsemble,
+        Method::EatNoSplit,
+    ];
+
     /// The row label of the paper's Table 1.
     pub fn label(self) -> &'static str {
         match self {
@@ -46,6 +83,8 @@ impl Method {
             Method::Iat => "+ IAT",
             Method::Trades => "+ TRADES",
             Method::Eat => "+ EAT",
+            Method::NaiveEnsemble => "+ naive ensemble",
+            Method::EatNoSplit => "+ EAT w/o split",
         }
     }
 
@@ -58,12 +97,32 @@ impl Method {
             Method::Iat => "iat",
             Method::Trades => "trades",
             Method::Eat => "eat",
+            Method::NaiveEnsemble => "naive-ensemble",
+            Method::EatNoSplit => "eat-no-split",
         }
     }
 
-    /// Whether the method trains an ensemble.
+    /// Whether the method trains an ensemble (evaluated by the members' vote).
     pub fn is_ensemble(self) -> bool {
-        self == Method::Eat
+        matches!(
+            self,
+            Method::Eat | Method::NaiveEnsemble | Method::EatNoSplit
+        )
+    }
+
+    /// Whether the training attack runs on the whole ensemble (EAT's eq. 10) rather than on
+    /// the member being trained alone.
+    pub fn attacks_ensemble(self) -> bool {
+        matches!(self, Method::Eat | Method::EatNoSplit)
+    }
+
+    /// The `--eat-split` a method implies when none is given: the whole training set for the
+    /// two Table 3 ablations, Algorithm 1's split otherwise (used only by `eat`).
+    pub fn default_eat_split(self) -> EatSplit {
+        match self {
+            Method::NaiveEnsemble | Method::EatNoSplit => EatSplit::None,
+            _ => EatSplit::LeaveOneOut,
+        }
     }
 
     /// Whether the method attacks its training batches (Mix-Up and plain training do not).
@@ -81,6 +140,10 @@ pub struct DefenseConfig {
     pub trades_lambda: f32,
     pub mixup_alpha: f32,
     pub ensemble_size: usize,
+    /// How EAT's members get their data; configurations stored before the flag existed were
+    /// all Algorithm 1's split.
+    #[serde(default)]
+    pub eat_split: EatSplit,
 }
 
 impl DefenseConfig {
@@ -92,7 +155,25 @@ impl DefenseConfig {
             trades_lambda: config::TRADES_LAMBDA,
             mixup_alpha: config::MIXUP_ALPHA,
             ensemble_size: config::ENSEMBLE_SIZE,
+            eat_split: method.default_eat_split(),
         }
+    }
+
+    /// This configuration for another method (an experiment's per-method run): the two Table 3
+    /// ablations take the whole training set; every other setting is kept.
+    pub fn with_method(&self, method: Method) -> Self {
+        let mut d = *self;
+        d.method = method;
+        if method.default_eat_split() == EatSplit::None {
+            d.eat_split = EatSplit::None;
+        }
+        d
+    }
+
+    /// Whether the members train on Algorithm 1's leave-one-part-out sets; otherwise each
+    /// member trains on the whole training set.
+    pub fn splits_data(&self) -> bool {
+        self.method == Method::Eat && self.eat_split == EatSplit::LeaveOneOut
     }
 }
 
@@ -176,7 +257,13 @@ pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng)
     let d = ctx.defense;
     match d.method {
         Method::None => ctx.metric(&(ctx.member)(x)?, labels),
-        Method::At => {
+        Method::At | Method::NaiveEnsemble => {
+            if d.method == Method::NaiveEnsemble && ctx.attack_on.len() != 1 {
+                return Err(EngineError::Invalid {
+                    op: "naive ensemble",
+                    detail: "each member is attacked alone (AT), not with the ensemble".into(),
+                });
+            }
             let adv = ctx.adversarial(x, rng)?;
             ctx.metric(&(ctx.member)(&adv)?, labels)
         }
@@ -199,7 +286,7 @@ pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng)
             let shift = mean_sq_distance(&(ctx.member)(&adv)?, &emb)?;
             axpby(1.0, &ctx.metric(&emb, labels)?, d.trades_lambda, &shift)
         }
-        Method::Eat => {
+        Method::Eat | Method::EatNoSplit => {
             if ctx.attack_on.len() < 2 {
                 return Err(EngineError::Invalid {
                     op: "EAT",
