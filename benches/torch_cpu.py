@@ -107,59 +107,36 @@ def main():
          lambda: torch.autograd.grad(bn(x).sum(), [x, bn.weight, bn.bias]))
 
     # e0. c2f2 (the small CNN of the Fashion-MNIST protocol), batch 128, 3x28x28, 128-d L2-normalised
-    #     embedding, MSE to a fixed target, AdamW: one clean training step, and one PGD iteration.
-    if wants("c2f2_train_step_b128_28px") or wants("c2f2_input_grad_b128_28px"):
-        net = c2f2().train()
-        xc = torch.rand(128, 3, 28, 28)
-        yc = F.normalize(torch.randn(128, 128), dim=1)
-        optc = torch.optim.AdamW(net.parameters(), lr=1e-3)
-
-        def c2f2_step():
-            optc.zero_grad(set_to_none=True)
-            loss = F.mse_loss(net(xc), yc)
-            loss.backward()
-            optc.step()
-            return loss
-
-        case("c2f2_train_step_b128_28px", c2f2_step)
-        for p in net.parameters():
-            p.requires_grad_(False)
-        xcin = xc.clone().requires_grad_()
-        case("c2f2_input_grad_b128_28px",
-             lambda: torch.autograd.grad(F.mse_loss(net(xcin), yc), [xcin]))
+    #     embedding, MSE to a fixed target, AdamW.
+    model_cases("c2f2_{}_b128_28px", c2f2, torch.rand(128, 3, 28, 28),
+                F.normalize(torch.randn(128, 128), dim=1), lr=1e-3)
 
     # e0'. ResNet-18 -> 512 (torchvision's, fc replaced by Linear(512, 512)), batch 16, 64x64,
     #      MSE loss, AdamW: the shape of benches/model.rs's resnet18 cases.
-    if wants("resnet18_train_step_b16_64px") or wants("resnet18_input_grad_b16_64px"):
+    def resnet18_512():
         rn = torchvision.models.resnet18()
         rn.fc = nn.Linear(512, 512)
-        rn.train()
-        xr = torch.rand(16, 3, 64, 64)
-        yr = torch.randn(16, 512) * 0.05
-        optr = torch.optim.AdamW(rn.parameters(), lr=1e-4)
+        return rn
 
-        def resnet_step():
-            optr.zero_grad(set_to_none=True)
-            loss = F.mse_loss(rn(xr), yr)
-            loss.backward()
-            optr.step()
-            return loss
-
-        case("resnet18_train_step_b16_64px", resnet_step)
-        for p in rn.parameters():
-            p.requires_grad_(False)
-        xrin = xr.clone().requires_grad_()
-        case("resnet18_input_grad_b16_64px",
-             lambda: torch.autograd.grad(F.mse_loss(rn(xrin), yr), [xrin]))
+    model_cases("resnet18_{}_b16_64px", resnet18_512, torch.rand(16, 3, 64, 64),
+                torch.randn(16, 512) * 0.05, lr=1e-4)
 
     # e. MobileNetV2 x0.5 -> 128, batch 16, 64x64, MSE loss.
-    if not (wants("mbv2_train_step_b16_64px") or wants("mbv2_input_grad_b16_64px")):
+    model_cases("mbv2_{}_b16_64px", mobilenet_v2_half, torch.randn(16, 3, 64, 64),
+                torch.randn(16, 128), lr=1e-3, note="mbv2_x0.5")
+
+
+def model_cases(pattern, make, x, y, lr, note=None):
+    """A whole model's two cases, `pattern` filled with train_step and input_grad: one training
+    step (MSE to `y`, AdamW), and one PGD iteration: forward + backward w.r.t. the input only
+    (parameters frozen, BatchNorm still in training mode, as in the training step)."""
+    train_name, grad_name = pattern.format("train_step"), pattern.format("input_grad")
+    if not (wants(train_name) or wants(grad_name)):
         return
-    model = mobilenet_v2_half().train()
-    print(f"# mbv2_x0.5 params={sum(p.numel() for p in model.parameters())}")
-    x = torch.randn(16, 3, 64, 64)
-    y = torch.randn(16, 128)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = make().train()
+    if note:
+        print(f"# {note} params={sum(p.numel() for p in model.parameters())}")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
@@ -168,15 +145,11 @@ def main():
         opt.step()
         return loss
 
-    case("mbv2_train_step_b16_64px", train_step)
-
-    # One PGD iteration: forward + backward w.r.t. the input only (parameters frozen,
-    # BatchNorm still in training mode, as in the training step).
+    case(train_name, train_step)
     for p in model.parameters():
         p.requires_grad_(False)
     xin = x.clone().requires_grad_()
-    case("mbv2_input_grad_b16_64px",
-         lambda: torch.autograd.grad(F.mse_loss(model(xin), y), [xin]))
+    case(grad_name, lambda: torch.autograd.grad(F.mse_loss(model(xin), y), [xin]))
 
 
 if __name__ == "__main__":
