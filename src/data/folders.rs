@@ -116,8 +116,7 @@ fn check_cub_index(images: &Path, folders: &[(String, Vec<PathBuf>)]) -> DataRes
     if !index.is_file() {
         return Ok(());
     }
-    let text =
-        crate::files::read_regular_to_string(&index).map_err(|e| DataError::io(&index, e))?;
+    let text = super::lists::read_text(&index)?;
     let found: std::collections::HashSet<&PathBuf> =
         folders.iter().flat_map(|(_, files)| files).collect();
     for (i, line) in text.lines().enumerate() {

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use super::error::{require_dir, require_file};
 use super::{list_entry_path, push_checked, DataError, DataResult, Dataset, Sample, SkipSummary};
 
-fn read_text(path: &Path) -> DataResult<String> {
+/// A list file's text (only regular files that fit in memory), with an error naming it.
+pub(super) fn read_text(path: &Path) -> DataResult<String> {
     crate::files::read_regular_to_string(path).map_err(|e| DataError::io(path, e))
 }
 
