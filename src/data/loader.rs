@@ -29,6 +29,19 @@ pub struct LoaderConfig {
     /// Batches decoded ahead (at least one per worker).
     pub prefetch: usize,
     pub seed: u64,
+    /// How training batches are formed (shuffled samples, or robrank's SPC-2 pairs).
+    pub sampling: Sampling,
+}
+
+/// How an epoch's samples are grouped into batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Sampling {
+    /// `batch_size` samples of the epoch's order (shuffled or not) per batch.
+    #[default]
+    Plain,
+    /// robrank's SPC-2 batches (`super::spc2`): `batch_size / 2` anchors of the epoch's order,
+    /// each followed by a positive of its class; `batch_size` must be even.
+    Spc2,
 }
 
 impl LoaderConfig {
@@ -42,7 +55,14 @@ impl LoaderConfig {
             workers: 2,
             prefetch: 4,
             seed,
+            sampling: Sampling::Plain,
         }
+    }
+
+    /// These training batches as robrank's SPC-2 pairs (the triplet loss's batches).
+    pub fn spc2(mut self) -> Self {
+        self.sampling = Sampling::Spc2;
+        self
     }
 
     /// Small in-memory images (Fashion-MNIST, synthetic) keep their whole frame: training only
@@ -72,6 +92,7 @@ impl LoaderConfig {
             workers: 2,
             prefetch: 4,
             seed: 0,
+            sampling: Sampling::Plain,
         }
     }
 }
@@ -169,6 +190,15 @@ impl BatchLoader {
         samples: Arc<Vec<Sample>>,
         cfg: LoaderConfig,
     ) -> crate::engine::Result<Self> {
+        if cfg.sampling == Sampling::Spc2 && !cfg.batch_size.is_multiple_of(2) {
+            return crate::engine::error::invalid(
+                "BatchLoader",
+                format!(
+                    "an SPC-2 batch holds pairs of images; batch_size {} is odd",
+                    cfg.batch_size
+                ),
+            );
+        }
         if cfg.batch_size == 0 || cfg.transform.size == 0 {
             return crate::engine::error::invalid(
                 "BatchLoader",
@@ -199,6 +229,10 @@ impl BatchLoader {
 
     pub fn batches_per_epoch(&self) -> usize {
         let (n, b) = (self.num_samples(), self.cfg.batch_size);
+        if self.cfg.sampling == Sampling::Spc2 {
+            // Every sample is an anchor once; the positives come on top.
+            return n / (b / 2).max(1);
+        }
         if self.cfg.drop_last {
             n / b
         } else {
@@ -223,6 +257,11 @@ impl BatchLoader {
     /// The sample indices of every batch of `epoch`.
     pub fn batch_indices(&self, epoch: u64) -> Vec<Vec<usize>> {
         let order = self.order(epoch);
+        if self.cfg.sampling == Sampling::Spc2 {
+            let labels: Vec<usize> = self.shared.samples.iter().map(|s| s.label).collect();
+            let pairs = self.cfg.batch_size / 2;
+            return super::spc2::batches(&labels, &order, pairs, self.cfg.seed, epoch);
+        }
         order
             .chunks(self.cfg.batch_size)
             .take(self.batches_per_epoch())

@@ -15,6 +15,7 @@ pub mod folders;
 pub mod lists;
 pub mod loader;
 pub mod mat;
+pub mod spc2;
 pub mod synthetic;
 pub mod transform;
 
@@ -23,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use error::{DataError, DataResult};
-pub use loader::{Batch, BatchLoader, EpochIter, LoaderConfig};
+pub use loader::{Batch, BatchLoader, EpochIter, LoaderConfig, Sampling};
 pub use synthetic::SyntheticConfig;
 pub use transform::{Augment, ImageTransform};
 
