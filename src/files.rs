@@ -100,6 +100,46 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AtomicWriteError> {
     Ok(())
 }
 
+/// Writes `bytes` to `path` only if nothing is there yet, atomically: readers see no file or the
+/// whole one, and of several processes racing to create it exactly one wins. Returns whether
+/// this call created it (false: the file existed, and is left as it was). The bytes go to a
+/// temporary file named after this process, which is hard-linked to `path` (a link fails when
+/// `path` exists, where a rename would replace it) and then removed.
+pub fn create_once(path: &Path, bytes: &[u8]) -> Result<bool, AtomicWriteError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let at = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| AtomicWriteError { path: p, source }
+    };
+    let written = (|| {
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    })();
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(AtomicWriteError { path: tmp, source });
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            if let Some(d) = path.parent().and_then(|d| std::fs::File::open(d).ok()) {
+                let _ = d.sync_all();
+            }
+            Ok(true)
+        }
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(at(path)(e)),
+    }
+}
+
 /// [`check_regular`], and the file is no larger than the memory the OS reports available.
 fn check_fits_in_memory(path: &Path) -> std::io::Result<()> {
     let meta = check_regular(path)?;
@@ -201,6 +241,19 @@ mod tests {
         assert_eq!(e.path, path);
         assert!(!tmp_path(&path).exists(), "the partial .tmp is removed");
         assert!(path.join("inside").is_dir(), "the old content is kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn create_once_keeps_the_first_file_and_leaves_no_tmp() {
+        let dir = std::env::temp_dir().join(format!("robust-dml-once-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("settings.json");
+        assert!(create_once(&path, b"first").unwrap());
+        assert!(!create_once(&path, b"second").unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"first");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert_eq!(left.len(), 1, "only the file itself: {left:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

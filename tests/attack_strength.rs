@@ -551,7 +551,7 @@ fn experiment_reports_objectives_and_transfer_rows() {
     assert!(o.status.success(), "{err}");
     let read = |p: &str| std::fs::read_to_string(dir.join("exp").join(p)).unwrap();
     let json = |p: &str| -> serde_json::Value { serde_json::from_str(&read(p)).unwrap() };
-    let (none, at) = (json("none/report.json"), json("at/report.json"));
+    let (none, at) = (json("none/seed0/report.json"), json("at/seed0/report.json"));
     assert!(
         none.get("transfer").is_none(),
         "the undefended model has no transfer row"

@@ -303,7 +303,9 @@ fn table3_variants_run_in_an_experiment_with_member_bars() {
     cfg.validate().unwrap();
     let dir = std::env::temp_dir().join(format!("robust-dml-table3-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let reports = run_experiment(&cfg, &ds, &Device::Cpu, &dir).unwrap();
+    let reports = run_experiment(&cfg, &ds, &Device::Cpu, &dir)
+        .unwrap()
+        .reports;
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     let table = std::fs::read_to_string(dir.join("table.md")).unwrap();
     for (method, report) in Method::TABLE3.into_iter().zip(&reports) {

@@ -1007,11 +1007,18 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
     write_file(&sb.path("afile"), b"x");
     sb.refuses(&["experiment", "--out", "afile"], "not a directory", None);
     std::fs::create_dir_all(sb.path("exp")).unwrap();
+    // A half-written settings file is named, never taken for "no settings".
+    write_file(&sb.path("exp/config.json"), b"{\"dataset\": \"oth");
+    sb.refuses(
+        &["experiment", "--out", "exp", "--max-steps", "1"],
+        "not a complete experiment settings file",
+        None,
+    );
     write_file(&sb.path("exp/config.json"), b"{\"dataset\": \"other\"}");
     sb.refuses(
         &["experiment", "--out", "exp", "--max-steps", "1"],
-        "other settings",
-        Some("exp/run.lock"),
+        "not a complete experiment settings file",
+        None,
     );
     // --overwrite replaces the run's own files and leaves the user's.
     write_file(&sb.path("exp/notes.txt"), b"mine");
@@ -1035,9 +1042,10 @@ fn experiment_refuses_bad_settings_and_foreign_run_directories() {
     assert!(config.contains("\"synthetic\""), "{config}");
     assert_eq!(std::fs::read(sb.path("exp/notes.txt")).unwrap(), b"mine");
     // Both curves start at the clean point (0 steps, eps 0), on the same images.
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(sb.path("exp/none/report.json")).unwrap())
-            .unwrap();
+    let report: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(sb.path("exp/none/seed0/report.json")).unwrap(),
+    )
+    .unwrap();
     let (steps, eps) = (&report["steps_curve"], &report["eps_curve"]);
     assert_eq!(steps[0]["x"], 0.0, "{report}");
     assert_eq!(eps[0]["x"], 0.0, "{report}");
@@ -1233,5 +1241,152 @@ fn eat_split_is_checked_and_kept_on_resume() {
         &["train", "--resume", "--out", "run", "--eat-split", "none"],
         "--eat-split none (the run has leave-one-out)",
         Some("run"),
+    );
+}
+
+/// An experiment's flags for one tiny cell set on the synthetic data: every call with the same
+/// `out` shares the settings, whatever its methods and seeds.
+fn tiny_cells<'a>(out: &'a str, methods: &'a str, seeds: &'a str) -> Vec<&'a str> {
+    vec![
+        "experiment",
+        "--dataset",
+        "synthetic",
+        "--out",
+        out,
+        "--methods",
+        methods,
+        "--seeds",
+        seeds,
+        "--epochs",
+        "1",
+        "--max-steps",
+        "1",
+        "--test-samples",
+        "40",
+        "--objective-samples",
+        "0",
+        "--transfer-samples",
+        "0",
+    ]
+}
+
+/// Locks a cell's `run.lock` from this process, as a running experiment would.
+fn hold_cell_lock(path: &Path) -> std::fs::File {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap();
+    f.try_lock().unwrap();
+    write!(f, "{}", std::process::id()).unwrap();
+    f
+}
+
+/// Two processes fill different cells of one experiment at once; each merges what is finished,
+/// `report` says which cells of the grid are missing, a cell in use is refused at once naming
+/// its holder, and a cell left unfinished is resumed by rerunning its command.
+#[test]
+fn experiment_cells_run_in_parallel_and_merge() {
+    let sb = Sandbox::new("cells");
+    let mut a = sb.spawn(&tiny_cells("exp", "none", "0,1"));
+    let mut b = sb.spawn(&tiny_cells("exp", "at", "0"));
+    for child in [&mut a, &mut b] {
+        let status = child.wait().unwrap();
+        let mut err = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{err}");
+    }
+    for cell in ["none/seed0", "none/seed1", "at/seed0"] {
+        assert!(
+            sb.path(&format!("exp/{cell}/report.json")).is_file(),
+            "{cell}"
+        );
+    }
+    // The last merge holds every finished cell; the grid's hole is named.
+    let out = sb.succeeds(&["report", "exp"]);
+    assert!(
+        out.contains("cell at, seed 1 is not in the tables: not started"),
+        "{out}"
+    );
+    assert!(out.contains("--methods at --seeds 1"), "{out}");
+    let table = std::fs::read_to_string(sb.path("exp/table.md")).unwrap();
+    assert!(table.contains("| seeds |"), "{table}");
+    assert!(table.contains("| PAL | 0, 1 | clean |"), "{table}");
+    assert!(table.contains(" ± "), "{table}");
+    assert!(table.contains("#### Sanity: PAL, seed 1"), "{table}");
+    let metrics: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.path("exp/metrics.json")).unwrap())
+            .unwrap();
+    let seeds: Vec<(String, u64)> = metrics
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["method"].as_str().unwrap().into(),
+                r["seed"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want = [("none", 0), ("none", 1), ("at", 0)].map(|(m, s)| (m.to_string(), s));
+    assert_eq!(seeds, want, "every seed's row, once");
+    let html = std::fs::read_to_string(sb.path("exp/report.html")).unwrap();
+    assert!(html.contains("<th>seeds</th>") && html.contains("standard deviation"));
+
+    // A cell in use by another process: refused at once, naming it; `report` lists it.
+    let lock = hold_cell_lock(&sb.path("exp/at/seed1/run.lock"));
+    let me = std::process::id();
+    let refused = sb.run(&tiny_cells("exp", "at", "1"));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("in use by process {me}")), "{err}");
+    let out = sb.succeeds(&["report", "exp"]);
+    assert!(
+        out.contains("cell at, seed 1 is not in the tables: started and not finished"),
+        "{out}"
+    );
+    drop(lock);
+    // Released (as when its holder is killed): the cell's own command runs it.
+    let out = sb.succeeds(&tiny_cells("exp", "at", "1"));
+    assert!(out.contains("| + AT | 0, 1 | PGD |"), "{out}");
+    assert!(!out.contains("not in the tables"), "{out}");
+    // Every cell is done: a rerun of the first command redoes nothing.
+    let out = sb.succeeds(&tiny_cells("exp", "none", "0,1"));
+    assert!(out.contains("already done"), "{out}");
+}
+
+/// The new flags and files, as a careless or hostile user meets them.
+#[test]
+fn experiment_cells_refuse_duplicate_seeds_and_foreign_cells() {
+    let sb = Sandbox::new("cells-hostile");
+    sb.refuses(
+        &tiny_cells("exp", "none", "1,1"),
+        "lists 1 twice",
+        Some("exp"),
+    );
+    sb.refuses(&tiny_cells("exp", "none", "-1"), "--seeds", Some("exp"));
+    sb.refuses(&["report", "nowhere"], "no config.json", Some("nowhere"));
+    sb.succeeds(&tiny_cells("one", "none", "0"));
+    // A cell of another experiment (other settings) copied into this one's grid is refused by
+    // name before any work, and left out of the merge.
+    let mut other = tiny_cells("two", "none", "0");
+    other.extend(["--trades-lambda", "3"]);
+    let dir = sb.path("two/none/seed0");
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in ["cell.json", "report.json"] {
+        std::fs::copy(sb.path("one/none/seed0").join(name), dir.join(name)).unwrap();
+    }
+    sb.refuses(
+        &other,
+        "belongs to an experiment with other settings",
+        Some("two"),
+    );
+    let out = sb.succeeds(&["report", "two"]);
+    assert!(
+        out.contains("cell none, seed 0 is not in the tables: left out"),
+        "{out}"
     );
 }

@@ -35,6 +35,9 @@ pub enum Command {
     Embed(EmbedArgs),
     /// Train every method, attack them, and write tables and an HTML report (the paper's Table 1).
     Experiment(ExperimentArgs),
+    /// Merge every finished cell of an experiment directory into its tables and report.html,
+    /// and list the cells that are missing (running, interrupted or not started).
+    Report(ReportArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -315,10 +318,13 @@ pub struct ExperimentArgs {
     /// Override the preset's cap on evaluated test samples, spread evenly (0 = all).
     #[arg(long)]
     pub test_samples: Option<usize>,
-    /// Override the training seed (the evaluation keeps the preset's): a second seed shows how
-    /// much of a gap between methods is training noise.
-    #[arg(long)]
-    pub seed: Option<u64>,
+    /// Training seeds, comma-separated (default: the preset's): each method is trained and
+    /// evaluated once per seed, and the tables give each figure as mean ± standard deviation
+    /// over them (the evaluation keeps the preset's seed). Each (method, seed) is a cell of
+    /// its own: `--methods at --seeds 1` runs only that cell, and several processes may run
+    /// different cells of one --out at once.
+    #[arg(long, alias = "seed", value_delimiter = ',')]
+    pub seeds: Vec<u64>,
     /// Run the ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS") on this
     /// many test images per method, spread over the test set (0 = off); profile rob28 up to 64 px,
     /// rob224 above.
@@ -339,6 +345,12 @@ pub struct ExperimentArgs {
     /// Replace an experiment with other settings that already exists in --out.
     #[arg(long)]
     pub overwrite: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// The experiment directory (an `experiment --out`).
+    pub dir: PathBuf,
 }
 
 /// Parses the command line, recording which `train` flags were given explicitly (the rules of

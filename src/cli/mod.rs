@@ -1,4 +1,4 @@
-//! The command line: `train`, `eval`, `embed`, `attack` and `experiment`. Defaults come from
+//! The command line: `train`, `eval`, `embed`, `attack`, `experiment` and `report`. Defaults come from
 //! `crate::config` (one place), and `--help` shows them. It only parses and validates the
 //! flags, turns them into the pipeline's requests, calls the pipeline and prints the result.
 
@@ -15,12 +15,13 @@ use crate::data::{self, DatasetKind};
 use crate::engine::Device;
 use crate::error::{Error, Result};
 use crate::nn::Checkpoint;
+use crate::pipeline::cells::Merged;
 use crate::pipeline::commands::{
     attack_strength, evaluate_checkpoint, rank_checkpoint, test_metrics, EvalRequest,
     RankingRequest, StrengthRequest,
 };
 use crate::pipeline::embed::{embed as embed_images, EmbedRequest};
-use crate::pipeline::experiment::{claim_experiment_dir, run_experiment};
+use crate::pipeline::experiment::{claim_experiment_dir, report_experiment, run_experiment};
 use crate::pipeline::ranking::RankingPlan;
 use crate::pipeline::run_dir::RunDir;
 use crate::pipeline::tables::{eval_table, ranking_markdown, strength_table, table_markdown};
@@ -40,6 +41,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Attack(a) => attack(a),
         Command::Embed(a) => embed(a),
         Command::Experiment(a) => experiment(a),
+        // Reads the cells' reports only: no device is opened.
+        Command::Report(a) => return report(a),
     };
     // ROBUST_DML_PROFILE=1: where the device time went, per kernel.
     if let Some(report) = Device::from_env().ok().and_then(|d| d.profile_report()) {
@@ -284,9 +287,7 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
     if let Some(t) = a.test_samples {
         cfg.eval.max_test_samples = t;
     }
-    if let Some(seed) = a.seed {
-        cfg.train.seed = seed;
-    }
+    cfg.seeds = a.seeds.clone();
     if let Some(q) = a.ranking_queries {
         cfg.eval.ranking = (q > 0).then(|| RankingPlan {
             profile: RankProfile::for_image_size(cfg.train.image_size),
@@ -311,22 +312,45 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
         PathBuf::from(format!("runs/experiment-{}-{}", a.preset.key(), cfg.dataset).to_lowercase())
     });
     cfg.validate()?;
-    let _lock = RunDir::lock(&out)?;
-    claim_experiment_dir(&cfg, &out, a.overwrite)?;
-    let reports = run_experiment(&cfg, &dataset, &device, &out)?;
+    claim_experiment_dir(&cfg, &dataset, &out, a.overwrite)?;
+    let merged = run_experiment(&cfg, &dataset, &device, &out)?;
+    print_merged(
+        &merged,
+        &out,
+        &cfg.dataset,
+        &cfg.train.arch,
+        &cfg.eval.attack,
+    );
+    Ok(())
+}
+
+fn report(a: ReportArgs) -> Result<()> {
+    let (s, merged) = report_experiment(&a.dir)?;
+    print_merged(&merged, &a.dir, &s.dataset, &s.train.arch, &s.eval.attack);
+    Ok(())
+}
+
+/// The merged table on stdout, then the cells it lacks and where the report is.
+fn print_merged(
+    merged: &Merged,
+    out: &std::path::Path,
+    dataset: &str,
+    arch: &Arch,
+    attack: &PgdConfig,
+) {
     println!(
         "{}",
         table_markdown(
-            &reports,
+            &merged.reports,
             &format!(
-                "{} / {:?}: clean and PGD-{} at eps {:.0}/255",
-                cfg.dataset,
-                cfg.train.arch,
-                cfg.eval.attack.steps,
-                cfg.eval.attack.eps * 255.0
+                "{dataset} / {arch:?}: clean and PGD-{} at eps {:.0}/255",
+                attack.steps,
+                attack.eps * 255.0
             )
         )
     );
+    for line in merged.missing_lines() {
+        println!("{line}");
+    }
     println!("report: {}", out.join("report.html").display());
-    Ok(())
 }

@@ -1,8 +1,9 @@
-//! `robust-dml experiment`: trains each chosen method on one dataset and backbone, evaluates it
-//! clean and under PGD in both scenarios, sweeps PGD steps and eps, and writes the run
-//! directory (config, metrics JSON, Table 1 as Markdown, HTML report). Resumable: a method
-//! whose `report.json` exists is not redone, and a method interrupted mid-training resumes
-//! from its last checkpoint.
+//! `robust-dml experiment`: trains each chosen method once per seed on one dataset and
+//! backbone, evaluates it clean and under PGD in both scenarios, sweeps PGD steps and eps, and
+//! merges every finished cell into the run directory's tables (Table 1 as Markdown, metrics
+//! JSON, HTML report). Resumable: a cell whose `report.json` exists is not redone, and a cell
+//! interrupted mid-training resumes from its last checkpoint. Several processes may fill one
+//! experiment's cells at once ([`crate::pipeline::cells`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -13,128 +14,47 @@ use crate::config::{Objective, PgdConfig};
 use crate::data::Dataset;
 use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::Device;
-use crate::error::{io_err, Error, Result};
+use crate::error::{Error, Result};
 use crate::nn::EmbeddingNet;
+use crate::pipeline::cells::{
+    claim_cells, claim_settings, finished_report, merge_cells, read_settings, with_merge_lock,
+    Cell, ClaimedCell, DataSummary, Merged, Settings, REPORT_FILE, SETTINGS_FILE,
+};
+pub use crate::pipeline::eval_plan::{EvalPlan, StrengthPlan};
 use crate::pipeline::evaluate::{
     embed_set, full_metrics, model_metrics, pca_2d, retrieval, rows_at, rows_at_each,
     scenario_metrics, spread_indices, template_metrics, voted_metrics, EvalContext, EvalSet,
 };
-use crate::pipeline::ranking::{run_ranking_suite, RankingPlan};
+use crate::pipeline::ranking::run_ranking_suite;
 use crate::pipeline::report::{html_report, RunInfo};
 use crate::pipeline::results::{
     worst_of, AttackRow, CurvePoint, MethodReport, ObjectivesReport, Projection, TransferReport,
 };
 use crate::pipeline::run_dir;
 use crate::pipeline::sanity::{run_sanity, transfer_check};
+use crate::pipeline::spread::labeled_by_seed;
 use crate::pipeline::strength::{attack_set, AttackSource};
 use crate::pipeline::tables::{
     failed_lines, objectives_markdown, ranking_markdown, ranking_tables, sanity_tables,
     strength_tables, table_markdown, transfer_markdown,
 };
-use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE, LOG_FILE};
+use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE};
 use crate::robust::defense::Method;
 use crate::robust::ensemble::mean_embedding;
 
 /// Most test samples drawn in the clean-versus-attacked projection.
 const PROJECTION_SAMPLES: usize = 250;
 
-/// How the evaluation attacks and sweeps are run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct EvalPlan {
-    pub attack: PgdConfig,
-    /// PGD steps of the steps curve (at the attack's eps).
-    pub steps_sweep: Vec<usize>,
-    /// eps * 255 of the eps curve (at the attack's steps).
-    pub eps_sweep: Vec<f32>,
-    /// Test samples used for the curves and the projection (spread evenly over the test set,
-    /// which the loaders order by class; 0 = all).
-    pub curve_samples: usize,
-    /// Test samples evaluated at all (spread evenly; 0 = the whole test set): bounds the cost
-    /// of attacking large test sets in quick runs.
-    #[serde(default)]
-    pub max_test_samples: usize,
-    pub batch_size: usize,
-    pub seed: u64,
-    /// The ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS") on a subset of
-    /// queries; absent = not run.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ranking: Option<RankingPlan>,
-    /// The objectives and transfer evaluations and their subsets.
-    #[serde(default)]
-    pub strength: StrengthPlan,
-}
-
-impl EvalPlan {
-    /// The steps curve's attack at `steps`: the evaluation attack with its step size alpha
-    /// kept, so PGD-k is the first k steps of the evaluation attack's path (as in the paper's
-    /// iteration sweep). Scaling alpha as 2.5 eps / k instead made PGD-1 a full-eps FGSM step,
-    /// which in the clustering scenario lowered R@1 more than PGD-10 did.
-    pub fn attack_with_steps(&self, steps: usize) -> PgdConfig {
-        PgdConfig {
-            steps,
-            restarts: 1,
-            kind: crate::config::AttackKind::Pgd,
-            ..self.attack
-        }
-    }
-
-    /// The eps curve's attack at `eps`: the evaluation attack with alpha scaled in proportion
-    /// (the same alpha / eps), so every point takes the same path relative to its ball.
-    pub fn attack_with_eps(&self, eps: f32) -> PgdConfig {
-        let alpha = if eps == self.attack.eps {
-            self.attack.alpha
-        } else if self.attack.eps == 0.0 {
-            PgdConfig::new(eps, self.attack.steps).alpha
-        } else {
-            self.attack.alpha * (eps / self.attack.eps)
-        };
-        PgdConfig {
-            eps,
-            alpha,
-            restarts: 1,
-            kind: crate::config::AttackKind::Pgd,
-            ..self.attack
-        }
-    }
-}
-
-/// Which extra attack-strength evaluations an experiment runs, on how many test images each
-/// (spread over the test set; 0 = not run).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StrengthPlan {
-    /// The evaluation attack with every objective (`Objective::ALL`); the embedding-shift row
-    /// reuses the main attack, the other two are one attack run each.
-    pub objective_samples: usize,
-    /// Transfer rows from the undefended model for every defended method: one attack run on
-    /// the undefended model and a forward pass of the target.
-    pub transfer_samples: usize,
-}
-
-impl Default for StrengthPlan {
-    fn default() -> Self {
-        StrengthPlan {
-            objective_samples: crate::config::OBJECTIVE_SAMPLES,
-            transfer_samples: crate::config::TRANSFER_SAMPLES,
-        }
-    }
-}
-
-impl StrengthPlan {
-    /// The quick preset's: 100 images each, to stay within its time budget.
-    pub fn quick() -> Self {
-        StrengthPlan {
-            objective_samples: 100,
-            transfer_samples: 100,
-        }
-    }
-}
-
-/// One experiment: the methods to train and how to train and evaluate them.
+/// One experiment: the methods to train, the seeds to train each with, and how to train and
+/// evaluate them. Each (method, seed) is a cell ([`crate::pipeline::cells`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ExperimentConfig {
     pub dataset: String,
     pub methods: Vec<Method>,
-    /// Training configuration; `defense.method` is replaced per method.
+    /// Training seeds, one cell per method and seed; empty = `train.seed` alone.
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    /// Training configuration; `defense.method` and `seed` are replaced per cell.
     pub train: TrainConfig,
     pub eval: EvalPlan,
 }
@@ -150,6 +70,14 @@ impl ExperimentConfig {
                 )));
             }
         }
+        for (i, seed) in self.seeds.iter().enumerate() {
+            if self.seeds[..i].contains(seed) {
+                return Err(Error::Config(format!(
+                    "--seeds lists {seed} twice; name each seed once (a seed run twice would \
+                     count one run as two in the spread)"
+                )));
+            }
+        }
         for &method in &self.methods {
             let mut t = self.train.clone();
             t.defense = t.defense.with_method(method);
@@ -160,156 +88,219 @@ impl ExperimentConfig {
             .validate("--eval-eps", "--eval-steps")
             .map_err(Error::Config)
     }
+
+    /// The seeds this process trains each method with.
+    pub fn seed_list(&self) -> Vec<u64> {
+        if self.seeds.is_empty() {
+            vec![self.train.seed]
+        } else {
+            self.seeds.clone()
+        }
+    }
+
+    /// The cells this process runs: per seed, every method in order (the undefended model of a
+    /// seed first, when listed first, so its defended cells get their transfer rows).
+    pub fn cells(&self) -> Vec<Cell> {
+        self.seed_list()
+            .into_iter()
+            .flat_map(|seed| {
+                self.methods
+                    .iter()
+                    .map(move |&method| Cell { method, seed })
+            })
+            .collect()
+    }
+
+    /// What every process of this experiment must share: everything but the cells.
+    pub fn settings(&self, dataset: &Dataset) -> Settings {
+        Settings {
+            dataset: self.dataset.clone(),
+            data: DataSummary {
+                name: dataset.name.clone(),
+                train_images: dataset.train.len(),
+                train_classes: dataset.num_train_classes(),
+                test_images: dataset.test.len(),
+                test_classes: dataset.num_test_classes(),
+            },
+            train: self.train.clone(),
+            eval: self.eval.clone(),
+        }
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
     run_dir::write_atomic(path, text.as_bytes())
 }
 
-/// The files an experiment writes at its top level.
-const TOP_FILES: &[&str] = &["config.json", "table.md", "metrics.json", "report.html"];
-
-/// An experiment directory resumes only the same experiment: a different configuration is
-/// refused (naming the file), unless `overwrite` is set, which deletes the old results.
-pub fn claim_experiment_dir(cfg: &ExperimentConfig, out: &Path, overwrite: bool) -> Result<()> {
-    let config_path = out.join("config.json");
-    let Ok(text) = std::fs::read_to_string(&config_path) else {
-        return Ok(());
-    };
-    // Methods may be added or left out: each has its own directory and report.
-    let same = serde_json::from_str::<ExperimentConfig>(&text).is_ok_and(|old| {
-        ExperimentConfig {
-            methods: cfg.methods.clone(),
-            ..old
-        } == *cfg
-    });
-    if same {
-        return Ok(());
-    }
-    if !overwrite {
-        return Err(Error::Config(format!(
-            "{} holds an experiment with other settings ({}); rerun it with the same flags to \
-             resume it, pass --overwrite to replace it, or choose another --out",
-            out.display(),
-            config_path.display()
-        )));
-    }
-    for name in TOP_FILES {
-        remove_if_file(&out.join(name))?;
-    }
-    for method in Method::EVERY {
-        let dir = out.join(method.key());
-        for name in [CHECKPOINT_FILE, LOG_FILE, "report.json"] {
-            remove_if_file(&dir.join(name))?;
-        }
-    }
-    Ok(())
-}
-
-fn remove_if_file(path: &Path) -> Result<()> {
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
-        std::fs::remove_file(path).map_err(io_err(path))?;
-    }
-    Ok(())
+/// An experiment directory resumes, or adds cells to, only the same experiment: other settings
+/// are refused (naming the file), unless `overwrite` is set, which deletes the old results.
+pub fn claim_experiment_dir(
+    cfg: &ExperimentConfig,
+    dataset: &Dataset,
+    out: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    claim_settings(out, &cfg.settings(dataset), overwrite)
 }
 
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string_pretty(v).unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
 }
 
-/// Runs (or resumes) the experiment in `out`; returns the reports in method order.
+/// Runs (or resumes) this process's cells of the experiment in `out`, then merges every
+/// finished cell, this process's or another's, into the tables and the report. Fails before any
+/// work when a cell is in use by another process. Returns the merge.
 pub fn run_experiment(
     cfg: &ExperimentConfig,
     dataset: &Dataset,
     device: &Device,
     out: &Path,
-) -> Result<Vec<MethodReport>> {
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    write(&out.join("config.json"), &json(cfg))?;
-    let mut reports = Vec::new();
-    for &method in &cfg.methods {
-        let dir = out.join(method.key());
-        let report_path = dir.join("report.json");
-        if let Ok(text) = std::fs::read_to_string(&report_path) {
-            if let Ok(r) = serde_json::from_str::<MethodReport>(&text) {
-                eprintln!(
-                    "{}: already done ({}), skipping",
-                    method.label(),
-                    report_path.display()
-                );
-                reports.push(r);
-                continue;
-            }
+) -> Result<Merged> {
+    let settings = cfg.settings(dataset);
+    claim_settings(out, &settings, false)?;
+    let cells = cfg.cells();
+    let claimed = claim_cells(out, &settings, &cells)?;
+    for cell in &cells {
+        if !claimed.iter().any(|c| c.cell == *cell) {
+            eprintln!(
+                "{}: already done ({}), skipping",
+                cell.name(),
+                cell.dir(out).join(REPORT_FILE).display()
+            );
         }
-        eprintln!("== {} ==", method.label());
-        let start = Instant::now();
-        let run = train_method(cfg, method, dataset, device, &dir)?;
-        let train_seconds = start.elapsed().as_secs_f64();
-        let source = transfer_source(cfg, method, dataset, device, out)?;
-        let start = Instant::now();
-        let mut report = evaluate_run_with(
-            &run,
-            dataset,
-            &cfg.eval,
-            device,
-            source.as_ref().map(|r| (Method::None.label(), r)),
-        )?;
-        report.train_seconds = train_seconds;
-        report.eval_seconds = start.elapsed().as_secs_f64();
-        write(&report_path, &json(&report))?;
-        eprintln!(
-            "{}",
-            table_markdown(std::slice::from_ref(&report), method.label())
-        );
-        if let Some(r) = &report.ranking {
-            eprintln!("{}", ranking_markdown(method.label(), r));
-        }
-        if let Some(o) = &report.objectives {
-            eprintln!("{}", objectives_markdown(method.label(), o));
-        }
-        if let Some(t) = &report.transfer {
-            eprintln!("{}", transfer_markdown(method.label(), t));
-        }
-        for line in failed_lines(method.label(), &report.sanity) {
-            eprintln!("{line}");
-        }
-        reports.push(report);
     }
-    let title = format!("{} / {:?}", cfg.dataset, cfg.train.arch);
-    let table = table_markdown(
-        &reports,
-        &format!(
-            "Table 1 layout: {title}, PGD-{} at eps {:.1}/255",
-            cfg.eval.attack.steps,
-            cfg.eval.attack.eps * 255.0
-        ),
-    );
-    write(
-        &out.join("table.md"),
-        &(table
-            + &sanity_tables(&reports)
-            + &strength_tables(&reports)
-            + &ranking_tables(&reports)),
+    for c in &claimed {
+        run_cell(&settings, c, dataset, device, out)?;
+    }
+    drop(claimed);
+    write_merged(out, &settings)
+}
+
+/// Trains and evaluates one claimed cell and writes its `report.json`.
+fn run_cell(
+    settings: &Settings,
+    claimed: &ClaimedCell,
+    dataset: &Dataset,
+    device: &Device,
+    out: &Path,
+) -> Result<()> {
+    let (cell, dir) = (claimed.cell, claimed.lock.path());
+    let label = cell.method.label();
+    eprintln!("== {label}, seed {} ==", cell.seed);
+    let start = Instant::now();
+    let run = train_cell(settings, cell, dataset, device, dir)?;
+    let train_seconds = start.elapsed().as_secs_f64();
+    let source = transfer_source(settings, cell, dataset, device, out)?;
+    let start = Instant::now();
+    let mut report = evaluate_run_with(
+        &run,
+        dataset,
+        &settings.eval,
+        device,
+        source.as_ref().map(|r| (Method::None.label(), r)),
     )?;
-    write(&out.join("metrics.json"), &json(&reports))?;
-    let info = RunInfo {
-        title: format!("robust-dml experiment: {title}"),
-        settings: settings_rows(cfg, dataset, device, &reports),
-        config_json: json(cfg),
-    };
-    let html = html_report(&reports, &info).map_err(Error::Config)?;
-    write(&out.join("report.html"), &html)?;
-    Ok(reports)
+    report.train_seconds = train_seconds;
+    report.eval_seconds = start.elapsed().as_secs_f64();
+    report.seed = cell.seed;
+    report.device = device_name(device);
+    write(&dir.join(REPORT_FILE), &json(&report))?;
+    eprintln!(
+        "{}",
+        table_markdown(
+            std::slice::from_ref(&report),
+            &format!("{label}, seed {}", cell.seed)
+        )
+    );
+    if let Some(r) = &report.ranking {
+        eprintln!("{}", ranking_markdown(label, r));
+    }
+    if let Some(o) = &report.objectives {
+        eprintln!("{}", objectives_markdown(label, o));
+    }
+    if let Some(t) = &report.transfer {
+        eprintln!("{}", transfer_markdown(label, t));
+    }
+    for line in failed_lines(&cell.name(), &report.sanity) {
+        eprintln!("{line}");
+    }
+    Ok(())
+}
+
+fn device_name(device: &Device) -> String {
+    match device {
+        Device::Cpu => format!("CPU backend, {} threads", rayon::current_num_threads()),
+        d => d.name(),
+    }
+}
+
+/// Merges every finished cell of `out` into `table.md`, `metrics.json` (every cell's report)
+/// and `report.html`, under the merge lock.
+pub fn write_merged(out: &Path, settings: &Settings) -> Result<Merged> {
+    with_merge_lock(out, || {
+        let merged = merge_cells(out, settings);
+        let reports = &merged.reports;
+        let title = format!("{} / {:?}", settings.dataset, settings.train.arch);
+        let table = table_markdown(
+            reports,
+            &format!(
+                "Table 1 layout: {title}, PGD-{} at eps {:.1}/255",
+                settings.eval.attack.steps,
+                settings.eval.attack.eps * 255.0
+            ),
+        );
+        let per_run = labeled_by_seed(reports);
+        let missing: String = merged
+            .missing_lines()
+            .iter()
+            .map(|l| format!("\n- {l}"))
+            .collect();
+        let missing = if missing.is_empty() {
+            missing
+        } else {
+            format!("\n#### Cells not in the tables\n{missing}\n")
+        };
+        write(
+            &out.join("table.md"),
+            &(table
+                + &missing
+                + &sanity_tables(&per_run)
+                + &strength_tables(&per_run)
+                + &ranking_tables(&per_run)),
+        )?;
+        write(&out.join("metrics.json"), &json(reports))?;
+        let info = RunInfo {
+            title: format!("robust-dml experiment: {title}"),
+            settings: settings_rows(settings, reports, &merged.missing_lines()),
+            config_json: json(settings),
+        };
+        let html = html_report(reports, &info).map_err(Error::Config)?;
+        write(&out.join("report.html"), &html)?;
+        Ok(merged)
+    })
+}
+
+/// `robust-dml report DIR`: the merge of an experiment directory's finished cells, without
+/// running any; with the experiment's settings.
+pub fn report_experiment(out: &Path) -> Result<(Settings, Merged)> {
+    let settings = read_settings(out)?.ok_or_else(|| {
+        Error::Config(format!(
+            "{} has no {SETTINGS_FILE}: it is not an experiment directory (made by \
+             `robust-dml experiment --out {}`)",
+            out.display(),
+            out.display()
+        ))
+    })?;
+    let merged = write_merged(out, &settings)?;
+    Ok((settings, merged))
 }
 
 /// The report's settings table: what was run, on what, and how long it took.
 fn settings_rows(
-    cfg: &ExperimentConfig,
-    dataset: &Dataset,
-    device: &Device,
+    settings: &Settings,
     reports: &[MethodReport],
+    missing: &[String],
 ) -> Vec<(String, String)> {
-    let t = &cfg.train;
+    let (t, eval, data) = (&settings.train, &settings.eval, &settings.data);
     let attack = |a: &PgdConfig| {
         format!(
             "PGD, embedding shift, eps {:.3} ({:.1}/255), {} steps, alpha {:.4}, start {}",
@@ -334,26 +325,34 @@ fn settings_rows(
         .iter()
         .map(|r| r.train_seconds + r.eval_seconds)
         .sum();
-    let device_name = match device {
-        Device::Cpu => format!("CPU backend, {} threads", rayon::current_num_threads()),
-        d => d.name(),
-    };
+    let mut devices: Vec<&str> = reports.iter().map(|r| r.device.as_str()).collect();
+    devices.sort_unstable();
+    devices.dedup();
     let times = reports
         .iter()
-        .map(|r| format!("{} {:.0}+{:.0}", r.label, r.train_seconds, r.eval_seconds))
+        .map(|r| {
+            format!(
+                "{} seed {} {:.0}+{:.0}",
+                r.label, r.seed, r.train_seconds, r.eval_seconds
+            )
+        })
         .collect::<Vec<_>>()
         .join(", ");
+    let mut seeds: Vec<u64> = reports.iter().map(|r| r.seed).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    let seeds: Vec<String> = seeds.iter().map(u64::to_string).collect();
     let row = |k: &str, v: String| (k.to_string(), v);
-    vec![
+    let mut rows = vec![
         row(
             "dataset",
             format!(
                 "{}: {} training images ({} classes), {} test images ({} classes)",
-                dataset.name,
-                dataset.train.len(),
-                dataset.num_train_classes(),
-                dataset.test.len(),
-                dataset.num_test_classes()
+                data.name,
+                data.train_images,
+                data.train_classes,
+                data.test_images,
+                data.test_classes
             ),
         ),
         row(
@@ -392,62 +391,82 @@ fn settings_rows(
                 a = t.defense.mixup_alpha
             ),
         ),
-        row("evaluation attack", attack(&cfg.eval.attack)),
+        row("evaluation attack", attack(&eval.attack)),
         row(
             "seeds",
-            format!("training {}, evaluation {}", t.seed, cfg.eval.seed),
+            format!(
+                "training {} (one cell per method and seed), evaluation {}",
+                seeds.join(", "),
+                eval.seed
+            ),
         ),
-        row("device", device_name),
+        row("device", devices.join("; ")),
         row(
             "wall time",
             format!(
-                "{:.1} min in all; per method, train+evaluation (s): {times}",
+                "{:.1} min in all; per cell, train+evaluation (s): {times}",
                 total / 60.0
             ),
         ),
-    ]
+    ];
+    if !missing.is_empty() {
+        rows.push(row("cells not in the tables", missing.join("; ")));
+    }
+    rows
 }
 
-/// The undefended model of this experiment, when `method` is a defense, transfer rows are on
-/// and its checkpoint exists (the undefended method trains first when it is in the list).
+/// The undefended model of `cell`'s seed, when `cell` is a defense, transfer rows are on and
+/// that cell is finished (a checkpoint still training is not used).
 fn transfer_source(
-    cfg: &ExperimentConfig,
-    method: Method,
+    settings: &Settings,
+    cell: Cell,
     dataset: &Dataset,
     device: &Device,
     out: &Path,
 ) -> Result<Option<Run>> {
-    if method == Method::None || cfg.eval.strength.transfer_samples == 0 {
+    if cell.method == Method::None || settings.eval.strength.transfer_samples == 0 {
         return Ok(None);
     }
-    let ckpt = out.join(Method::None.key()).join(CHECKPOINT_FILE);
-    if !ckpt.exists() {
+    let source = Cell {
+        method: Method::None,
+        seed: cell.seed,
+    };
+    let dir = source.dir(out);
+    if finished_report(&dir).is_none() {
         eprintln!(
-            "{}: no transfer row ({} does not exist: train the undefended method first)",
-            method.label(),
-            ckpt.display()
+            "{}: no transfer row (the cell {} is not finished: run the undefended method first)",
+            cell.name(),
+            source.name()
         );
         return Ok(None);
     }
-    Run::load(&ckpt, dataset, device).map(Some)
+    Run::load(&dir.join(CHECKPOINT_FILE), dataset, device).map(Some)
 }
 
-/// Trains one method, resuming from its checkpoint when one exists.
-fn train_method(
-    cfg: &ExperimentConfig,
-    method: Method,
+/// Trains one cell, resuming from its checkpoint when one exists (a checkpoint of another
+/// configuration is refused, naming it).
+fn train_cell(
+    settings: &Settings,
+    cell: Cell,
     dataset: &Dataset,
     device: &Device,
     dir: &Path,
 ) -> Result<Run> {
-    let mut tc = cfg.train.clone();
-    tc.defense = tc.defense.with_method(method);
+    let tc = settings.cell_train(cell);
     let ckpt: PathBuf = dir.join(CHECKPOINT_FILE);
     let mut run = if ckpt.exists() {
         let run = Run::load(&ckpt, dataset, device)?;
+        if run.cfg != tc {
+            return Err(Error::Config(format!(
+                "{} was trained with other settings than the cell {} asks for; remove it to \
+                 train the cell again",
+                ckpt.display(),
+                cell.name()
+            )));
+        }
         eprintln!(
             "resuming {} from {} (epoch {})",
-            method.label(),
+            cell.name(),
             ckpt.display(),
             run.epochs_done
         );

@@ -2,8 +2,10 @@
 //! and the run directory they write. It sits above `dml` and `robust` and uses both; neither
 //! imports it.
 
+pub mod cells;
 pub mod commands;
 pub mod embed;
+pub mod eval_plan;
 pub mod evaluate;
 pub mod experiment;
 pub mod plots;
@@ -14,6 +16,7 @@ pub mod report;
 pub mod results;
 pub mod run_dir;
 pub mod sanity;
+pub mod spread;
 pub mod strength;
 pub mod tables;
 pub mod train;

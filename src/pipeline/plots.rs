@@ -4,6 +4,7 @@
 use plotters::prelude::*;
 
 use crate::pipeline::results::{CurvePoint, MethodReport, Projection};
+use crate::pipeline::spread::MethodSeeds;
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -23,15 +24,7 @@ fn svg_error(e: impl std::fmt::Display) -> String {
 /// The y range of a curve chart: from a multiple of 10 above the highest point down to one low
 /// enough that the lowest point sits above the lower 35% of the chart (the legend's place),
 /// within 0-100. Differences of a few points stay visible, which a fixed 0-100 axis flattens.
-fn curve_y_range(
-    reports: &[MethodReport],
-    curve: &impl Fn(&MethodReport) -> &Vec<CurvePoint>,
-    value: &impl Fn(&CurvePoint) -> f64,
-) -> std::ops::Range<f64> {
-    let values: Vec<f64> = reports
-        .iter()
-        .flat_map(|r| curve(r).iter().map(value))
-        .collect();
+fn curve_y_range(values: &[f64]) -> std::ops::Range<f64> {
     let lowest = values.iter().copied().fold(100.0f64, f64::min);
     let highest = values.iter().copied().fold(0.0f64, f64::max);
     let top = ((highest + 5.0) / 10.0).ceil() * 10.0;
@@ -41,31 +34,36 @@ fn curve_y_range(
     bottom..top
 }
 
-/// One line per method of `value` against the curve's x.
+/// One line per method of `value` against the curve's x. A method with several seeds is drawn
+/// at its mean over them, in a band of plus and minus one standard deviation.
 pub(crate) fn curve_svg(
-    reports: &[MethodReport],
+    methods: &[MethodSeeds],
     curve: impl Fn(&MethodReport) -> &Vec<CurvePoint>,
     value: impl Fn(&CurvePoint) -> f64,
     x_label: &str,
     y_label: &str,
 ) -> Result<String, String> {
+    let lines: Vec<(&str, Vec<(f64, f64, f64)>)> = methods
+        .iter()
+        .map(|g| (g.label, g.curve(&curve, &value)))
+        .collect();
+    let points = || lines.iter().flat_map(|(_, l)| l.iter());
+    let ys: Vec<f64> = points()
+        .flat_map(|&(_, mean, std)| [mean - std, mean + std])
+        .collect();
+    let (x0, x1) = points().fold((f64::MAX, f64::MIN), |(a, b), &(x, _, _)| {
+        (a.min(x), b.max(x))
+    });
+    let (x0, x1) = if x0 < x1 { (x0, x1) } else { (0.0, 1.0) };
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (520, 340)).into_drawing_area();
         root.fill(&WHITE).map_err(svg_error)?;
-        let xs: Vec<f64> = reports
-            .iter()
-            .flat_map(|r| curve(r).iter().map(|p| p.x))
-            .collect();
-        let (x0, x1) = xs
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-        let (x0, x1) = if x0 < x1 { (x0, x1) } else { (0.0, 1.0) };
         let mut chart = ChartBuilder::on(&root)
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(44)
-            .build_cartesian_2d(x0..x1, curve_y_range(reports, &curve, &value))
+            .build_cartesian_2d(x0..x1, curve_y_range(&ys))
             .map_err(svg_error)?;
         chart
             .configure_mesh()
@@ -73,13 +71,26 @@ pub(crate) fn curve_svg(
             .y_desc(y_label)
             .draw()
             .map_err(svg_error)?;
-        for (i, r) in reports.iter().enumerate() {
+        for (i, (label, line)) in lines.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            let pts: Vec<(f64, f64)> = curve(r).iter().map(|p| (p.x, value(p))).collect();
+            if line.iter().any(|&(_, _, std)| std > 0.0) {
+                let band: Vec<(f64, f64)> = line
+                    .iter()
+                    .map(|&(x, m, s)| (x, m + s))
+                    .chain(line.iter().rev().map(|&(x, m, s)| (x, m - s)))
+                    .collect();
+                chart
+                    .draw_series(std::iter::once(Polygon::new(
+                        band,
+                        color.mix(0.18).filled(),
+                    )))
+                    .map_err(svg_error)?;
+            }
+            let pts: Vec<(f64, f64)> = line.iter().map(|&(x, m, _)| (x, m)).collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(svg_error)?
-                .label(r.label.clone())
+                .label(label.to_string())
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
                 });

@@ -89,6 +89,7 @@ fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> Exp
     ExperimentConfig {
         dataset: dataset.into(),
         methods: Method::ALL.to_vec(),
+        seeds: Vec::new(),
         train: t,
         eval: EvalPlan {
             attack: PgdConfig::new(FASHION_EPS, FASHION_EVAL_STEPS),
@@ -161,6 +162,7 @@ pub fn paper() -> ExperimentConfig {
     ExperimentConfig {
         dataset: "cub200".into(),
         methods: Method::ALL.to_vec(),
+        seeds: Vec::new(),
         train: t,
         eval,
     }

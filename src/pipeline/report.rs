@@ -6,8 +6,9 @@ use std::fmt::Write as _;
 
 use crate::pipeline::plots::{curve_svg, members_svg, projection_svg};
 use crate::pipeline::results::{
-    two_decimals, MethodReport, ObjectivesReport, TransferReport, METRIC_COLUMNS, WORST_METRICS,
+    MethodReport, ObjectivesReport, TransferReport, METRIC_COLUMNS, WORST_METRICS,
 };
+use crate::pipeline::spread::{by_method, has_seeds, labeled_by_seed};
 use crate::pipeline::tables::{attack_name, metric_cells, TRAILING};
 use crate::robust::ranking::RankAttack;
 
@@ -55,6 +56,8 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
         t = html_escape(&info.title)
     );
     h.push_str(&results_table(reports));
+    let methods = by_method(reports);
+    let per_run = labeled_by_seed(reports);
     h.push_str("<h2>Robustness curves (clustering scenario)</h2>");
     let samples = reports.iter().map(|r| r.curve_samples).max().unwrap_or(0);
     let on = if samples > 0 {
@@ -67,22 +70,28 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
     } else {
         String::new()
     };
+    let band = if has_seeds(reports) {
+        " A method run with several seeds is drawn at its mean, in a band of one standard \
+         deviation either side."
+    } else {
+        ""
+    };
     let steps_how = format!(
         "Recall@1 of every method as the attack gets more PGD steps at the evaluation eps and \
          step size (k steps are the first k of the evaluation attack's path); 0 steps is the \
          clean score. A flat line is a robust model; the higher the line at the right, the \
-         better.{on}"
+         better.{on}{band}"
     );
     let eps_how = format!(
         "The same, as the attack's budget eps grows at the evaluation steps (the step size \
-         grows with eps); eps 0 is the clean score.{on}"
+         grows with eps); eps 0 is the clean score.{on}{band}"
     );
     let f1_how = "Pair-counting F1 of k-means clustering (the paper's clustering metric) on \
                   the same attacked images; higher is better.";
     let figures = [
         (
             curve_svg(
-                reports,
+                &methods,
                 |r| &r.steps_curve,
                 |p| p.recall1,
                 "PGD steps",
@@ -91,12 +100,18 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
             steps_how.clone(),
         ),
         (
-            curve_svg(reports, |r| &r.steps_curve, |p| p.f1, "PGD steps", "F1 (%)")?,
+            curve_svg(
+                &methods,
+                |r| &r.steps_curve,
+                |p| p.f1,
+                "PGD steps",
+                "F1 (%)",
+            )?,
             f1_how.to_string(),
         ),
         (
             curve_svg(
-                reports,
+                &methods,
                 |r| &r.eps_curve,
                 |p| p.recall1,
                 "eps (x/255)",
@@ -105,14 +120,20 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
             eps_how,
         ),
         (
-            curve_svg(reports, |r| &r.eps_curve, |p| p.f1, "eps (x/255)", "F1 (%)")?,
+            curve_svg(
+                &methods,
+                |r| &r.eps_curve,
+                |p| p.f1,
+                "eps (x/255)",
+                "F1 (%)",
+            )?,
             f1_how.to_string(),
         ),
     ];
     for (svg, caption) in &figures {
         h.push_str(&figure(svg, caption));
     }
-    for r in reports.iter().filter(|r| !r.members.is_empty()) {
+    for r in per_run.iter().filter(|r| !r.members.is_empty()) {
         let _ = write!(
             h,
             "<h2>{}: ensemble members (Figure 4)</h2>{}",
@@ -126,7 +147,7 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
         );
     }
     h.push_str("<h2>Clean versus attacked embeddings (Figure 1)</h2>");
-    for r in reports {
+    for r in &per_run {
         if let Some(p) = &r.projection {
             h.push_str(&figure(
                 &projection_svg(&r.label, p)?,
@@ -140,16 +161,16 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
             ));
         }
     }
-    h.push_str(&sanity_html(reports));
-    for r in reports {
+    h.push_str(&sanity_html(&per_run));
+    for r in &per_run {
         h.push_str(&strength_html(
             &r.label,
             r.objectives.as_ref(),
             r.transfer.as_ref(),
         ));
     }
-    h.push_str(&ranking_html(reports));
-    h.push_str(&settings_html(reports, info));
+    h.push_str(&ranking_html(&per_run));
+    h.push_str(&settings_html(&per_run, info));
     let _ = write!(
         h,
         "<details><summary>Configuration (JSON)</summary><pre>{}</pre></details></body></html>",
@@ -158,27 +179,39 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
     Ok(h)
 }
 
-/// The Table 1 layout as HTML, with how to read it.
+/// The Table 1 layout as HTML, with how to read it; several seeds as in the Markdown table.
 fn results_table(reports: &[MethodReport]) -> String {
+    let several = has_seeds(reports);
     let headers: String = METRIC_COLUMNS
         .iter()
         .chain(&["R@1 template"])
         .map(|name| format!("<th>{name}</th>"))
         .collect();
+    let seeds_header = if several { "<th>seeds</th>" } else { "" };
     let mut h = format!(
         "<h2>Results (Table 1 layout, percent)</h2><table><tr><th class=\"l\">method</th>\
-         <th>input</th>{headers}</tr>"
+         {seeds_header}<th>input</th>{headers}</tr>"
     );
-    for r in reports {
-        for (input, m, template) in [
-            ("clean", &r.clean, String::new()),
-            ("PGD", &r.pgd, two_decimals(r.pgd_template.recall[0])),
-        ] {
-            let cells: String = m.cells().iter().map(|c| format!("<td>{c}</td>")).collect();
+    for g in by_method(reports) {
+        let seeds = if several {
+            format!("<td>{}</td>", g.seeds())
+        } else {
+            String::new()
+        };
+        let rows = [
+            ("clean", g.metric_cells(|r| &r.clean), String::new()),
+            (
+                "PGD",
+                g.metric_cells(|r| &r.pgd),
+                g.cell(|r| r.pgd_template.recall[0]),
+            ),
+        ];
+        for (input, cells, template) in rows {
+            let cells: String = cells.iter().map(|c| format!("<td>{c}</td>")).collect();
             let _ = write!(
                 h,
-                "<tr><td class=\"l\">{}</td><td>{input}</td>{cells}<td>{template}</td></tr>",
-                html_escape(&r.label)
+                "<tr><td class=\"l\">{}</td>{seeds}<td>{input}</td>{cells}<td>{template}</td></tr>",
+                html_escape(g.label)
             );
         }
     }
@@ -191,6 +224,13 @@ fn results_table(reports: &[MethodReport]) -> String {
     } else {
         String::new()
     };
+    let spread = if several {
+        " With several seeds, each figure is the mean over the seeds ± their standard \
+         deviation (n - 1); metrics.json keeps every seed's figures, and the sections below \
+         show each seed on its own."
+    } else {
+        ""
+    };
     let _ = write!(
         h,
         "</table><p class=\"how\"><b>How to read this:</b> each method has a clean row and a \
@@ -198,7 +238,7 @@ fn results_table(reports: &[MethodReport]) -> String {
          attacked embeddings alone. R@1 template is the template-matching scenario: attacked \
          queries against the clean gallery. Higher is better everywhere; robustness is the PGD \
          row, its cost the clean row's drop against PAL. An ensemble's rows are its members' \
-         vote.{per_image}</p>"
+         vote.{per_image}{spread}</p>"
     );
     h
 }

@@ -28,16 +28,13 @@ impl Metrics {
     /// The cells of [`METRIC_COLUMNS`]: NMI, F1, R@1, R@2, R@4, R@8 and MAP@R, in percent to two
     /// decimals. Every results table, Markdown or HTML, writes its metrics with it.
     pub fn cells(&self) -> [String; 7] {
-        let [r1, r2, r4, r8] = self.recall.map(two_decimals);
-        [
-            two_decimals(self.nmi),
-            two_decimals(self.f1),
-            r1,
-            r2,
-            r4,
-            r8,
-            two_decimals(self.map_r),
-        ]
+        self.values().map(two_decimals)
+    }
+
+    /// The values of [`METRIC_COLUMNS`], in percent.
+    pub fn values(&self) -> [f64; 7] {
+        let [r1, r2, r4, r8] = self.recall;
+        [self.nmi, self.f1, r1, r2, r4, r8, self.map_r]
     }
 }
 
@@ -70,6 +67,12 @@ pub struct CurvePoint {
 pub struct MethodReport {
     pub method: String,
     pub label: String,
+    /// The training seed of this run (an experiment's cell is one method and one seed).
+    #[serde(default)]
+    pub seed: u64,
+    /// The device it was trained and evaluated on, in words.
+    #[serde(default)]
+    pub device: String,
     pub clean: Metrics,
     /// Clustering scenario: every test sample perturbed.
     pub pgd: Metrics,

@@ -25,18 +25,7 @@ impl RunDir {
     /// Creates `dir` if need be and takes its lock. Fails at once, naming the holder's pid,
     /// when another live process holds it.
     pub fn lock(dir: &Path) -> Result<RunDir> {
-        if dir.as_os_str().is_empty() {
-            return Err(Error::Config(
-                "--out is empty; name a run directory (e.g. runs/my-run)".into(),
-            ));
-        }
-        if dir.exists() && !dir.is_dir() {
-            return Err(Error::Config(format!(
-                "run directory {} exists and is not a directory; choose another --out",
-                dir.display()
-            )));
-        }
-        std::fs::create_dir_all(dir).map_err(|e| unwritable(dir, e))?;
+        create_run_dir(dir)?;
         let path = dir.join(LOCK_FILE);
         let mut lock = OpenOptions::new()
             .read(true)
@@ -93,6 +82,23 @@ fn read_pid(lock: &mut File) -> Option<u32> {
     lock.rewind().ok()?;
     lock.read_to_string(&mut text).ok()?;
     text.trim().parse().ok()
+}
+
+/// Creates `dir` if need be, refusing an empty name, a path that is not a directory and one
+/// that cannot be created.
+pub fn create_run_dir(dir: &Path) -> Result<()> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::Config(
+            "--out is empty; name a run directory (e.g. runs/my-run)".into(),
+        ));
+    }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::Config(format!(
+            "run directory {} exists and is not a directory; choose another --out",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| unwritable(dir, e))
 }
 
 fn unwritable(path: &Path, e: std::io::Error) -> Error {

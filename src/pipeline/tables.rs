@@ -6,9 +6,10 @@ use std::fmt::Write as _;
 
 use crate::config::AttackKind;
 use crate::pipeline::results::{
-    two_decimals, AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport,
-    SanityCheck, StrengthOutput, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS, WORST_METRICS,
+    AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport, SanityCheck,
+    StrengthOutput, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS, WORST_METRICS,
 };
+use crate::pipeline::spread::{by_method, has_seeds};
 use crate::robust::ranking::{RankAttack, RankPgd};
 
 /// The rows `eval` and `attack` measured, as a Markdown table (a row only for what was run),
@@ -186,22 +187,40 @@ pub fn markdown_columns(names: &[&str], left: usize) -> String {
 }
 
 /// The paper's Table 1: NMI, F1, R@1/2/4/8 for clean and PGD rows of each method, plus the
-/// template-matching Recall@1 beside the clustering one.
+/// template-matching Recall@1 beside the clustering one. A method run with several seeds has
+/// one pair of rows, each figure the mean ± the standard deviation over its seeds, and its
+/// seeds in a column of their own.
 pub fn table_markdown(reports: &[MethodReport], title: &str) -> String {
+    let several = has_seeds(reports);
+    let leading: &[&str] = if several {
+        &["method", "seeds", "input"]
+    } else {
+        &["method", "input"]
+    };
     let mut s = format!(
         "### {title}\n\n{}",
-        markdown_header(&["method", "input"], &["R@1 template"])
+        markdown_header(leading, &["R@1 template"])
     );
-    for r in reports {
-        for (input, m, template) in [
-            ("clean", &r.clean, String::new()),
-            ("PGD", &r.pgd, two_decimals(r.pgd_template.recall[0])),
-        ] {
+    for g in by_method(reports) {
+        let seeds = if several {
+            format!(" {} |", g.seeds())
+        } else {
+            String::new()
+        };
+        let rows = [
+            ("clean", g.metric_cells(|r| &r.clean), String::new()),
+            (
+                "PGD",
+                g.metric_cells(|r| &r.pgd),
+                g.cell(|r| r.pgd_template.recall[0]),
+            ),
+        ];
+        for (input, cells, template) in rows {
             let _ = writeln!(
                 s,
-                "| {} | {input} | {} | {template} |",
-                r.label,
-                m.cells().join(" | ")
+                "| {} |{seeds} {input} | {} | {template} |",
+                g.label,
+                cells.join(" | ")
             );
         }
     }
