@@ -1390,3 +1390,34 @@ fn experiment_cells_refuse_duplicate_seeds_and_foreign_cells() {
         "{out}"
     );
 }
+
+/// kill -9 of a cell after its first checkpoint: `report` lists it as not finished, and its own
+/// command resumes it from the checkpoint instead of starting over.
+#[test]
+fn a_killed_cell_is_listed_and_resumed() {
+    let sb = Sandbox::new("cell-kill");
+    let mut args = tiny_cells("exp", "none", "0");
+    let epochs = args.iter().position(|a| *a == "--epochs").unwrap();
+    args[epochs + 1] = "2";
+    let mut child = sb.spawn(&args);
+    let ckpt = sb.path("exp/none/seed0/checkpoint.safetensors");
+    let start = Instant::now();
+    while !ckpt.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !sb.path("exp/none/seed0/report.json").exists(),
+        "killed before its evaluation ended"
+    );
+    let out = sb.succeeds(&["report", "exp"]);
+    assert!(
+        out.contains("cell none, seed 0 is not in the tables: started and not finished"),
+        "{out}"
+    );
+    let out = sb.succeeds(&args);
+    assert!(out.contains("resuming none, seed 0"), "{out}");
+    assert!(out.contains("| PAL | PGD |"), "{out}");
+}

@@ -432,15 +432,20 @@ fn transfer_source(
         seed: cell.seed,
     };
     let dir = source.dir(out);
-    if finished_report(&dir).is_none() {
-        eprintln!(
-            "{}: no transfer row (the cell {} is not finished: run the undefended method first)",
-            cell.name(),
-            source.name()
-        );
-        return Ok(None);
-    }
-    Run::load(&dir.join(CHECKPOINT_FILE), dataset, device).map(Some)
+    let ckpt = dir.join(CHECKPOINT_FILE);
+    let why = if finished_report(&dir).is_none() {
+        "is not finished: run the undefended method first"
+    } else if !ckpt.is_file() {
+        "has no checkpoint (its report was kept without it)"
+    } else {
+        return Run::load(&ckpt, dataset, device).map(Some);
+    };
+    eprintln!(
+        "{}: no transfer row (the cell {} {why})",
+        cell.name(),
+        source.name()
+    );
+    Ok(None)
 }
 
 /// Trains one cell, resuming from its checkpoint when one exists (a checkpoint of another
