@@ -4,7 +4,7 @@
 use plotters::prelude::*;
 
 use crate::pipeline::results::{CurvePoint, MethodReport, Projection};
-use crate::pipeline::spread::MethodSeeds;
+use crate::pipeline::spread::{MethodSeeds, SpreadPoint};
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -43,17 +43,15 @@ pub(crate) fn curve_svg(
     x_label: &str,
     y_label: &str,
 ) -> Result<String, String> {
-    let lines: Vec<(&str, Vec<(f64, f64, f64)>)> = methods
+    let lines: Vec<(&str, Vec<SpreadPoint>)> = methods
         .iter()
         .map(|g| (g.label, g.curve(&curve, &value)))
         .collect();
     let points = || lines.iter().flat_map(|(_, l)| l.iter());
     let ys: Vec<f64> = points()
-        .flat_map(|&(_, mean, std)| [mean - std, mean + std])
+        .flat_map(|p| [p.mean - p.std, p.mean + p.std])
         .collect();
-    let (x0, x1) = points().fold((f64::MAX, f64::MIN), |(a, b), &(x, _, _)| {
-        (a.min(x), b.max(x))
-    });
+    let (x0, x1) = points().fold((f64::MAX, f64::MIN), |(a, b), p| (a.min(p.x), b.max(p.x)));
     let (x0, x1) = if x0 < x1 { (x0, x1) } else { (0.0, 1.0) };
     let mut svg = String::new();
     {
@@ -73,11 +71,11 @@ pub(crate) fn curve_svg(
             .map_err(svg_error)?;
         for (i, (label, line)) in lines.iter().enumerate() {
             let color = PALETTE[i % PALETTE.len()];
-            if line.iter().any(|&(_, _, std)| std > 0.0) {
+            if line.iter().any(|p| p.std > 0.0) {
                 let band: Vec<(f64, f64)> = line
                     .iter()
-                    .map(|&(x, m, s)| (x, m + s))
-                    .chain(line.iter().rev().map(|&(x, m, s)| (x, m - s)))
+                    .map(|p| (p.x, p.mean + p.std))
+                    .chain(line.iter().rev().map(|p| (p.x, p.mean - p.std)))
                     .collect();
                 chart
                     .draw_series(std::iter::once(Polygon::new(
@@ -86,7 +84,7 @@ pub(crate) fn curve_svg(
                     )))
                     .map_err(svg_error)?;
             }
-            let pts: Vec<(f64, f64)> = line.iter().map(|&(x, m, _)| (x, m)).collect();
+            let pts: Vec<(f64, f64)> = line.iter().map(|p| (p.x, p.mean)).collect();
             chart
                 .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
                 .map_err(svg_error)?

@@ -4,6 +4,14 @@
 
 use crate::pipeline::results::{two_decimals, CurvePoint, MethodReport, Metrics};
 
+/// A curve point over seeds: the x, and the mean and standard deviation of the value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SpreadPoint {
+    pub x: f64,
+    pub mean: f64,
+    pub std: f64,
+}
+
 /// One method's runs, one per seed, in seed order.
 pub struct MethodSeeds<'a> {
     pub label: &'a str,
@@ -81,7 +89,7 @@ impl MethodSeeds<'_> {
         &self,
         curve: impl Fn(&MethodReport) -> &Vec<CurvePoint>,
         value: impl Fn(&CurvePoint) -> f64,
-    ) -> Vec<(f64, f64, f64)> {
+    ) -> Vec<SpreadPoint> {
         curve(self.runs[0])
             .iter()
             .map(|p| {
@@ -91,7 +99,7 @@ impl MethodSeeds<'_> {
                     .filter_map(|r| curve(r).iter().find(|q| q.x == p.x).map(&value))
                     .collect();
                 let (mean, std) = mean_std(&values);
-                (p.x, mean, std)
+                SpreadPoint { x: p.x, mean, std }
             })
             .collect()
     }
