@@ -6,6 +6,16 @@ use serde::{Deserialize, Serialize};
 /// Proxy Anchor (Kim et al. 2020): scale and margin.
 pub const PA_ALPHA: f32 = 32.0;
 pub const PA_DELTA: f32 = 0.1;
+/// robrank's triplet margin for normalised embeddings (`configs.triplet.margin_cosine`, used
+/// for its metrics C and N).
+pub const TRIPLET_MARGIN: f32 = 0.2;
+/// robrank's weight of HM's intra-class structure term (`icslambda` in `defenses/amd.py`).
+pub const HM_ICS_LAMBDA: f32 = 0.5;
+/// HM's PGD stops once its objective moves by less than this between steps (robrank's
+/// saturation stop in `MadryInnerMax.HardnessManipulate`).
+pub const HM_FLAT: f32 = 1e-7;
+/// LGA's memory before a member's first HM step (robrank's `_hm_prev_loss` initial value).
+pub const LGA_INITIAL_LOSS: f32 = 2.0;
 /// AdamW, Proxy-Anchor's recipe.
 pub const LR: f32 = 1e-4;
 pub const WEIGHT_DECAY: f32 = 1e-4;

@@ -5,7 +5,7 @@
 
 use robust_dml::config::PgdConfig;
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
-use robust_dml::dml::loss::ProxyAnchorConfig;
+use robust_dml::dml::loss::{MetricLoss, ProxyAnchorConfig};
 use robust_dml::engine::ops::matmul::linear;
 use robust_dml::engine::ops::normalize::l2_normalize;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
@@ -64,6 +64,8 @@ fn every_method_gives_a_finite_loss_with_gradients() {
     let proxies = Tensor::randn(&[3, 5], 1.0, &mut r, &d).unwrap().var();
     let x = Tensor::rand_uniform(&[6, 3, 2, 2], 0.0, 1.0, &mut r, &d).unwrap();
     let labels = [0usize, 1, 2, 0, 1, 2];
+    // robrank's defenses train with the triplet loss on SPC-2 batches (pairs of one class).
+    let pairs = [0usize, 0, 1, 1, 2, 2];
     let embed = |w: &Tensor, x: &Tensor| -> Result<Tensor> {
         let flat = x.reshape(&[x.shape()[0], 12])?;
         l2_normalize(&linear(&flat, w, None)?, 1, 1e-12)
@@ -80,14 +82,23 @@ fn every_method_gives_a_finite_loss_with_gradients() {
         } else {
             &ensemble[..1]
         };
+        let (loss, labels) = match method.needs_triplet() {
+            true => (MetricLoss::Triplet { margin: 0.2 }, &pairs),
+            false => (
+                MetricLoss::ProxyAnchor(ProxyAnchorConfig::default()),
+                &labels,
+            ),
+        };
+        let lga_loss = std::cell::Cell::new(2.0);
         let ctx = StepContext {
             member: &f0,
             attack_on,
             proxies: &proxies,
-            loss: ProxyAnchorConfig::default(),
+            loss,
             defense: &cfg,
+            lga_loss: &lga_loss,
         };
-        let loss = step_loss(&ctx, &x, &labels, &mut Rng::new(3)).unwrap();
+        let loss = step_loss(&ctx, &x, labels, &mut Rng::new(3)).unwrap();
         let v = loss.item().unwrap();
         assert!(v.is_finite() && v > 0.0, "{method:?}: loss {v}");
         let g = loss.backward().unwrap();
@@ -95,9 +106,11 @@ fn every_method_gives_a_finite_loss_with_gradients() {
             g.get(&ws[0]).is_some(),
             "{method:?}: no gradient for the member"
         );
-        assert!(
+        // The triplet loss has no proxies.
+        assert_eq!(
             g.get(&proxies).is_some(),
-            "{method:?}: no gradient for the proxies"
+            !method.needs_triplet(),
+            "{method:?}: proxies' gradient"
         );
         // Other members are attacked through, never trained by this member's loss.
         assert!(

@@ -124,6 +124,17 @@ pub struct TrainArgs {
     pub trades_lambda: f32,
     #[arg(long, default_value_t = config::MIXUP_ALPHA)]
     pub mixup_alpha: f32,
+    /// The metric loss: proxy-anchor (the paper's) or triplet (robrank's triplet loss on SPC-2
+    /// batches: --batch-size images as --batch-size / 2 pairs of one class). Default: triplet
+    /// for est, act and hm (which accept no other), proxy-anchor otherwise.
+    #[arg(long, value_enum)]
+    pub loss: Option<crate::pipeline::train::LossKind>,
+    /// The triplet loss's margin (robrank's 0.2 for normalised embeddings).
+    #[arg(long, default_value_t = config::TRIPLET_MARGIN)]
+    pub triplet_margin: f32,
+    /// With --method hm: add robrank's intra-class structure term (ICS, weight 0.5).
+    #[arg(long)]
+    pub hm_ics: bool,
     /// Stop every epoch after this many steps (0 = whole epochs).
     #[arg(long, default_value_t = 0)]
     pub max_steps: usize,
@@ -170,6 +181,9 @@ impl TrainArgs {
         }
         c.defense.trades_lambda = self.trades_lambda;
         c.defense.mixup_alpha = self.mixup_alpha;
+        c.loss = self.loss;
+        c.triplet_margin = self.triplet_margin;
+        c.defense.hm_ics = self.hm_ics;
         c
     }
 }

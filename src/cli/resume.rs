@@ -46,6 +46,9 @@ fn flag_value(c: &TrainConfig, flag: &str) -> Option<String> {
         "eat_split" => serde_name(&c.defense.eat_split),
         "trades_lambda" => c.defense.trades_lambda.to_string(),
         "mixup_alpha" => c.defense.mixup_alpha.to_string(),
+        "loss" => c.loss_kind().key().to_string(),
+        "triplet_margin" => c.triplet_margin.to_string(),
+        "hm_ics" => c.defense.hm_ics.to_string(),
         "max_steps" => c.max_steps_per_epoch.to_string(),
         _ => return None,
     })

@@ -32,6 +32,16 @@ impl Default for ProxyAnchorConfig {
     }
 }
 
+/// The metric loss of a training step, with its hyper-parameters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MetricLoss {
+    ProxyAnchor(ProxyAnchorConfig),
+    /// robrank's triplet loss on SPC-2 batches (`crate::dml::triplet`).
+    Triplet {
+        margin: f32,
+    },
+}
+
 /// Proxies [classes, dim] drawn Kaiming-normal in fan_out mode, as the official code's
 /// `torch.nn.init.kaiming_normal_(proxies, mode='fan_out')`: for a [C, D] tensor fan_out = C,
 /// so std = sqrt(2) / sqrt(C). Returned as a tracked leaf (a trainable parameter).

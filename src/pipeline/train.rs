@@ -4,6 +4,7 @@
 //! epoch and `--resume` that continues bit for bit (all randomness is derived from the seed,
 //! the epoch, the member and the step); a NaN guard; progress and a JSON-lines log.
 
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -12,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::{Dataset, Sample};
 use crate::dml::loss::init_proxies;
+/// The loss a run trains with (`--loss`), named through here for the same reason.
+pub use crate::dml::triplet::LossKind;
 use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};
@@ -34,6 +37,9 @@ pub struct Member {
     pub opt: AdamW,
     /// Indices into the training set this member trains on.
     pub train_indices: Vec<usize>,
+    /// HM's gradual adversary (LGA) remembers the member's last adversarial triplet loss;
+    /// saved with the checkpoint so that a resumed run continues bit for bit.
+    pub lga_loss: f32,
 }
 
 impl Member {
@@ -202,6 +208,7 @@ impl Run {
                 proxies,
                 opt,
                 train_indices,
+                lga_loss: crate::config::LGA_INITIAL_LOSS,
             };
             m.refresh_optimizer();
             members.push(m);
@@ -227,6 +234,9 @@ impl Run {
             ck.insert(&format!("{p}/proxies"), &m.proxies)?;
             ck.insert_group(&p, &m.opt.state())?;
             ck.set_meta(&format!("{p}/adam_step"), m.opt.step.to_string());
+            if self.cfg.defense.method == Method::Hm {
+                ck.set_meta(&format!("{p}/lga_loss"), m.lga_loss.to_bits().to_string());
+            }
         }
         ck.set_meta("epochs_done", self.epochs_done.to_string());
         ck.set_meta("rng_state", self.rng_state());
@@ -351,6 +361,12 @@ impl Run {
                 .map_err(|_| Error::Config("bad adam_step in checkpoint".into()))?;
             m.refresh_optimizer();
             m.opt.load_state(&state, step)?;
+            if let Some(bits) = ck.meta(&format!("{p}/lga_loss")) {
+                let bits = bits
+                    .parse()
+                    .map_err(|_| Error::Config("bad lga_loss in checkpoint".into()))?;
+                m.lga_loss = f32::from_bits(bits);
+            }
         }
         run.epochs_done = ck
             .meta_required("epochs_done")?
@@ -458,14 +474,18 @@ impl Run {
                 .iter()
                 .map(|&k| dataset.train[k].clone())
                 .collect();
-            let mut lc = LoaderConfig::train(
-                cfg.batch_size.min(samples.len()),
-                cfg.image_size,
-                cfg.seed ^ (i as u64) << 32,
-            )
-            .for_samples(&samples);
+            // SPC-2 batches (the triplet loss) take half their images as anchors.
+            let spc2 = cfg.loss_kind() == LossKind::Triplet;
+            let batch = match spc2 {
+                true => cfg.batch_size.min(2 * samples.len()),
+                false => cfg.batch_size.min(samples.len()),
+            };
+            let mut lc = LoaderConfig::train(batch, cfg.image_size, cfg.seed ^ (i as u64) << 32)
+                .for_samples(&samples);
+            if spc2 {
+                lc = lc.spc2();
+            }
             lc.workers = cfg.workers;
-            let loader_len = samples.len();
             let loader = BatchLoader::new(samples, lc)?;
             let total = match cfg.max_steps_per_epoch {
                 0 => loader.batches_per_epoch(),
@@ -475,7 +495,6 @@ impl Run {
                 1 => format!("epoch {}/{}", epoch + 1, cfg.epochs),
                 n => format!("epoch {}/{} member {}/{n}", epoch + 1, cfg.epochs, i + 1),
             };
-            let batch = cfg.batch_size.min(loader_len);
             let bar = Progress::new(label, (total * batch) as u64, "img", quiet);
             let first_loss = losses.len();
             for (step, batch) in loader.epoch(epoch as u64).take(total).enumerate() {
@@ -562,14 +581,17 @@ impl Run {
         let attack_on: Vec<EmbedFn> = view_fns.iter().map(|f| f.as_ref() as EmbedFn).collect();
         let m = &self.members[i];
         let member = |x: &Tensor| m.net.forward(x, mode);
+        let lga_loss = Cell::new(m.lga_loss);
         let ctx = StepContext {
             member: &member,
             attack_on: &attack_on,
             proxies: &m.proxies,
-            loss: cfg.loss(),
+            loss: cfg.metric_loss(),
             defense: &cfg.defense,
+            lga_loss: &lga_loss,
         };
         let loss = step_loss(&ctx, x, labels, rng)?;
+        let lga_loss = lga_loss.get();
         let value = loss.item()?;
         if !value.is_finite() {
             return Ok(value);
@@ -578,6 +600,7 @@ impl Run {
         let clip = (cfg.grad_clip > 0.0).then_some(cfg.grad_clip);
         drop(attack_on);
         drop(view_fns);
+        self.members[i].lga_loss = lga_loss;
         self.members[i].opt.step(&grads, clip)?;
         Ok(value)
     }

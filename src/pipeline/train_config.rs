@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, check_positive, check_range};
-use crate::dml::loss::ProxyAnchorConfig;
+use crate::dml::loss::{MetricLoss, ProxyAnchorConfig};
+use crate::dml::triplet::LossKind;
 use crate::error::{Error, Result};
 use crate::files::{available_memory_bytes, human_bytes};
 use crate::nn::{Backbone, ForwardMode};
@@ -58,7 +59,18 @@ pub struct TrainConfig {
     pub max_steps_per_epoch: usize,
     pub pa_alpha: f32,
     pub pa_delta: f32,
+    /// `--loss`; None = the method's own ([`Method::default_loss`]), which is also what runs
+    /// stored before the flag existed trained with.
+    #[serde(default)]
+    pub loss: Option<LossKind>,
+    /// The triplet loss's margin (`--triplet-margin`).
+    #[serde(default = "triplet_margin")]
+    pub triplet_margin: f32,
     pub defense: DefenseConfig,
+}
+
+fn triplet_margin() -> f32 {
+    config::TRIPLET_MARGIN
 }
 
 impl TrainConfig {
@@ -84,6 +96,8 @@ impl TrainConfig {
             max_steps_per_epoch: 0,
             pa_alpha: config::PA_ALPHA,
             pa_delta: config::PA_DELTA,
+            loss: None,
+            triplet_margin: config::TRIPLET_MARGIN,
             defense: DefenseConfig::new(method),
         }
     }
@@ -125,6 +139,22 @@ impl TrainConfig {
             delta: self.pa_delta,
         }
     }
+
+    /// The loss the run trains with: `--loss`, or the method's own.
+    pub fn loss_kind(&self) -> LossKind {
+        self.loss
+            .unwrap_or_else(|| self.defense.method.default_loss())
+    }
+
+    /// The loss with its hyper-parameters, as a training step takes it.
+    pub fn metric_loss(&self) -> MetricLoss {
+        match self.loss_kind() {
+            LossKind::ProxyAnchor => MetricLoss::ProxyAnchor(self.loss()),
+            LossKind::Triplet => MetricLoss::Triplet {
+                margin: self.triplet_margin,
+            },
+        }
+    }
 }
 
 impl TrainConfig {
@@ -136,7 +166,46 @@ impl TrainConfig {
     fn check_flags(&self) -> std::result::Result<(), String> {
         self.check_schedule()?;
         self.check_model()?;
+        self.check_loss()?;
         self.check_defense()
+    }
+
+    /// The loss: the triplet margin, SPC-2's even batches, robrank's defenses on the triplet
+    /// loss only.
+    fn check_loss(&self) -> std::result::Result<(), String> {
+        check_range(
+            "--triplet-margin",
+            self.triplet_margin as f64,
+            0.0,
+            f64::MAX,
+            "the triplet loss's margin",
+        )?;
+        let method = self.defense.method;
+        if method.needs_triplet() && self.loss_kind() != LossKind::Triplet {
+            return Err(format!(
+                "--loss {} contradicts --method {}: robrank's defenses (est, act, hm) are \
+                 defined for the triplet loss; drop --loss (they use --loss triplet), or use \
+                 --method at for adversarial training with Proxy Anchor",
+                self.loss_kind().key(),
+                serde_name(&method)
+            ));
+        }
+        if self.defense.hm_ics && method != Method::Hm {
+            return Err(format!(
+                "--hm-ics adds HM's intra-class structure term and needs --method hm, not \
+                 --method {}",
+                serde_name(&method)
+            ));
+        }
+        if self.loss_kind() == LossKind::Triplet && !self.batch_size.is_multiple_of(2) {
+            return Err(format!(
+                "--batch-size {} is odd: the triplet loss trains on SPC-2 batches of image \
+                 pairs (each image with one of its class); pass an even size such as {}",
+                self.batch_size,
+                self.batch_size + 1
+            ));
+        }
+        Ok(())
     }
 
     /// Epochs, batches and the optimizer: AdamW's rates, decay, step schedule and clip.

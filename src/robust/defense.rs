@@ -1,18 +1,23 @@
 //! The training objectives of the defenses, as the paper adapts them to DML (docs/DESIGN.md, Defenses):
 //! no defense, AT, Mix-Up, IAT, TRADES, and EAT's per-member objective, and the two ablations
-//! of the paper's Table 3 (a naive ensemble of AT models, EAT without the data split). Each
+//! of the paper's Table 3 (a naive ensemble of AT models, EAT without the data split), and
+//! robrank's EST, ACT and HM (with the triplet loss; their attacks in `super::robrank`). Each
 //! takes the member being trained as a differentiable embedding function, so the same code
 //! serves any backbone and device.
+
+use std::cell::Cell;
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, PgdConfig};
-use crate::dml::loss::{proxy_anchor_loss, ProxyAnchorConfig};
+use crate::dml::loss::{proxy_anchor_loss, MetricLoss};
+use crate::dml::triplet::{spc2_triplet_loss, LossKind};
 use crate::engine::ops::elementwise::{add, axpby, scale, square, sub};
 use crate::engine::ops::reduce::sum;
 use crate::engine::{EngineError, Result, Rng, Tensor};
 
 use super::attack::{attack, EmbedFn, Goal};
+use super::robrank::{act_loss, hm_loss, TripletStep};
 
 /// The training method (`--method`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -33,6 +38,17 @@ pub enum Method {
     /// The paper's Table 3 "EAT w/o data split": EAT with every member on the whole training
     /// set (`--method eat --eat-split none`). Opt-in: not in `experiment`'s default methods.
     EatNoSplit,
+    /// robrank's embedding-shifted triplet (Zhou et al., ECCV 2020): the triplet loss on
+    /// embedding-shift PGD examples (AT with --loss triplet). Opt-in.
+    Est,
+    /// robrank's anti-collapse triplet (Zhou and Patel, T-PAMI 2024): PGD pulls each triplet's
+    /// positive and negative together; the triplet loss on the clean anchor and the
+    /// adversarial positive and negative. Opt-in.
+    Act,
+    /// robrank's hardness manipulation (Zhou and Patel, CVPR 2022): PGD moves soft-hard
+    /// triplets to the hardness the gradual adversary (LGA) sets; the triplet loss on them,
+    /// plus the intra-class structure term with --hm-ics. Opt-in.
+    Hm,
 }
 
 /// How EAT gives its members their training data (`--eat-split`).
@@ -62,8 +78,12 @@ impl Method {
     /// The ablations of the paper's Table 3, run only when `experiment --methods` names them.
     pub const TABLE3: [Method; 2] = [Method::NaiveEnsemble, Method::EatNoSplit];
 
-    /// Every method: [`Method::ALL`] then [`Method::TABLE3`].
-    pub const EVERY: [Method; 8] = [
+    /// robrank's defenses, trained with its triplet loss; run only when `experiment --methods`
+    /// names them.
+    pub const ROBRANK: [Method; 3] = [Method::Est, Method::Act, Method::Hm];
+
+    /// Every method: [`Method::ALL`], [`Method::TABLE3`], then [`Method::ROBRANK`].
+    pub const EVERY: [Method; 11] = [
         Method::None,
         Method::At,
         Method::MixUp,
@@ -72,6 +92,9 @@ impl Method {
         Method::Eat,
         Method::NaiveEnsemble,
         Method::EatNoSplit,
+        Method::Est,
+        Method::Act,
+        Method::Hm,
     ];
 
     /// The row label of the paper's Table 1.
@@ -85,6 +108,9 @@ impl Method {
             Method::Eat => "+ EAT",
             Method::NaiveEnsemble => "+ naive ensemble",
             Method::EatNoSplit => "+ EAT w/o split",
+            Method::Est => "+ EST",
+            Method::Act => "+ ACT",
+            Method::Hm => "+ HM",
         }
     }
 
@@ -99,6 +125,9 @@ impl Method {
             Method::Eat => "eat",
             Method::NaiveEnsemble => "naive-ensemble",
             Method::EatNoSplit => "eat-no-split",
+            Method::Est => "est",
+            Method::Act => "act",
+            Method::Hm => "hm",
         }
     }
 
@@ -125,6 +154,21 @@ impl Method {
         }
     }
 
+    /// Whether the method is defined only for the triplet loss (robrank's defenses).
+    pub fn needs_triplet(self) -> bool {
+        matches!(self, Method::Est | Method::Act | Method::Hm)
+    }
+
+    /// The loss a method trains with when `--loss` is not given: the triplet loss for
+    /// robrank's defenses, Proxy Anchor for the paper's methods.
+    pub fn default_loss(self) -> LossKind {
+        if self.needs_triplet() {
+            LossKind::Triplet
+        } else {
+            LossKind::ProxyAnchor
+        }
+    }
+
     /// Whether the method attacks its training batches (Mix-Up and plain training do not).
     pub fn uses_attack(self) -> bool {
         !matches!(self, Method::None | Method::MixUp)
@@ -144,6 +188,9 @@ pub struct DefenseConfig {
     /// all Algorithm 1's split.
     #[serde(default)]
     pub eat_split: EatSplit,
+    /// HM's intra-class structure term (`--hm-ics`); stored runs from before it had none.
+    #[serde(default)]
+    pub hm_ics: bool,
 }
 
 impl DefenseConfig {
@@ -156,6 +203,7 @@ impl DefenseConfig {
             mixup_alpha: config::MIXUP_ALPHA,
             ensemble_size: config::ENSEMBLE_SIZE,
             eat_split: method.default_eat_split(),
+            hm_ics: false,
         }
     }
 
@@ -226,13 +274,45 @@ pub struct StepContext<'a> {
     /// Models the training attack runs against: the member itself, or the whole ensemble (EAT).
     pub attack_on: &'a [EmbedFn<'a>],
     pub proxies: &'a Tensor,
-    pub loss: ProxyAnchorConfig,
+    pub loss: MetricLoss,
     pub defense: &'a DefenseConfig,
+    /// LGA's memory for HM: the member's adversarial triplet loss at its previous step
+    /// (`config::LGA_INITIAL_LOSS` before the first); HM reads and updates it.
+    pub lga_loss: &'a Cell<f32>,
 }
 
 impl StepContext<'_> {
-    fn metric(&self, emb: &Tensor, labels: &[usize]) -> Result<Tensor> {
-        proxy_anchor_loss(emb, self.proxies, labels, self.loss.alpha, self.loss.delta)
+    fn metric(&self, emb: &Tensor, labels: &[usize], rng: &mut Rng) -> Result<Tensor> {
+        match self.loss {
+            MetricLoss::ProxyAnchor(c) => {
+                proxy_anchor_loss(emb, self.proxies, labels, c.alpha, c.delta)
+            }
+            MetricLoss::Triplet { margin } => spc2_triplet_loss(emb, labels, margin, rng),
+        }
+    }
+
+    /// What ACT and HM need: the member, itself as the attack sees it, the attack and the
+    /// margin; refused for another loss or for an ensemble attack.
+    fn triplet_step(&self) -> Result<TripletStep<'_>> {
+        let method = self.defense.method;
+        let MetricLoss::Triplet { margin } = self.loss else {
+            return Err(EngineError::Invalid {
+                op: "robrank defense",
+                detail: format!("{method:?} is defined for the triplet loss only"),
+            });
+        };
+        let [attacked] = self.attack_on else {
+            return Err(EngineError::Invalid {
+                op: "robrank defense",
+                detail: format!("{method:?} attacks the member being trained alone"),
+            });
+        };
+        Ok(TripletStep {
+            member: self.member,
+            attacked: *attacked,
+            attack: &self.defense.attack,
+            margin,
+        })
     }
 
     fn adversarial(&self, x: &Tensor, rng: &mut Rng) -> Result<Tensor> {
@@ -256,35 +336,49 @@ impl StepContext<'_> {
 pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng) -> Result<Tensor> {
     let d = ctx.defense;
     match d.method {
-        Method::None => ctx.metric(&(ctx.member)(x)?, labels),
-        Method::At | Method::NaiveEnsemble => {
+        Method::None => ctx.metric(&(ctx.member)(x)?, labels, rng),
+        Method::At | Method::NaiveEnsemble | Method::Est => {
             if d.method == Method::NaiveEnsemble && ctx.attack_on.len() != 1 {
                 return Err(EngineError::Invalid {
                     op: "naive ensemble",
                     detail: "each member is attacked alone (AT), not with the ensemble".into(),
                 });
             }
+            if d.method == Method::Est && !matches!(ctx.loss, MetricLoss::Triplet { .. }) {
+                ctx.triplet_step()?;
+            }
             let adv = ctx.adversarial(x, rng)?;
-            ctx.metric(&(ctx.member)(&adv)?, labels)
+            ctx.metric(&(ctx.member)(&adv)?, labels, rng)
         }
         Method::MixUp => {
             let emb = (ctx.member)(x)?;
             let plan = MixPlan::draw(labels.len(), d.mixup_alpha, rng);
-            add(&ctx.metric(&emb, labels)?, &ctx.mix_term(x, &emb, &plan)?)
+            add(
+                &ctx.metric(&emb, labels, rng)?,
+                &ctx.mix_term(x, &emb, &plan)?,
+            )
         }
         Method::Iat => {
             let emb = (ctx.member)(x)?;
             let plan = MixPlan::draw(labels.len(), d.mixup_alpha, rng);
             let adv = ctx.adversarial(x, rng)?;
             let adv_emb = (ctx.member)(&adv)?;
-            let clean = add(&ctx.metric(&emb, labels)?, &ctx.mix_term(x, &emb, &plan)?)?;
+            let clean = add(
+                &ctx.metric(&emb, labels, rng)?,
+                &ctx.mix_term(x, &emb, &plan)?,
+            )?;
             add(&clean, &ctx.mix_term(&adv, &adv_emb, &plan)?)
         }
         Method::Trades => {
             let emb = (ctx.member)(x)?;
             let adv = ctx.adversarial(x, rng)?;
             let shift = mean_sq_distance(&(ctx.member)(&adv)?, &emb)?;
-            axpby(1.0, &ctx.metric(&emb, labels)?, d.trades_lambda, &shift)
+            axpby(
+                1.0,
+                &ctx.metric(&emb, labels, rng)?,
+                d.trades_lambda,
+                &shift,
+            )
         }
         Method::Eat | Method::EatNoSplit => {
             if ctx.attack_on.len() < 2 {
@@ -293,11 +387,13 @@ pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng)
                     detail: "an ensemble of at least 2 members is needed".into(),
                 });
             }
-            let clean = ctx.metric(&(ctx.member)(x)?, labels)?;
+            let clean = ctx.metric(&(ctx.member)(x)?, labels, rng)?;
             let adv = ctx.adversarial(x, rng)?;
-            let robust = ctx.metric(&(ctx.member)(&adv)?, labels)?;
+            let robust = ctx.metric(&(ctx.member)(&adv)?, labels, rng)?;
             axpby(d.eat_beta, &clean, 1.0 - d.eat_beta, &robust)
         }
+        Method::Act => act_loss(&ctx.triplet_step()?, x, labels, rng),
+        Method::Hm => hm_loss(&ctx.triplet_step()?, x, labels, d.hm_ics, ctx.lga_loss, rng),
     }
 }
 

@@ -7,3 +7,4 @@ pub mod defense;
 pub mod ensemble;
 pub mod objectives;
 pub mod ranking;
+pub mod robrank;
