@@ -438,3 +438,65 @@ fn cli_trains_robrank_methods_and_refuses_bad_flags() {
     assert_eq!(code, Some(0), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// ACT's and HM's step losses (their PGD, the mining, the triplet loss and its backward) give
+/// the same loss and member gradient on the GPU as on the CPU.
+#[test]
+fn act_and_hm_agree_between_devices() {
+    let Some(gpu) = robust_dml::engine::testing::gpu_or_skip("robrank act_and_hm_agree") else {
+        return;
+    };
+    let labels = [0usize, 0, 1, 1, 0, 0, 2, 2, 1, 1];
+    let on = |device: &Device, method: Method| -> (f32, Vec<f32>, f32) {
+        let mut r = Rng::new(6);
+        let w = Tensor::randn(&[5, 27], 0.4, &mut r, &Device::Cpu)
+            .unwrap()
+            .to_device(device)
+            .unwrap()
+            .var();
+        let x = Tensor::rand_uniform(&[10, 3, 3, 3], 0.0, 1.0, &mut r, &Device::Cpu)
+            .unwrap()
+            .to_device(device)
+            .unwrap();
+        let f = |x: &Tensor| {
+            let flat = x.reshape(&[x.shape()[0], 27])?;
+            robust_dml::engine::ops::matmul::linear(&flat, &w, None)
+        };
+        let attack_on: [EmbedFn; 1] = [&f];
+        let mut cfg = DefenseConfig::new(method);
+        cfg.attack = PgdConfig::new(16.0 / 255.0, 3);
+        cfg.hm_ics = method == Method::Hm;
+        let lga = Cell::new(0.1);
+        let ctx = StepContext {
+            member: &f,
+            attack_on: &attack_on,
+            proxies: &w,
+            loss: MetricLoss::Triplet { margin: 0.2 },
+            defense: &cfg,
+            lga_loss: &lga,
+        };
+        let loss = step_loss(&ctx, &x, &labels, &mut Rng::new(7)).unwrap();
+        let value = loss.item().unwrap();
+        let g = loss.backward().unwrap();
+        (value, g.get(&w).unwrap().to_vec().unwrap(), lga.get())
+    };
+    for method in [Method::Act, Method::Hm] {
+        let (cl, cg, clga) = on(&Device::Cpu, method);
+        let (gl, gg, glga) = on(&gpu, method);
+        assert!(cl > 0.0, "{method:?}: a zero loss checks nothing");
+        robust_dml::engine::testing::assert_close(
+            &format!("{method:?} loss"),
+            &[gl, glga],
+            &[cl, clga],
+            1e-4,
+            1e-3,
+        );
+        robust_dml::engine::testing::assert_close(
+            &format!("{method:?} gradient"),
+            &gg,
+            &cg,
+            1e-4,
+            1e-3,
+        );
+    }
+}
