@@ -168,14 +168,16 @@ fn improves(defended: f32, undefended: f32, higher: bool) -> bool {
 }
 
 /// The undefended triplet model after `WARM_EPOCHS`, saved; each variant fine-tunes a copy.
-fn warm_start(ds: &data::Dataset, seed: u64) -> std::path::PathBuf {
+/// The file is named after the test's method too: the tests run in parallel threads.
+fn warm_start(ds: &data::Dataset, seed: u64, method: Method) -> std::path::PathBuf {
     let mut c = config(Method::None, EPS);
     c.seed = seed;
     c.epochs = WARM_EPOCHS;
     let run = trained(&c, ds);
     let path = std::env::temp_dir().join(format!(
-        "robust-dml-robrank-warm-{}-{seed}.safetensors",
-        std::process::id()
+        "robust-dml-robrank-warm-{}-{}-{seed}.safetensors",
+        std::process::id(),
+        method.key()
     ));
     run.save(&path).unwrap();
     path
@@ -200,7 +202,7 @@ fn check_defense(method: Method, figure: fn(&Run, &data::Dataset) -> f32, higher
     let (mut none, mut on, mut off) = (0.0, 0.0, 0.0);
     let seeds = [11u64, 12];
     for seed in seeds {
-        let warm = warm_start(&ds, seed);
+        let warm = warm_start(&ds, seed, method);
         none += figure(&fine_tuned(&warm, &ds, Method::None, EPS), &ds);
         on += figure(&fine_tuned(&warm, &ds, method, EPS), &ds);
         off += figure(&fine_tuned(&warm, &ds, method, 1e-4 / 255.0), &ds);
