@@ -9,6 +9,7 @@ use robust_dml::dml::loss::{MetricLoss, ProxyAnchorConfig};
 use robust_dml::engine::ops::matmul::linear;
 use robust_dml::engine::ops::normalize::l2_normalize;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
+use robust_dml::pipeline::cells::Cell;
 use robust_dml::pipeline::experiment::{run_experiment, StrengthPlan};
 use robust_dml::pipeline::presets::Preset;
 use robust_dml::pipeline::train::{Arch, Run, TrainConfig};
@@ -336,7 +337,12 @@ fn table3_variants_run_in_an_experiment_with_member_bars() {
             "{method:?} missing from table.md"
         );
         let ck = robust_dml::nn::checkpoint::Checkpoint::load(
-            dir.join(method.key()).join("checkpoint.safetensors"),
+            Cell {
+                method,
+                seed: report.seed,
+            }
+            .dir(&dir)
+            .join("checkpoint.safetensors"),
         )
         .unwrap();
         let stored = Run::config_of(&ck).unwrap();
