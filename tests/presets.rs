@@ -1,9 +1,12 @@
 //! The experiment presets: the Fashion-MNIST protocol (docs/DESIGN.md, "The Fashion-MNIST
-//! protocol") at two scales.
+//! protocol") at two scales, and robrank's ("robrank's Fashion-MNIST protocol").
+
+use std::process::Command as Process;
 
 use robust_dml::cli::{Cli, Command};
+use robust_dml::config::RankProfile;
 use robust_dml::pipeline::presets::{self, Preset};
-use robust_dml::pipeline::train::Arch;
+use robust_dml::pipeline::train::{Arch, LossKind};
 use robust_dml::robust::defense::Method;
 
 use clap::Parser;
@@ -64,6 +67,10 @@ fn presets_are_chosen_by_name_on_the_command_line() {
         parse(&["robust-dml", "experiment", "--preset", "paper"]),
         Preset::Paper
     );
+    assert_eq!(
+        parse(&["robust-dml", "experiment", "--preset", "robrank-fashion"]),
+        Preset::RobrankFashion
+    );
     // The synthetic stand-in (tests, --dataset synthetic) is drawn at the preset's size.
     let (cfg, synth) = Preset::Quick.config();
     assert_eq!(synth.image_size, cfg.train.image_size);
@@ -85,4 +92,92 @@ fn curve_points_are_the_evaluation_attack_cut_short_or_scaled() {
     // Both meet the evaluation attack itself exactly, so its embeddings are reused there.
     assert_eq!(plan.attack_with_steps(a.steps), a);
     assert_eq!(plan.attack_with_eps(a.eps), a);
+}
+
+/// robrank's `rc2f2` configuration for its `ptripletN` loss (robrank/configs/configs_rank.py),
+/// as docs/DESIGN.md states it; every method of the project trains with it.
+#[test]
+fn robrank_fashion_preset_is_robranks_protocol() {
+    let cfg = presets::robrank_fashion();
+    assert_eq!(cfg.dataset, "fashion-mnist");
+    assert_eq!(cfg.methods, vec![Method::None, Method::Est, Method::Act]);
+    let t = &cfg.train;
+    assert_eq!(
+        (t.arch, t.image_size, t.embedding_dim),
+        (Arch::C2f2, 28, 512)
+    );
+    assert_eq!((t.loss_kind(), t.triplet_margin), (LossKind::Triplet, 0.2));
+    // 16 epochs halved for pair batches; 128 pairs = 256 images; whole epochs.
+    assert_eq!((t.epochs, t.batch_size, t.max_steps_per_epoch), (8, 256, 0));
+    assert_eq!((t.lr, t.weight_decay), (1e-3, 1e-7));
+    assert_eq!((t.warmup_epochs, t.lr_gamma, t.grad_clip), (0, 1.0, 0.0));
+    let a = &t.defense.attack;
+    assert_eq!((a.eps, a.alpha, a.steps), (77.0 / 255.0, 3.0 / 255.0, 32));
+    assert!(!a.random_start);
+    // The ranking suite at rob28 on every test image; the table on every test image too.
+    let ranking = cfg.eval.ranking.expect("the preset runs the ranking suite");
+    assert_eq!((ranking.profile, ranking.queries), (RankProfile::Rob28, 0));
+    assert_eq!(cfg.eval.max_test_samples, 0);
+    // The clustering attack is the Fashion-MNIST protocol's, so both tables share the column.
+    assert_eq!(cfg.eval.attack, presets::fashion_mnist().eval.attack);
+    for method in Method::EVERY {
+        let mut one = cfg.clone();
+        one.methods = vec![method];
+        one.validate()
+            .unwrap_or_else(|e| panic!("{method:?} with robrank-fashion: {e}"));
+    }
+}
+
+/// The preset from the command line on the synthetic stand-in, cut to one training step and a
+/// few ranking queries: the undefended model trains with the triplet loss at 512-d, the ranking
+/// suite gives an ERS, and the report names the loss and calls the model "Triplet", not "PAL".
+/// (EST's and ACT's 32-step training is tested in tests/robrank_defense.rs.)
+#[test]
+fn robrank_fashion_runs_from_the_command_line() {
+    let dir =
+        std::env::temp_dir().join(format!("robust-dml-robrank-preset-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.join("exp");
+    let output = Process::new(env!("CARGO_BIN_EXE_robust-dml"))
+        .env("ROBUST_DML_DEVICE", "cpu")
+        .args([
+            "experiment",
+            "--preset",
+            "robrank-fashion",
+            "--dataset",
+            "synthetic",
+        ])
+        .args(["--methods", "none", "--epochs", "1", "--max-steps", "1"])
+        .args(["--test-samples", "40", "--ranking-queries", "4"])
+        .args([
+            "--objective-samples",
+            "0",
+            "--transfer-samples",
+            "0",
+            "--out",
+        ])
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let report = std::fs::read_to_string(out.join("none/seed0/report.json")).unwrap();
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let ranking = &report["ranking"];
+    assert_eq!(ranking["profile"], "rob28");
+    assert_eq!(ranking["queries"], 4);
+    assert!(ranking["ers"].as_f64().unwrap().is_finite(), "{ranking}");
+    let settings = std::fs::read_to_string(out.join("config.json")).unwrap();
+    let settings: serde_json::Value = serde_json::from_str(&settings).unwrap();
+    assert_eq!(settings["train"]["embedding_dim"], 512);
+    assert_eq!(settings["train"]["loss"], "triplet");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("512-d embedding, triplet loss (margin 0.2, SPC-2 batches)"),
+        "the report's settings do not name the loss"
+    );
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(table.contains("| Triplet | clean |"), "{table}");
+    assert!(!table.contains("PAL"), "{table}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -308,7 +308,8 @@ pub struct ExperimentArgs {
     #[arg(long, value_enum, default_value_t = Preset::Quick)]
     pub preset: Preset,
     /// Dataset (default: the preset's: fashion-mnist-embedded for quick, fashion-mnist-zero-shot
-    /// for fashion-mnist, cub200 for paper).
+    /// for fashion-mnist, cub200 for paper, fashion-mnist (the standard split) for
+    /// robrank-fashion).
     #[arg(long)]
     pub dataset: Option<String>,
     #[arg(long)]
@@ -317,7 +318,8 @@ pub struct ExperimentArgs {
     pub arch: Option<Arch>,
     #[arg(long)]
     pub pretrained: Option<PathBuf>,
-    /// Comma-separated methods (default: all six).
+    /// Comma-separated methods (default: the preset's: the six of the paper's Table 1; none, est
+    /// and act for robrank-fashion).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub methods: Vec<Method>,
     /// Override the preset's epochs.
@@ -341,7 +343,7 @@ pub struct ExperimentArgs {
     pub seeds: Vec<u64>,
     /// Run the ranking-attack suite (docs/DESIGN.md, "The ranking-attack suite and ERS") on this
     /// many test images per method, spread over the test set (0 = off); profile rob28 up to 64 px,
-    /// rob224 above.
+    /// rob224 above. robrank-fashion runs it on every test image unless this is given.
     #[arg(long)]
     pub ranking_queries: Option<usize>,
     /// Test images (spread) attacked with every objective, worst per metric reported (0 = off;

@@ -38,7 +38,7 @@ use crate::pipeline::tables::{
     failed_lines, objectives_markdown, ranking_markdown, ranking_tables, sanity_tables,
     strength_tables, table_markdown, transfer_markdown,
 };
-use crate::pipeline::train::{Run, TrainConfig, CHECKPOINT_FILE};
+use crate::pipeline::train::{LossKind, Run, TrainConfig, CHECKPOINT_FILE};
 use crate::robust::defense::Method;
 use crate::robust::ensemble::mean_embedding;
 
@@ -185,7 +185,7 @@ fn run_cell(
     out: &Path,
 ) -> Result<()> {
     let (cell, dir) = (claimed.cell, claimed.lock.path());
-    let label = cell.method.label();
+    let label = settings.cell_train(cell).label();
     eprintln!("== {label}, seed {} ==", cell.seed);
     let start = Instant::now();
     let run = train_cell(settings, cell, dataset, device, dir)?;
@@ -197,7 +197,7 @@ fn run_cell(
         dataset,
         &settings.eval,
         device,
-        source.as_ref().map(|r| (Method::None.label(), r)),
+        source.as_ref().map(|r| (r.cfg.label(), r)),
     )?;
     report.train_seconds = train_seconds;
     report.eval_seconds = start.elapsed().as_secs_f64();
@@ -294,6 +294,50 @@ pub fn report_experiment(out: &Path) -> Result<(Settings, Merged)> {
     Ok((settings, merged))
 }
 
+/// The cell a report came from (None for a method this build does not know).
+fn cell_of(report: &MethodReport) -> Option<Cell> {
+    let method = Method::EVERY
+        .iter()
+        .copied()
+        .find(|m| m.key() == report.method)?;
+    Some(Cell {
+        method,
+        seed: report.seed,
+    })
+}
+
+/// The loss the reported cells trained with: one text, or one per group of methods when they
+/// differ (robrank's defenses train with the triplet loss in a Proxy-Anchor experiment).
+fn loss_text(settings: &Settings, reports: &[MethodReport]) -> String {
+    let mut groups: Vec<(String, Vec<&'static str>)> = Vec::new();
+    for cell in reports.iter().filter_map(cell_of) {
+        let t = settings.cell_train(cell);
+        let text = match t.loss_kind() {
+            LossKind::ProxyAnchor => {
+                format!("Proxy Anchor (alpha {}, delta {})", t.pa_alpha, t.pa_delta)
+            }
+            LossKind::Triplet => {
+                format!("triplet loss (margin {}, SPC-2 batches)", t.triplet_margin)
+            }
+        };
+        let key = cell.method.key();
+        match groups.iter_mut().find(|(g, _)| *g == text) {
+            Some((_, methods)) if methods.contains(&key) => {}
+            Some((_, methods)) => methods.push(key),
+            None => groups.push((text, vec![key])),
+        }
+    }
+    match groups.as_slice() {
+        [] => "no finished cell".to_string(),
+        [(text, _)] => text.clone(),
+        _ => groups
+            .iter()
+            .map(|(text, methods)| format!("{text} for {}", methods.join(", ")))
+            .collect::<Vec<_>>()
+            .join("; "),
+    }
+}
+
 /// The report's settings table: what was run, on what, and how long it took.
 fn settings_rows(
     settings: &Settings,
@@ -342,6 +386,10 @@ fn settings_rows(
     seeds.sort_unstable();
     seeds.dedup();
     let seeds: Vec<String> = seeds.iter().map(u64::to_string).collect();
+    let uses_proxies = reports
+        .iter()
+        .filter_map(cell_of)
+        .any(|cell| settings.cell_train(cell).loss_kind() == LossKind::ProxyAnchor);
     let row = |k: &str, v: String| (k.to_string(), v);
     let mut rows = vec![
         row(
@@ -362,22 +410,33 @@ fn settings_rows(
         row(
             "model",
             format!(
-                "{:?} at {}x{}, {}-d embedding, Proxy Anchor (alpha {}, delta {})",
-                t.arch, t.image_size, t.image_size, t.embedding_dim, t.pa_alpha, t.pa_delta
+                "{:?} at {}x{}, {}-d embedding, {}",
+                t.arch,
+                t.image_size,
+                t.image_size,
+                t.embedding_dim,
+                loss_text(settings, reports)
             ),
         ),
         row(
             "training",
             format!(
-                "{} epoch(s), {steps}, batch {}, AdamW lr {} (proxies x{}), weight decay {}, \
+                "{} epoch(s), {steps}, batch {}, AdamW lr {}{proxies}, weight decay {}, \
                  warm-up {} epochs, gradient clip {}",
                 t.epochs,
                 t.batch_size,
                 t.lr,
-                t.proxy_lr_mult,
                 t.weight_decay,
                 t.warmup_epochs,
-                t.grad_clip
+                match t.grad_clip {
+                    0.0 => "off".to_string(),
+                    c => c.to_string(),
+                },
+                proxies = if uses_proxies {
+                    format!(" (proxies x{})", t.proxy_lr_mult)
+                } else {
+                    String::new()
+                }
             ),
         ),
         row("training attack", attack(&t.defense.attack)),
@@ -511,7 +570,7 @@ pub fn evaluate_run_with(
     let method = run.cfg.defense.method;
     let mut report = MethodReport {
         method: method.key().into(),
-        label: method.label().into(),
+        label: run.cfg.label().into(),
         ..Default::default()
     };
     score_main_attack(&ctx, &emb.clean, attacked, plan.seed, &mut report)?;

@@ -146,6 +146,15 @@ impl TrainConfig {
             .unwrap_or_else(|| self.defense.method.default_loss())
     }
 
+    /// The run's row label: the method's, with the undefended model named after its loss (the
+    /// paper's "PAL" is the Proxy Anchor loss).
+    pub fn label(&self) -> &'static str {
+        match (self.defense.method, self.loss_kind()) {
+            (Method::None, LossKind::Triplet) => "Triplet",
+            (method, _) => method.label(),
+        }
+    }
+
     /// The loss with its hyper-parameters, as a training step takes it.
     pub fn metric_loss(&self) -> MetricLoss {
         match self.loss_kind() {
