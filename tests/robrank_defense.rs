@@ -132,7 +132,7 @@ fn collapse_figure(run: &Run, ds: &data::Dataset) -> f32 {
     let (x, labels) = test_images(ds);
     let t = test_triplets(&labels);
     let n = t.len();
-    let pn = pn_collapse(&f, &x, &t, &eval_attack()).unwrap();
+    let pn = pn_collapse(&[&f], &x, &t, &eval_attack()).unwrap();
     no_grad(|| {
         let adv = f(&pn)?;
         let anchors = select_rows(&f(&x)?, &t.anchors)?;
@@ -149,7 +149,7 @@ fn hardness_figure(run: &Run, ds: &data::Dataset) -> f32 {
     let (x, labels) = test_images(ds);
     let t = test_triplets(&labels);
     let n = t.len();
-    let adv = hardness_manipulation(&f, &x, &t, 2.0, &eval_attack()).unwrap();
+    let adv = hardness_manipulation(&[&f], &x, &t, 2.0, &eval_attack()).unwrap();
     no_grad(|| {
         let e = f(&adv)?;
         triplet_margin_loss(&rows(&e, 0, n), &rows(&e, n, n), &rows(&e, 2 * n, n), 0.2)?.item()

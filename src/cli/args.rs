@@ -120,6 +120,12 @@ pub struct TrainArgs {
     /// leave-one-out for eat; eat-no-split and naive-ensemble always take none.
     #[arg(long, value_enum)]
     pub eat_split: Option<crate::pipeline::train::EatSplit>,
+    /// The examples EAT's members train on, each made on the whole ensemble: pgd (Algorithm
+    /// 1's embedding shift), act (ACT's anti-collapse attack) or hm (HM's hardness
+    /// manipulation); act and hm train with the triplet loss. Default: pgd for eat; eat-act and
+    /// eat-hm imply act and hm.
+    #[arg(long, value_enum)]
+    pub eat_inner: Option<crate::pipeline::train::EatInner>,
     #[arg(long, default_value_t = config::TRADES_LAMBDA)]
     pub trades_lambda: f32,
     #[arg(long, default_value_t = config::MIXUP_ALPHA)]
@@ -178,6 +184,9 @@ impl TrainArgs {
         c.defense.eat_beta = self.eat_beta;
         if let Some(split) = self.eat_split {
             c.defense.eat_split = split;
+        }
+        if let Some(inner) = self.eat_inner {
+            c.defense.eat_inner = inner;
         }
         c.defense.trades_lambda = self.trades_lambda;
         c.defense.mixup_alpha = self.mixup_alpha;

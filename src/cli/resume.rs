@@ -44,6 +44,7 @@ fn flag_value(c: &TrainConfig, flag: &str) -> Option<String> {
         "ensemble_size" => c.defense.ensemble_size.to_string(),
         "eat_beta" => c.defense.eat_beta.to_string(),
         "eat_split" => serde_name(&c.defense.eat_split),
+        "eat_inner" => serde_name(&c.defense.eat_inner),
         "trades_lambda" => c.defense.trades_lambda.to_string(),
         "mixup_alpha" => c.defense.mixup_alpha.to_string(),
         "loss" => c.loss_kind().key().to_string(),

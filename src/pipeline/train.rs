@@ -28,7 +28,7 @@ use crate::robust::attack::{BoxedEmbedFn, EmbedFn};
 use crate::robust::defense::{eat_member_indices, step_loss, StepContext};
 /// The defense a run trains with, part of its [`TrainConfig`]; the CLI's `--method` names it
 /// through here, so the command line imports nothing from `robust`.
-pub use crate::robust::defense::{EatSplit, Method};
+pub use crate::robust::defense::{EatInner, EatSplit, Method};
 
 /// One model of the run (the only one, or an ensemble member).
 pub struct Member {
@@ -234,7 +234,7 @@ impl Run {
             ck.insert(&format!("{p}/proxies"), &m.proxies)?;
             ck.insert_group(&p, &m.opt.state())?;
             ck.set_meta(&format!("{p}/adam_step"), m.opt.step.to_string());
-            if self.cfg.defense.method == Method::Hm {
+            if self.cfg.defense.uses_lga() {
                 ck.set_meta(&format!("{p}/lga_loss"), m.lga_loss.to_bits().to_string());
             }
         }

@@ -12,7 +12,7 @@ use crate::dml::triplet::LossKind;
 use crate::error::{Error, Result};
 use crate::files::{available_memory_bytes, human_bytes};
 use crate::nn::{Backbone, ForwardMode};
-use crate::robust::defense::{DefenseConfig, EatSplit, Method};
+use crate::robust::defense::{DefenseConfig, EatInner, EatSplit, Method};
 
 /// The backbone as named on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -59,7 +59,7 @@ pub struct TrainConfig {
     pub max_steps_per_epoch: usize,
     pub pa_alpha: f32,
     pub pa_delta: f32,
-    /// `--loss`; None = the method's own ([`Method::default_loss`]), which is also what runs
+    /// `--loss`; None = the method's own ([`DefenseConfig::default_loss`]), which is also what runs
     /// stored before the flag existed trained with.
     #[serde(default)]
     pub loss: Option<LossKind>,
@@ -142,8 +142,7 @@ impl TrainConfig {
 
     /// The loss the run trains with: `--loss`, or the method's own.
     pub fn loss_kind(&self) -> LossKind {
-        self.loss
-            .unwrap_or_else(|| self.defense.method.default_loss())
+        self.loss.unwrap_or_else(|| self.defense.default_loss())
     }
 
     /// The run's row label: the method's, with the undefended model named after its loss (the
@@ -190,13 +189,26 @@ impl TrainConfig {
             "the triplet loss's margin",
         )?;
         let method = self.defense.method;
+        if !method.needs_triplet()
+            && self.defense.needs_triplet()
+            && self.loss_kind() != LossKind::Triplet
+        {
+            return Err(format!(
+                "--loss {} contradicts --eat-inner {}: ACT's and HM's attacks are defined for \
+                 the triplet loss; drop --loss (EAT with them inside uses --loss triplet)",
+                self.loss_kind().key(),
+                serde_name(&self.defense.eat_inner)
+            ));
+        }
         if method.needs_triplet() && self.loss_kind() != LossKind::Triplet {
             return Err(format!(
-                "--loss {} contradicts --method {}: robrank's defenses (est, act, hm) are \
-                 defined for the triplet loss; drop --loss (they use --loss triplet), or use \
-                 --method at for adversarial training with Proxy Anchor",
+                "--loss {} contradicts --method {}: robrank's defenses (est, act, hm) and EAT \
+                 with ACT or HM inside (eat-act, eat-hm) are defined for the triplet loss; drop \
+                 --loss (they use --loss triplet), or use --method {} for adversarial training \
+                 with Proxy Anchor",
                 self.loss_kind().key(),
-                serde_name(&method)
+                serde_name(&method),
+                if method.is_eat() { "eat" } else { "at" }
             ));
         }
         if self.defense.hm_ics && method != Method::Hm {
@@ -332,6 +344,25 @@ impl TrainConfig {
             ));
         }
         let method = self.defense.method;
+        let inner = self.defense.eat_inner;
+        if !method.is_eat() && inner != EatInner::Pgd {
+            return Err(format!(
+                "--eat-inner {} is EAT's inner attack and needs --method eat (or eat-no-split), \
+                 not --method {}",
+                serde_name(&inner),
+                serde_name(&method)
+            ));
+        }
+        if method.default_eat_inner() != EatInner::Pgd && inner != method.default_eat_inner() {
+            return Err(format!(
+                "--eat-inner {} contradicts --method {}, which is EAT with {} inside; drop \
+                 --eat-inner, or use --method eat --eat-inner {}",
+                serde_name(&inner),
+                serde_name(&method),
+                serde_name(&method.default_eat_inner()),
+                serde_name(&inner)
+            ));
+        }
         if method.default_eat_split() == EatSplit::None && self.defense.eat_split != EatSplit::None
         {
             return Err(format!(

@@ -49,6 +49,31 @@ pub enum Method {
     /// triplets to the hardness the gradual adversary (LGA) sets; the triplet loss on them,
     /// plus the intra-class structure term with --hm-ics. Opt-in.
     Hm,
+    /// EAT whose members train on ACT's examples made on the whole ensemble
+    /// (`--method eat --eat-inner act`), with the triplet loss. Opt-in.
+    EatAct,
+    /// EAT whose members train on HM's examples made on the whole ensemble
+    /// (`--method eat --eat-inner hm`), with the triplet loss. Opt-in.
+    EatHm,
+}
+
+/// The adversarial examples EAT's members train on (`--eat-inner`); each is made on the whole
+/// ensemble (the sum of the members' objectives).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+#[value(rename_all = "kebab-case")]
+pub enum EatInner {
+    /// Algorithm 1: embedding-shift PGD; the metric loss on the adversarial batch.
+    #[default]
+    Pgd,
+    /// ACT's anti-collapse attack on random triplets; the triplet loss of the clean anchors
+    /// against the adversarial positives and negatives.
+    Act,
+    /// HM's hardness manipulation of soft-hard triplets towards the member's LGA target; the
+    /// triplet loss on the adversarial triplets.
+    Hm,
 }
 
 /// How EAT gives its members their training data (`--eat-split`).
@@ -82,8 +107,13 @@ impl Method {
     /// names them.
     pub const ROBRANK: [Method; 3] = [Method::Est, Method::Act, Method::Hm];
 
-    /// Every method: [`Method::ALL`], [`Method::TABLE3`], then [`Method::ROBRANK`].
-    pub const EVERY: [Method; 11] = [
+    /// EAT with robrank's attacks inside (`--eat-inner`), with the triplet loss; run only when
+    /// `experiment --methods` names them.
+    pub const EAT_INNER: [Method; 2] = [Method::EatAct, Method::EatHm];
+
+    /// Every method: [`Method::ALL`], [`Method::TABLE3`], [`Method::ROBRANK`], then
+    /// [`Method::EAT_INNER`].
+    pub const EVERY: [Method; 13] = [
         Method::None,
         Method::At,
         Method::MixUp,
@@ -95,6 +125,8 @@ impl Method {
         Method::Est,
         Method::Act,
         Method::Hm,
+        Method::EatAct,
+        Method::EatHm,
     ];
 
     /// The row label of the paper's Table 1.
@@ -111,6 +143,8 @@ impl Method {
             Method::Est => "+ EST",
             Method::Act => "+ ACT",
             Method::Hm => "+ HM",
+            Method::EatAct => "+ EAT (ACT inside)",
+            Method::EatHm => "+ EAT (HM inside)",
         }
     }
 
@@ -128,6 +162,8 @@ impl Method {
             Method::Est => "est",
             Method::Act => "act",
             Method::Hm => "hm",
+            Method::EatAct => "eat-act",
+            Method::EatHm => "eat-hm",
         }
     }
 
@@ -135,14 +171,37 @@ impl Method {
     pub fn is_ensemble(self) -> bool {
         matches!(
             self,
-            Method::Eat | Method::NaiveEnsemble | Method::EatNoSplit
+            Method::Eat
+                | Method::NaiveEnsemble
+                | Method::EatNoSplit
+                | Method::EatAct
+                | Method::EatHm
         )
     }
 
     /// Whether the training attack runs on the whole ensemble (EAT's eq. 10) rather than on
     /// the member being trained alone.
     pub fn attacks_ensemble(self) -> bool {
-        matches!(self, Method::Eat | Method::EatNoSplit)
+        matches!(
+            self,
+            Method::Eat | Method::EatNoSplit | Method::EatAct | Method::EatHm
+        )
+    }
+
+    /// Whether the method is EAT's step (Algorithm 1's per-member objective), whatever its
+    /// data split and inner attack.
+    pub fn is_eat(self) -> bool {
+        self.attacks_ensemble()
+    }
+
+    /// The `--eat-inner` a method implies: ACT's or HM's for eat-act and eat-hm, Algorithm 1's
+    /// PGD otherwise (used only by EAT's methods).
+    pub fn default_eat_inner(self) -> EatInner {
+        match self {
+            Method::EatAct => EatInner::Act,
+            Method::EatHm => EatInner::Hm,
+            _ => EatInner::Pgd,
+        }
     }
 
     /// The `--eat-split` a method implies when none is given: the whole training set for the
@@ -154,19 +213,13 @@ impl Method {
         }
     }
 
-    /// Whether the method is defined only for the triplet loss (robrank's defenses).
+    /// Whether the method is defined only for the triplet loss (robrank's defenses, and EAT
+    /// with one of them inside).
     pub fn needs_triplet(self) -> bool {
-        matches!(self, Method::Est | Method::Act | Method::Hm)
-    }
-
-    /// The loss a method trains with when `--loss` is not given: the triplet loss for
-    /// robrank's defenses, Proxy Anchor for the paper's methods.
-    pub fn default_loss(self) -> LossKind {
-        if self.needs_triplet() {
-            LossKind::Triplet
-        } else {
-            LossKind::ProxyAnchor
-        }
+        matches!(
+            self,
+            Method::Est | Method::Act | Method::Hm | Method::EatAct | Method::EatHm
+        )
     }
 
     /// Whether the method attacks its training batches (Mix-Up and plain training do not).
@@ -191,6 +244,10 @@ pub struct DefenseConfig {
     /// HM's intra-class structure term (`--hm-ics`); stored runs from before it had none.
     #[serde(default)]
     pub hm_ics: bool,
+    /// The examples EAT's members train on (`--eat-inner`); stored runs from before it were
+    /// all Algorithm 1's PGD.
+    #[serde(default)]
+    pub eat_inner: EatInner,
 }
 
 impl DefenseConfig {
@@ -204,6 +261,7 @@ impl DefenseConfig {
             ensemble_size: config::ENSEMBLE_SIZE,
             eat_split: method.default_eat_split(),
             hm_ics: false,
+            eat_inner: method.default_eat_inner(),
         }
     }
 
@@ -215,13 +273,36 @@ impl DefenseConfig {
         if method.default_eat_split() == EatSplit::None {
             d.eat_split = EatSplit::None;
         }
+        if method.default_eat_inner() != EatInner::Pgd {
+            d.eat_inner = method.default_eat_inner();
+        }
         d
+    }
+
+    /// Whether training needs the triplet loss: robrank's defenses, or EAT with ACT or HM
+    /// inside.
+    pub fn needs_triplet(&self) -> bool {
+        self.method.needs_triplet() || (self.method.is_eat() && self.eat_inner != EatInner::Pgd)
+    }
+
+    /// Whether each member keeps LGA's memory (HM, or EAT with HM inside).
+    pub fn uses_lga(&self) -> bool {
+        self.method == Method::Hm || (self.method.is_eat() && self.eat_inner == EatInner::Hm)
+    }
+
+    /// The loss the run trains with when `--loss` is not given.
+    pub fn default_loss(&self) -> LossKind {
+        if self.needs_triplet() {
+            LossKind::Triplet
+        } else {
+            LossKind::ProxyAnchor
+        }
     }
 
     /// Whether the members train on Algorithm 1's leave-one-part-out sets; otherwise each
     /// member trains on the whole training set.
     pub fn splits_data(&self) -> bool {
-        self.method == Method::Eat && self.eat_split == EatSplit::LeaveOneOut
+        self.method.is_eat() && self.eat_split == EatSplit::LeaveOneOut
     }
 }
 
@@ -291,9 +372,10 @@ impl StepContext<'_> {
         }
     }
 
-    /// What ACT and HM need: the member, itself as the attack sees it, the attack and the
-    /// margin; refused for another loss or for an ensemble attack.
-    fn triplet_step(&self) -> Result<TripletStep<'_>> {
+    /// What ACT and HM need: the member, the models their attack runs on (the member alone,
+    /// or with `ensemble` every member, as EAT), the attack and the margin; refused for another
+    /// loss, or for an ensemble where the method attacks the member alone.
+    fn triplet_step(&self, ensemble: bool) -> Result<TripletStep<'_>> {
         let method = self.defense.method;
         let MetricLoss::Triplet { margin } = self.loss else {
             return Err(EngineError::Invalid {
@@ -301,15 +383,15 @@ impl StepContext<'_> {
                 detail: format!("{method:?} is defined for the triplet loss only"),
             });
         };
-        let [attacked] = self.attack_on else {
+        if !ensemble && self.attack_on.len() != 1 {
             return Err(EngineError::Invalid {
                 op: "robrank defense",
                 detail: format!("{method:?} attacks the member being trained alone"),
             });
-        };
+        }
         Ok(TripletStep {
             member: self.member,
-            attacked: *attacked,
+            attacked: self.attack_on,
             attack: &self.defense.attack,
             margin,
         })
@@ -345,7 +427,7 @@ pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng)
                 });
             }
             if d.method == Method::Est && !matches!(ctx.loss, MetricLoss::Triplet { .. }) {
-                ctx.triplet_step()?;
+                ctx.triplet_step(false)?;
             }
             let adv = ctx.adversarial(x, rng)?;
             ctx.metric(&(ctx.member)(&adv)?, labels, rng)
@@ -380,7 +462,7 @@ pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng)
                 &shift,
             )
         }
-        Method::Eat | Method::EatNoSplit => {
+        Method::Eat | Method::EatNoSplit | Method::EatAct | Method::EatHm => {
             if ctx.attack_on.len() < 2 {
                 return Err(EngineError::Invalid {
                     op: "EAT",
@@ -388,12 +470,28 @@ pub fn step_loss(ctx: &StepContext, x: &Tensor, labels: &[usize], rng: &mut Rng)
                 });
             }
             let clean = ctx.metric(&(ctx.member)(x)?, labels, rng)?;
-            let adv = ctx.adversarial(x, rng)?;
-            let robust = ctx.metric(&(ctx.member)(&adv)?, labels, rng)?;
+            let robust = match d.eat_inner {
+                EatInner::Pgd => {
+                    let adv = ctx.adversarial(x, rng)?;
+                    ctx.metric(&(ctx.member)(&adv)?, labels, rng)?
+                }
+                EatInner::Act => act_loss(&ctx.triplet_step(true)?, x, labels, rng)?,
+                EatInner::Hm => {
+                    let step = ctx.triplet_step(true)?;
+                    hm_loss(&step, x, labels, false, ctx.lga_loss, rng)?
+                }
+            };
             axpby(d.eat_beta, &clean, 1.0 - d.eat_beta, &robust)
         }
-        Method::Act => act_loss(&ctx.triplet_step()?, x, labels, rng),
-        Method::Hm => hm_loss(&ctx.triplet_step()?, x, labels, d.hm_ics, ctx.lga_loss, rng),
+        Method::Act => act_loss(&ctx.triplet_step(false)?, x, labels, rng),
+        Method::Hm => hm_loss(
+            &ctx.triplet_step(false)?,
+            x,
+            labels,
+            d.hm_ics,
+            ctx.lga_loss,
+            rng,
+        ),
     }
 }
 

@@ -14,10 +14,10 @@ use crate::dml::triplet::{
     mine_random, mine_softhard, pairwise_distance, select_rows, triplet_margin_loss, Triplets,
 };
 use crate::engine::ops::attack::pgd_step;
-use crate::engine::ops::elementwise::{affine, axpby, relu, scale, square, sub};
+use crate::engine::ops::elementwise::{add, affine, axpby, relu, scale, square, sub};
 use crate::engine::ops::normalize::l2_normalize;
 use crate::engine::ops::reduce::mean;
-use crate::engine::{no_grad, Result, Rng, Tensor};
+use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
 
 use super::attack::EmbedFn;
 
@@ -27,14 +27,62 @@ const NORMALIZE_EPS: f32 = 1e-12;
 pub struct TripletStep<'a> {
     /// The member being trained, in its training mode.
     pub member: EmbedFn<'a>,
-    /// The same member as the attack sees it (no parameter gradients, evaluation BatchNorm).
-    pub attacked: EmbedFn<'a>,
+    /// The models the attack runs on, as it sees them (no parameter gradients, evaluation
+    /// BatchNorm): the member alone (ACT, HM), or every member of an ensemble (EAT with ACT or
+    /// HM inside), whose objectives are summed as EAT's eq. 10.
+    pub attacked: &'a [EmbedFn<'a>],
     pub attack: &'a PgdConfig,
     pub margin: f32,
 }
 
 fn normalized(f: EmbedFn, x: &Tensor) -> Result<Tensor> {
     l2_normalize(&f(x)?, 1, NORMALIZE_EPS)
+}
+
+/// `objective` of each model's normalised embeddings of `x`, summed over the models: one model's
+/// objective as it is, an ensemble's as EAT's eq. 10.
+fn summed(
+    models: &[EmbedFn],
+    x: &Tensor,
+    objective: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for &f in models {
+        let term = objective(&normalized(f, x)?)?;
+        total = Some(match total {
+            Some(t) => add(&t, &term)?,
+            None => term,
+        });
+    }
+    total.ok_or_else(|| EngineError::Invalid {
+        op: "robrank attack",
+        detail: "no model to attack".into(),
+    })
+}
+
+/// The clean embeddings triplets are mined on, not recorded: the model's own, or an ensemble's
+/// members' side by side [B, M x D], so that squared distances add up over the members.
+fn mining_embeddings(models: &[EmbedFn], x: &Tensor) -> Result<Tensor> {
+    let x = x.detach();
+    if let [one] = models {
+        return no_grad(|| one(&x));
+    }
+    let mut rows: Vec<Vec<f32>> = Vec::new();
+    let mut width = 0;
+    for &f in models {
+        let e = no_grad(|| f(&x))?;
+        width += e.dims2("triplet miner")?.1;
+        rows.push(e.to_vec()?);
+    }
+    let b = x.shape()[0];
+    let mut side = Vec::with_capacity(b * width);
+    for r in 0..b {
+        for m in &rows {
+            let d = m.len() / b;
+            side.extend_from_slice(&m[r * d..(r + 1) * d]);
+        }
+    }
+    Tensor::from_vec(side, &[b, width], &x.device())
 }
 
 /// Rows `part * len .. (part + 1) * len` of `t`, recorded.
@@ -83,13 +131,19 @@ fn images(x: &Tensor, idx: &[usize]) -> Result<Tensor> {
 
 /// ACT's attack (`PositiveNegativePerplexing.pncollapse`): the positives and negatives of `t`,
 /// stacked [p; n], moved to bring each positive's embedding towards its negative's
-/// (minimising the mean of d(F(p), F(n)) on normalised embeddings).
-pub fn pn_collapse(attacked: EmbedFn, x: &Tensor, t: &Triplets, cfg: &PgdConfig) -> Result<Tensor> {
+/// (minimising the mean of d(F(p), F(n)) on normalised embeddings, summed over `attacked`).
+pub fn pn_collapse(
+    attacked: &[EmbedFn],
+    x: &Tensor,
+    t: &Triplets,
+    cfg: &PgdConfig,
+) -> Result<Tensor> {
     let n = t.len();
     let pn = images(x, &[t.positives.clone(), t.negatives.clone()].concat())?;
     descend(&pn, cfg, false, |xa| {
-        let e = normalized(attacked, xa)?;
-        mean(&pairwise_distance(&part(&e, 0, n)?, &part(&e, 1, n)?)?)
+        summed(attacked, xa, |e| {
+            mean(&pairwise_distance(&part(e, 0, n)?, &part(e, 1, n)?)?)
+        })
     })
 }
 
@@ -113,9 +167,9 @@ pub fn act_loss(s: &TripletStep, x: &Tensor, labels: &[usize], rng: &mut Rng) ->
 /// HM's attack (`MadryInnerMax.HardnessManipulate`, method ET): the anchors, positives and
 /// negatives of `t`, stacked [a; p; n], moved until every triplet's hardness
 /// H = d(a, p) - d(a, n) reaches `target`: it minimises mean(min(H - target, 0)^2), and stops
-/// once that stops moving.
+/// once that stops moving. The objective is summed over `attacked`.
 pub fn hardness_manipulation(
-    attacked: EmbedFn,
+    attacked: &[EmbedFn],
     x: &Tensor,
     t: &Triplets,
     target: f32,
@@ -124,14 +178,15 @@ pub fn hardness_manipulation(
     let n = t.len();
     let idx = [t.anchors.clone(), t.positives.clone(), t.negatives.clone()].concat();
     descend(&images(x, &idx)?, cfg, true, |xa| {
-        let e = normalized(attacked, xa)?;
-        let a = part(&e, 0, n)?;
-        let hardness = sub(
-            &pairwise_distance(&a, &part(&e, 1, n)?)?,
-            &pairwise_distance(&a, &part(&e, 2, n)?)?,
-        )?;
-        // min(H - target, 0)^2 = relu(target - H)^2.
-        mean(&square(&relu(&affine(&hardness, -1.0, target)?)?)?)
+        summed(attacked, xa, |e| {
+            let a = part(e, 0, n)?;
+            let hardness = sub(
+                &pairwise_distance(&a, &part(e, 1, n)?)?,
+                &pairwise_distance(&a, &part(e, 2, n)?)?,
+            )?;
+            // min(H - target, 0)^2 = relu(target - H)^2.
+            mean(&square(&relu(&affine(&hardness, -1.0, target)?)?)?)
+        })
     })
 }
 
@@ -147,7 +202,7 @@ pub fn lga_target(previous_loss: f32, margin: f32) -> f32 {
 }
 
 /// HM's loss (`hm_training_step`, robrank's `ghmetsm`, `ghmetsmi` with `ics`): soft-hard SPC-2
-/// triplets mined on the clean embeddings, [`hardness_manipulation`] towards LGA's target,
+/// triplets mined on the clean embeddings (of every attacked model, side by side), [`hardness_manipulation`] towards LGA's target,
 /// the triplet loss on the adversarial triplets; with ICS, plus 0.5 x the triplet loss of
 /// (clean anchor, adversarial anchor, clean positive) with margin 0. `previous_loss` is LGA's
 /// memory: read for the target, then set to this step's adversarial triplet loss.
@@ -159,8 +214,7 @@ pub fn hm_loss(
     previous_loss: &Cell<f32>,
     rng: &mut Rng,
 ) -> Result<Tensor> {
-    let clean = no_grad(|| (s.attacked)(&x.detach()))?;
-    let t = mine_softhard(&clean, labels, rng)?;
+    let t = mine_softhard(&mining_embeddings(s.attacked, x)?, labels, rng)?;
     let target = lga_target(previous_loss.get(), s.margin);
     let adv = hardness_manipulation(s.attacked, x, &t, target, s.attack)?;
     let n = t.len();
