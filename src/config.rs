@@ -269,6 +269,19 @@ impl PgdConfig {
     }
 }
 
+/// Which item GTM pulls each query towards.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum GtmTarget {
+    /// The nearest item (self excluded) whose label differs from the current top-1's: the
+    /// attack as its paper states it.
+    #[default]
+    Nearest,
+    /// robrank's code: the position, within the items whose label differs from the top-1's,
+    /// of the nearest of them, read as an index into the whole database.
+    RobrankCode,
+}
+
 /// The ranking-attack suite's PGD profiles (docs/DESIGN.md, "The ranking-attack suite and ERS";
 /// robrank's): 28 px images (Fashion-MNIST) and 224 px images. No random start; alpha and steps as
 /// robrank's code.

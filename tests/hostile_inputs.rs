@@ -985,6 +985,46 @@ fn eval_prints_only_what_it_measured() {
     );
 }
 
+/// `attack --suite ranking --gtm-target robrank-code` runs GTM with robrank's coded target and
+/// says so in the JSON; an unknown target is refused with the values it may take.
+#[test]
+fn ranking_suite_takes_robranks_gtm_target() {
+    let sb = Sandbox::with_trained_run("gtm-target");
+    let base = [
+        "attack",
+        "--checkpoint",
+        "run/checkpoint.safetensors",
+        "--suite",
+        "ranking",
+        "--queries",
+        "3",
+        "--json",
+    ];
+    let out = sb.run(&[&base[..], &["--gtm-target", "robrank-code"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = &v;
+    assert_eq!(r["gtm_target"], "robrank-code", "{v}");
+    let labels: Vec<&str> = r["attacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["attack"].as_str().unwrap())
+        .collect();
+    assert!(labels.contains(&"GTM (robrank's target)"), "{labels:?}");
+    assert!(r["attacked"]["gtm"].as_f64().unwrap().is_finite(), "{v}");
+    let err = sb.refuses(
+        &[&base[..], &["--gtm-target", "random"]].concat(),
+        "robrank-code",
+        None,
+    );
+    assert!(err.contains("nearest"), "{err}");
+}
+
 /// The experiment command's run directory follows the same rules.
 #[test]
 fn experiment_refuses_bad_settings_and_foreign_run_directories() {

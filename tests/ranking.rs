@@ -5,7 +5,8 @@
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{no_grad, Device, Rng, Tensor};
 use robust_dml::robust::ranking::{
-    attack_batch, Database, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
+    attack_batch, robrank_gtm_target, Database, GtmTarget, Perturbation, RankAttack, RankBatch,
+    RankPgd, RankScores,
 };
 
 mod common;
@@ -157,4 +158,40 @@ fn database_refuses_inconsistent_rows() {
     assert!(Database::new(vec![0.0; 5], vec![0, 1], 2, &d).is_err());
     assert!(Database::new(vec![0.0; 2], vec![0], 2, &d).is_err());
     assert!(Database::new(vec![], vec![], 0, &d).is_err());
+}
+
+/// robrank's GTM target, worked by hand from its `_sel_gtm`: the position of the nearest
+/// other-label item within the other-label subset, read as an index of the whole database.
+#[test]
+fn gtm_robrank_target_is_the_position_read_as_an_index() {
+    // Query 0 (label 0); its top-1 is item 2 (label 0). The other-label items are 1, 3 and 4
+    // (positions 0, 1, 2); the nearest of them is item 4, at position 2, so robrank's code
+    // reads item 2, of the query's own label. The stated target would be item 4.
+    let labels = [0, 1, 0, 1, 2, 0];
+    let row = [0.0, 0.5, 0.1, 0.3, 0.2, 0.9];
+    assert_eq!(robrank_gtm_target(&row, 0, &labels), 2);
+    // A query whose own label differs from its top-1's sits in the other-label subset: it
+    // keeps its position there (so the others' positions shift) but is never the target.
+    // Query 1 (label 1): top-1 is item 0 (label 0); other-label items 1, 3, 4 at positions
+    // 0, 1, 2; the nearest apart from the query is item 3, at position 1.
+    let row = [0.05, 0.0, 0.4, 0.3, 0.35, 0.01];
+    assert_eq!(robrank_gtm_target(&row, 1, &labels), 1);
+}
+
+/// The suite runs GTM with the chosen target, in GTM's place, and scores it as GTM.
+#[test]
+fn suite_puts_robranks_gtm_in_gtms_place() {
+    assert_eq!(RankAttack::suite(GtmTarget::Nearest), RankAttack::ALL);
+    let coded = RankAttack::suite(GtmTarget::RobrankCode);
+    for (a, b) in RankAttack::ALL.iter().zip(&coded) {
+        if *a == RankAttack::Gtm {
+            assert_eq!(*b, RankAttack::GtmRobrankCode);
+        } else {
+            assert_eq!(a, b);
+        }
+    }
+    let mut s = RankScores::default();
+    s.set(RankAttack::GtmRobrankCode, &[42.0]);
+    assert_eq!(s.gtm, 42.0);
+    assert_eq!(s.of(RankAttack::GtmRobrankCode)[0].1, 42.0);
 }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, AttackKind, Objective, PgdConfig, RankProfile, Scenario};
+use crate::config::{self, AttackKind, GtmTarget, Objective, PgdConfig, RankProfile, Scenario};
 use crate::data::{self, Dataset, DatasetKind};
 use crate::error::Result;
 use crate::pipeline::presets::Preset;
@@ -241,6 +241,11 @@ pub struct AttackArgs {
     /// database is always the whole test set.
     #[arg(long, default_value_t = 0)]
     pub queries: usize,
+    /// GTM's target: `nearest`, the nearest item whose label differs from the top-1's (the
+    /// attack as stated), or `robrank-code`, the item robrank's code picks (an index into a
+    /// masked subset read from the whole database), to compare with robrank's published tables.
+    #[arg(long, value_enum, default_value_t = GtmTarget::Nearest)]
+    pub gtm_target: GtmTarget,
     /// What the attack maximises: the embedding shift, the metric (Proxy Anchor) loss against
     /// class-centroid proxies, the retrieval loss (towards each query's nearest other-class
     /// neighbour, away from its nearest same-class one), or all three with the worst per metric.

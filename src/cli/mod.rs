@@ -10,7 +10,7 @@ use resume::{apply_resume_flags, resume_data_args};
 
 use std::path::PathBuf;
 
-use crate::config::{self, AttackKind, Objective, PgdConfig, RankProfile, Scenario};
+use crate::config::{self, AttackKind, GtmTarget, Objective, PgdConfig, RankProfile, Scenario};
 use crate::data::{self, DatasetKind};
 use crate::engine::Device;
 use crate::error::{Error, Result};
@@ -222,6 +222,7 @@ fn ranking_suite(a: &AttackArgs) -> Result<()> {
         plan: RankingPlan {
             profile: a.profile,
             queries: a.queries,
+            gtm: a.gtm_target,
         },
     };
     let measured = rank_checkpoint(&req, &dataset, &device)?;
@@ -292,6 +293,7 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
         cfg.eval.ranking = (q > 0).then(|| RankingPlan {
             profile: RankProfile::for_image_size(cfg.train.image_size),
             queries: q,
+            gtm: GtmTarget::Nearest,
         });
     }
     if let Some(n) = a.objective_samples {

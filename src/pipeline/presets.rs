@@ -3,7 +3,7 @@
 //! robrank's Fashion-MNIST protocol ("robrank's Fashion-MNIST protocol").
 //! The CLI only picks one and applies the user's overrides.
 
-use crate::config::{PgdConfig, RankProfile};
+use crate::config::{GtmTarget, PgdConfig, RankProfile};
 use crate::data::SyntheticConfig;
 use crate::pipeline::experiment::{EvalPlan, ExperimentConfig, StrengthPlan};
 use crate::pipeline::ranking::RankingPlan;
@@ -163,6 +163,7 @@ pub fn paper() -> ExperimentConfig {
         ranking: Some(RankingPlan {
             profile: RankProfile::Rob224,
             queries: crate::config::RANK_SUITE_QUERIES,
+            gtm: GtmTarget::Nearest,
         }),
         strength: StrengthPlan::default(),
     };
@@ -217,6 +218,7 @@ pub fn robrank_fashion() -> ExperimentConfig {
     eval.ranking = Some(RankingPlan {
         profile: RankProfile::Rob28,
         queries: 0,
+        gtm: GtmTarget::Nearest,
     });
     ExperimentConfig {
         dataset: "fashion-mnist".into(),

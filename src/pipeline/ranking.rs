@@ -21,7 +21,7 @@ use crate::pipeline::evaluate::{embed_set, spread_indices, EvalContext};
 use crate::pipeline::results::{AttackTiming, RankingReport};
 use crate::robust::ensemble::mean_embedding;
 use crate::robust::ranking::{
-    attack_batch, Database, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
+    attack_batch, Database, GtmTarget, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
 };
 
 /// Which suite to run, and on how many queries.
@@ -30,6 +30,13 @@ pub struct RankingPlan {
     pub profile: RankProfile,
     /// Attacked test images, spread over the set (0 = all of them).
     pub queries: usize,
+    /// GTM's target: the stated one, or robrank's coded one (for comparing with its tables).
+    #[serde(default, skip_serializing_if = "is_nearest")]
+    pub gtm: GtmTarget,
+}
+
+fn is_nearest(gtm: &GtmTarget) -> bool {
+    *gtm == GtmTarget::Nearest
 }
 
 /// Runs every attack of the suite on the context's nets (one model, or an ensemble's members).
@@ -74,7 +81,7 @@ pub fn run_ranking_suite(
     };
     let sub = set.subset(&picks);
     let loader = ctx.on(&sub).loader()?;
-    let attacks = RankAttack::ALL;
+    let attacks = RankAttack::suite(plan.gtm);
     let mut sums = vec![(Vec::<f64>::new(), Vec::<f64>::new()); attacks.len()];
     let mut timings: Vec<AttackTiming> = attacks
         .iter()
@@ -138,6 +145,7 @@ pub fn run_ranking_suite(
         pgd: Some(pgd),
         queries: picks.len(),
         database: db.len(),
+        gtm_target: plan.gtm,
         ers: attacked.ers(),
         noise_ers: noise.ers(),
         attacked,

@@ -295,7 +295,7 @@ pub fn ranking_html(reports: &[MethodReport]) -> String {
             k.queries,
             k.database
         );
-        for (a, t) in RankAttack::ALL.iter().zip(&k.attacks) {
+        for (a, t) in RankAttack::suite(k.gtm_target).iter().zip(&k.attacks) {
             for ((name, v), (_, nv)) in k.attacked.of(*a).into_iter().zip(k.noise.of(*a)) {
                 h += &format!(
                     "<tr><td>{name}</td><td>{v:.2}</td><td>{nv:.2}</td><td>{:.1}</td></tr>",

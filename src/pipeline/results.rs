@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize, Serializer};
 
 use crate::config::{Objective, PgdConfig, Scenario};
-use crate::robust::ranking::{RankPgd, RankScores};
+use crate::robust::ranking::{GtmTarget, RankPgd, RankScores};
 
 /// Retrieval and clustering metrics of one evaluation, in percent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -179,6 +179,9 @@ pub struct RankingReport {
     /// Attacked images and database size.
     pub queries: usize,
     pub database: usize,
+    /// Which target GTM pulled towards (docs/DESIGN.md, "The ranking-attack suite and ERS").
+    #[serde(default)]
+    pub gtm_target: GtmTarget,
     pub attacked: RankScores,
     pub ers: f64,
     /// The same scores under +-eps sign noise instead of the attack.

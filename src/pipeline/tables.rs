@@ -247,7 +247,7 @@ pub fn ranking_markdown(label: &str, r: &RankingReport) -> String {
         r.wall_seconds
     );
     s += "| score | attacked | +-eps noise | attack time (s) |\n| --- | ---: | ---: | ---: |\n";
-    for (a, t) in RankAttack::ALL.iter().zip(&r.attacks) {
+    for (a, t) in RankAttack::suite(r.gtm_target).iter().zip(&r.attacks) {
         for ((name, v), (_, nv)) in r.attacked.of(*a).into_iter().zip(r.noise.of(*a)) {
             s += &format!("| {name} | {v:.2} | {nv:.2} | {:.1} |\n", t.seconds);
         }

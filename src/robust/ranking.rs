@@ -15,12 +15,14 @@
 //! ([B, N] x [N, D]), so the host only does O(B N) work per step.
 //!
 //! GTM: robrank's code picks the target's index inside a masked subset and then reads the
-//! embedding at that index of the whole database, an essentially arbitrary item. Here the
+//! embedding at that index of the whole database, an essentially arbitrary item. By default the
 //! target is what the attack means: the nearest item (self excluded) whose label differs from
-//! the current top-1's.
+//! the current top-1's ([`GtmTarget::Nearest`]). [`GtmTarget::RobrankCode`] reproduces the code's
+//! choice, so that a figure can be compared with robrank's published ones.
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::GtmTarget;
 use crate::engine::ops::attack::pgd_step;
 use crate::engine::ops::elementwise::clamp;
 use crate::engine::ops::matmul::gemm_raw;
@@ -39,10 +41,21 @@ pub enum RankAttack {
     Tma,
     Ltm,
     Gtm,
+    /// GTM with robrank's coded target ([`GtmTarget::RobrankCode`]); its score is GTM's.
+    GtmRobrankCode,
     Gtt,
 }
 
 impl RankAttack {
+    /// The nine attacks of the suite, GTM with `gtm`'s target.
+    pub fn suite(gtm: GtmTarget) -> [RankAttack; 9] {
+        let mut all = RankAttack::ALL;
+        if gtm == GtmTarget::RobrankCode {
+            all[7] = RankAttack::GtmRobrankCode;
+        }
+        all
+    }
+
     pub const ALL: [RankAttack; 9] = [
         RankAttack::CaPlus,
         RankAttack::CaMinus,
@@ -65,6 +78,7 @@ impl RankAttack {
             RankAttack::Tma => "TMA",
             RankAttack::Ltm => "LTM",
             RankAttack::Gtm => "GTM",
+            RankAttack::GtmRobrankCode => "GTM (robrank's target)",
             RankAttack::Gtt => "GTT",
         }
     }
@@ -224,6 +238,7 @@ impl RankScores {
             RankAttack::Tma => vec![("TMA", self.tma)],
             RankAttack::Ltm => vec![("LTM", self.ltm)],
             RankAttack::Gtm => vec![("GTM", self.gtm)],
+            RankAttack::GtmRobrankCode => vec![("GTM (robrank's target)", self.gtm)],
             RankAttack::Gtt => vec![("GTT", self.gtt)],
         }
     }
@@ -242,7 +257,7 @@ impl RankScores {
             }
             RankAttack::Tma => self.tma = v(0),
             RankAttack::Ltm => self.ltm = v(0),
-            RankAttack::Gtm => self.gtm = v(0),
+            RankAttack::Gtm | RankAttack::GtmRobrankCode => self.gtm = v(0),
             RankAttack::Gtt => self.gtt = v(0),
         }
     }
@@ -381,9 +396,25 @@ fn choose_targets(
                         .copied()
                         .unwrap_or(me)
                 }
+                RankAttack::GtmRobrankCode => robrank_gtm_target(row, me, db.labels()),
             }
         })
         .collect()
+}
+
+/// robrank's GTM target (`_sel_gtm` in its `advrank_qcselector.py`): among the items whose label
+/// differs from the top-1's, in database order, the position of the nearest one (self
+/// excluded), taken as an index of the whole database.
+pub fn robrank_gtm_target(row: &[f32], me: usize, labels: &[usize]) -> usize {
+    let top1 = labels[nearest(row, me, 1, |_| true)[0]];
+    labels
+        .iter()
+        .enumerate()
+        .filter(|&(_, &y)| y != top1)
+        .enumerate()
+        .filter(|&(_, (j, _))| j != me)
+        .min_by(|(pa, (a, _)), (pb, (b, _))| row[*a].total_cmp(&row[*b]).then(pa.cmp(pb)))
+        .map_or(me, |(position, _)| position)
 }
 
 /// The `k` items nearest in `row` that pass `keep`, `me` excluded (fewer when fewer pass).
@@ -515,7 +546,7 @@ impl Plan<'_> {
                         _ => 0.0,
                     }
                 }
-                RankAttack::Gtm => {
+                RankAttack::Gtm | RankAttack::GtmRobrankCode => {
                     grad.add_distance(i, t, 1.0, e_i, d[t], n);
                     d[t] as f64
                 }
@@ -571,7 +602,9 @@ impl Plan<'_> {
                 let (e_i, x_t) = (&e[i * dim..(i + 1) * dim], self.db.row(self.targets[i]));
                 (dot(e_i, x_t) / (norm(e_i) * norm(x_t)).max(f32::MIN_POSITIVE)) as f64
             })],
-            RankAttack::Ltm | RankAttack::Gtm => vec![mean(&recall1)],
+            RankAttack::Ltm | RankAttack::Gtm | RankAttack::GtmRobrankCode => {
+                vec![mean(&recall1)]
+            }
             RankAttack::Gtt => vec![mean(&|i| {
                 let (me, t) = (self.items[i], self.targets[i]);
                 let r = row(i);
