@@ -2,11 +2,12 @@
 //! moves its score in the intended direction further than uniform +-eps sign noise of the same
 //! size, on a tiny model whose clean retrieval is perfect; ERS matches a row computed by hand.
 
+use robust_dml::config::GtmTarget;
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{no_grad, Device, Rng, Tensor};
 use robust_dml::robust::ranking::{
-    attack_batch, robrank_gtm_target, Database, GtmTarget, Perturbation, RankAttack, RankBatch,
-    RankPgd, RankScores,
+    attack_batch, robrank_gtm_target, Database, Perturbation, RankAttack, RankBatch, RankPgd,
+    RankScores,
 };
 
 mod common;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::RankProfile;
+use crate::config::{GtmTarget, RankProfile};
 use crate::engine::ops::elementwise::add;
 use crate::engine::ops::normalize::l2_normalize;
 use crate::engine::{Rng, Tensor};
@@ -21,7 +21,7 @@ use crate::pipeline::evaluate::{embed_set, spread_indices, EvalContext};
 use crate::pipeline::results::{AttackTiming, RankingReport};
 use crate::robust::ensemble::mean_embedding;
 use crate::robust::ranking::{
-    attack_batch, Database, GtmTarget, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
+    attack_batch, Database, Perturbation, RankAttack, RankBatch, RankPgd, RankScores,
 };
 
 /// Which suite to run, and on how many queries.

@@ -5,8 +5,8 @@
 
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::config::{Objective, PgdConfig, Scenario};
-use crate::robust::ranking::{GtmTarget, RankPgd, RankScores};
+use crate::config::{GtmTarget, Objective, PgdConfig, Scenario};
+use crate::robust::ranking::{RankPgd, RankScores};
 
 /// Retrieval and clustering metrics of one evaluation, in percent.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

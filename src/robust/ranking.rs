@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::GtmTarget;
+use crate::config::GtmTarget;
 use crate::engine::ops::attack::pgd_step;
 use crate::engine::ops::elementwise::clamp;
 use crate::engine::ops::matmul::gemm_raw;
@@ -49,11 +49,10 @@ pub enum RankAttack {
 impl RankAttack {
     /// The nine attacks of the suite, GTM with `gtm`'s target.
     pub fn suite(gtm: GtmTarget) -> [RankAttack; 9] {
-        let mut all = RankAttack::ALL;
-        if gtm == GtmTarget::RobrankCode {
-            all[7] = RankAttack::GtmRobrankCode;
-        }
-        all
+        RankAttack::ALL.map(|a| match (a, gtm) {
+            (RankAttack::Gtm, GtmTarget::RobrankCode) => RankAttack::GtmRobrankCode,
+            _ => a,
+        })
     }
 
     pub const ALL: [RankAttack; 9] = [
@@ -390,7 +389,7 @@ fn choose_targets(
                 RankAttack::Es | RankAttack::Ltm => me,
                 RankAttack::Gtt => nearest(row, me, 1, |_| true)[0],
                 RankAttack::Gtm => {
-                    let top1 = db.labels[nearest(row, me, 1, |_| true)[0]];
+                    let top1 = top1_label(row, me, &db.labels);
                     nearest(row, me, 1, |j| db.labels[j] != top1)
                         .first()
                         .copied()
@@ -406,7 +405,7 @@ fn choose_targets(
 /// differs from the top-1's, in database order, the position of the nearest one (self
 /// excluded), taken as an index of the whole database.
 pub fn robrank_gtm_target(row: &[f32], me: usize, labels: &[usize]) -> usize {
-    let top1 = labels[nearest(row, me, 1, |_| true)[0]];
+    let top1 = top1_label(row, me, labels);
     labels
         .iter()
         .enumerate()
@@ -415,6 +414,11 @@ pub fn robrank_gtm_target(row: &[f32], me: usize, labels: &[usize]) -> usize {
         .filter(|&(_, (j, _))| j != me)
         .min_by(|(pa, (a, _)), (pb, (b, _))| row[*a].total_cmp(&row[*b]).then(pa.cmp(pb)))
         .map_or(me, |(position, _)| position)
+}
+
+/// The label of the item nearest in `row`, `me` excluded (GTM's reference label).
+fn top1_label(row: &[f32], me: usize, labels: &[usize]) -> usize {
+    labels[nearest(row, me, 1, |_| true)[0]]
 }
 
 /// The `k` items nearest in `row` that pass `keep`, `me` excluded (fewer when fewer pass).
