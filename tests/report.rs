@@ -5,10 +5,12 @@ use robust_dml::config::{AttackKind, Objective, PgdConfig, Scenario};
 use robust_dml::pipeline::evaluate::pca_2d;
 use robust_dml::pipeline::report::{html_report, RunInfo};
 use robust_dml::pipeline::results::{
-    AttackRow, CurvePoint, EvalOutput, MethodReport, Metrics, Projection, SanityCheck,
-    StrengthOutput, WorstMetric,
+    AttackRow, CurvePoint, EvalOutput, MethodReport, Metrics, ObjectivesReport, Projection,
+    RankingReport, SanityCheck, StrengthOutput, WorstMetric,
 };
-use robust_dml::pipeline::tables::{eval_table, strength_table, table_markdown};
+use robust_dml::pipeline::tables::{
+    eval_table, strength_table, table_markdown, threat_rows, threats_markdown,
+};
 
 fn sample() -> Vec<MethodReport> {
     let m = |r1: f64| Metrics {
@@ -229,4 +231,87 @@ fn eval_and_attack_tables_have_every_row_as_wide_as_the_header() {
     assert_rows_match_header(&t);
     assert!(t.contains("NMI") && !t.contains("template"), "{t}");
     assert_rows_match_header(&table_markdown(&sample(), "test"));
+}
+
+/// Three reports for the threats table: PAL (one seed, no objectives or suite) and EAT over two
+/// seeds, one with the objectives and the suite and one without the suite.
+fn threat_sample() -> Vec<MethodReport> {
+    let worst = |r1: f64| ObjectivesReport {
+        samples: 100,
+        rows: Vec::new(),
+        worst: vec![
+            WorstMetric {
+                metric: "NMI".into(),
+                value: 1.0,
+                objective: Objective::MetricLoss,
+            },
+            WorstMetric {
+                metric: "R@1".into(),
+                value: r1,
+                objective: Objective::Retrieval,
+            },
+        ],
+    };
+    let mut reports = sample();
+    reports[1].seed = 0;
+    reports[1].objectives = Some(worst(60.0));
+    reports[1].ranking = Some(RankingReport {
+        ers: 40.0,
+        ..Default::default()
+    });
+    let mut second = reports[1].clone();
+    second.seed = 1;
+    second.pgd.recall[0] = 26.02;
+    second.objectives = Some(worst(62.0));
+    second.ranking = None;
+    reports.push(second);
+    reports
+}
+
+#[test]
+fn threats_table_puts_every_method_on_both_threats() {
+    let reports = threat_sample();
+    let rows = threat_rows(&reports);
+    assert_eq!(rows.len(), 2);
+    // PAL measured neither the objectives nor the suite: "-", not 0.
+    assert_eq!(
+        rows[0].cells,
+        ["53.27", "7.16", "3.00", "-", "-"].map(String::from)
+    );
+    // EAT: the mean ± std over its two seeds; the worst R@1 is the objectives' R@1 entry, not
+    // their NMI; ERS over the one seed that ran the suite.
+    assert_eq!(rows[1].seeds, "0, 1");
+    assert_eq!(rows[1].cells[1], "25.02 ± 1.41");
+    assert_eq!(rows[1].cells[3], "61.00 ± 1.41");
+    assert_eq!(rows[1].cells[4], "40.00");
+    let t = threats_markdown(&reports);
+    assert_rows_match_header(&t);
+    assert!(
+        t.contains("| + EAT | 0, 1 | 52.78 ± 0.00 | 25.02 ± 1.41 |"),
+        "{t}"
+    );
+    let info = RunInfo {
+        title: "t".into(),
+        settings: Vec::new(),
+        config_json: "{}".into(),
+    };
+    let h = html_report(&reports, &info).unwrap();
+    assert!(
+        h.contains("Both threats") && h.contains("61.00 ± 1.41"),
+        "threats table missing"
+    );
+}
+
+#[test]
+fn threats_table_is_left_out_when_table_1_says_it_all() {
+    // Without objectives or the suite every threat column is already in Table 1.
+    assert_eq!(threats_markdown(&sample()), "");
+    let info = RunInfo {
+        title: "t".into(),
+        settings: Vec::new(),
+        config_json: "{}".into(),
+    };
+    assert!(!html_report(&sample(), &info)
+        .unwrap()
+        .contains("Both threats"));
 }

@@ -24,7 +24,9 @@ use crate::pipeline::embed::{embed as embed_images, EmbedRequest};
 use crate::pipeline::experiment::{claim_experiment_dir, report_experiment, run_experiment};
 use crate::pipeline::ranking::RankingPlan;
 use crate::pipeline::run_dir::RunDir;
-use crate::pipeline::tables::{eval_table, ranking_markdown, strength_table, table_markdown};
+use crate::pipeline::tables::{
+    eval_table, ranking_markdown, strength_table, table_markdown, threats_markdown,
+};
 use crate::pipeline::train::{claim_run_dir, default_image_size, Arch, Run, CHECKPOINT_FILE};
 
 fn device() -> Result<Device> {
@@ -351,6 +353,7 @@ fn print_merged(
             )
         )
     );
+    print!("{}", threats_markdown(&merged.reports));
     for line in merged.missing_lines() {
         println!("{line}");
     }

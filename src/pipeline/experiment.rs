@@ -36,7 +36,7 @@ use crate::pipeline::spread::labeled_by_seed;
 use crate::pipeline::strength::{attack_set, AttackSource};
 use crate::pipeline::tables::{
     failed_lines, objectives_markdown, ranking_markdown, ranking_tables, sanity_tables,
-    strength_tables, table_markdown, transfer_markdown,
+    strength_tables, table_markdown, threats_markdown, transfer_markdown,
 };
 use crate::pipeline::train::{LossKind, Run, TrainConfig, CHECKPOINT_FILE};
 use crate::robust::defense::Method;
@@ -262,6 +262,7 @@ pub fn write_merged(out: &Path, settings: &Settings) -> Result<Merged> {
         write(
             &out.join("table.md"),
             &(table
+                + &threats_markdown(reports)
                 + &missing
                 + &sanity_tables(&per_run)
                 + &strength_tables(&per_run)

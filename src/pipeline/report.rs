@@ -1,4 +1,4 @@
-//! The experiment's HTML report: Table 1, the plots of `plots` (the paper's Figures 1 and 4 and
+//! The experiment's HTML report: Table 1, every method on both threats, the plots of `plots` (the paper's Figures 1 and 4 and
 //! the Recall@1 / F1 curves against PGD steps and eps), the sanity, strength and ranking
 //! sections and the settings. It only reads [`crate::pipeline::results`].
 
@@ -6,10 +6,11 @@ use std::fmt::Write as _;
 
 use crate::pipeline::plots::{curve_svg, members_svg, projection_svg};
 use crate::pipeline::results::{
-    MethodReport, ObjectivesReport, TransferReport, METRIC_COLUMNS, WORST_METRICS,
+    has_threat_figures, MethodReport, ObjectivesReport, TransferReport, METRIC_COLUMNS,
+    THREAT_COLUMNS, WORST_METRICS,
 };
 use crate::pipeline::spread::{by_method, has_seeds, labeled_by_seed};
-use crate::pipeline::tables::{attack_name, metric_cells, TRAILING};
+use crate::pipeline::tables::{attack_name, metric_cells, threat_rows, TRAILING};
 use crate::robust::ranking::RankAttack;
 
 pub(crate) fn html_escape(s: &str) -> String {
@@ -56,6 +57,7 @@ pub fn html_report(reports: &[MethodReport], info: &RunInfo) -> Result<String, S
         t = html_escape(&info.title)
     );
     h.push_str(&results_table(reports));
+    h.push_str(&threats_html(reports));
     let methods = by_method(reports);
     let per_run = labeled_by_seed(reports);
     h.push_str("<h2>Robustness curves (clustering scenario)</h2>");
@@ -239,6 +241,47 @@ fn results_table(reports: &[MethodReport]) -> String {
          queries against the clean gallery. Higher is better everywhere; robustness is the PGD \
          row, its cost the clean row's drop against PAL. An ensemble's rows are its members' \
          vote.{per_image}{spread}</p>"
+    );
+    h
+}
+
+/// Every method on both threats, as the Markdown threats table (empty when no run measured
+/// the objectives or the ranking suite).
+fn threats_html(reports: &[MethodReport]) -> String {
+    if !has_threat_figures(reports) {
+        return String::new();
+    }
+    let several = has_seeds(reports);
+    let headers: String = THREAT_COLUMNS
+        .iter()
+        .map(|(name, _)| format!("<th>{name}</th>"))
+        .collect();
+    let seeds_header = if several { "<th>seeds</th>" } else { "" };
+    let mut h = format!(
+        "<h2>Both threats (percent; ERS 0-100)</h2><table><tr><th class=\"l\">method</th>\
+         {seeds_header}{headers}</tr>"
+    );
+    for row in threat_rows(reports) {
+        let seeds = if several {
+            format!("<td>{}</td>", row.seeds)
+        } else {
+            String::new()
+        };
+        let cells: String = row.cells.iter().map(|c| format!("<td>{c}</td>")).collect();
+        let _ = write!(
+            h,
+            "<tr><td class=\"l\">{}</td>{seeds}{cells}</tr>",
+            html_escape(&row.label)
+        );
+    }
+    h.push_str(
+        "</table><p class=\"how\"><b>How to read this:</b> one row per method, one figure per \
+         threat. Clean R@1, then R@1 under the evaluation attack in the clustering and the \
+         template-matching scenario (as in the table above), the lowest clustering R@1 over the \
+         attack objectives (on their subset of the test set; section Attack objectives), and \
+         robrank's ERS over its ranking-attack suite (higher is more robust). \"-\": not \
+         measured for that method. A defense that leads one column and not another is robust \
+         to one threat, not to all.</p>",
     );
     h
 }

@@ -316,6 +316,36 @@ pub fn worst_of(rows: &[AttackRow]) -> Vec<WorstMetric> {
         .collect()
 }
 
+/// Reads one threat's figure from a report; `None` where the run did not measure it.
+pub type ThreatRead = fn(&MethodReport) -> Option<f64>;
+
+/// The threats table's columns (docs/DESIGN.md, "Metrics"): one figure per threat, so that
+/// every method can be read against both lines of work at once. Clean R@1, then the clustering
+/// and template-matching R@1 under the evaluation attack, the lowest clustering R@1 over the
+/// attack objectives (on their subset), and robrank's ERS.
+pub const THREAT_COLUMNS: [(&str, ThreatRead); 5] = [
+    ("clean R@1", |r| Some(r.clean.recall[0])),
+    ("PGD R@1", |r| Some(r.pgd.recall[0])),
+    ("R@1 template", |r| Some(r.pgd_template.recall[0])),
+    ("worst R@1 over objectives", |r| {
+        r.objectives
+            .as_ref()?
+            .worst
+            .iter()
+            .find(|w| w.metric == "R@1")
+            .map(|w| w.value)
+    }),
+    ("ERS", |r| r.ranking.as_ref().map(|k| k.ers)),
+];
+
+/// Whether the threats table adds anything to Table 1: some run measured the objectives or
+/// ran the ranking suite.
+pub fn has_threat_figures(reports: &[MethodReport]) -> bool {
+    reports
+        .iter()
+        .any(|r| r.objectives.is_some() || r.ranking.is_some())
+}
+
 /// The evaluation attack with every objective, on a subset of the test set.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ObjectivesReport {

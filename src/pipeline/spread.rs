@@ -78,6 +78,16 @@ impl MethodSeeds<'_> {
         spread_cell(&values)
     }
 
+    /// One figure over the seeds that measured it; "-" when none did.
+    pub fn cell_if(&self, value: impl Fn(&MethodReport) -> Option<f64>) -> String {
+        let values: Vec<f64> = self.runs.iter().filter_map(|r| value(r)).collect();
+        if values.is_empty() {
+            "-".into()
+        } else {
+            spread_cell(&values)
+        }
+    }
+
     /// The cells of `METRIC_COLUMNS` for the metrics `of` each run picks.
     pub fn metric_cells(&self, of: impl Fn(&MethodReport) -> &Metrics) -> [String; 7] {
         std::array::from_fn(|i| self.cell(|r| of(r).values()[i]))

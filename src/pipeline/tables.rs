@@ -1,13 +1,14 @@
-//! Every Markdown table: the experiment's Table 1, the sanity, strength and ranking tables, and
-//! what the `eval` and `attack` commands print. They only read [`crate::pipeline::results`];
-//! their metric cells come from [`Metrics::cells`].
+//! Every Markdown table: the experiment's Table 1, the threats table, the sanity, strength and
+//! ranking tables, and what the `eval` and `attack` commands print. They only read
+//! [`crate::pipeline::results`]; their metric cells come from [`Metrics::cells`].
 
 use std::fmt::Write as _;
 
 use crate::config::AttackKind;
 use crate::pipeline::results::{
-    AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport, SanityCheck,
-    StrengthOutput, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS, WORST_METRICS,
+    has_threat_figures, AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport,
+    SanityCheck, StrengthOutput, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS, THREAT_COLUMNS,
+    WORST_METRICS,
 };
 use crate::pipeline::spread::{by_method, has_seeds};
 use crate::robust::ranking::{RankAttack, RankPgd};
@@ -223,6 +224,55 @@ pub fn table_markdown(reports: &[MethodReport], title: &str) -> String {
                 cells.join(" | ")
             );
         }
+    }
+    s
+}
+
+/// One row of the threats table: the method, its seeds, and a cell per [`THREAT_COLUMNS`].
+pub struct ThreatRow {
+    pub label: String,
+    pub seeds: String,
+    pub cells: [String; THREAT_COLUMNS.len()],
+}
+
+/// The threats table's rows, one per method, each figure over the method's seeds ("-" where
+/// no seed measured it).
+pub fn threat_rows(reports: &[MethodReport]) -> Vec<ThreatRow> {
+    by_method(reports)
+        .iter()
+        .map(|g| ThreatRow {
+            label: g.label.to_string(),
+            seeds: g.seeds(),
+            cells: THREAT_COLUMNS.map(|(_, read)| g.cell_if(read)),
+        })
+        .collect()
+}
+
+/// Every method on both threats, one row each (empty when no run measured the objectives or
+/// the ranking suite, as Table 1 then says it all): clean R@1, R@1 under the evaluation attack
+/// in both scenarios, the worst R@1 over the objectives and ERS.
+pub fn threats_markdown(reports: &[MethodReport]) -> String {
+    if !has_threat_figures(reports) {
+        return String::new();
+    }
+    let several = has_seeds(reports);
+    let names: Vec<&str> = THREAT_COLUMNS.iter().map(|(name, _)| *name).collect();
+    let leading: &[&str] = if several {
+        &["method", "seeds"]
+    } else {
+        &["method"]
+    };
+    let mut s = format!(
+        "\n### Both threats: clustering and template R@1, worst objective, ERS\n\n{}",
+        markdown_columns(&[leading, &names[..]].concat(), leading.len())
+    );
+    for row in threat_rows(reports) {
+        let seeds = if several {
+            format!(" {} |", row.seeds)
+        } else {
+            String::new()
+        };
+        let _ = writeln!(s, "| {} |{seeds} {} |", row.label, row.cells.join(" | "));
     }
     s
 }
