@@ -8,9 +8,10 @@ use common::{Bench, Work};
 use robust_dml::engine::ops::batchnorm::batch_norm_train;
 use robust_dml::engine::ops::channels::{channel_affine, concat_channels, permute_channels};
 use robust_dml::engine::ops::conv::{conv2d, Conv2dParams};
+use robust_dml::engine::ops::elementwise::relu;
 use robust_dml::engine::ops::matmul::{add_row_bias, matmul};
 use robust_dml::engine::ops::normalize::l2_normalize;
-use robust_dml::engine::ops::pool::{avg_pool2d, global_avg_pool, Pool2dParams};
+use robust_dml::engine::ops::pool::{avg_pool2d, global_avg_pool, max_pool2d, Pool2dParams};
 use robust_dml::engine::ops::reduce::{logsumexp_dim, mean, sum_dim};
 use robust_dml::engine::tape::backward_with;
 use robust_dml::engine::{Device, Result, Rng, Tensor};
@@ -93,6 +94,18 @@ fn memory_bound_cases(b: &Bench, d: &Device) {
         fwd_bwd(|| avg_pool2d(&x, p))
     });
     b.case("mean_all_fwd_bwd", mb(2.0 * numel), || fwd_bwd(|| mean(&x)));
+    // c2f2's first activation at the protocol's batch (128 x 32 x 28 x 28): its ReLU and 2x2
+    // max pool, forward and backward, are a PGD step's largest ops after the GEMMs.
+    let act = randn(&[128, 32, 28, 28], 15, d).var();
+    let anumel = act.numel() as f64;
+    // Forward reads x, writes y; backward reads x and dy, writes dx.
+    b.case("relu_c2f2_fwd_bwd", mb(5.0 * anumel), || {
+        fwd_bwd(|| relu(&act))
+    });
+    // Forward reads x, writes y and the argmax (a quarter each); backward reads both, writes dx.
+    b.case("max_pool2x2_c2f2_fwd_bwd", mb(3.0 * anumel), || {
+        fwd_bwd(|| max_pool2d(&act, Pool2dParams::square(2, 2, 0)))
+    });
     let x7 = randn(&[64, 1280, 7, 7], 8, d).var();
     b.case(
         "global_avg_pool_fwd_bwd",

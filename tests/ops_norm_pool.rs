@@ -826,6 +826,8 @@ fn pool_params() -> Vec<Pool2dParams> {
         params(3, 1, 1, false, true),
         params(3, 1, 1, false, false),
         params(2, 2, 0, false, true),
+        // 2x2 windows hanging over odd edges in ceil mode: the general path, not the 2x2 one.
+        params(2, 2, 0, true, true),
         params(3, 2, 1, true, true),
         params(3, 2, 1, true, false),
         Pool2dParams {
@@ -882,6 +884,47 @@ fn pooling_matches_reference() {
         close("global max pool", &out, &r::max_pool2d(&xv, shape, whole).0);
         let dx = r::max_pool2d_backward(&xv, shape, whole, &g);
         close("global max pool backward", &grads[0], &dx);
+    }
+}
+
+/// The 2x2 stride-2 fast path on the cases its selects must get right: ties (the first
+/// maximum in raster order keeps the gradient), NaN (taken, the last NaN of a window keeping
+/// the gradient, as PyTorch's CPU kernel), -inf windows and -0.0 against 0.0, on even and odd
+/// planes.
+#[test]
+fn max_pool_2x2_matches_reference_on_ties_and_nans() {
+    let p = params(2, 2, 0, false, true);
+    for shape in [[2, 3, 6, 8], [1, 2, 5, 7]] {
+        let n: usize = shape.iter().product();
+        let specials = [f32::NAN, f32::NEG_INFINITY, -0.0, 0.0, 1.0, 1.0];
+        let v: Vec<f32> = values(&randn(&shape, 77))
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                if i % 3 == 0 {
+                    specials[(i / 3) % specials.len()]
+                } else {
+                    (x * 2.0).round()
+                }
+            })
+            .collect();
+        // The first window holds two NaNs: PyTorch's kernel routes the gradient to the last.
+        let mut v = v;
+        let w = shape[3];
+        (v[0], v[1], v[w], v[w + 1]) = (f32::NAN, 1.0, f32::NAN, 2.0);
+        let x = Tensor::from_cpu(v.clone(), &shape).unwrap();
+        let (want, _, out_shape) = r::max_pool2d(&v, shape, p);
+        let g = dy(out_shape.iter().product(), 78);
+        let (out, grads) = forward_backward(&[&x], &g, |t| max_pool2d(&t[0], p));
+        let bits = |a: &[f32]| a.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out), bits(&want), "max pool 2x2 {shape:?}");
+        let dx = r::max_pool2d_backward(&v, shape, p, &g);
+        assert_eq!(
+            bits(&grads[0]),
+            bits(&dx),
+            "max pool 2x2 backward {shape:?}"
+        );
+        assert_eq!(grads[0].len(), n);
     }
 }
 

@@ -7,7 +7,7 @@
 //! pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
 //!     let [y] = Launch::flat("elementwise", &[x]).run(
 //!         [x.shape()],
-//!         || Ok([cpu::map(&x.cpu()?, |v| op.apply(v))]),
+//!         || Ok([op.map_cpu(&x.cpu()?)]),
 //!         |call| {
 //!             let (n, xb) = (call.out[0].len(), call.input(0)?);
 //!             let bufs = [xb, xb, &call.out[0]];

@@ -283,8 +283,8 @@ fn for_each_window(
     [n, c, oh, ow]
 }
 
-/// Max pool: the maxima, the argmax of each (plane-relative, first maximum, NaN wins) and the
-/// output shape.
+/// Max pool: the maxima, the argmax of each (plane-relative: the first maximum, but every NaN
+/// taken, so the last NaN of a window, as PyTorch's CPU kernel) and the output shape.
 pub fn max_pool2d(
     x: &[f32],
     shape: [usize; 4],
@@ -297,7 +297,7 @@ pub fn max_pool2d(
         for &cell in cells {
             let v = x[plane * plane_len + cell];
             let b = x[plane * plane_len + best];
-            if v > b || (v.is_nan() && !b.is_nan()) {
+            if v > b || v.is_nan() {
                 best = cell;
             }
         }

@@ -63,6 +63,22 @@ impl Unary {
         }
     }
 
+    /// `x` mapped through [`Unary::apply`] on all cores. The variant is matched once, outside
+    /// the loop: each arm's loop applies one constant operation, which the compiler specialises
+    /// and vectorises (a match per element kept the loop scalar, behind a jump table).
+    fn map_cpu(self, x: &[f32]) -> Vec<f32> {
+        match self {
+            Unary::Affine(a, b) => cpu::map(x, move |v| Unary::Affine(a, b).apply(v)),
+            Unary::Relu => cpu::map(x, |v| Unary::Relu.apply(v)),
+            Unary::Relu6 => cpu::map(x, |v| Unary::Relu6.apply(v)),
+            Unary::Sign => cpu::map(x, |v| Unary::Sign.apply(v)),
+            Unary::Clamp(lo, hi) => cpu::map(x, move |v| Unary::Clamp(lo, hi).apply(v)),
+            Unary::Square => cpu::map(x, |v| Unary::Square.apply(v)),
+        }
+    }
+
+    /// The reference: one element.
+    #[inline(always)]
     fn apply(self, v: f32) -> f32 {
         match self {
             Unary::Affine(a, b) => a * v + b,
@@ -123,6 +139,22 @@ impl Binary {
         }
     }
 
+    /// `x` and `y` combined through [`Binary::apply`] on all cores, the variant matched once
+    /// outside the loop (as [`Unary::map_cpu`]).
+    fn zip_map_cpu(self, x: &[f32], y: &[f32]) -> Vec<f32> {
+        match self {
+            Binary::Axpby(a, b) => cpu::zip_map(x, y, move |u, v| Binary::Axpby(a, b).apply(u, v)),
+            Binary::Mul => cpu::zip_map(x, y, |u, v| Binary::Mul.apply(u, v)),
+            Binary::ReluBack => cpu::zip_map(x, y, |u, v| Binary::ReluBack.apply(u, v)),
+            Binary::Relu6Back => cpu::zip_map(x, y, |u, v| Binary::Relu6Back.apply(u, v)),
+            Binary::ClampBack(lo, hi) => {
+                cpu::zip_map(x, y, move |u, v| Binary::ClampBack(lo, hi).apply(u, v))
+            }
+        }
+    }
+
+    /// The reference: one pair of elements.
+    #[inline(always)]
     fn apply(self, x: f32, y: f32) -> f32 {
         match self {
             Binary::Axpby(a, b) => a * x + b * y,
@@ -166,7 +198,7 @@ pub fn unary_raw(x: &Tensor, op: Unary) -> Result<Tensor> {
     let [y] = Launch::flat("elementwise", &[x]).run(
         [x.shape()],
         // The scalar `apply` is the reference; the CPU backend maps it over all cores.
-        || Ok([cpu::map(&x.cpu()?, |v| op.apply(v))]),
+        || Ok([op.map_cpu(&x.cpu()?)]),
         |call| {
             let (n, xb) = (call.out[0].len(), call.input(0)?);
             let bufs = [xb, xb, &call.out[0]];
@@ -188,7 +220,7 @@ pub fn binary_raw(x: &Tensor, y: &Tensor, op: Binary) -> Result<Tensor> {
     }
     let [z] = Launch::flat("elementwise", &[x, y]).run(
         [x.shape()],
-        || Ok([cpu::zip_map(&x.cpu()?, &y.cpu()?, |a, b| op.apply(a, b))]),
+        || Ok([op.zip_map_cpu(&x.cpu()?, &y.cpu()?)]),
         |call| {
             let n = call.out[0].len();
             let bufs = [call.input(0)?, call.input(1)?, &call.out[0]];
@@ -325,4 +357,62 @@ impl Backward for SquareBack {
 
 pub fn square(x: &Tensor) -> Result<Tensor> {
     Ok(unary_raw(x, Unary::Square)?.record(SquareBack, &[x]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values on every side of every variant's kinks, with the specials.
+    const VALUES: [f32; 14] = [
+        -7.5,
+        -1.0,
+        -0.5,
+        -0.0,
+        0.0,
+        0.25,
+        0.5,
+        3.0,
+        6.0,
+        7.5,
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1e-30,
+    ];
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    /// The specialised loops are `apply` element by element, bit for bit, for every variant
+    /// (a swapped arm, say Relu's loop running Relu6, fails here on 7.5).
+    #[test]
+    fn specialised_cpu_loops_are_apply() {
+        let x: Vec<f32> = (0..300).map(|i| VALUES[i % VALUES.len()]).collect();
+        let y: Vec<f32> = (0..300)
+            .map(|i| VALUES[(i * 7 + 3) % VALUES.len()])
+            .collect();
+        for op in [
+            Unary::Affine(-1.5, 0.25),
+            Unary::Relu,
+            Unary::Relu6,
+            Unary::Sign,
+            Unary::Clamp(-0.5, 0.5),
+            Unary::Square,
+        ] {
+            let want: Vec<f32> = x.iter().map(|&v| op.apply(v)).collect();
+            assert_eq!(bits(&op.map_cpu(&x)), bits(&want), "{op:?}");
+        }
+        for op in [
+            Binary::Axpby(0.5, -2.0),
+            Binary::Mul,
+            Binary::ReluBack,
+            Binary::Relu6Back,
+            Binary::ClampBack(-0.5, 0.5),
+        ] {
+            let want: Vec<f32> = x.iter().zip(&y).map(|(&a, &b)| op.apply(a, b)).collect();
+            assert_eq!(bits(&op.zip_map_cpu(&x, &y)), bits(&want), "{op:?}");
+        }
+    }
 }

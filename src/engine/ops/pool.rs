@@ -159,6 +159,17 @@ impl Geometry {
         Geometry { n, ..*self }
     }
 
+    /// A 2x2 window at stride 2 whose every window lies inside the plane (no padding and,
+    /// with ceil mode, no window hanging over the edge): [`max_plane_2x2`]'s case.
+    fn is_plain_2x2(&self) -> bool {
+        let p = &self.p;
+        p.kernel == (2, 2)
+            && p.stride == (2, 2)
+            && p.padding == (0, 0)
+            && 2 * self.oh <= self.h
+            && 2 * self.ow <= self.w
+    }
+
     fn planes(&self) -> usize {
         self.n * self.c
     }
@@ -244,6 +255,9 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
                 .with_min_len(cpu::rows_per_task(g.h * g.w))
                 .for_each(|(plane, (out, arg))| {
                     let x_plane = &xv[plane * g.h * g.w..(plane + 1) * g.h * g.w];
+                    if g.is_plain_2x2() {
+                        return max_plane_2x2(g, x_plane, out, arg);
+                    }
                     let mut o = 0;
                     g.for_each_plane_output(|_, _, wy, wx| {
                         let (mut best, mut best_at) = (f32::NEG_INFINITY, wy.0 * g.w + wx.0);
@@ -273,6 +287,36 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
         },
     )?;
     Ok((out, arg))
+}
+
+/// [`max_pool_raw`]'s plane for a 2x2 window at stride 2 with every window inside the plane:
+/// the same visiting order and comparisons as the general loop (first maximum kept, a NaN
+/// taken), written as selects without the window clipping, so the loop has no branches.
+fn max_plane_2x2(g: &Geometry, x_plane: &[f32], out: &mut [f32], arg: &mut [f32]) {
+    for oy in 0..g.oh {
+        let top = 2 * oy * g.w;
+        let (row0, row1) = (&x_plane[top..top + g.w], &x_plane[top + g.w..top + 2 * g.w]);
+        let (out, arg) = (
+            &mut out[oy * g.ow..(oy + 1) * g.ow],
+            &mut arg[oy * g.ow..(oy + 1) * g.ow],
+        );
+        for ox in 0..g.ow {
+            let x0 = 2 * ox;
+            let (mut best, mut best_at) = (f32::NEG_INFINITY, top + x0);
+            for (v, at) in [
+                (row0[x0], top + x0),
+                (row0[x0 + 1], top + x0 + 1),
+                (row1[x0], top + g.w + x0),
+                (row1[x0 + 1], top + g.w + x0 + 1),
+            ] {
+                let take = v > best || v.is_nan();
+                best = if take { v } else { best };
+                best_at = if take { at } else { best_at };
+            }
+            out[ox] = best;
+            arg[ox] = best_at as f32;
+        }
+    }
 }
 
 struct MaxPoolBack {
