@@ -9,7 +9,7 @@ use robust_dml::pipeline::results::{
     RankingReport, SanityCheck, StrengthOutput, WorstMetric,
 };
 use robust_dml::pipeline::tables::{
-    eval_table, strength_table, table_markdown, threat_rows, threats_markdown,
+    eval_table, strength_table, table_markdown, threat_table, threats_markdown,
 };
 
 fn sample() -> Vec<MethodReport> {
@@ -271,8 +271,10 @@ fn threat_sample() -> Vec<MethodReport> {
 #[test]
 fn threats_table_puts_every_method_on_both_threats() {
     let reports = threat_sample();
-    let rows = threat_rows(&reports);
+    let table = threat_table(&reports);
+    let rows = &table.rows;
     assert_eq!(rows.len(), 2);
+    assert_eq!(table.columns.len(), 5);
     // PAL measured neither the objectives nor the suite: "-", not 0.
     assert_eq!(
         rows[0].cells,
@@ -300,6 +302,20 @@ fn threats_table_puts_every_method_on_both_threats() {
         h.contains("Both threats") && h.contains("61.00 ± 1.41"),
         "threats table missing"
     );
+}
+
+#[test]
+fn threats_table_leaves_out_what_no_run_measured() {
+    // The objectives without the suite: no ERS column at all, rather than a column of dashes.
+    let mut reports = threat_sample();
+    for r in &mut reports {
+        r.ranking = None;
+    }
+    let table = threat_table(&reports);
+    assert!(!table.columns.contains(&"ERS"), "{:?}", table.columns);
+    assert_eq!(table.columns.len(), 4);
+    assert!(table.rows.iter().all(|r| r.cells.len() == 4));
+    assert!(!threats_markdown(&reports).contains("ERS |"));
 }
 
 #[test]

@@ -7,10 +7,10 @@ use std::fmt::Write as _;
 use crate::pipeline::plots::{curve_svg, members_svg, projection_svg};
 use crate::pipeline::results::{
     has_threat_figures, MethodReport, ObjectivesReport, TransferReport, METRIC_COLUMNS,
-    THREAT_COLUMNS, WORST_METRICS,
+    WORST_METRICS,
 };
 use crate::pipeline::spread::{by_method, has_seeds, labeled_by_seed};
-use crate::pipeline::tables::{attack_name, metric_cells, threat_rows, TRAILING};
+use crate::pipeline::tables::{attack_name, metric_cells, threat_table, TRAILING};
 use crate::robust::ranking::RankAttack;
 
 pub(crate) fn html_escape(s: &str) -> String {
@@ -252,16 +252,18 @@ fn threats_html(reports: &[MethodReport]) -> String {
         return String::new();
     }
     let several = has_seeds(reports);
-    let headers: String = THREAT_COLUMNS
+    let table = threat_table(reports);
+    let headers: String = table
+        .columns
         .iter()
-        .map(|(name, _)| format!("<th>{name}</th>"))
+        .map(|name| format!("<th>{name}</th>"))
         .collect();
     let seeds_header = if several { "<th>seeds</th>" } else { "" };
     let mut h = format!(
         "<h2>Both threats (percent; ERS 0-100)</h2><table><tr><th class=\"l\">method</th>\
          {seeds_header}{headers}</tr>"
     );
-    for row in threat_rows(reports) {
+    for row in table.rows {
         let seeds = if several {
             format!("<td>{}</td>", row.seeds)
         } else {
@@ -279,9 +281,10 @@ fn threats_html(reports: &[MethodReport]) -> String {
          threat. Clean R@1, then R@1 under the evaluation attack in the clustering and the \
          template-matching scenario (as in the table above), the lowest clustering R@1 over the \
          attack objectives (on their subset of the test set; section Attack objectives), and \
-         robrank's ERS over its ranking-attack suite (higher is more robust). \"-\": not \
-         measured for that method. A defense that leads one column and not another is robust \
-         to one threat, not to all.</p>",
+         robrank's ERS over its ranking-attack suite (higher is more robust); a column no \
+         method measured is left out, and \"-\" marks a figure not measured for that method. \
+         A defense that leads one column and not another is robust to one threat, not to \
+         all.</p>",
     );
     h
 }

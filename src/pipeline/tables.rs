@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 use crate::config::AttackKind;
 use crate::pipeline::results::{
     has_threat_figures, AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport,
-    SanityCheck, StrengthOutput, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS, THREAT_COLUMNS,
-    WORST_METRICS,
+    SanityCheck, StrengthOutput, ThreatRead, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS,
+    THREAT_COLUMNS, WORST_METRICS,
 };
 use crate::pipeline::spread::{by_method, has_seeds};
 use crate::robust::ranking::{RankAttack, RankPgd};
@@ -228,24 +228,39 @@ pub fn table_markdown(reports: &[MethodReport], title: &str) -> String {
     s
 }
 
-/// One row of the threats table: the method, its seeds, and a cell per [`THREAT_COLUMNS`].
+/// The threats table: the names of the columns some run measured (of [`THREAT_COLUMNS`]; a
+/// column no run measured is left out rather than shown as dashes), and one row per method.
+pub struct ThreatTable {
+    pub columns: Vec<&'static str>,
+    pub rows: Vec<ThreatRow>,
+}
+
+/// One row of the threats table: the method, its seeds, and a cell per shown column.
 pub struct ThreatRow {
     pub label: String,
     pub seeds: String,
-    pub cells: [String; THREAT_COLUMNS.len()],
+    pub cells: Vec<String>,
 }
 
-/// The threats table's rows, one per method, each figure over the method's seeds ("-" where
-/// no seed measured it).
-pub fn threat_rows(reports: &[MethodReport]) -> Vec<ThreatRow> {
-    by_method(reports)
+/// The threats table of `reports`, each figure over the method's seeds ("-" where none of its
+/// seeds measured it).
+pub fn threat_table(reports: &[MethodReport]) -> ThreatTable {
+    let shown: Vec<(&'static str, ThreatRead)> = THREAT_COLUMNS
+        .into_iter()
+        .filter(|(_, read)| reports.iter().any(|r| read(r).is_some()))
+        .collect();
+    let rows = by_method(reports)
         .iter()
         .map(|g| ThreatRow {
             label: g.label.to_string(),
             seeds: g.seeds(),
-            cells: THREAT_COLUMNS.map(|(_, read)| g.cell_if(read)),
+            cells: shown.iter().map(|(_, read)| g.cell_if(read)).collect(),
         })
-        .collect()
+        .collect();
+    ThreatTable {
+        columns: shown.iter().map(|(name, _)| *name).collect(),
+        rows,
+    }
 }
 
 /// Every method on both threats, one row each (empty when no run measured the objectives or
@@ -256,7 +271,7 @@ pub fn threats_markdown(reports: &[MethodReport]) -> String {
         return String::new();
     }
     let several = has_seeds(reports);
-    let names: Vec<&str> = THREAT_COLUMNS.iter().map(|(name, _)| *name).collect();
+    let table = threat_table(reports);
     let leading: &[&str] = if several {
         &["method", "seeds"]
     } else {
@@ -264,9 +279,9 @@ pub fn threats_markdown(reports: &[MethodReport]) -> String {
     };
     let mut s = format!(
         "\n### Both threats: clustering and template R@1, worst objective, ERS\n\n{}",
-        markdown_columns(&[leading, &names[..]].concat(), leading.len())
+        markdown_columns(&[leading, &table.columns[..]].concat(), leading.len())
     );
-    for row in threat_rows(reports) {
+    for row in table.rows {
         let seeds = if several {
             format!(" {} |", row.seeds)
         } else {
