@@ -278,7 +278,7 @@ pub fn threats_markdown(reports: &[MethodReport]) -> String {
         &["method"]
     };
     let mut s = format!(
-        "\n### Both threats: clustering and template R@1, worst objective, ERS\n\n{}",
+        "\n### Both threats, one row per method\n\n{}",
         markdown_columns(&[leading, &table.columns[..]].concat(), leading.len())
     );
     for row in table.rows {
