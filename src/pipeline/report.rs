@@ -260,7 +260,7 @@ fn threats_html(reports: &[MethodReport]) -> String {
         .collect();
     let seeds_header = if several { "<th>seeds</th>" } else { "" };
     let mut h = format!(
-        "<h2>Both threats, one row per method (percent; ERS 0-100)</h2><table><tr><th class=\"l\">method</th>\
+        "<h2>Both threats, one row per method (percent)</h2><table><tr><th class=\"l\">method</th>\
          {seeds_header}{headers}</tr>"
     );
     for row in table.rows {
