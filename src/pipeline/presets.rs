@@ -117,7 +117,7 @@ fn fashion_protocol(dataset: &str, epochs: usize, steps_per_epoch: usize) -> Exp
 }
 
 /// The quick preset's methods: the paper's comparison (no defense, AT, EAT). The other
-/// defenses are one `--methods` away; with all six the job takes about twice as long.
+/// defenses are one `--methods` away; with all six the job takes about 15 minutes.
 pub const QUICK_METHODS: [Method; 3] = [Method::None, Method::At, Method::Eat];
 
 /// The quick preset: the protocol on the embedded subset, sized to finish in under 10 minutes
