@@ -347,7 +347,7 @@ fn print_merged(
         table_markdown(
             &merged.reports,
             &format!(
-                "{dataset} / {arch:?}: clean and PGD-{} at eps {:.0}/255",
+                "{dataset} / {arch:?}: clean and PGD-{} at eps {:.1}/255",
                 attack.steps,
                 attack.eps * 255.0
             )
