@@ -1,6 +1,7 @@
-//! The experiment's HTML report: Table 1, every method on both threats, the plots of `plots` (the paper's Figures 1 and 4 and
-//! the Recall@1 / F1 curves against PGD steps and eps), the sanity, strength and ranking
-//! sections and the settings. It only reads [`crate::pipeline::results`].
+//! The experiment's HTML report: Table 1, every method on both threats, the plots of `plots`
+//! (the paper's Figures 1 and 4 and the Recall@1 / F1 curves against PGD steps and eps), the
+//! sanity, strength and ranking sections and the settings. It only reads
+//! [`crate::pipeline::results`].
 
 use std::fmt::Write as _;
 

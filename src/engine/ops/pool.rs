@@ -249,13 +249,14 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
             let (mut out, mut arg) = (vec![0.0; total], vec![0.0; total]);
             // One plane per task.
             let per_plane = (g.oh * g.ow).max(1);
+            let plain_2x2 = g.is_plain_2x2();
             out.par_chunks_mut(per_plane)
                 .zip(arg.par_chunks_mut(per_plane))
                 .enumerate()
                 .with_min_len(cpu::rows_per_task(g.h * g.w))
                 .for_each(|(plane, (out, arg))| {
                     let x_plane = &xv[plane * g.h * g.w..(plane + 1) * g.h * g.w];
-                    if g.is_plain_2x2() {
+                    if plain_2x2 {
                         return max_plane_2x2(g, x_plane, out, arg);
                     }
                     let mut o = 0;
