@@ -876,3 +876,48 @@ fn mobilenet_v2_runs_with_activations_over_the_cap() {
         assert_close(&format!("train-mode {name}"), g, c, 1e-4, 1e-3);
     }
 }
+
+/// c2f2 pools before its ReLU (src/nn/c2f2.rs): on inputs full of ties, zeros and negative
+/// windows, pool-then-ReLU gives PyTorch's ReLU-then-pool values and input gradient bit for bit,
+/// on the CPU and the GPU. A swap that is not exact (say ReLU's gradient passed where the
+/// window's maximum is 0) fails here.
+#[test]
+fn pool_then_relu_equals_relu_then_pool() {
+    use robust_dml::engine::ops::elementwise::{mul, relu};
+    use robust_dml::engine::ops::pool::{max_pool2d, Pool2dParams};
+    use robust_dml::engine::ops::reduce::sum;
+    let mut devices = vec![Device::Cpu];
+    devices.extend(gpu_or_skip("pool_then_relu_equals_relu_then_pool"));
+    let shape = [3, 5, 7, 10];
+    let n: usize = shape.iter().product();
+    let mut rng = Rng::new(21);
+    // Five levels, so most windows hold ties and many hold nothing above 0.
+    let levels: Vec<f32> = (0..n)
+        .map(|_| [-1.0, -0.5, 0.0, 0.5, 1.0][rng.below(5)])
+        .collect();
+    let upstream: Vec<f32> = (0..n / 4).map(|_| rng.normal()).collect();
+    let pool = Pool2dParams::square(2, 2, 0);
+    for dev in &devices {
+        let x = Tensor::from_vec(levels.clone(), &shape, dev).unwrap().var();
+        let run = |pool_first: bool| {
+            let y = if pool_first {
+                relu(&max_pool2d(&x, pool).unwrap()).unwrap()
+            } else {
+                max_pool2d(&relu(&x).unwrap(), pool).unwrap()
+            };
+            let r = Tensor::from_vec(upstream[..y.numel()].to_vec(), y.shape(), dev).unwrap();
+            let grads = sum(&mul(&y, &r).unwrap()).unwrap().backward().unwrap();
+            let dx = grads.get(&x).unwrap().to_vec().unwrap();
+            (y.to_vec().unwrap(), dx)
+        };
+        let (swapped, pytorch) = (run(true), run(false));
+        assert!(pytorch.1.iter().any(|&g| g == 0.0) && pytorch.1.iter().any(|&g| g != 0.0));
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&swapped.0), bits(&pytorch.0), "values on {dev:?}");
+        assert_eq!(
+            bits(&swapped.1),
+            bits(&pytorch.1),
+            "input gradient on {dev:?}"
+        );
+    }
+}

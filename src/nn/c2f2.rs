@@ -71,8 +71,12 @@ impl C2f2 {
                 format!("built for {:?} inputs, got {h}x{w}", self.input_size),
             );
         }
-        let y = max_pool2d(&relu(&self.conv1.forward(store, x)?)?, pool2())?;
-        let y = max_pool2d(&relu(&self.conv2.forward(store, &y)?)?, pool2())?;
+        // Pool, then ReLU: ReLU is monotone, so max(relu(a), relu(b)) = relu(max(a, b)) and the
+        // gradient reaches the same input (none where the window's maximum is <= 0). Both values
+        // and gradients equal PyTorch's conv-ReLU-pool for finite inputs, with the ReLU on a
+        // quarter of the elements (tests/models.rs checks the two orders bit for bit).
+        let y = relu(&max_pool2d(&self.conv1.forward(store, x)?, pool2())?)?;
+        let y = relu(&max_pool2d(&self.conv2.forward(store, &y)?, pool2())?)?;
         let flat = y.reshape(&[n, y.numel() / n])?;
         relu(&self.fc.forward(store, &flat)?)
     }
