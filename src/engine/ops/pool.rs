@@ -290,34 +290,39 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
     Ok((out, arg))
 }
 
-/// [`max_pool_raw`]'s plane for a 2x2 window at stride 2 with every window inside the plane:
-/// the same visiting order and comparisons as the general loop (first maximum kept, a NaN
-/// taken), written as selects without the window clipping, so the loop has no branches.
+/// [`max_pool_raw`]'s plane for a 2x2 window at stride 2 with every window inside the plane,
+/// written so that the compiler vectorises it: the window is reduced as a tree, (top pair,
+/// bottom pair), whose result equals the general loop's (first maximum kept, the last NaN
+/// taken), and the argmax stays in f32 arithmetic (exact below 2^24, far above any plane).
 fn max_plane_2x2(g: &Geometry, x_plane: &[f32], out: &mut [f32], arg: &mut [f32]) {
+    let (w, ow) = (g.w, g.ow);
+    let below = w as f32;
     for oy in 0..g.oh {
-        let top = 2 * oy * g.w;
-        let (row0, row1) = (&x_plane[top..top + g.w], &x_plane[top + g.w..top + 2 * g.w]);
-        let (out, arg) = (
-            &mut out[oy * g.ow..(oy + 1) * g.ow],
-            &mut arg[oy * g.ow..(oy + 1) * g.ow],
+        let top = 2 * oy * w;
+        let (row0, row1) = (
+            &x_plane[top..top + 2 * ow],
+            &x_plane[top + w..top + w + 2 * ow],
         );
-        for ox in 0..g.ow {
-            let x0 = 2 * ox;
-            let (mut best, mut best_at) = (f32::NEG_INFINITY, top + x0);
-            for (v, at) in [
-                (row0[x0], top + x0),
-                (row0[x0 + 1], top + x0 + 1),
-                (row1[x0], top + g.w + x0),
-                (row1[x0 + 1], top + g.w + x0 + 1),
-            ] {
-                let take = v > best || v.is_nan();
-                best = if take { v } else { best };
-                best_at = if take { at } else { best_at };
-            }
-            out[ox] = best;
-            arg[ox] = best_at as f32;
+        let out = &mut out[oy * ow..(oy + 1) * ow];
+        let arg = &mut arg[oy * ow..(oy + 1) * ow];
+        let windows = row0.chunks_exact(2).zip(row1.chunks_exact(2));
+        for (ox, ((o, a), (r0, r1))) in out.iter_mut().zip(arg.iter_mut()).zip(windows).enumerate()
+        {
+            let upper = later_wins(r0[0], 0.0, r0[1], 1.0);
+            let lower = later_wins(r1[0], below, r1[1], below + 1.0);
+            let (v, at) = later_wins(upper.0, upper.1, lower.0, lower.1);
+            *o = v;
+            *a = (top + 2 * ox) as i32 as f32 + at;
         }
     }
+}
+
+/// Of two (value, position) candidates in visiting order, the later wins when it is strictly
+/// greater or NaN: the rule that keeps the first maximum and takes the last NaN.
+#[inline(always)]
+fn later_wins(v0: f32, at0: f32, v1: f32, at1: f32) -> (f32, f32) {
+    let take = (v1 > v0) | v1.is_nan();
+    (if take { v1 } else { v0 }, if take { at1 } else { at0 })
 }
 
 struct MaxPoolBack {
@@ -347,13 +352,18 @@ fn max_pool_bwd_raw(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tens
             let (gv, arg) = (grad.cpu()?, argmax.cpu()?);
             let mut dx = vec![0.0f32; numel(&g.in_shape())];
             let per_out = g.oh * g.ow;
+            let plain_2x2 = g.is_plain_2x2();
             // One plane per task; within it the outputs in order, as serially.
             dx.par_chunks_mut((g.h * g.w).max(1))
                 .enumerate()
                 .with_min_len(cpu::rows_per_task(g.h * g.w))
                 .for_each(|(plane, dx)| {
                     let outputs = plane * per_out..(plane + 1) * per_out;
-                    for (&gval, &at) in gv[outputs.clone()].iter().zip(&arg[outputs]) {
+                    let (gv, arg) = (&gv[outputs.clone()], &arg[outputs]);
+                    if plain_2x2 {
+                        return route_plane_2x2(g, gv, arg, dx);
+                    }
+                    for (&gval, &at) in gv.iter().zip(arg) {
                         dx[at as usize] += gval;
                     }
                 });
@@ -369,6 +379,33 @@ fn max_pool_bwd_raw(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tens
         },
     )?;
     Ok(dx)
+}
+
+/// [`max_pool_bwd_raw`]'s plane for [`max_plane_2x2`]'s case: the windows do not overlap, so
+/// each window's four inputs are written directly (the gradient at the argmax, 0 elsewhere)
+/// instead of scattered, which the compiler vectorises. `0.0 + g` keeps the scatter's bits (a
+/// gradient of -0 lands as +0). Rows and columns no window covers keep their zeros.
+fn route_plane_2x2(g: &Geometry, grad: &[f32], arg: &[f32], dx: &mut [f32]) {
+    let (w, ow) = (g.w, g.ow);
+    let below = w as f32;
+    for oy in 0..g.oh {
+        let top = 2 * oy * w;
+        let (upper, lower) = dx[top..top + 2 * w].split_at_mut(w);
+        let windows = upper[..2 * ow]
+            .chunks_exact_mut(2)
+            .zip(lower[..2 * ow].chunks_exact_mut(2));
+        let outputs = grad[oy * ow..(oy + 1) * ow]
+            .iter()
+            .zip(&arg[oy * ow..(oy + 1) * ow]);
+        for (ox, ((&gval, &at), (d0, d1))) in outputs.zip(windows).enumerate() {
+            let pos = at - (top + 2 * ox) as i32 as f32;
+            let routed = 0.0 + gval;
+            d0[0] = if pos == 0.0 { routed } else { 0.0 };
+            d0[1] = if pos == 1.0 { routed } else { 0.0 };
+            d1[0] = if pos == below { routed } else { 0.0 };
+            d1[1] = if pos == below + 1.0 { routed } else { 0.0 };
+        }
+    }
 }
 
 /// PyTorch's `max_pool2d` (dilation 1). Recorded.
