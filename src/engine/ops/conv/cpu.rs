@@ -4,7 +4,10 @@
 //! `engine::reference` by tests/ops_conv.rs, which covers every [`CpuConvRoute`].
 
 use super::blocked;
-use super::columns::{add_column_row, fill_column_row};
+use super::columns::{
+    add_column_row, add_columns_unit_stride, fill_column_row, fill_columns_unit_stride,
+    is_unit_stride, padded_len,
+};
 use super::depthwise;
 use super::geom::Geom;
 use crate::engine::cpu;
@@ -97,12 +100,19 @@ fn image_columns<'a>(g: &Geom, x_img: &'a [f32], scratch: &'a mut Vec<f32>) -> &
         return x_img;
     }
     let (plane, rows) = (g.oh * g.ow, g.cin * g.kh * g.kw);
+    let len = rows * plane;
+    if is_unit_stride(g) {
+        scratch.resize(len + padded_len(g), 0.0);
+        let (cols, padded) = scratch.split_at_mut(len);
+        fill_columns_unit_stride(g, x_img, padded, cols);
+        return &scratch[..len];
+    }
     // Every element is written below (padding included), so old contents need no clearing.
-    scratch.resize(rows * plane, 0.0);
-    for (row, col_row) in scratch[..rows * plane].chunks_mut(plane).enumerate() {
+    scratch.resize(len, 0.0);
+    for (row, col_row) in scratch[..len].chunks_mut(plane).enumerate() {
         fill_column_row(g, x_img, row, col_row);
     }
-    &scratch[..rows * plane]
+    &scratch[..len]
 }
 
 /// 1x1, stride 1, no padding, one group: the input is the column matrix (any channel count).
@@ -125,9 +135,12 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let dy_img = &dy[img * out_len..(img + 1) * out_len];
         let pointwise = is_plain_pointwise(g);
         let dcol_len = g.cin * g.kh * g.kw * plane;
+        let unit_stride = !pointwise && is_unit_stride(g);
         if !pointwise {
-            // Fully written by the GEMMs (no accumulation), so old contents need no clearing.
-            dcol.resize(dcol_len, 0.0);
+            // Fully written by the GEMMs (no accumulation), so old contents need no clearing;
+            // the unit-stride col2im adds up in a padded image after it.
+            let padded = if unit_stride { padded_len(g) } else { 0 };
+            dcol.resize(dcol_len + padded, 0.0);
         }
         let target: &mut [f32] = if pointwise {
             dx_img
@@ -147,8 +160,11 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 parallel_gemm,
             );
         }
-        if !pointwise {
-            col2im(g, dcol, dx_img);
+        if unit_stride {
+            let (dcol, padded) = dcol.split_at_mut(dcol_len);
+            add_columns_unit_stride(g, dcol, padded, dx_img);
+        } else if !pointwise {
+            col2im(g, &dcol[..dcol_len], dx_img);
         }
     });
     dx
