@@ -684,7 +684,11 @@ fn conv_geometries() -> Vec<([usize; 4], [usize; 4], Conv2dParams)> {
         // Stride 1 through the padded image: c2f2's 5x5 with padding 2 on an odd plane, and a
         // rectangular kernel padded in one direction only.
         ([2, 3, 11, 9], [4, 3, 5, 5], conv((1, 1), (2, 2), (1, 1), 1)),
-        ([2, 3, 12, 10], [4, 3, 5, 3], conv((1, 1), (2, 0), (1, 1), 1)),
+        (
+            [2, 3, 12, 10],
+            [4, 3, 5, 3],
+            conv((1, 1), (2, 0), (1, 1), 1),
+        ),
         ([2, 5, 8, 9], [3, 5, 1, 1], conv((1, 1), (0, 0), (1, 1), 1)),
         // Blocks of images (planes under 64 pixels): ResNet's last stages, a last block shorter
         // than the others (37 images of 9 pixels: blocks of 29 and 8), grouped with dilation.

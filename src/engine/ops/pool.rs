@@ -291,9 +291,10 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
 }
 
 /// [`max_pool_raw`]'s plane for a 2x2 window at stride 2 with every window inside the plane,
-/// written so that the compiler vectorises it: the window is reduced as a tree, (top pair,
-/// bottom pair), whose result equals the general loop's (first maximum kept, the last NaN
-/// taken), and the argmax stays in f32 arithmetic (exact below 2^24, far above any plane).
+/// as straight-line selects without window clipping or integer-to-float conversions in the
+/// loop: the window is reduced as a tree, (top pair, bottom pair), whose result equals the
+/// general loop's (first maximum kept, the last NaN taken), and the argmax is built in f32
+/// (exact below 2^24, far above any plane). About twice as fast as the sequential loop.
 fn max_plane_2x2(g: &Geometry, x_plane: &[f32], out: &mut [f32], arg: &mut [f32]) {
     let (w, ow) = (g.w, g.ow);
     let below = w as f32;
@@ -383,7 +384,7 @@ fn max_pool_bwd_raw(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tens
 
 /// [`max_pool_bwd_raw`]'s plane for [`max_plane_2x2`]'s case: the windows do not overlap, so
 /// each window's four inputs are written directly (the gradient at the argmax, 0 elsewhere)
-/// instead of scattered, which the compiler vectorises. `0.0 + g` keeps the scatter's bits (a
+/// instead of scattered through a data-dependent index. `0.0 + g` keeps the scatter's bits (a
 /// gradient of -0 lands as +0). Rows and columns no window covers keep their zeros.
 fn route_plane_2x2(g: &Geometry, grad: &[f32], arg: &[f32], dx: &mut [f32]) {
     let (w, ow) = (g.w, g.ow);
