@@ -7,6 +7,7 @@
 //! shapes only). Same inputs and thread count, same bits.
 
 use super::error::{EngineError, Result};
+use super::host_pool;
 use rayon::prelude::*;
 
 /// How a matrix is read: element (r, c) lives at `r * row + c * col`.
@@ -213,7 +214,7 @@ pub const FLAT_CHUNK: usize = 1 << 14;
 
 /// out[i] = f(a[i]) over all cores.
 pub fn map(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
-    let mut out = vec![0.0; a.len()];
+    let mut out = host_pool::for_overwrite(a.len());
     out.par_chunks_mut(FLAT_CHUNK)
         .zip(a.par_chunks(FLAT_CHUNK))
         .for_each(|(o, a)| {
@@ -227,7 +228,7 @@ pub fn map(a: &[f32], f: impl Fn(f32) -> f32 + Sync) -> Vec<f32> {
 /// out[i] = f(a[i], b[i]) over all cores.
 pub fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync) -> Vec<f32> {
     assert_eq!(a.len(), b.len(), "zip_map: lengths differ");
-    let mut out = vec![0.0; a.len()];
+    let mut out = host_pool::for_overwrite(a.len());
     out.par_chunks_mut(FLAT_CHUNK)
         .zip(a.par_chunks(FLAT_CHUNK).zip(b.par_chunks(FLAT_CHUNK)))
         .for_each(|(o, (a, b))| {
@@ -291,7 +292,7 @@ pub fn lane_sum2_f64(a: &[f32], b: &[f32], value: impl Fn(f32, f32) -> f64) -> f
 
 /// Sums equal-length partial results element by element, in block order (deterministic).
 pub fn sum_partials(partials: &[Vec<f32>], len: usize) -> Vec<f32> {
-    let mut out = vec![0.0; len];
+    let mut out = host_pool::zeroed(len);
     out.par_chunks_mut(FLAT_CHUNK)
         .enumerate()
         .for_each(|(chunk, o)| {

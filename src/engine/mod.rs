@@ -4,6 +4,7 @@ pub mod cpu;
 pub mod device;
 pub mod error;
 pub mod gpu;
+pub mod host_pool;
 pub(crate) mod launch;
 pub mod ops;
 pub mod optim;

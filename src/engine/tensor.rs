@@ -9,12 +9,25 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use super::device::Device;
 use super::error::{shape_err, EngineError, Result};
 use super::gpu::GpuBuffer;
+use super::host_pool;
 use super::rng::Rng;
 use super::tape::{self, Backward, Node};
 
 pub enum Storage {
     Cpu(RwLock<Vec<f32>>),
     Gpu(GpuBuffer),
+}
+
+/// Freed CPU storage goes to the buffer pool for the next op's output.
+impl Drop for Storage {
+    fn drop(&mut self) {
+        if let Storage::Cpu(values) = self {
+            let values = values
+                .get_mut()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            host_pool::give_back(std::mem::take(values));
+        }
+    }
 }
 
 pub struct Inner {
@@ -72,6 +85,7 @@ impl Tensor {
                 format!("{} values for shape {shape:?}", data.len()),
             );
         }
+        host_pool::note_storage();
         Ok(Self::from_storage(
             Arc::new(Storage::Cpu(RwLock::new(data))),
             shape,
@@ -107,13 +121,15 @@ impl Tensor {
 
     pub fn zeros(shape: &[usize], device: &Device) -> Result<Tensor> {
         match device {
-            Device::Cpu => Self::from_cpu(vec![0.0; numel(shape)], shape),
+            Device::Cpu => Self::from_cpu(host_pool::zeroed(numel(shape)), shape),
             Device::Gpu(ctx) => Self::from_gpu(ctx.zeros(numel(shape))?, shape),
         }
     }
 
     pub fn full(value: f32, shape: &[usize], device: &Device) -> Result<Tensor> {
-        Self::from_vec(vec![value; numel(shape)], shape, device)
+        let mut values = host_pool::for_overwrite(numel(shape));
+        values.fill(value);
+        Self::from_vec(values, shape, device)
     }
 
     pub fn scalar(value: f32, device: &Device) -> Result<Tensor> {

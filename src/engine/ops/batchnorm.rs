@@ -5,13 +5,13 @@
 //! Both devices save the same per-channel statistics for backward: a tensor whose first 2C
 //! values are [mean | invstd] (the GPU's holds the affine coefficients after them).
 
-use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel, OpCodes};
 use crate::engine::launch::by_device;
 use crate::engine::split;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
+use crate::engine::{cpu, host_pool};
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 use std::ops::Range;
@@ -400,7 +400,7 @@ fn cpu_normalize(
     gamma: &[f32],
     beta: &[f32],
 ) -> Vec<f32> {
-    let mut y = vec![0.0; x.len()];
+    let mut y = host_pool::for_overwrite(x.len());
     // One (image, channel) plane per task.
     y.par_chunks_mut(lay.2.max(1))
         .zip(x.par_chunks(lay.2.max(1)))
@@ -647,7 +647,7 @@ impl BatchNormBack {
             })
             .collect();
         let dx = if want_dx {
-            let mut dx = vec![0.0f32; xv.len()];
+            let mut dx = host_pool::zeroed(xv.len());
             let hw = lay.2.max(1);
             // One (image, channel) plane per task (several when planes are small).
             dx.par_chunks_mut(hw)

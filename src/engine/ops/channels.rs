@@ -5,12 +5,12 @@
 //! Every op accepts any tensor of rank >= 2 read as [N, C, spatial...]; the spatial
 //! dimensions are flattened into one (HW).
 
-use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuContext, Kernel};
 use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
+use crate::engine::{cpu, host_pool};
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -171,7 +171,7 @@ fn concat_raw(xs: &[&Tensor]) -> Result<Tensor> {
         [&out_shape],
         || {
             let guards = xs.iter().map(|x| x.cpu()).collect::<Result<Vec<_>>>()?;
-            let mut out = vec![0.0f32; batch * total_c * hw];
+            let mut out = host_pool::zeroed(batch * total_c * hw);
             // One image per task, every input's slice of it in turn.
             out.par_chunks_mut((total_c * hw).max(1))
                 .enumerate()
@@ -236,7 +236,7 @@ fn copy_slice(x: &Tensor, s: Slice, launch: Launch) -> Result<Tensor> {
     let [y] = launch.run(
         [&shape],
         || {
-            let mut out = vec![0.0f32; s.batch * s.dst_c * s.hw];
+            let mut out = host_pool::zeroed(s.batch * s.dst_c * s.hw);
             s.copy_cpu(&x.cpu()?, &mut out);
             Ok([out])
         },
@@ -257,7 +257,7 @@ fn gather_raw(x: &Tensor, index: &[usize]) -> Result<Tensor> {
         [&shape],
         || {
             let xv = x.cpu()?;
-            let mut out = vec![0.0f32; batch * out_c * hw];
+            let mut out = host_pool::for_overwrite(batch * out_c * hw);
             // One output plane per task (several when planes are small).
             out.par_chunks_mut(hw.max(1))
                 .enumerate()
@@ -300,7 +300,7 @@ fn affine_raw(x: &Tensor, scale: &[f32], shift: &[f32]) -> Result<Tensor> {
         [x.shape()],
         || {
             let xv = x.cpu()?;
-            let mut out = vec![0.0f32; xv.len()];
+            let mut out = host_pool::for_overwrite(xv.len());
             // One plane per task (several when planes are small); constants per plane.
             out.par_chunks_mut(hw.max(1))
                 .zip(xv.par_chunks(hw.max(1)))

@@ -2,12 +2,12 @@
 //! GPU: `shaders/matmul.wgsl` and `shaders/matmul_vec4.wgsl`, the GEMM kernel chosen by
 //! adapter type (see [`GemmKernel`]).
 
-use crate::engine::cpu;
 use crate::engine::error::{shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, GpuContext, Kernel};
 use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
+use crate::engine::{cpu, host_pool};
 use crate::{kernel, kernel_params};
 
 const GEMM_TILED: Kernel = kernel!("matmul.wgsl", "matmul", [Read, Read, ReadWrite]);
@@ -243,7 +243,8 @@ struct CpuGemm {
 /// GEMM then single-threaded), or one multi-threaded SGEMM when there is one entry.
 fn cpu_gemm(p: &CpuGemm, av: &[f32], bv: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
-    let mut out = vec![0.0f32; p.batch * p.m * p.n];
+    // Written whole by the GEMMs (which do not read it).
+    let mut out = host_pool::for_overwrite(p.batch * p.m * p.n);
     let entry = |bi: usize, c: &mut [f32], parallel: bool| {
         let a = &av[bi * p.a.s_b..];
         let b = &bv[bi * p.b.s_b..];
@@ -347,7 +348,7 @@ pub fn add_row_bias_raw_using(
         || {
             use rayon::prelude::*;
             let (mv, bv) = (mat.cpu()?, bias.cpu()?);
-            let mut out = vec![0.0f32; mv.len()];
+            let mut out = host_pool::for_overwrite(mv.len());
             // Rows in tasks of about FLAT_CHUNK elements.
             out.par_chunks_mut(cols.max(1))
                 .zip(mv.par_chunks(cols.max(1)))

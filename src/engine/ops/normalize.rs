@@ -3,7 +3,6 @@
 
 use rayon::prelude::*;
 
-use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{to_u32, Kernel};
 use crate::engine::launch::Launch;
@@ -11,6 +10,7 @@ use crate::engine::ops::matmul;
 use crate::engine::ops::reduce::outer_n_inner;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::{same_device, Tensor};
+use crate::engine::{cpu, host_pool};
 use crate::{kernel, kernel_params};
 
 const FORWARD: Kernel = kernel!("normalize.wgsl", "l2n_forward", [Read, Read, ReadWrite]);
@@ -52,7 +52,7 @@ fn check_eps(op: &'static str, eps: f32) -> Result<()> {
 /// the thread count; a small tensor is one task, which keeps the embedding head's [B, D]
 /// normalisation as cheap as the serial loop.
 fn per_slab(slab_len: usize, len: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut out = vec![0.0f32; len];
+    let mut out = host_pool::zeroed(len);
     if slab_len == 0 {
         return out;
     }

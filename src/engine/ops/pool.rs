@@ -6,12 +6,12 @@
 //! maximum on ties) so that backward routes each gradient without recomputing the windows.
 //! Both backward passes gather per input element, so the GPU needs no atomics.
 
-use crate::engine::cpu;
 use crate::engine::error::{invalid, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel};
 use crate::engine::launch::Launch;
 use crate::engine::tape::{self, Backward};
 use crate::engine::tensor::{numel, Tensor};
+use crate::engine::{cpu, host_pool};
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -246,7 +246,11 @@ fn max_pool_raw(x: &Tensor, g: &Geometry) -> Result<(Tensor, Tensor)> {
         [&shape, &shape],
         || {
             let xv = x.cpu()?;
-            let (mut out, mut arg) = (vec![0.0; total], vec![0.0; total]);
+            // Every output and argmax is written below.
+            let (mut out, mut arg) = (
+                host_pool::for_overwrite(total),
+                host_pool::for_overwrite(total),
+            );
             // One plane per task.
             let per_plane = (g.oh * g.ow).max(1);
             let plain_2x2 = g.is_plain_2x2();
@@ -351,9 +355,15 @@ fn max_pool_bwd_raw(grad: &Tensor, argmax: &Tensor, g: &Geometry) -> Result<Tens
         [&g.in_shape()],
         || {
             let (gv, arg) = (grad.cpu()?, argmax.cpu()?);
-            let mut dx = vec![0.0f32; numel(&g.in_shape())];
             let per_out = g.oh * g.ow;
             let plain_2x2 = g.is_plain_2x2();
+            // The 2x2 route writes every pixel its windows cover; the scatter adds.
+            let covered = plain_2x2 && 2 * g.oh == g.h && 2 * g.ow == g.w;
+            let mut dx = if covered {
+                host_pool::for_overwrite(numel(&g.in_shape()))
+            } else {
+                host_pool::zeroed(numel(&g.in_shape()))
+            };
             // One plane per task; within it the outputs in order, as serially.
             dx.par_chunks_mut((g.h * g.w).max(1))
                 .enumerate()
@@ -428,7 +438,7 @@ fn avg_pool_raw(x: &Tensor, g: &Geometry) -> Result<Tensor> {
         [&shape],
         || {
             let xv = x.cpu()?;
-            let mut out = vec![0.0; total];
+            let mut out = host_pool::zeroed(total);
             let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
             // One plane per task (several when planes are small); each window summed row by
             // row in raster order, as the reference does.
@@ -484,7 +494,7 @@ fn avg_pool_bwd_raw(grad: &Tensor, g: &Geometry) -> Result<Tensor> {
         [&g.in_shape()],
         || {
             let gv = grad.cpu()?;
-            let mut dx = vec![0.0f32; numel(&g.in_shape())];
+            let mut dx = host_pool::zeroed(numel(&g.in_shape()));
             let (in_plane, out_plane) = (g.h * g.w, g.oh * g.ow);
             // One plane per task (several when planes are small); within it the outputs
             // in raster order, so every sum has a fixed order.

@@ -5,6 +5,7 @@
 
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, Kernel};
+use crate::engine::host_pool;
 use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
@@ -147,7 +148,7 @@ fn backward_raw(
         [&[b, c]],
         || {
             let (cv, lv, gv) = (cos.cpu()?, lse.cpu()?, g.cpu()?);
-            let mut out = vec![0.0f32; b * c];
+            let mut out = host_pool::for_overwrite(b * c);
             // One row per task.
             out.par_chunks_mut(c.max(1))
                 .enumerate()

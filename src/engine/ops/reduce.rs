@@ -4,12 +4,12 @@
 //! A reduction along `dim` views the tensor as [outer, n, inner] (n = the size of `dim`), so
 //! one implementation serves every rank and dimension.
 
-use crate::engine::cpu;
 use crate::engine::error::{invalid, shape_err, Result};
 use crate::engine::gpu::{groups_for, to_u32, GpuBuffer, Kernel, OpCodes};
 use crate::engine::launch::Launch;
 use crate::engine::tape::Backward;
 use crate::engine::tensor::Tensor;
+use crate::engine::{cpu, host_pool};
 use crate::{kernel, kernel_params};
 use rayon::prelude::*;
 
@@ -111,7 +111,7 @@ const COLUMNS_PER_TASK: usize = 1024;
 /// The CPU reduction of x [outer, n, inner] along n, into [outer, inner]. Each output is
 /// reduced by one task in index order (k = 0, 1, ...): the same bits for any thread count.
 fn cpu_reduce_dim(x: &[f32], (outer, n, inner): (usize, usize, usize), op: DimOp) -> Vec<f32> {
-    let mut out = vec![0.0f32; outer * inner];
+    let mut out = host_pool::zeroed(outer * inner);
     if out.is_empty() {
         return out;
     }
@@ -292,7 +292,7 @@ fn expand_raw(
         [like.shape()],
         || {
             let gv = g.cpu()?;
-            let mut out = vec![0.0f32; outer * n * inner];
+            let mut out = host_pool::zeroed(outer * n * inner);
             let xy = match y {
                 Some(y) => Some((like.cpu()?, y.cpu()?)),
                 None => None,

@@ -12,7 +12,7 @@
 
 use super::columns::{add_column_row, fill_column_row};
 use super::geom::Geom;
-use crate::engine::cpu;
+use crate::engine::{cpu, host_pool};
 use rayon::prelude::*;
 
 /// Output planes below this many pixels take the blocked path.
@@ -100,7 +100,7 @@ pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> V
     let (plane, out_len) = (g.oh * g.ow, g.cout * g.oh * g.ow);
     let (_, k) = column_rows(g);
     let m = g.cout_g;
-    let mut y = vec![0.0; g.n * out_len];
+    let mut y = host_pool::zeroed(g.n * out_len);
     for_each_block(g, &mut y, out_len, |first, images, y_blk, parallel| {
         let (mut cols, mut prod) = (Vec::new(), vec![0.0; g.cout * images * plane]);
         let cols = block_columns(g, x, first, images, &mut cols);
@@ -137,7 +137,7 @@ pub(super) fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (plane, in_len, out_len) = (g.oh * g.ow, g.cin * g.h * g.w, g.cout * g.oh * g.ow);
     let (rows, k) = column_rows(g);
     let m = g.cout_g;
-    let mut dx = vec![0.0; g.n * in_len];
+    let mut dx = host_pool::zeroed(g.n * in_len);
     for_each_block(g, &mut dx, in_len, |first, images, dx_blk, parallel| {
         let ld = images * plane;
         let mut dy_blk = Vec::new();

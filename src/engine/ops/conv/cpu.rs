@@ -10,7 +10,7 @@ use super::columns::{
 };
 use super::depthwise;
 use super::geom::Geom;
-use crate::engine::cpu;
+use crate::engine::{cpu, host_pool};
 
 /// Which fast CPU code runs a convolution (the same for its forward and both gradients).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -43,7 +43,8 @@ pub(super) fn fast_forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>)
         return blocked::forward(g, x, w, bias);
     }
     let (in_len, out_len, plane) = (g.cin * g.h * g.w, g.cout * g.oh * g.ow, g.oh * g.ow);
-    let mut y = vec![0.0; g.n * out_len];
+    // Every output plane starts as its bias, written below.
+    let mut y = host_pool::for_overwrite(g.n * out_len);
     for_each_image(&mut y, out_len, g.n, |img, y_img, parallel_gemm, cols| {
         let x_img = &x[img * in_len..(img + 1) * in_len];
         let cols = image_columns(g, x_img, cols);
@@ -84,9 +85,11 @@ fn for_each_image(
     if n >= cpu::threads() {
         out.par_chunks_mut(per_image)
             .enumerate()
-            .for_each_init(Vec::new, |scratch, (img, o)| f(img, o, false, scratch));
+            .for_each_init(host_pool::Scratch::take, |scratch, (img, o)| {
+                f(img, o, false, scratch)
+            });
     } else {
-        let mut scratch = Vec::new();
+        let mut scratch = host_pool::Scratch::take();
         for (img, o) in out.chunks_mut(per_image).enumerate() {
             f(img, o, true, &mut scratch);
         }
@@ -130,12 +133,17 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     }
     let (in_len, out_len, plane) = (g.cin * g.h * g.w, g.cout * g.oh * g.ow, g.oh * g.ow);
     let (m, k) = (g.cout_g, g.cin_g * g.kh * g.kw);
-    let mut dx = vec![0.0; g.n * in_len];
+    let pointwise = is_plain_pointwise(g);
+    let unit_stride = !pointwise && is_unit_stride(g);
+    // The pointwise GEMMs and the unit-stride col2im write every pixel; the general col2im adds.
+    let mut dx = if pointwise || unit_stride {
+        host_pool::for_overwrite(g.n * in_len)
+    } else {
+        host_pool::zeroed(g.n * in_len)
+    };
     for_each_image(&mut dx, in_len, g.n, |img, dx_img, parallel_gemm, dcol| {
         let dy_img = &dy[img * out_len..(img + 1) * out_len];
-        let pointwise = is_plain_pointwise(g);
         let dcol_len = g.cin * g.kh * g.kw * plane;
-        let unit_stride = !pointwise && is_unit_stride(g);
         if !pointwise {
             // Fully written by the GEMMs (no accumulation), so old contents need no clearing;
             // the unit-stride col2im adds up in a padded image after it.
@@ -195,7 +203,7 @@ pub(super) fn fast_weight_grad(g: &Geom, dy: &[f32], x: &[f32]) -> Vec<f32> {
     let partials: Vec<Vec<f32>> = blocks
         .par_iter()
         .map(|images| {
-            let (mut dw, mut scratch) = (vec![0.0; dw_len], Vec::new());
+            let (mut dw, mut scratch) = (vec![0.0; dw_len], host_pool::Scratch::take());
             for img in images.clone() {
                 let cols = image_columns(g, &x[img * in_len..(img + 1) * in_len], &mut scratch);
                 let dy_img = &dy[img * out_len..(img + 1) * out_len];

@@ -3,7 +3,7 @@
 
 use super::columns::valid_columns;
 use super::geom::Geom;
-use crate::engine::cpu;
+use crate::engine::{cpu, host_pool};
 
 /// For each output plane (image, output channel) of a depthwise convolution: the input plane
 /// it reads. Each input channel feeds `cout / cin` consecutive output channels.
@@ -42,7 +42,7 @@ fn tap(g: &Geom, ky: usize, kx: usize, wv: f32, x_plane: &[f32], y_plane: &mut [
 pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     use rayon::prelude::*;
     let (plane, in_plane, taps) = (g.oh * g.ow, g.h * g.w, g.kh * g.kw);
-    let mut y = vec![0.0; g.n * g.cout * plane];
+    let mut y = host_pool::zeroed(g.n * g.cout * plane);
     y.par_chunks_mut(plane.max(1))
         .enumerate()
         .for_each(|(p, y_plane)| {
@@ -61,7 +61,7 @@ pub(super) fn forward(g: &Geom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> V
 pub(super) fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     use rayon::prelude::*;
     let (plane, in_plane, taps) = (g.oh * g.ow, g.h * g.w, g.kh * g.kw);
-    let mut dx = vec![0.0; g.n * g.cin * in_plane];
+    let mut dx = host_pool::zeroed(g.n * g.cin * in_plane);
     dx.par_chunks_mut(in_plane.max(1))
         .enumerate()
         .for_each(|(p, dx_plane)| {
