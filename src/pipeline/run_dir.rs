@@ -9,6 +9,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::error::{Error, Result};
 
@@ -126,7 +127,8 @@ pub fn remove_stale_tmp(files: &[PathBuf]) {
 }
 
 /// Checks before any work that `path` can be (re)written atomically: it is absent or a regular
-/// file, and a temporary file can be created next to it.
+/// file, and a file can be created next to it. The probe file is named after this process and
+/// call, so processes starting on one directory at once never remove each other's probe.
 pub fn check_writable(path: &Path) -> Result<()> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.is_file() {
@@ -137,9 +139,13 @@ pub fn check_writable(path: &Path) -> Result<()> {
             )));
         }
     }
-    let tmp = tmp_path(path);
-    File::create(&tmp).map_err(|e| unwritable(&tmp, e))?;
-    std::fs::remove_file(&tmp).map_err(|e| unwritable(&tmp, e))?;
+    static PROBES: AtomicUsize = AtomicUsize::new(0);
+    let mut probe = path.as_os_str().to_owned();
+    let call = PROBES.fetch_add(1, Ordering::Relaxed);
+    probe.push(format!(".{}-{call}.probe", std::process::id()));
+    let probe = PathBuf::from(probe);
+    File::create(&probe).map_err(|e| unwritable(&probe, e))?;
+    std::fs::remove_file(&probe).map_err(|e| unwritable(&probe, e))?;
     Ok(())
 }
 
@@ -222,4 +228,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: e.path,
         source: e.source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Several processes starting on one experiment check its settings file at once (threads
+    /// stand in for them here). With one shared probe name, one removed another's probe and
+    /// that one failed with "No such file or directory".
+    #[test]
+    fn concurrent_checks_of_one_path_do_not_collide() {
+        let dir = std::env::temp_dir().join(format!("robust-dml-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("config.json");
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..200 {
+                        check_writable(&path).unwrap();
+                    }
+                });
+            }
+        });
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        assert!(left.is_empty(), "probes left behind: {left:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
