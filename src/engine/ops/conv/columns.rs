@@ -81,9 +81,21 @@ pub(super) fn is_unit_stride(g: &Geom) -> bool {
     g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.h * g.w > 0 && g.oh * g.ow > 0
 }
 
-/// Values in one image zero-padded by (ph, pw) on every side.
+/// Height and width of an image plane zero-padded by (ph, pw) on every side.
+fn padded_dims(g: &Geom) -> (usize, usize) {
+    (g.h + 2 * g.ph, g.w + 2 * g.pw)
+}
+
+/// Values in one zero-padded image.
 pub(super) fn padded_len(g: &Geom) -> usize {
-    g.cin * (g.h + 2 * g.ph) * (g.w + 2 * g.pw)
+    let (hp, wp) = padded_dims(g);
+    g.cin * hp * wp
+}
+
+/// Where image row `y` lies inside its zero-padded plane.
+fn interior_row(g: &Geom, y: usize) -> std::ops::Range<usize> {
+    let start = (y + g.ph) * padded_dims(g).1 + g.pw;
+    start..start + g.w
 }
 
 /// One image's whole im2col matrix [C_in * kh * kw, H_out * W_out] into `cols`, for a
@@ -95,15 +107,14 @@ pub(super) fn fill_columns_unit_stride(
     padded: &mut [f32],
     cols: &mut [f32],
 ) {
-    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let (hp, wp) = padded_dims(g);
     padded.fill(0.0);
     for (x_plane, p_plane) in x_img
         .chunks_exact(g.h * g.w)
         .zip(padded.chunks_exact_mut(hp * wp))
     {
         for (y, x_row) in x_plane.chunks_exact(g.w).enumerate() {
-            let start = (y + g.ph) * wp + g.pw;
-            p_plane[start..start + g.w].copy_from_slice(x_row);
+            p_plane[interior_row(g, y)].copy_from_slice(x_row);
         }
     }
     for (row, col_row) in cols.chunks_exact_mut(g.oh * g.ow).enumerate() {
@@ -123,7 +134,7 @@ pub(super) fn add_columns_unit_stride(
     padded: &mut [f32],
     dx_img: &mut [f32],
 ) {
-    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let (hp, wp) = padded_dims(g);
     padded.fill(0.0);
     for (row, d_plane) in dcol.chunks_exact(g.oh * g.ow).enumerate() {
         let window = &mut padded[window_start(g, row)..];
@@ -138,8 +149,7 @@ pub(super) fn add_columns_unit_stride(
         .zip(padded.chunks_exact(hp * wp))
     {
         for (y, dx_row) in dx_plane.chunks_exact_mut(g.w).enumerate() {
-            let start = (y + g.ph) * wp + g.pw;
-            dx_row.copy_from_slice(&p_plane[start..start + g.w]);
+            dx_row.copy_from_slice(&p_plane[interior_row(g, y)]);
         }
     }
 }
@@ -147,6 +157,6 @@ pub(super) fn add_columns_unit_stride(
 /// Where column row `row` (input channel, ky, kx) starts reading in the padded image.
 fn window_start(g: &Geom, row: usize) -> usize {
     let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-    let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
+    let (hp, wp) = padded_dims(g);
     ci * hp * wp + ky * wp + kx
 }
