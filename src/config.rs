@@ -28,6 +28,9 @@ pub const EMBEDDING_DIM: usize = 512;
 pub const BATCH_SIZE: usize = 150;
 pub const SEED: u64 = 0;
 pub const WORKERS: usize = 2;
+/// A training epoch also writes a checkpoint when this many minutes have passed since the
+/// last one, so that an interrupted long epoch resumes where it was, not from its start.
+pub const CHECKPOINT_MINUTES: f64 = 10.0;
 /// Training attack (the paper's): eps 16/255, 10 steps.
 pub const TRAIN_EPS: f32 = 16.0 / 255.0;
 pub const TRAIN_STEPS: usize = 10;

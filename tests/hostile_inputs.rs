@@ -327,6 +327,9 @@ fn bad_training_flags_are_named_before_any_work() {
         (&["--dataset", "nonsense"], "unknown dataset"),
         (&["--dataset", "cub200"], "--data-dir"),
         (&["--out", ""], "--out"),
+        (&["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
+        (&["--checkpoint-minutes", "-1"], "--checkpoint-minutes"),
+        (&["--checkpoint-minutes", "inf"], "--checkpoint-minutes"),
     ];
     for (extra, fragment) in cases {
         sb.refuses(&tiny_train("run", extra), fragment, Some("run"));
@@ -735,6 +738,85 @@ fn kill_9_during_checkpoint_writes_never_loses_the_run() {
         .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// kill -9 at varied moments of a run that also checkpoints inside its epochs
+/// (`--checkpoint-minutes 0.0002`: after about every step): at least one kill lands between
+/// such checkpoints, each restart goes on from the step saved, and the finished run holds the
+/// same tensors, to the bit, as a run never interrupted.
+#[test]
+fn kill_9_between_mid_epoch_checkpoints_resumes_to_the_same_bits() {
+    let sb = Sandbox::new("kill9-mid-epoch");
+    let flags = [
+        "--epochs",
+        "2",
+        "--max-steps",
+        "12",
+        "--image-size",
+        "32",
+        "--checkpoint-minutes",
+        "0.0002",
+    ];
+    sb.succeeds(&tiny_train("straight", &flags));
+    let fresh = tiny_train("run", &flags);
+    let resume = [
+        "train",
+        "--resume",
+        "--out",
+        "run",
+        "--checkpoint-minutes",
+        "0.0002",
+    ];
+    let ckpt = sb.path("run/checkpoint.safetensors");
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut part_way = 0;
+    for round in 0..12u64 {
+        let before = modified(&ckpt);
+        let mut child = sb.spawn(if ckpt.exists() {
+            &resume[..]
+        } else {
+            &fresh[..]
+        });
+        // Kill soon after the next checkpoint lands (or the run ends).
+        let start = Instant::now();
+        while modified(&ckpt) == before && child.try_wait().unwrap().is_none() {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "no checkpoint written"
+            );
+            std::thread::sleep(Duration::from_micros(300));
+        }
+        std::thread::sleep(Duration::from_millis(round % 4 * 7));
+        child.kill().ok();
+        child.wait().unwrap();
+        let Ok(ck) = Checkpoint::load(&ckpt) else {
+            continue;
+        };
+        if ck.meta("epoch_progress").is_some() {
+            part_way += 1;
+        }
+        if ck.meta("epochs_done") == Some("2") {
+            break;
+        }
+    }
+    assert!(
+        part_way > 0,
+        "no kill left a checkpoint taken inside an epoch"
+    );
+    sb.succeeds(&resume);
+    let got = Checkpoint::load(&ckpt).unwrap();
+    let want = Checkpoint::load(sb.path("straight/checkpoint.safetensors")).unwrap();
+    assert_eq!(got.meta("epochs_done"), Some("2"));
+    assert_eq!(
+        got.tensors.keys().collect::<Vec<_>>(),
+        want.tensors.keys().collect::<Vec<_>>()
+    );
+    for (name, t) in &want.tensors {
+        assert_eq!(
+            t.data, got.tensors[name].data,
+            "{name} differs after the kills"
+        );
+    }
 }
 
 /// A `.tmp` left by a killed write is removed when the next run starts, and the log is

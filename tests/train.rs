@@ -3,8 +3,9 @@
 
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
 use robust_dml::engine::Device;
+use robust_dml::nn::checkpoint::Checkpoint;
 use robust_dml::pipeline::evaluate::{embed_set, full_metrics, EvalContext, EvalSet};
-use robust_dml::pipeline::train::{Arch, Run, TrainConfig, CHECKPOINT_FILE};
+use robust_dml::pipeline::train::{Arch, Run, TrainConfig, Trained, CHECKPOINT_FILE};
 use robust_dml::robust::defense::Method;
 
 fn device() -> Device {
@@ -135,6 +136,123 @@ fn resume_continues_bit_for_bit_on(d: Device) {
         straight.members[0].proxies.to_vec().unwrap(),
         resumed.members[0].proxies.to_vec().unwrap()
     );
+}
+
+/// A run stopped after any step, inside a member's epoch, at a member's last step or at an
+/// epoch's end, and resumed from the checkpoint written there, ends with the same weights, BN
+/// statistics, proxies, optimizer moments and logged losses as a run that never stopped.
+#[test]
+fn a_run_saved_part_way_through_an_epoch_resumes_bit_for_bit() {
+    let d = Device::Cpu;
+    let ds = dataset();
+    let mut cfg = small_config();
+    cfg.epochs = 2;
+    cfg.max_steps_per_epoch = 3;
+    cfg.defense = robust_dml::robust::defense::DefenseConfig::new(Method::Eat);
+    cfg.defense.attack = robust_dml::config::PgdConfig::new(8.0 / 255.0, 1);
+    let straight_dir = tempdir("mid-epoch-straight");
+    let mut straight = Run::new(cfg.clone(), &ds, &d).unwrap();
+    assert_eq!(straight.members.len(), 3, "EAT trains an ensemble");
+    straight.saves.every = None;
+    assert_eq!(
+        straight.train(&ds, &straight_dir, true).unwrap(),
+        Trained::AllEpochs
+    );
+    let want = Checkpoint::load(straight_dir.join(CHECKPOINT_FILE)).unwrap();
+    // 2 epochs x 3 members x 2 steps (each member trains on a third of the 240 images, in
+    // batches of 30): stopping after every step lands inside members, on their last steps
+    // and on the epochs' ends; every 5 steps, at other places in each epoch.
+    for stride in [1, 5] {
+        let dir = tempdir("mid-epoch-split");
+        let mut calls = 0;
+        loop {
+            let mut run = match calls {
+                0 => Run::new(cfg.clone(), &ds, &d).unwrap(),
+                _ => Run::load(&dir.join(CHECKPOINT_FILE), &ds, &d).unwrap(),
+            };
+            if calls == 1 && stride == 5 {
+                let p = run.progress.clone().expect("stopped inside epoch 1");
+                assert_eq!((p.epoch, p.member, p.step), (0, 2, 1), "{p:?}");
+                assert_eq!(p.loss_bits.len(), 5);
+            }
+            run.saves.every = None;
+            run.saves.stop_after_steps = Some(stride);
+            calls += 1;
+            if run.train(&ds, &dir, true).unwrap() == Trained::AllEpochs {
+                break;
+            }
+            assert!(calls <= 12, "the run does not advance");
+        }
+        assert!(calls >= 3, "stride {stride}: only {calls} calls");
+        let got = Checkpoint::load(dir.join(CHECKPOINT_FILE)).unwrap();
+        assert_eq!(
+            got.tensors.keys().collect::<Vec<_>>(),
+            want.tensors.keys().collect::<Vec<_>>()
+        );
+        for (name, t) in &want.tensors {
+            assert_eq!(
+                t.data, got.tensors[name].data,
+                "stride {stride}: {name} differs"
+            );
+        }
+        assert_eq!(got.meta("epochs_done"), Some("2"));
+        assert_eq!(
+            got.meta("epoch_progress"),
+            None,
+            "a finished run has no progress"
+        );
+        let losses = |ck: &Checkpoint| -> Vec<f64> {
+            let lines = ck.meta("train_log").unwrap().lines();
+            lines
+                .map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                        .as_f64()
+                        .unwrap()
+                })
+                .collect()
+        };
+        assert_eq!(
+            losses(&got),
+            losses(&want),
+            "stride {stride}: logged losses"
+        );
+    }
+}
+
+/// A checkpoint whose record of the unfinished epoch disagrees with the run is refused,
+/// naming the problem, instead of resuming at a wrong place.
+#[test]
+fn a_tampered_epoch_progress_is_refused() {
+    let d = Device::Cpu;
+    let ds = dataset();
+    let mut cfg = small_config();
+    cfg.epochs = 2;
+    cfg.max_steps_per_epoch = 3;
+    let dir = tempdir("mid-epoch-tamper");
+    let mut run = Run::new(cfg, &ds, &d).unwrap();
+    run.saves.stop_after_steps = Some(2);
+    assert_eq!(run.train(&ds, &dir, true).unwrap(), Trained::Stopped);
+    let ck = Checkpoint::load(dir.join(CHECKPOINT_FILE)).unwrap();
+    let progress = ck.meta("epoch_progress").unwrap().to_string();
+    assert!(progress.contains("\"step\":2"), "{progress}");
+    let tampered = dir.join("tampered.safetensors");
+    for (bad, says) in [
+        (
+            progress.replace("\"epoch\":0", "\"epoch\":1"),
+            "names epoch 2",
+        ),
+        (
+            progress.replace("\"member\":0", "\"member\":5"),
+            "names member 6",
+        ),
+        ("{not json".to_string(), "unreadable"),
+    ] {
+        let mut ck = ck.clone();
+        ck.set_meta("epoch_progress", bad);
+        ck.save(&tampered).unwrap();
+        let err = Run::load(&tampered, &ds, &d).err().expect("refused");
+        assert!(err.to_string().contains(says), "{err}");
+    }
 }
 
 /// A fresh scratch directory, removed when the test ends (pass or fail): each run of this file

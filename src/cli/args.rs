@@ -144,11 +144,16 @@ pub struct TrainArgs {
     /// Stop every epoch after this many steps (0 = whole epochs).
     #[arg(long, default_value_t = 0)]
     pub max_steps: usize,
+    /// Inside an epoch, also write the checkpoint every this many minutes (0: at epoch ends
+    /// only), so that an interrupted long epoch resumes from where it was, not its start.
+    #[arg(long, default_value_t = crate::config::CHECKPOINT_MINUTES)]
+    pub checkpoint_minutes: f64,
     /// Run directory (checkpoint, log).
     #[arg(long, default_value = "runs/train")]
     pub out: PathBuf,
-    /// Continue from RUN_DIR/checkpoint.safetensors. Only --epochs (to extend the run),
-    /// --workers and --max-steps may differ from the run's stored settings.
+    /// Continue from RUN_DIR/checkpoint.safetensors, from the epoch or the step inside one it
+    /// was saved at. Only --epochs (to extend the run), --workers, --max-steps and
+    /// --checkpoint-minutes may differ from the run's stored settings.
     #[arg(long)]
     pub resume: bool,
     /// Replace a run that already exists in --out (its checkpoint and log are deleted).

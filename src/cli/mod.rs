@@ -27,7 +27,9 @@ use crate::pipeline::run_dir::RunDir;
 use crate::pipeline::tables::{
     eval_table, ranking_markdown, strength_table, table_markdown, threats_markdown,
 };
-use crate::pipeline::train::{claim_run_dir, default_image_size, Arch, Run, CHECKPOINT_FILE};
+use crate::pipeline::train::{
+    claim_run_dir, default_image_size, Arch, MidEpochSaves, Run, CHECKPOINT_FILE,
+};
 
 fn device() -> Result<Device> {
     let d = Device::from_env()?;
@@ -86,7 +88,9 @@ fn current_uid() -> u32 {
 }
 
 fn train(a: TrainArgs) -> Result<()> {
-    // The device first: a missing adapter is found before the run directory is touched.
+    // Flags and the device first: a bad value or a missing adapter is found before the run
+    // directory is touched.
+    let saves = MidEpochSaves::every_minutes(a.checkpoint_minutes)?;
     let device = device()?;
     let run_dir = RunDir::lock(&a.out)?;
     let ckpt = a.out.join(CHECKPOINT_FILE);
@@ -103,11 +107,7 @@ fn train(a: TrainArgs) -> Result<()> {
         let mut run = Run::from_checkpoint(&ck, &dataset, &device)?;
         run.data_dir = data.data_dir.clone();
         apply_resume_flags(&mut run, &a, &a.out)?;
-        eprintln!(
-            "resuming from {} after epoch {}",
-            ckpt.display(),
-            run.epochs_done
-        );
+        eprintln!("resuming from {}: {}", ckpt.display(), run.position());
         (run, dataset)
     } else {
         claim_run_dir(&a.out, a.overwrite)?;
@@ -116,6 +116,7 @@ fn train(a: TrainArgs) -> Result<()> {
         run.data_dir = a.data.data_dir.clone();
         (run, dataset)
     };
+    run.saves = saves;
     run.train(&dataset, run_dir.path(), false)?;
     let m = test_metrics(&run, &dataset, &device)?;
     println!(

@@ -11,7 +11,7 @@ use crate::pipeline::train::{serde_name, Run, TrainConfig};
 use super::args::{DataArgs, TrainArgs};
 
 /// The train flags that may differ from the stored run on `--resume`.
-const CHANGEABLE_ON_RESUME: &[&str] = &["epochs", "workers", "max_steps"];
+const CHANGEABLE_ON_RESUME: &[&str] = &["epochs", "workers", "max_steps", "checkpoint_minutes"];
 /// Flags that say where the run is, not how it trains.
 const RUN_LOCATION_FLAGS: &[&str] = &["dataset", "data_dir", "out", "resume", "overwrite"];
 
@@ -93,6 +93,20 @@ pub(super) fn apply_resume_flags(run: &mut Run, a: &TrainArgs, out: &Path) -> Re
     }
     let given = |id: &str| a.explicit.iter().any(|e| e == id);
     if given("epochs") {
+        if let Some(p) = run
+            .progress
+            .as_ref()
+            .filter(|_| a.epochs <= run.epochs_done)
+        {
+            return Err(Error::Config(format!(
+                "--epochs {}: the run in {} is part-way through epoch {}; pass --epochs {} or \
+                 more",
+                a.epochs,
+                out.display(),
+                p.epoch + 1,
+                p.epoch + 1
+            )));
+        }
         if a.epochs < run.epochs_done {
             return Err(Error::Config(format!(
                 "--epochs {}: the run in {} has already trained {} epochs; pass --epochs {} or more",

@@ -44,7 +44,15 @@ pub fn load_run(path: &Path, dataset: &Dataset, device: &Device) -> Result<Run> 
             path.display()
         )));
     }
-    Run::load(path, dataset, device)
+    let run = Run::load(path, dataset, device)?;
+    if run.progress.is_some() {
+        eprintln!(
+            "note: {} holds {}; `train --resume` finishes that epoch",
+            path.display(),
+            run.position()
+        );
+    }
+    Ok(run)
 }
 
 fn member_nets(run: &Run) -> Vec<&EmbeddingNet> {

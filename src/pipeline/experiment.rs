@@ -530,10 +530,10 @@ fn train_cell(
             )));
         }
         eprintln!(
-            "resuming {} from {} (epoch {})",
+            "resuming {} from {} ({})",
             cell.name(),
             ckpt.display(),
-            run.epochs_done
+            run.position()
         );
         run
     } else {

@@ -1,12 +1,13 @@
 //! The training loop: Proxy Anchor training of one model or of an ensemble (EAT or a Table 3
 //! ablation), with any of the defenses; AdamW with Proxy-Anchor's parameter groups, step schedule, warm-up epochs
 //! (head and proxies only), BatchNorm freezing, gradient clipping; an atomic checkpoint every
-//! epoch and `--resume` that continues bit for bit (all randomness is derived from the seed,
-//! the epoch, the member and the step); a NaN guard; progress and a JSON-lines log.
+//! epoch, and inside an epoch every few minutes, and `--resume` that continues bit for bit from
+//! either (all randomness is derived from the seed, the epoch, the member and the step); a NaN
+//! guard; progress and a JSON-lines log.
 
 use std::cell::Cell;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -94,6 +95,80 @@ pub struct Run {
     /// `--resume` and `eval` can name it.
     pub dataset_name: String,
     pub data_dir: Option<PathBuf>,
+    /// The unfinished epoch `epochs_done` when the run was saved part-way through it.
+    pub progress: Option<EpochProgress>,
+    /// When epochs write checkpoints of their own.
+    pub saves: MidEpochSaves,
+}
+
+/// Where an unfinished epoch stood when its checkpoint was written: the member training and
+/// the steps it had taken, with what the epoch's log line needs. Every random draw of the rest
+/// of the epoch derives from (seed, epoch, member, step), so with the weights and optimizer
+/// moments this is the whole state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EpochProgress {
+    pub epoch: usize,
+    pub member: usize,
+    /// Steps member `member` has taken in this epoch.
+    pub step: usize,
+    /// Every finished step's loss this epoch, as f64 bits, so that the epoch's mean loss is the
+    /// same to the bit as an uninterrupted epoch's.
+    pub loss_bits: Vec<u64>,
+    pub images: usize,
+    /// Training time spent on this epoch before the checkpoint.
+    pub seconds: f64,
+}
+
+/// When an epoch writes checkpoints of its own. A setting of the process, not of the run: it
+/// is not stored, and any value resumes the same run to the same bits.
+#[derive(Clone, Debug)]
+pub struct MidEpochSaves {
+    /// Write a checkpoint once this long has passed since the last (None: at epoch ends only).
+    pub every: Option<Duration>,
+    /// Save and stop after this many steps of this call (None: train to the last epoch); tests
+    /// use it to interrupt a run at an exact step.
+    pub stop_after_steps: Option<usize>,
+}
+
+impl Default for MidEpochSaves {
+    fn default() -> Self {
+        MidEpochSaves {
+            every: Some(Duration::from_secs_f64(
+                crate::config::CHECKPOINT_MINUTES * 60.0,
+            )),
+            stop_after_steps: None,
+        }
+    }
+}
+
+impl MidEpochSaves {
+    /// A checkpoint every `minutes` inside an epoch (`--checkpoint-minutes`; 0: at epoch ends
+    /// only).
+    pub fn every_minutes(minutes: f64) -> Result<Self> {
+        if !(minutes.is_finite() && minutes >= 0.0) {
+            return Err(Error::Config(format!(
+                "--checkpoint-minutes {minutes} is not a number of minutes; pass 0 or more (0: \
+                 checkpoints at epoch ends only)"
+            )));
+        }
+        // Past ~10^13 minutes a Duration overflows; that long is never.
+        let every = (minutes > 0.0)
+            .then(|| Duration::try_from_secs_f64(minutes * 60.0).ok())
+            .flatten();
+        Ok(MidEpochSaves {
+            every,
+            stop_after_steps: None,
+        })
+    }
+}
+
+/// How a call to [`Run::train`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trained {
+    /// Every epoch of the configuration is done.
+    AllEpochs,
+    /// Stopped part-way by [`MidEpochSaves::stop_after_steps`], after writing its checkpoint.
+    Stopped,
 }
 
 /// Key prefix of member `i` in checkpoints.
@@ -221,6 +296,8 @@ impl Run {
             log: Vec::new(),
             dataset_name: dataset.name.clone(),
             data_dir: None,
+            progress: None,
+            saves: MidEpochSaves::default(),
         })
     }
 
@@ -239,6 +316,12 @@ impl Run {
             }
         }
         ck.set_meta("epochs_done", self.epochs_done.to_string());
+        if let Some(p) = &self.progress {
+            ck.set_meta(
+                PROGRESS_KEY,
+                serde_json::to_string(p).map_err(|e| Error::Config(e.to_string()))?,
+            );
+        }
         ck.set_meta("rng_state", self.rng_state());
         ck.set_meta("members", self.members.len().to_string());
         ck.set_meta(
@@ -253,7 +336,7 @@ impl Run {
         // Never replace the last good checkpoint with a poisoned state.
         if let Some((tensor, value)) = ck.first_non_finite() {
             return Err(Error::NonFiniteState {
-                what: format!("the model after epoch {}", self.epochs_done),
+                what: self.position(),
                 tensor,
                 value,
                 when: String::new(),
@@ -266,6 +349,25 @@ impl Run {
         }
         ck.save(path)?;
         Ok(())
+    }
+
+    /// Where the run stands, in words: "the model after epoch 3", or part-way through one.
+    pub fn position(&self) -> String {
+        match &self.progress {
+            Some(p) if self.members.len() > 1 => format!(
+                "the model part-way through epoch {} (member {}/{}, step {})",
+                p.epoch + 1,
+                p.member + 1,
+                self.members.len(),
+                p.step
+            ),
+            Some(p) => format!(
+                "the model part-way through epoch {} (step {})",
+                p.epoch + 1,
+                p.step
+            ),
+            None => format!("the model after epoch {}", self.epochs_done),
+        }
     }
 
     /// The RNG state of the run, as checkpoint metadata. Every random stream is counter-based:
@@ -377,6 +479,7 @@ impl Run {
             run.dataset_name = name.to_string();
         }
         run.data_dir = ck.meta("data_dir").map(PathBuf::from);
+        run.progress = Self::progress_of(ck, &run)?;
         // Checkpoints from before the key was written carry the same state implicitly.
         if let Some(state) = ck.meta("rng_state") {
             if state != run.rng_state() {
@@ -390,12 +493,48 @@ impl Run {
         Ok(run)
     }
 
-    /// Trains until `cfg.epochs`, checkpointing into `out_dir` after every epoch.
+    /// The unfinished epoch a checkpoint was saved in, checked against the run it belongs to.
+    fn progress_of(ck: &Checkpoint, run: &Run) -> Result<Option<EpochProgress>> {
+        let Some(text) = ck.meta(PROGRESS_KEY) else {
+            return Ok(None);
+        };
+        let corrupt = |why: String| {
+            Error::Config(format!(
+                "checkpoint {}: its record of the unfinished epoch {why}; the file was edited or \
+                 is corrupt",
+                ck_origin(ck)
+            ))
+        };
+        let p: EpochProgress =
+            serde_json::from_str(text).map_err(|e| corrupt(format!("is unreadable ({e})")))?;
+        if p.epoch != run.epochs_done {
+            return Err(corrupt(format!(
+                "names epoch {} but the checkpoint is after epoch {}",
+                p.epoch + 1,
+                run.epochs_done
+            )));
+        }
+        if p.member >= run.members.len() {
+            return Err(corrupt(format!(
+                "names member {} of a run of {}",
+                p.member + 1,
+                run.members.len()
+            )));
+        }
+        if p.step > p.loss_bits.len() || !p.seconds.is_finite() || p.seconds < 0.0 {
+            return Err(corrupt("is inconsistent".into()));
+        }
+        Ok(Some(p))
+    }
+
+    /// Trains until `cfg.epochs`, checkpointing into `out_dir` after every epoch and, as
+    /// [`Run::saves`] says, inside epochs; a run saved part-way through an epoch goes on from
+    /// the step it had reached.
     ///
     /// Before the first epoch: leftovers of killed writes are removed, both files are checked
     /// to be writable, and the log is rewritten from the run's own record so that it agrees
     /// with the checkpoint whatever moment an earlier run was killed at.
-    pub fn train(&mut self, dataset: &Dataset, out_dir: &Path, quiet: bool) -> Result<()> {
+    pub fn train(&mut self, dataset: &Dataset, out_dir: &Path, quiet: bool) -> Result<Trained> {
         std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
         let ckpt = out_dir.join(CHECKPOINT_FILE);
         let log_path = out_dir.join(LOG_FILE);
@@ -409,7 +548,9 @@ impl Run {
         self.write_log(&log_path)?;
         while self.epochs_done < self.cfg.epochs {
             let epoch = self.epochs_done;
-            let stats = self.train_epoch(dataset, epoch, quiet)?;
+            let Some(stats) = self.run_epoch(dataset, epoch, quiet, Some(&ckpt))? else {
+                return Ok(Trained::Stopped);
+            };
             self.epochs_done += 1;
             self.log.push(stats);
             if let Err(e) = self.save(&ckpt) {
@@ -419,7 +560,7 @@ impl Run {
             }
             self.write_log(&log_path)?;
         }
-        Ok(())
+        Ok(Trained::AllEpochs)
     }
 
     /// A failed save, saying what is kept on disk; a refused non-finite state already does.
@@ -452,22 +593,46 @@ impl Run {
         }
     }
 
-    /// One epoch of every member (Algorithm 1's inner loop for EAT).
+    /// One whole epoch of every member (Algorithm 1's inner loop for EAT), writing no
+    /// checkpoint.
     pub fn train_epoch(
         &mut self,
         dataset: &Dataset,
         epoch: usize,
         quiet: bool,
     ) -> Result<EpochStats> {
+        self.progress = None;
+        let stats = self.run_epoch(dataset, epoch, quiet, None)?;
+        stats.ok_or_else(|| Error::Config("an epoch without checkpoints cannot stop".into()))
+    }
+
+    /// Epoch `epoch` from where [`Run::progress`] says it stood (from its start when it holds
+    /// another epoch or nothing). With `ckpt`, writes a checkpoint there as [`Run::saves`]
+    /// says, and returns None if told to stop part-way.
+    fn run_epoch(
+        &mut self,
+        dataset: &Dataset,
+        epoch: usize,
+        quiet: bool,
+        ckpt: Option<&Path>,
+    ) -> Result<Option<EpochStats>> {
         let cfg = self.cfg.clone();
         self.set_warmup(epoch < cfg.warmup_epochs);
         let lr_scale = cfg
             .lr_gamma
             .powi((epoch / cfg.lr_step_epochs.max(1)) as i32);
         let start = Instant::now();
-        let mut losses = Vec::new();
-        let mut images = 0usize;
-        for i in 0..self.members.len() {
+        let mut last_save = start;
+        let mut steps_this_call = 0usize;
+        let mut at = match self.progress.take() {
+            Some(p) if p.epoch == epoch => p,
+            _ => EpochProgress {
+                epoch,
+                ..EpochProgress::default()
+            },
+        };
+        let seconds_before = at.seconds;
+        for i in at.member..self.members.len() {
             self.members[i].opt.lr_scale = lr_scale;
             let samples: Vec<Sample> = self.members[i]
                 .train_indices
@@ -496,8 +661,11 @@ impl Run {
                 n => format!("epoch {}/{} member {}/{n}", epoch + 1, cfg.epochs, i + 1),
             };
             let bar = Progress::new(label, (total * batch) as u64, "img", quiet);
-            let first_loss = losses.len();
-            for (step, batch) in loader.epoch(epoch as u64).take(total).enumerate() {
+            let first_step = at.step.min(total);
+            bar.inc((first_step * batch) as u64);
+            let first_loss = at.loss_bits.len() - at.step;
+            let batches = loader.epoch_from(epoch as u64, first_step);
+            for (step, batch) in (first_step..total).zip(batches) {
                 let model = format!("{:?} at {s}x{s}", cfg.arch, s = cfg.image_size);
                 let memory = |e: Error| e.in_step(&model, batch.labels.len());
                 let x = batch
@@ -517,24 +685,47 @@ impl Run {
                         cause: likely_cause(&cfg),
                     });
                 }
-                losses.push(loss as f64);
-                images += batch.len();
+                at.loss_bits.push((loss as f64).to_bits());
+                at.images += batch.len();
+                at.step = step + 1;
                 bar.inc(batch.len() as u64);
                 bar.set_message(format!("loss {loss:.4}"));
+                steps_this_call += 1;
+                let Some(ckpt) = ckpt else { continue };
+                let stop = (self.saves.stop_after_steps).is_some_and(|n| steps_this_call >= n);
+                let due = (self.saves.every).is_some_and(|every| last_save.elapsed() >= every);
+                if stop || due {
+                    at.seconds = seconds_before + start.elapsed().as_secs_f64();
+                    self.save_progress(&at, ckpt)?;
+                    last_save = Instant::now();
+                }
+                if stop {
+                    bar.finish(&format!("stopped at step {}; saved", step + 1));
+                    return Ok(None);
+                }
             }
-            let member_losses = &losses[first_loss..];
-            let mean = member_losses.iter().sum::<f64>() / member_losses.len().max(1) as f64;
+            let mean = mean_of(&at.loss_bits[first_loss..]);
             bar.finish(&format!("mean loss {mean:.4}"));
+            at.member = i + 1;
+            at.step = 0;
         }
-        let seconds = start.elapsed().as_secs_f64();
-        Ok(EpochStats {
+        let seconds = seconds_before + start.elapsed().as_secs_f64();
+        Ok(Some(EpochStats {
             epoch: epoch + 1,
-            loss: losses.iter().sum::<f64>() / losses.len().max(1) as f64,
+            loss: mean_of(&at.loss_bits),
             lr: (cfg.lr * lr_scale) as f64,
             seconds,
-            images_per_second: images as f64 / seconds.max(1e-9),
+            images_per_second: at.images as f64 / seconds.max(1e-9),
             warmup: epoch < cfg.warmup_epochs,
-        })
+        }))
+    }
+
+    /// Writes the checkpoint of a run part-way through an epoch; the run stays as it was.
+    fn save_progress(&mut self, at: &EpochProgress, ckpt: &Path) -> Result<()> {
+        self.progress = Some(at.clone());
+        let saved = self.save(ckpt);
+        self.progress = None;
+        saved.map_err(|e| self.not_saved(e, ckpt))
     }
 
     /// The members whose sum of objectives member `i`'s training attack climbs: all of them
@@ -604,6 +795,15 @@ impl Run {
         self.members[i].opt.step(&grads, clip)?;
         Ok(value)
     }
+}
+
+/// Checkpoint metadata key of [`EpochProgress`].
+const PROGRESS_KEY: &str = "epoch_progress";
+
+/// The mean of losses stored as f64 bits, summed in order (0 for none).
+fn mean_of(loss_bits: &[u64]) -> f64 {
+    let sum: f64 = loss_bits.iter().map(|&b| f64::from_bits(b)).sum();
+    sum / loss_bits.len().max(1) as f64
 }
 
 /// The log as JSON lines, one epoch a line.
