@@ -679,6 +679,11 @@ fn conv_geometries() -> Vec<([usize; 4], [usize; 4], Conv2dParams)> {
             [8, 3, 3, 3],
             conv((2, 2), (1, 1), (1, 1), 1),
         ),
+        // Depthwise 3x3 through the fused interior paths: multiplier 2 without padding, dilation
+        // 2 with uneven padding, unequal strides.
+        ([2, 3, 8, 7], [6, 1, 3, 3], conv((1, 1), (0, 0), (1, 1), 3)),
+        ([1, 2, 9, 10], [2, 1, 3, 3], conv((1, 1), (2, 1), (2, 2), 2)),
+        ([2, 3, 7, 9], [3, 1, 3, 3], conv((1, 2), (1, 1), (1, 1), 3)),
         // Per image with several images: grouped, and plain pointwise, on planes of 64+ pixels.
         ([3, 4, 9, 8], [6, 2, 3, 3], conv((1, 1), (1, 1), (1, 1), 2)),
         // Stride 1 through the padded image: c2f2's 5x5 with padding 2 on an odd plane, and a
