@@ -632,8 +632,10 @@ impl BatchNormBack {
         let c = lay.1;
         let (mean, invstd) = saved.split_at(c);
         let count = (lay.0 * lay.2) as f64;
-        // Per channel: sum g and sum g * xhat (f64 accumulation).
-        let sums: Vec<(f64, f64)> = (0..c)
+        // Per channel: sum g and sum g * xhat (f64 accumulation). Eval-mode dx needs neither,
+        // so an attack's input gradient (frozen affine) skips them.
+        let need_sums = self.train || want_affine;
+        let sums: Vec<(f64, f64)> = (0..if need_sums { c } else { 0 })
             .into_par_iter()
             .map(|ch| {
                 let (m, s) = (mean[ch], invstd[ch]);
@@ -647,7 +649,8 @@ impl BatchNormBack {
             })
             .collect();
         let dx = if want_dx {
-            let mut dx = host_pool::zeroed(xv.len());
+            // Every element is written below.
+            let mut dx = host_pool::for_overwrite(xv.len());
             let hw = lay.2.max(1);
             // One (image, channel) plane per task (several when planes are small).
             dx.par_chunks_mut(hw)

@@ -412,8 +412,10 @@ impl Backward for RowBiasBack {
     fn name(&self) -> &'static str {
         "add_row_bias"
     }
-    fn backward(&self, _i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        Ok(vec![Some(g.clone()), Some(sum_rows_raw(g)?)])
+    fn backward(&self, i: &[Tensor], _o: &Tensor, g: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        // A frozen bias (an attack's view) needs no column sums.
+        let bias = i[1].requires_grad().then(|| sum_rows_raw(g)).transpose()?;
+        Ok(vec![Some(g.clone()), bias])
     }
 }
 
