@@ -98,14 +98,16 @@ fn interior_row(g: &Geom, y: usize) -> std::ops::Range<usize> {
     start..start + g.w
 }
 
-/// One image's whole im2col matrix [C_in * kh * kw, H_out * W_out] into `cols`, for a
-/// convolution with [`is_unit_stride`]; `padded` ([`padded_len`] long) is scratch. Equal to
-/// [`fill_column_row`] over every row.
+/// One image's whole im2col matrix [C_in * kh * kw, H_out * W_out] into `cols`, row `r` at
+/// `cols[r * ld..]` (`ld` is the plane for one image's matrix, more when images lie side by
+/// side), for a convolution with [`is_unit_stride`]; `padded` ([`padded_len`] long) is scratch.
+/// Equal to [`fill_column_row`] over every row.
 pub(super) fn fill_columns_unit_stride(
     g: &Geom,
     x_img: &[f32],
     padded: &mut [f32],
     cols: &mut [f32],
+    ld: usize,
 ) {
     let (hp, wp) = padded_dims(g);
     padded.fill(0.0);
@@ -117,7 +119,9 @@ pub(super) fn fill_columns_unit_stride(
             p_plane[interior_row(g, y)].copy_from_slice(x_row);
         }
     }
-    for (row, col_row) in cols.chunks_exact_mut(g.oh * g.ow).enumerate() {
+    let plane = g.oh * g.ow;
+    for row in 0..g.cin * g.kh * g.kw {
+        let col_row = &mut cols[row * ld..row * ld + plane];
         let window = &padded[window_start(g, row)..];
         for (oy, out) in col_row.chunks_exact_mut(g.ow).enumerate() {
             out.copy_from_slice(&window[oy * wp..oy * wp + g.ow]);
@@ -126,17 +130,21 @@ pub(super) fn fill_columns_unit_stride(
 }
 
 /// The transpose of [`fill_columns_unit_stride`]: `dx_img` (overwritten) gets the column-matrix
-/// gradient `dcol` added up in the padded image, with the additions in [`add_column_row`]'s
-/// order, so each pixel's sum has the same bits as col2im onto zeros.
+/// gradient `dcol` (row `r` at `dcol[r * ld..]`) added up in the padded image, with the
+/// additions in [`add_column_row`]'s order, so each pixel's sum has the same bits as col2im
+/// onto zeros.
 pub(super) fn add_columns_unit_stride(
     g: &Geom,
     dcol: &[f32],
+    ld: usize,
     padded: &mut [f32],
     dx_img: &mut [f32],
 ) {
     let (hp, wp) = padded_dims(g);
     padded.fill(0.0);
-    for (row, d_plane) in dcol.chunks_exact(g.oh * g.ow).enumerate() {
+    let plane = g.oh * g.ow;
+    for row in 0..g.cin * g.kh * g.kw {
+        let d_plane = &dcol[row * ld..row * ld + plane];
         let window = &mut padded[window_start(g, row)..];
         for (oy, d_row) in d_plane.chunks_exact(g.ow).enumerate() {
             for (acc, &v) in window[oy * wp..oy * wp + g.ow].iter_mut().zip(d_row) {

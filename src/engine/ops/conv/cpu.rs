@@ -107,7 +107,7 @@ fn image_columns<'a>(g: &Geom, x_img: &'a [f32], scratch: &'a mut Vec<f32>) -> &
     if is_unit_stride(g) {
         scratch.resize(len + padded_len(g), 0.0);
         let (cols, padded) = scratch.split_at_mut(len);
-        fill_columns_unit_stride(g, x_img, padded, cols);
+        fill_columns_unit_stride(g, x_img, padded, cols, plane);
         return &scratch[..len];
     }
     // Every element is written below (padding included), so old contents need no clearing.
@@ -170,7 +170,7 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
         }
         if unit_stride {
             let (dcol, padded) = dcol.split_at_mut(dcol_len);
-            add_columns_unit_stride(g, dcol, padded, dx_img);
+            add_columns_unit_stride(g, dcol, plane, padded, dx_img);
         } else if !pointwise {
             col2im(g, &dcol[..dcol_len], dx_img);
         }
