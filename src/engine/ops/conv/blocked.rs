@@ -11,8 +11,8 @@
 //! blocks' partials in block order. Tested against the reference loops by tests/ops_conv.rs.
 
 use super::columns::{
-    add_column_row, add_columns_unit_stride, fill_column_row, fill_columns_unit_stride,
-    is_unit_stride, padded_len,
+    add_column_row, add_columns_padded, fill_column_row, fill_columns_padded, is_undilated,
+    padded_len,
 };
 use super::geom::Geom;
 use crate::engine::{cpu, host_pool};
@@ -52,14 +52,14 @@ fn block_columns<'a>(
     let (plane, in_len) = (g.oh * g.ow, g.cin * g.h * g.w);
     let (rows, _) = column_rows(g);
     let ld = images * plane;
-    let unit_stride = is_unit_stride(g);
-    let padded = if unit_stride { padded_len(g) } else { 0 };
+    let via_padded = is_undilated(g);
+    let padded = if via_padded { padded_len(g) } else { 0 };
     scratch.resize(rows * ld + padded, 0.0);
     let (cols, padded) = scratch.split_at_mut(rows * ld);
     for b in 0..images {
         let x_img = &x[(first + b) * in_len..(first + b + 1) * in_len];
-        if unit_stride {
-            fill_columns_unit_stride(g, x_img, padded, &mut cols[b * plane..], ld);
+        if via_padded {
+            fill_columns_padded(g, x_img, padded, &mut cols[b * plane..], ld);
             continue;
         }
         for row in 0..rows {
@@ -167,10 +167,10 @@ pub(super) fn input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 parallel,
             );
         }
-        let mut padded = vec![0.0; if is_unit_stride(g) { padded_len(g) } else { 0 }];
+        let mut padded = vec![0.0; if is_undilated(g) { padded_len(g) } else { 0 }];
         for (b, dx_img) in dx_blk.chunks_mut(in_len).enumerate() {
-            if is_unit_stride(g) {
-                add_columns_unit_stride(g, &dcol[b * plane..], ld, &mut padded, dx_img);
+            if is_undilated(g) {
+                add_columns_padded(g, &dcol[b * plane..], ld, &mut padded, dx_img);
                 continue;
             }
             for row in 0..rows {

@@ -73,12 +73,12 @@ pub(super) fn valid_columns(g: &Geom, kx: usize) -> (usize, usize) {
     (lo.min(hi), hi)
 }
 
-/// Stride 1 and dilation 1: every column row is a shifted window of the zero-padded image, so
-/// [`fill_columns_unit_stride`] and [`add_columns_unit_stride`] can copy whole output rows
-/// without the per-row edge handling of [`fill_column_row`] (most of whose time went to
-/// library calls for runs of 0-2 padding values and 14-28 pixels).
-pub(super) fn is_unit_stride(g: &Geom) -> bool {
-    g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.h * g.w > 0 && g.oh * g.ow > 0
+/// Dilation 1: every column row is a window of the zero-padded image read at the strides, so
+/// [`fill_columns_padded`] and [`add_columns_padded`] copy whole output rows (straight copies at
+/// stride 1) without the per-row edge handling of [`fill_column_row`] (most of whose time went
+/// to library calls for runs of 0-2 padding values and 14-28 pixels).
+pub(super) fn is_undilated(g: &Geom) -> bool {
+    g.dh == 1 && g.dw == 1 && g.h * g.w > 0 && g.oh * g.ow > 0
 }
 
 /// Height and width of an image plane zero-padded by (ph, pw) on every side.
@@ -100,9 +100,9 @@ fn interior_row(g: &Geom, y: usize) -> std::ops::Range<usize> {
 
 /// One image's whole im2col matrix [C_in * kh * kw, H_out * W_out] into `cols`, row `r` at
 /// `cols[r * ld..]` (`ld` is the plane for one image's matrix, more when images lie side by
-/// side), for a convolution with [`is_unit_stride`]; `padded` ([`padded_len`] long) is scratch.
+/// side), for a convolution with [`is_undilated`]; `padded` ([`padded_len`] long) is scratch.
 /// Equal to [`fill_column_row`] over every row.
-pub(super) fn fill_columns_unit_stride(
+pub(super) fn fill_columns_padded(
     g: &Geom,
     x_img: &[f32],
     padded: &mut [f32],
@@ -124,16 +124,23 @@ pub(super) fn fill_columns_unit_stride(
         let col_row = &mut cols[row * ld..row * ld + plane];
         let window = &padded[window_start(g, row)..];
         for (oy, out) in col_row.chunks_exact_mut(g.ow).enumerate() {
-            out.copy_from_slice(&window[oy * wp..oy * wp + g.ow]);
+            let src = &window[oy * g.sh * wp..];
+            if g.sw == 1 {
+                out.copy_from_slice(&src[..g.ow]);
+            } else {
+                for (ox, o) in out.iter_mut().enumerate() {
+                    *o = src[ox * g.sw];
+                }
+            }
         }
     }
 }
 
-/// The transpose of [`fill_columns_unit_stride`]: `dx_img` (overwritten) gets the column-matrix
+/// The transpose of [`fill_columns_padded`]: `dx_img` (overwritten) gets the column-matrix
 /// gradient `dcol` (row `r` at `dcol[r * ld..]`) added up in the padded image, with the
 /// additions in [`add_column_row`]'s order, so each pixel's sum has the same bits as col2im
 /// onto zeros.
-pub(super) fn add_columns_unit_stride(
+pub(super) fn add_columns_padded(
     g: &Geom,
     dcol: &[f32],
     ld: usize,
@@ -147,8 +154,15 @@ pub(super) fn add_columns_unit_stride(
         let d_plane = &dcol[row * ld..row * ld + plane];
         let window = &mut padded[window_start(g, row)..];
         for (oy, d_row) in d_plane.chunks_exact(g.ow).enumerate() {
-            for (acc, &v) in window[oy * wp..oy * wp + g.ow].iter_mut().zip(d_row) {
-                *acc += v;
+            let dst = &mut window[oy * g.sh * wp..];
+            if g.sw == 1 {
+                for (acc, &v) in dst[..g.ow].iter_mut().zip(d_row) {
+                    *acc += v;
+                }
+            } else {
+                for (ox, &v) in d_row.iter().enumerate() {
+                    dst[ox * g.sw] += v;
+                }
             }
         }
     }

@@ -5,8 +5,8 @@
 
 use super::blocked;
 use super::columns::{
-    add_column_row, add_columns_unit_stride, fill_column_row, fill_columns_unit_stride,
-    is_unit_stride, padded_len,
+    add_column_row, add_columns_padded, fill_column_row, fill_columns_padded, is_undilated,
+    padded_len,
 };
 use super::depthwise;
 use super::geom::Geom;
@@ -104,10 +104,10 @@ fn image_columns<'a>(g: &Geom, x_img: &'a [f32], scratch: &'a mut Vec<f32>) -> &
     }
     let (plane, rows) = (g.oh * g.ow, g.cin * g.kh * g.kw);
     let len = rows * plane;
-    if is_unit_stride(g) {
+    if is_undilated(g) {
         scratch.resize(len + padded_len(g), 0.0);
         let (cols, padded) = scratch.split_at_mut(len);
-        fill_columns_unit_stride(g, x_img, padded, cols, plane);
+        fill_columns_padded(g, x_img, padded, cols, plane);
         return &scratch[..len];
     }
     // Every element is written below (padding included), so old contents need no clearing.
@@ -134,9 +134,9 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
     let (in_len, out_len, plane) = (g.cin * g.h * g.w, g.cout * g.oh * g.ow, g.oh * g.ow);
     let (m, k) = (g.cout_g, g.cin_g * g.kh * g.kw);
     let pointwise = is_plain_pointwise(g);
-    let unit_stride = !pointwise && is_unit_stride(g);
-    // The pointwise GEMMs and the unit-stride col2im write every pixel; the general col2im adds.
-    let mut dx = if pointwise || unit_stride {
+    let via_padded = !pointwise && is_undilated(g);
+    // The pointwise GEMMs and the padded-image col2im write every pixel; the general col2im adds.
+    let mut dx = if pointwise || via_padded {
         host_pool::for_overwrite(g.n * in_len)
     } else {
         host_pool::zeroed(g.n * in_len)
@@ -146,8 +146,8 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
         let dcol_len = g.cin * g.kh * g.kw * plane;
         if !pointwise {
             // Fully written by the GEMMs (no accumulation), so old contents need no clearing;
-            // the unit-stride col2im adds up in a padded image after it.
-            let padded = if unit_stride { padded_len(g) } else { 0 };
+            // the padded-image col2im adds up in a padded image after it.
+            let padded = if via_padded { padded_len(g) } else { 0 };
             dcol.resize(dcol_len + padded, 0.0);
         }
         let target: &mut [f32] = if pointwise {
@@ -168,9 +168,9 @@ pub(super) fn fast_input_grad(g: &Geom, dy: &[f32], w: &[f32]) -> Vec<f32> {
                 parallel_gemm,
             );
         }
-        if unit_stride {
+        if via_padded {
             let (dcol, padded) = dcol.split_at_mut(dcol_len);
-            add_columns_unit_stride(g, dcol, plane, padded, dx_img);
+            add_columns_padded(g, dcol, plane, padded, dx_img);
         } else if !pointwise {
             col2im(g, &dcol[..dcol_len], dx_img);
         }
