@@ -4,6 +4,8 @@
 //! loop checks after every kill that the checkpoint loads, the log agrees with it and the run
 //! resumes.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -807,16 +809,7 @@ fn kill_9_between_mid_epoch_checkpoints_resumes_to_the_same_bits() {
     let got = Checkpoint::load(&ckpt).unwrap();
     let want = Checkpoint::load(sb.path("straight/checkpoint.safetensors")).unwrap();
     assert_eq!(got.meta("epochs_done"), Some("2"));
-    assert_eq!(
-        got.tensors.keys().collect::<Vec<_>>(),
-        want.tensors.keys().collect::<Vec<_>>()
-    );
-    for (name, t) in &want.tensors {
-        assert_eq!(
-            t.data, got.tensors[name].data,
-            "{name} differs after the kills"
-        );
-    }
+    common::assert_same_tensors(&got, &want, "after the kills");
 }
 
 /// A `.tmp` left by a killed write is removed when the next run starts, and the log is

@@ -1,6 +1,8 @@
 //! End-to-end training on the built-in synthetic dataset: training beats a random model by a
 //! wide margin, and a run resumed from its checkpoint continues bit for bit.
 
+mod common;
+
 use robust_dml::data::{self, DatasetKind, SyntheticConfig};
 use robust_dml::engine::Device;
 use robust_dml::nn::checkpoint::Checkpoint;
@@ -185,16 +187,7 @@ fn a_run_saved_part_way_through_an_epoch_resumes_bit_for_bit() {
         }
         assert!(calls >= 3, "stride {stride}: only {calls} calls");
         let got = Checkpoint::load(dir.join(CHECKPOINT_FILE)).unwrap();
-        assert_eq!(
-            got.tensors.keys().collect::<Vec<_>>(),
-            want.tensors.keys().collect::<Vec<_>>()
-        );
-        for (name, t) in &want.tensors {
-            assert_eq!(
-                t.data, got.tensors[name].data,
-                "stride {stride}: {name} differs"
-            );
-        }
+        common::assert_same_tensors(&got, &want, &format!("stride {stride}"));
         assert_eq!(got.meta("epochs_done"), Some("2"));
         assert_eq!(
             got.meta("epoch_progress"),

@@ -251,3 +251,20 @@ impl Tiny {
         l2_normalize(&linear(&pooled, &self.fc, None)?, 1, 1e-12)
     }
 }
+
+/// Asserts that two checkpoints hold the same tensor names and the same values in each
+/// (`context` names the comparison in a failure).
+pub fn assert_same_tensors(
+    got: &robust_dml::nn::checkpoint::Checkpoint,
+    want: &robust_dml::nn::checkpoint::Checkpoint,
+    context: &str,
+) {
+    assert_eq!(
+        got.tensors.keys().collect::<Vec<_>>(),
+        want.tensors.keys().collect::<Vec<_>>(),
+        "{context}: tensor names"
+    );
+    for (name, t) in &want.tensors {
+        assert_eq!(t.data, got.tensors[name].data, "{context}: {name} differs");
+    }
+}
