@@ -26,6 +26,9 @@ impl Bench {
     pub fn from_env() -> Bench {
         // As the program does (src/main.rs), so the cases time what a run sees.
         robust_dml::engine::cpu::tune_allocator();
+        if let Err(e) = robust_dml::engine::cpu::configure_threads() {
+            eprintln!("{e}; benchmarking with rayon's default pool");
+        }
         let device = Device::from_env().unwrap_or_else(|e| {
             eprintln!("{e}; benchmarking the CPU backend");
             Device::Cpu
@@ -62,7 +65,7 @@ impl Bench {
         }
     }
 
-    fn time_once(&self, f: &mut impl FnMut() -> Result<()>) -> Result<f64> {
+    fn time_once(&self, f: &mut (impl FnMut() -> Result<()> + Send)) -> Result<f64> {
         match &self.device {
             Device::Gpu(ctx) if self.wall => {
                 ctx.sync()?;
@@ -78,15 +81,16 @@ impl Bench {
                 Ok(device_ms.unwrap_or_else(|| start.elapsed().as_secs_f64() * 1e3))
             }
             Device::Cpu => {
+                // On a pool thread, as the program runs its work (engine::cpu::in_pool).
                 let start = Instant::now();
-                f()?;
+                robust_dml::engine::cpu::in_pool(f)?;
                 Ok(start.elapsed().as_secs_f64() * 1e3)
             }
         }
     }
 
     /// Times `f` and prints `bench <case> median_ms=.. min_ms=.. max_ms=.. [gflops=..|gbps=..]`.
-    pub fn case(&self, name: &str, work: Work, mut f: impl FnMut() -> Result<()>) {
+    pub fn case(&self, name: &str, work: Work, mut f: impl FnMut() -> Result<()> + Send) {
         if self
             .filter
             .as_deref()

@@ -39,6 +39,10 @@ fn device() -> Result<Device> {
 
 pub fn run(cli: Cli) -> Result<()> {
     crate::engine::cpu::configure_threads()?;
+    crate::engine::cpu::in_pool(|| run_command(cli))
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     let result = match cli.command {
         Command::Train(a) => train(a),
         Command::Eval(a) => eval(a),

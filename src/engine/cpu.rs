@@ -180,13 +180,28 @@ pub fn threads() -> usize {
 /// and memory (rayon would try to start 100,000 and appear to hang).
 pub const MAX_THREADS: usize = 1024;
 
+/// The pool threads' stacks: a program's main thread gets 8 MiB on Linux, and the program's work
+/// runs on a pool thread ([`in_pool`]), so it gets as much (rayon's default is 2 MiB).
+const POOL_STACK_BYTES: usize = 8 << 20;
+
 /// Sizes the thread pool from `RAYON_NUM_THREADS` (unset or 0: one per logical CPU). A value
 /// that is not a number, which rayon would silently ignore, or an absurd one is refused. Call
 /// before the first parallel op.
 pub fn configure_threads() -> Result<()> {
-    let Ok(text) = std::env::var("RAYON_NUM_THREADS") else {
-        return Ok(());
+    let n = match std::env::var("RAYON_NUM_THREADS") {
+        Ok(text) => thread_count(&text)?,
+        Err(_) => 0,
     };
+    // An error means the pool exists already (a second call in one process): keep it.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .stack_size(POOL_STACK_BYTES)
+        .build_global();
+    Ok(())
+}
+
+/// `RAYON_NUM_THREADS` read as a thread count (0: one per logical CPU).
+fn thread_count(text: &str) -> Result<usize> {
     let invalid = |why: &str| EngineError::Invalid {
         op: "RAYON_NUM_THREADS",
         detail: format!(
@@ -201,11 +216,18 @@ pub fn configure_threads() -> Result<()> {
     if n > MAX_THREADS {
         return Err(invalid("is too many threads"));
     }
-    // An error means the pool exists already (a second call in one process): keep it.
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .build_global();
-    Ok(())
+    Ok(n)
+}
+
+/// Runs `f` on a thread of the pool and returns what it returns. Every CPU op splits its work
+/// with rayon. Called from a thread outside the pool, an op hands all of it to the pool and
+/// sleeps until the pool wakes it: two thread switches per op, which on MobileNetV2 at batch
+/// 16 (hundreds of small ops a step) cost about a fifth of the step (benches/RESULTS.md).
+/// Called from a pool thread, the op starts on the calling thread at once and the other
+/// threads steal from it. The results do not change: how an op splits its work depends on the
+/// shapes and the thread count only.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
 }
 
 /// Elements per task of the flat elementwise loops: large enough to amortise scheduling, small
