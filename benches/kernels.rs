@@ -80,6 +80,47 @@ fn main() {
     });
 
     memory_bound_cases(&b, &d);
+    model_layer_cases(&b, &d);
+}
+
+/// Single convolutions of the whole-model cases, at their shapes (c2f2 at batch 128 and 28x28,
+/// MobileNetV2 x0.5 at batch 16 and 64x64), so each can be set beside oneDNN's time for the
+/// same layer (`benches/torch_cpu.py 'layer_*'`). Forward, then forward and backward to the
+/// input and the weights. Columns: name, input shape, weight shape, stride, padding.
+fn model_layer_cases(b: &Bench, d: &Device) {
+    type Layer = (&'static str, [usize; 4], [usize; 4], usize, usize);
+    let layers: [Layer; 7] = [
+        ("c2f2_conv1", [128, 3, 28, 28], [32, 3, 5, 5], 1, 2),
+        ("c2f2_conv2", [128, 32, 14, 14], [64, 32, 5, 5], 1, 2),
+        ("mbv2_stem", [16, 3, 64, 64], [16, 3, 3, 3], 2, 1),
+        ("mbv2_expand", [16, 8, 32, 32], [48, 8, 1, 1], 1, 0),
+        ("mbv2_project", [16, 96, 16, 16], [16, 96, 1, 1], 1, 0),
+        ("mbv2_dw_s2", [16, 48, 32, 32], [48, 1, 3, 3], 2, 1),
+        ("mbv2_dw_s1", [16, 96, 16, 16], [96, 1, 3, 3], 1, 1),
+    ];
+    for (i, (name, x_shape, w_shape, stride, pad)) in layers.into_iter().enumerate() {
+        let x = randn(&x_shape, 20 + i as u64, d);
+        let w = Tensor::randn(&w_shape, 0.1, &mut Rng::new(40 + i as u64), d).unwrap();
+        let p = Conv2dParams {
+            stride: (stride, stride),
+            padding: (pad, pad),
+            groups: x_shape[1] / w_shape[1],
+            ..Default::default()
+        };
+        let out = |len: usize| (len + 2 * pad - w_shape[2]) / stride + 1;
+        let flops = 2.0
+            * (x_shape[0] * w_shape[0] * out(x_shape[2]) * out(x_shape[3])) as f64
+            * (w_shape[1] * w_shape[2] * w_shape[3]) as f64;
+        b.case(&format!("layer_{name}_fwd"), Work::Flops(flops), || {
+            conv2d(&x, &w, None, p).map(|_| ())
+        });
+        let (xv, wv) = (x.var(), w.var());
+        b.case(
+            &format!("layer_{name}_fwd_bwd"),
+            Work::Flops(3.0 * flops),
+            || fwd_bwd(|| conv2d(&xv, &wv, None, p)),
+        );
+    }
 }
 
 /// The memory-bound ops besides batch norm (pooling, channel ops, reductions, normalisation,

@@ -1,13 +1,14 @@
 """The PyTorch side of the CPU comparison (2 threads): the same cases as benches/kernels.rs and benches/model.rs.
 
-Each case: 2 warm-up runs (the first also reported as `first_run_ms`), then 5 timed runs
-(CPU ops are synchronous, so the clock needs no sync). Output lines:
+Each case: 2 warm-up runs (the first also reported as `first_run_ms`), then 5 timed runs, or
+BENCH_RUNS of them as in our benches (CPU ops are synchronous, so the clock needs no sync). Output lines:
   bench <case> median_ms=<f> min_ms=<f> max_ms=<f> [gflops=<f>]
 Lines starting with `#` are information only.
 
 Usage: python3 torch_cpu.py [CASE ...]   (needs: pip install torch torchvision)
   runs only the named cases (exact names, or a prefix ending in `*`); all by default.
 """
+import os
 import sys
 import time
 
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
-WARMUP, RUNS = 2, 5
+WARMUP, RUNS = 2, max(5, int(os.environ.get("BENCH_RUNS", "5")))
 SELECTED = sys.argv[1:]
 
 
@@ -105,6 +106,25 @@ def main():
     x = torch.randn(8, 96, 56, 56, requires_grad=True)
     case("bn2d_c96_train_fwdbwd",
          lambda: torch.autograd.grad(bn(x).sum(), [x, bn.weight, bn.bias]))
+
+    # d'. single convolutions of the whole-model cases at their shapes, the same names as
+    #     benches/kernels.rs's model_layer_cases: (name, input, weight, stride, padding).
+    for name, xs, ws, s, p in [
+            ("c2f2_conv1", (128, 3, 28, 28), (32, 3, 5, 5), 1, 2),
+            ("c2f2_conv2", (128, 32, 14, 14), (64, 32, 5, 5), 1, 2),
+            ("mbv2_stem", (16, 3, 64, 64), (16, 3, 3, 3), 2, 1),
+            ("mbv2_expand", (16, 8, 32, 32), (48, 8, 1, 1), 1, 0),
+            ("mbv2_project", (16, 96, 16, 16), (16, 96, 1, 1), 1, 0),
+            ("mbv2_dw_s2", (16, 48, 32, 32), (48, 1, 3, 3), 2, 1),
+            ("mbv2_dw_s1", (16, 96, 16, 16), (96, 1, 3, 3), 1, 1)]:
+        x, w, groups = torch.randn(*xs), torch.randn(*ws) * 0.1, xs[1] // ws[1]
+        out = [(n + 2 * p - ws[2]) // s + 1 for n in xs[2:]]
+        flop = 2.0 * xs[0] * ws[0] * out[0] * out[1] * ws[1] * ws[2] * ws[3]
+        conv = lambda x, w, s=s, p=p, g=groups: F.conv2d(x, w, stride=s, padding=p, groups=g)
+        with torch.no_grad():
+            case(f"layer_{name}_fwd", lambda: conv(x, w), flop)
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        case(f"layer_{name}_fwd_bwd", lambda: torch.autograd.grad(conv(xg, wg).sum(), [xg, wg]), 3.0 * flop)
 
     # e0. c2f2 (the small CNN of the Fashion-MNIST protocol), batch 128, 3x28x28, 128-d L2-normalised
     #     embedding, MSE to a fixed target, AdamW.
