@@ -5,7 +5,9 @@
 //! row that skip the padding spend most of their time starting, ending and finding the border.
 //! The forward and the stride-1 input gradient therefore first copy the plane they read into a
 //! zero-padded one, where every tap of every pixel is a plain read; a 3x3 stride-1 kernel then
-//! takes all nine taps of a pixel in one vectorised pass. Each pixel still adds its taps in
+//! takes all nine taps of a pixel in one vectorised pass, and so does the forward of a 3x3
+//! kernel of stride 2 once each padded row is stored as its even columns, then its odd ones
+//! (the strided reads become contiguous ones). Each pixel still adds its taps in
 //! the order of the per-tap loops (bias first, then tap by tap; output channel by output
 //! channel for the input gradient). A tap that reads padding adds w * 0, which leaves every
 //! finite sum unchanged (the sums never hold -0: they start at +0 or a bias, and x + (-0) = x),
@@ -41,14 +43,16 @@ fn pad_plane<'a>(
     buf
 }
 
-/// One row of a 3x3 stride-1 kernel: `acc[i]` plus its nine taps, in order; tap (ky, kx)
-/// reads `rows[ky][i + offsets[kx]]`.
-fn fused_row_3x3(w: &[f32], rows: [&[f32]; 3], offsets: [usize; 3], acc: &mut [f32]) {
+/// One row of a 3x3 kernel: `acc[i]` plus its nine taps in order, tap `t` (= 3 ky + kx)
+/// reading `taps[t][i]`.
+/// Inlined, as are the tap builders: rows are 2 to 32 pixels, so a call per row costs as much
+/// as the row.
+#[inline(always)]
+fn fused_row_3x3(w: &[f32], taps: [&[f32]; 9], acc: &mut [f32]) {
     let n = acc.len();
-    let tap = |ky: usize, kx: usize| &rows[ky][offsets[kx]..offsets[kx] + n];
-    let (s0, s1, s2) = (tap(0, 0), tap(0, 1), tap(0, 2));
-    let (s3, s4, s5) = (tap(1, 0), tap(1, 1), tap(1, 2));
-    let (s6, s7, s8) = (tap(2, 0), tap(2, 1), tap(2, 2));
+    let (s0, s1, s2) = (&taps[0][..n], &taps[1][..n], &taps[2][..n]);
+    let (s3, s4, s5) = (&taps[3][..n], &taps[4][..n], &taps[5][..n]);
+    let (s6, s7, s8) = (&taps[6][..n], &taps[7][..n], &taps[8][..n]);
     let (w0, w1, w2, w3, w4, w5, w6, w7, w8) =
         (w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8]);
     for i in 0..n {
@@ -64,6 +68,61 @@ fn fused_row_3x3(w: &[f32], rows: [&[f32]; 3], offsets: [usize; 3], acc: &mut [f
         v += w8 * s8[i];
         acc[i] = v;
     }
+}
+
+/// The taps of a 3x3 stride-1 kernel for one output row: tap (ky, kx) starts `offsets[kx]`
+/// into `rows[ky]`.
+#[inline(always)]
+fn stride1_taps<'a>(rows: [&'a [f32]; 3], offsets: [usize; 3]) -> [&'a [f32]; 9] {
+    let [o0, o1, o2] = offsets;
+    let tap3 = |row: &'a [f32]| [&row[o0..], &row[o1..], &row[o2..]];
+    let ([t0, t1, t2], [t3, t4, t5], [t6, t7, t8]) = (tap3(rows[0]), tap3(rows[1]), tap3(rows[2]));
+    [t0, t1, t2, t3, t4, t5, t6, t7, t8]
+}
+
+/// The taps of a 3x3 kernel of column stride 2 (no column dilation) for one output row, each
+/// row of the plane stored as its even columns, then its odd ones (`pad_split_plane`): pixel i
+/// reads columns 2i, 2i + 1 and 2i + 2, i.e. even[i], odd[i] and even[i + 1].
+#[inline(always)]
+fn stride2_taps<'a>(rows: [&'a [f32]; 3]) -> [&'a [f32]; 9] {
+    let tap3 = |row: &'a [f32]| {
+        let (even, odd) = row.split_at(row.len().div_ceil(2));
+        [even, odd, &even[1..]]
+    };
+    let ([t0, t1, t2], [t3, t4, t5], [t6, t7, t8]) = (tap3(rows[0]), tap3(rows[1]), tap3(rows[2]));
+    [t0, t1, t2, t3, t4, t5, t6, t7, t8]
+}
+
+/// As [`pad_plane`], with every row of the padded plane stored as its even columns, then its
+/// odd ones (the layout [`stride2_taps`] reads), written in one pass.
+fn pad_split_plane<'a>(
+    src: &[f32],
+    (h, w): (usize, usize),
+    (rows, cols): (usize, usize),
+    (top, left): (usize, usize),
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    let even_len = cols.div_ceil(2);
+    buf.clear();
+    buf.resize(rows * cols, 0.0);
+    for (y, src_row) in src.chunks_exact(w).take(h).enumerate() {
+        let dst = &mut buf[(top + y) * cols..(top + y + 1) * cols];
+        // Source column x lands in padded column left + x: even ones first, then odd ones.
+        let first_even = left % 2;
+        let evens = src_row[first_even..].iter().step_by(2);
+        for (d, &v) in dst[(left + first_even) / 2..].iter_mut().zip(evens) {
+            *d = v;
+        }
+        let first_odd = 1 - first_even;
+        let odds = src_row.get(first_odd..).unwrap_or(&[]).iter().step_by(2);
+        for (d, &v) in dst[even_len + (left + first_odd) / 2..]
+            .iter_mut()
+            .zip(odds)
+        {
+            *d = v;
+        }
+    }
+    buf
 }
 
 /// One output row, tap by tap: `acc[i] += w[t] * row_t[i * stride + kx * dw]`.
@@ -94,14 +153,20 @@ fn forward_plane(
     buf: &mut Vec<f32>,
 ) {
     let (hp, wp) = (g.h + 2 * g.ph, g.w + 2 * g.pw);
-    let padded = pad_plane(x_plane, (g.h, g.w), (hp, wp), (g.ph, g.pw), buf);
-    let fused = g.kh == 3 && g.kw == 3 && g.sw == 1;
+    let is_3x3 = g.kh == 3 && g.kw == 3;
+    // Stride 2 reads every other column: with the rows split into even and odd columns, each
+    // tap reads a contiguous run, and the nine taps fuse as at stride 1.
+    let split = is_3x3 && g.sw == 2 && g.dw == 1;
+    let pad = if split { pad_split_plane } else { pad_plane };
+    let padded = pad(x_plane, (g.h, g.w), (hp, wp), (g.ph, g.pw), buf);
     for (oy, acc) in y_plane.chunks_exact_mut(g.ow).enumerate() {
         acc.fill(bias);
-        if fused {
-            let row = |ky: usize| &padded[(oy * g.sh + ky * g.dh) * wp..][..wp];
+        let row = |ky: usize| &padded[(oy * g.sh + ky * g.dh) * wp..][..wp];
+        if is_3x3 && g.sw == 1 {
             let offsets = [0, g.dw, 2 * g.dw];
-            fused_row_3x3(w, [row(0), row(1), row(2)], offsets, acc);
+            fused_row_3x3(w, stride1_taps([row(0), row(1), row(2)], offsets), acc);
+        } else if split {
+            fused_row_3x3(w, stride2_taps([row(0), row(1), row(2)]), acc);
         } else {
             tap_by_tap_row(g, w, padded, wp, oy, acc);
         }
@@ -172,7 +237,7 @@ fn gather_plane(g: &Geom, w: &[f32], dy_plane: &[f32], dx_plane: &mut [f32], buf
         let row = |ky: usize| &padded[(iy + g.ph + top - ky * g.dh) * cols + g.pw..][..cols - g.pw];
         if fused {
             let offsets = [2 * g.dw, g.dw, 0];
-            fused_row_3x3(w, [row(0), row(1), row(2)], offsets, acc);
+            fused_row_3x3(w, stride1_taps([row(0), row(1), row(2)], offsets), acc);
         } else {
             for (t, &wv) in w.iter().enumerate() {
                 let (ky, kx) = (t / g.kw, t % g.kw);
@@ -337,6 +402,14 @@ mod tests {
             ([1, 4, 7, 6], (5, 5), 1, (1, 1), (1, 3), (1, 2)),
             ([2, 2, 8, 9], (3, 1), 2, (1, 1), (1, 0), (1, 1)),
             ([1, 3, 10, 10], (5, 3), 1, (2, 1), (2, 1), (1, 1)),
+            // Stride 2 through even and odd columns: odd and even widths, no padding, planes
+            // of 4, 2 and 1 pixels a side, a row stride of 1, and dilation (not split).
+            ([2, 3, 9, 13], (3, 3), 1, (2, 2), (0, 0), (1, 1)),
+            ([1, 2, 4, 4], (3, 3), 2, (2, 2), (1, 1), (1, 1)),
+            ([1, 2, 2, 2], (3, 3), 1, (2, 2), (1, 1), (1, 1)),
+            ([1, 2, 1, 1], (3, 3), 1, (2, 2), (1, 1), (1, 1)),
+            ([1, 2, 7, 12], (3, 3), 1, (1, 2), (1, 2), (1, 1)),
+            ([1, 2, 11, 11], (3, 3), 1, (2, 2), (2, 2), (2, 2)),
         ];
         for (k, &(xs, (kh, kw), mult, stride, padding, dilation)) in cases.iter().enumerate() {
             let (n, c) = (xs[0], xs[1]);
