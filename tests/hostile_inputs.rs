@@ -106,9 +106,14 @@ impl Sandbox {
             after.keys().collect::<Vec<_>>(),
             "{args:?}: files outside the run directory appeared or vanished"
         );
+        let changed: Vec<_> = before
+            .iter()
+            .filter(|(path, bytes)| after.get(*path) != Some(*bytes))
+            .map(|(path, _)| path)
+            .collect();
         assert!(
-            before == after,
-            "{args:?}: a file outside the run directory changed"
+            changed.is_empty(),
+            "{args:?}: files outside the run directory changed: {changed:?}"
         );
         err
     }
@@ -810,6 +815,69 @@ fn kill_9_between_mid_epoch_checkpoints_resumes_to_the_same_bits() {
     let want = Checkpoint::load(sb.path("straight/checkpoint.safetensors")).unwrap();
     assert_eq!(got.meta("epochs_done"), Some("2"));
     common::assert_same_tensors(&got, &want, "after the kills");
+}
+
+/// A run killed part-way through its second epoch cannot be resumed with `--epochs 1`: that
+/// epoch has begun, so the message names it and the smallest count that continues it, and the
+/// run directory is left as it was. `--epochs 2` then finishes the run.
+#[test]
+fn resume_with_fewer_epochs_than_the_one_under_way_is_refused() {
+    let sb = Sandbox::new("resume-fewer-epochs");
+    // Enough steps that the poll below sees a save inside epoch 2 before the epoch ends.
+    let flags = ["--max-steps", "40", "--image-size", "32"];
+    sb.succeeds(&tiny_train("run", &flags));
+    let ckpt = sb.path("run/checkpoint.safetensors");
+    let part_way = |ck: &Checkpoint| ck.meta("epoch_progress").is_some();
+    // Saves after every step of epoch 2; kill once one of them has landed.
+    let resume = [
+        "train",
+        "--resume",
+        "--out",
+        "run",
+        "--epochs",
+        "2",
+        "--checkpoint-minutes",
+        "0.0002",
+    ];
+    let mut child = sb.spawn(&resume);
+    let start = Instant::now();
+    while !Checkpoint::load(&ckpt).is_ok_and(|ck| part_way(&ck)) {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "epoch 2 ended before a checkpoint inside it was seen"
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint written"
+        );
+        std::thread::sleep(Duration::from_micros(300));
+    }
+    child.kill().ok();
+    child.wait().unwrap();
+    let ck = Checkpoint::load(&ckpt).unwrap();
+    assert!(part_way(&ck), "the kill left a checkpoint inside epoch 2");
+    assert_eq!(ck.meta("epochs_done"), Some("1"));
+    // The refusal may take the run's lock (run.lock records its holder); the rest must not move.
+    let run_files = || {
+        let mut files = sb.snapshot(None);
+        files.retain(|path, _| !path.ends_with("run.lock"));
+        files
+    };
+    let before = run_files();
+    let err = sb.refuses(
+        &["train", "--resume", "--out", "run", "--epochs", "1"],
+        "part-way through epoch 2",
+        Some("run"),
+    );
+    assert!(err.contains("--epochs 2 or more"), "{err}");
+    assert!(
+        before == run_files(),
+        "the refusal changed the run directory"
+    );
+    sb.succeeds(&["train", "--resume", "--out", "run", "--epochs", "2"]);
+    let done = Checkpoint::load(&ckpt).unwrap();
+    assert_eq!(done.meta("epochs_done"), Some("2"));
+    assert!(!part_way(&done));
 }
 
 /// A `.tmp` left by a killed write is removed when the next run starts, and the log is
