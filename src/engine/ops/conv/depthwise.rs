@@ -34,11 +34,25 @@ fn pad_plane<'a>(
     (top, left): (usize, usize),
     buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
+    fill_padded(src, (h, w), (rows, cols), top, buf, |src_row, dst| {
+        dst[left..left + w].copy_from_slice(src_row)
+    })
+}
+
+/// A zero-filled buffer of `rows` x `cols` whose rows `top..top + h` each get one row of the
+/// plane through `place_row(source row, padded row)`; returns the buffer.
+fn fill_padded<'a>(
+    src: &[f32],
+    (h, w): (usize, usize),
+    (rows, cols): (usize, usize),
+    top: usize,
+    buf: &'a mut Vec<f32>,
+    place_row: impl Fn(&[f32], &mut [f32]),
+) -> &'a [f32] {
     buf.clear();
     buf.resize(rows * cols, 0.0);
     for (y, src_row) in src.chunks_exact(w).take(h).enumerate() {
-        let start = (top + y) * cols + left;
-        buf[start..start + w].copy_from_slice(src_row);
+        place_row(src_row, &mut buf[(top + y) * cols..(top + y + 1) * cols]);
     }
     buf
 }
@@ -103,10 +117,7 @@ fn pad_split_plane<'a>(
     buf: &'a mut Vec<f32>,
 ) -> &'a [f32] {
     let even_len = cols.div_ceil(2);
-    buf.clear();
-    buf.resize(rows * cols, 0.0);
-    for (y, src_row) in src.chunks_exact(w).take(h).enumerate() {
-        let dst = &mut buf[(top + y) * cols..(top + y + 1) * cols];
+    fill_padded(src, (h, w), (rows, cols), top, buf, |src_row, dst| {
         // Source column x lands in padded column left + x: even ones first, then odd ones.
         let first_even = left % 2;
         let evens = src_row[first_even..].iter().step_by(2);
@@ -121,8 +132,7 @@ fn pad_split_plane<'a>(
         {
             *d = v;
         }
-    }
-    buf
+    })
 }
 
 /// One output row, tap by tap: `acc[i] += w[t] * row_t[i * stride + kx * dw]`.
