@@ -136,12 +136,12 @@ pub fn tune_allocator() {
 
 /// The family of SGEMM micro-kernels `gemm` runs on this CPU: `avx512f`, `fma` (AVX2 + FMA),
 /// `neon` or `scalar`. It repeats the crate's own run-time choice (gemm-common 0.19's
-/// `init_gemm_fn`: avx512f first, which the `x86-v4` feature compiles in, then fma, then scalar),
-/// so that the benches and the run's device line can say which code ran.
+/// `init_gemm_fn`: avx512f first, which its `x86-v4` feature (our `avx512`) compiles in, then
+/// fma, then scalar), so that the benches and the run's device line can say which code ran.
 pub fn gemm_kernels() -> &'static str {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
             return "avx512f";
         }
         if std::arch::is_x86_feature_detected!("fma") {
@@ -402,6 +402,21 @@ mod tests {
         let first = run();
         for _ in 0..3 {
             assert_eq!(run(), first);
+        }
+    }
+
+    /// The benches' `gemm kernels:` line names AVX-512 only in a build that compiles those
+    /// kernels in: without the `avx512` feature `gemm` runs its AVX2 + FMA kernels everywhere.
+    #[test]
+    fn gemm_kernel_label_follows_the_avx512_feature() {
+        let label = gemm_kernels();
+        assert!(["avx512f", "fma", "neon", "scalar"].contains(&label));
+        if !cfg!(feature = "avx512") {
+            assert_ne!(label, "avx512f");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if cfg!(feature = "avx512") && std::arch::is_x86_feature_detected!("avx512f") {
+            assert_eq!(label, "avx512f");
         }
     }
 }
