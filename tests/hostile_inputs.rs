@@ -1160,6 +1160,13 @@ fn ranking_suite_takes_robranks_gtm_target() {
         .collect();
     assert!(labels.contains(&"GTM (robrank's target)"), "{labels:?}");
     assert!(r["attacked"]["gtm"].as_f64().unwrap().is_finite(), "{v}");
+    // The suite reports its progress on stderr (one line when stderr is not a terminal), and
+    // stdout stays the JSON alone.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("ranking suite rob28 (9 attacks): 3 queries in"),
+        "{stderr}"
+    );
     let err = sb.refuses(
         &[&base[..], &["--gtm-target", "random"]].concat(),
         "robrank-code",

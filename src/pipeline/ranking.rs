@@ -18,6 +18,7 @@ use crate::error::Result;
 use crate::nn::embedding::L2_EPS;
 use crate::nn::ForwardMode;
 use crate::pipeline::evaluate::{embed_set, spread_indices, EvalContext};
+use crate::pipeline::progress::Progress;
 use crate::pipeline::results::{AttackTiming, RankingReport};
 use crate::robust::ensemble::mean_embedding;
 use crate::robust::ranking::{
@@ -91,6 +92,17 @@ pub fn run_ranking_suite(
         })
         .collect();
     let mut batches = 0usize;
+    // Nine 32-step attacks a query (rob28): on a CPU, hours for a whole test set, so show the count.
+    let bar = Progress::new(
+        format!(
+            "ranking suite {} ({} attacks)",
+            plan.profile.key(),
+            attacks.len()
+        ),
+        picks.len() as u64,
+        "queries",
+        false,
+    );
     for batch in loader.epoch(0) {
         let x = batch.images_tensor(device)?;
         let items: Vec<usize> = batch.indices.iter().map(|&k| picks[k]).collect();
@@ -129,6 +141,7 @@ pub fn run_ranking_suite(
             timings[a].noise_loss += nloss;
         }
         batches += 1;
+        bar.inc(items.len() as u64);
     }
     let mut attacked = RankScores::default();
     let mut noise = RankScores::default();
@@ -140,13 +153,15 @@ pub fn run_ranking_suite(
         timings[a].loss /= batches.max(1) as f64;
         timings[a].noise_loss /= batches.max(1) as f64;
     }
+    let ers = attacked.ers();
+    bar.finish(&format!("ERS {ers:.1}"));
     Ok(RankingReport {
         profile: plan.profile.key().into(),
         pgd: Some(pgd),
         queries: picks.len(),
         database: db.len(),
         gtm_target: plan.gtm,
-        ers: attacked.ers(),
+        ers,
         noise_ers: noise.ers(),
         attacked,
         noise,
