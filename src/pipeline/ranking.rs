@@ -92,7 +92,8 @@ pub fn run_ranking_suite(
         })
         .collect();
     let mut batches = 0usize;
-    // Nine 32-step attacks a query (rob28): on a CPU, hours for a whole test set, so show the count.
+    // Every query takes each attack of the suite, a full PGD run: on a CPU a whole test set
+    // takes hours, so show the count.
     let bar = Progress::new(
         format!(
             "ranking suite {} ({} attacks)",
