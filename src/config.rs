@@ -154,6 +154,35 @@ pub struct PgdConfig {
     /// first name, `optimizer`, so that reports already written still read.
     #[serde(default, rename = "optimizer")]
     pub kind: AttackKind,
+    /// What the attack may change in a grey image given as three equal channels.
+    #[serde(default, skip_serializing_if = "AttackChannels::is_independent")]
+    pub channels: AttackChannels,
+}
+
+/// What an attack may change in a grey image that the network sees as three equal channels
+/// (docs/DESIGN.md, "Attacks").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttackChannels {
+    /// Each channel moves on its own: the adversarial image may have colour (the Fashion-MNIST
+    /// protocol, as its PyTorch reference attacks).
+    #[default]
+    Independent,
+    /// The three channels move together: the attack perturbs the grey image itself, as robrank
+    /// attacks its one-channel network. Refused on images whose channels differ.
+    Tied,
+}
+
+impl AttackChannels {
+    pub fn is_independent(&self) -> bool {
+        *self == AttackChannels::Independent
+    }
+    pub fn key(self) -> &'static str {
+        match self {
+            AttackChannels::Independent => "independent",
+            AttackChannels::Tied => "tied",
+        }
+    }
 }
 
 fn one() -> usize {
@@ -170,6 +199,7 @@ impl PgdConfig {
             objective: Objective::EmbeddingShift,
             restarts: 1,
             kind: AttackKind::Pgd,
+            channels: AttackChannels::Independent,
         }
     }
     pub fn train_default() -> Self {

@@ -4,7 +4,7 @@
 use std::process::Command as Process;
 
 use robust_dml::cli::{Cli, Command};
-use robust_dml::config::RankProfile;
+use robust_dml::config::{AttackChannels, PgdConfig, RankProfile};
 use robust_dml::pipeline::presets::{self, Preset};
 use robust_dml::pipeline::train::{Arch, LossKind};
 use robust_dml::robust::defense::Method;
@@ -121,8 +121,20 @@ fn robrank_fashion_preset_is_robranks_protocol() {
     let ranking = cfg.eval.ranking.expect("the preset runs the ranking suite");
     assert_eq!((ranking.profile, ranking.queries), (RankProfile::Rob28, 0));
     assert_eq!(cfg.eval.max_test_samples, 0);
-    // The clustering attack is the Fashion-MNIST protocol's, so both tables share the column.
-    assert_eq!(cfg.eval.attack, presets::fashion_mnist().eval.attack);
+    // The clustering attack is the Fashion-MNIST protocol's, so both tables share the column,
+    // except that every attack moves the grey image, as robrank's one-channel network is
+    // attacked.
+    let fashion = presets::fashion_mnist().eval.attack;
+    assert_eq!(fashion.channels, AttackChannels::Independent);
+    assert_eq!(
+        cfg.eval.attack,
+        PgdConfig {
+            channels: AttackChannels::Tied,
+            ..fashion
+        }
+    );
+    assert_eq!(a.channels, AttackChannels::Tied);
+    assert_eq!(ranking.channels, AttackChannels::Tied);
     for method in Method::EVERY {
         let mut one = cfg.clone();
         one.methods = vec![method];
@@ -131,9 +143,11 @@ fn robrank_fashion_preset_is_robranks_protocol() {
     }
 }
 
-/// The preset from the command line on the synthetic stand-in, cut to one training step and a
-/// few ranking queries: the undefended model trains with the triplet loss at 512-d, the ranking
-/// suite gives an ERS, and the report names the loss and calls the model "Triplet", not "PAL".
+/// The preset from the command line on the built-in Fashion-MNIST subset, cut to one training
+/// step and a few ranking queries: the undefended model trains with the triplet loss at 512-d,
+/// the ranking suite gives an ERS with tied channels, and the report names the loss and calls
+/// the model "Triplet", not "PAL". On the synthetic stand-in, whose images have colour, the
+/// preset's tied channels are refused before any training.
 /// (EST's and ACT's 32-step training is tested in tests/robrank_defense.rs.)
 #[test]
 fn robrank_fashion_runs_from_the_command_line() {
@@ -148,7 +162,7 @@ fn robrank_fashion_runs_from_the_command_line() {
             "--preset",
             "robrank-fashion",
             "--dataset",
-            "synthetic",
+            "fashion-mnist-embedded",
         ])
         .args(["--methods", "none", "--epochs", "1", "--max-steps", "1"])
         .args(["--test-samples", "40", "--ranking-queries", "4"])
@@ -169,6 +183,7 @@ fn robrank_fashion_runs_from_the_command_line() {
     let ranking = &report["ranking"];
     assert_eq!(ranking["profile"], "rob28");
     assert_eq!(ranking["queries"], 4);
+    assert_eq!(ranking["pgd"]["channels"], "tied", "{ranking}");
     assert!(ranking["ers"].as_f64().unwrap().is_finite(), "{ranking}");
     let settings = std::fs::read_to_string(out.join("config.json")).unwrap();
     let settings: serde_json::Value = serde_json::from_str(&settings).unwrap();
@@ -182,5 +197,28 @@ fn robrank_fashion_runs_from_the_command_line() {
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(table.contains("| Triplet | clean |"), "{table}");
     assert!(!table.contains("PAL"), "{table}");
+    let colour = Process::new(env!("CARGO_BIN_EXE_robust-dml"))
+        .env("ROBUST_DML_DEVICE", "cpu")
+        .args([
+            "experiment",
+            "--preset",
+            "robrank-fashion",
+            "--dataset",
+            "synthetic",
+        ])
+        .args(["--methods", "none", "--out"])
+        .arg(dir.join("colour"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&colour.stderr);
+    assert!(!colour.status.success());
+    assert!(
+        stderr.contains("has colour; use --attack-channels independent"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.join("colour/none/seed0").exists(),
+        "a refused run left a cell behind"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -2,7 +2,7 @@
 //! moves its score in the intended direction further than uniform +-eps sign noise of the same
 //! size, on a tiny model whose clean retrieval is perfect; ERS matches a row computed by hand.
 
-use robust_dml::config::GtmTarget;
+use robust_dml::config::{AttackChannels, GtmTarget};
 use robust_dml::engine::testing::gpu_or_skip;
 use robust_dml::engine::{no_grad, Device, Rng, Tensor};
 use robust_dml::robust::ranking::{
@@ -63,6 +63,7 @@ fn suite(d: &Device) -> (RankScores, RankScores, Vec<(f64, f64)>) {
         eps: 77.0 / 255.0,
         alpha: 3.0 / 255.0,
         steps: 32,
+        channels: AttackChannels::Independent,
     };
     let (mut attacked, mut noise) = (RankScores::default(), RankScores::default());
     let mut losses = Vec::new();

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use clap::parser::ValueSource;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, AttackKind, GtmTarget, Objective, PgdConfig, RankProfile, Scenario};
+use crate::config::{
+    self, AttackChannels, AttackKind, GtmTarget, Objective, PgdConfig, RankProfile, Scenario,
+};
 use crate::data::{self, Dataset, DatasetKind};
 use crate::error::Result;
 use crate::pipeline::presets::Preset;
@@ -111,6 +113,11 @@ pub struct TrainArgs {
     pub train_eps: f32,
     #[arg(long, default_value_t = config::TRAIN_STEPS)]
     pub train_steps: usize,
+    /// What the training attack may change in a grey image given as three equal channels: each channel
+    /// on its own (independent) or the grey image (tied, as robrank attacks). Refused on colour
+    /// images.
+    #[arg(long, value_enum, default_value_t = AttackChannels::Independent)]
+    pub attack_channels: AttackChannels,
     #[arg(long, default_value_t = config::ENSEMBLE_SIZE)]
     pub ensemble_size: usize,
     #[arg(long, default_value_t = config::EAT_BETA)]
@@ -185,6 +192,7 @@ impl TrainArgs {
         c.workers = self.workers;
         c.max_steps_per_epoch = self.max_steps;
         c.defense.attack = PgdConfig::new(self.train_eps / 255.0, self.train_steps);
+        c.defense.attack.channels = self.attack_channels;
         c.defense.ensemble_size = self.ensemble_size;
         c.defense.eat_beta = self.eat_beta;
         if let Some(split) = self.eat_split {
@@ -230,6 +238,11 @@ pub struct AttackArgs {
     pub steps: usize,
     #[arg(long)]
     pub random_start: bool,
+    /// What the attacks may change in a grey image given as three equal channels: each channel
+    /// on its own (independent) or the grey image (tied, as robrank attacks). Refused on colour
+    /// images.
+    #[arg(long, value_enum, default_value_t = AttackChannels::Independent)]
+    pub attack_channels: AttackChannels,
     /// PGD runs from uniform random starts, keeping per image the one with the largest
     /// objective; the single-run figures are reported beside them.
     #[arg(long, default_value_t = 1)]
@@ -365,6 +378,11 @@ pub struct ExperimentArgs {
     /// rob224 above. robrank-fashion runs it on every test image unless this is given.
     #[arg(long)]
     pub ranking_queries: Option<usize>,
+    /// What every attack (training, evaluation, ranking) may change in a grey image given as three equal channels: each channel
+    /// on its own (independent) or the grey image (tied, as robrank attacks). Refused on colour
+    /// images. Default: the preset's (tied for robrank-fashion).
+    #[arg(long, value_enum)]
+    pub attack_channels: Option<AttackChannels>,
     /// Test images (spread) attacked with every objective, worst per metric reported (0 = off;
     /// default: the preset's).
     #[arg(long)]

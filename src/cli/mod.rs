@@ -166,6 +166,7 @@ fn attack(a: AttackArgs) -> Result<()> {
         cfg.alpha = alpha / 255.0;
     }
     cfg.random_start = a.random_start;
+    cfg.channels = a.attack_channels;
     cfg.objective = Objective::EmbeddingShift;
     cfg.validate("--eps", "--steps").map_err(Error::Config)?;
     if !(1..=config::MAX_RESTARTS).contains(&a.restarts) {
@@ -230,6 +231,7 @@ fn ranking_suite(a: &AttackArgs) -> Result<()> {
             profile: a.profile,
             queries: a.queries,
             gtm: a.gtm_target,
+            channels: a.attack_channels,
         },
     };
     let measured = rank_checkpoint(&req, &dataset, &device)?;
@@ -296,11 +298,15 @@ fn experiment(a: ExperimentArgs) -> Result<()> {
         cfg.eval.max_test_samples = t;
     }
     cfg.seeds = a.seeds.clone();
+    if let Some(channels) = a.attack_channels {
+        cfg.set_attack_channels(channels);
+    }
     if let Some(q) = a.ranking_queries {
         cfg.eval.ranking = (q > 0).then(|| RankingPlan {
             profile: RankProfile::for_image_size(cfg.train.image_size),
             queries: q,
             gtm: GtmTarget::Nearest,
+            channels: cfg.eval.attack.channels,
         });
     }
     if let Some(n) = a.objective_samples {

@@ -138,6 +138,23 @@ impl Dataset {
     }
 
     /// One line for the log: sizes and skipped files.
+    /// The first in-memory image whose channels differ (a colour image), as "train image 3".
+    /// Image files are not decoded here; attacks with tied channels check their batches.
+    pub fn first_colour_image(&self) -> Option<String> {
+        for (split, samples) in [("train", &self.train), ("test", &self.test)] {
+            for (i, s) in samples.iter().enumerate() {
+                let ImageSource::Memory(m) = &s.source else {
+                    continue;
+                };
+                let colour = |p: &[u8]| p[0] != p[1] || p[0] != p[2];
+                if m.channels == 3 && m.pixels.chunks_exact(3).any(colour) {
+                    return Some(format!("{split} image {i}"));
+                }
+            }
+        }
+        None
+    }
+
     pub fn summary(&self) -> String {
         let eval = match self.query_count {
             Some(q) => format!("query {} + gallery {}", q, self.test.len() - q),

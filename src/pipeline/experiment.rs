@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Objective, PgdConfig};
+use crate::config::{AttackChannels, Objective, PgdConfig};
 use crate::data::Dataset;
 use crate::dml::loss::ProxyAnchorConfig;
 use crate::engine::Device;
@@ -60,6 +60,16 @@ pub struct ExperimentConfig {
 }
 
 impl ExperimentConfig {
+    /// Sets what every attack of the experiment (training, evaluation, ranking suite) may change
+    /// in a grey image given as three equal channels.
+    pub fn set_attack_channels(&mut self, channels: AttackChannels) {
+        self.train.defense.attack.channels = channels;
+        self.eval.attack.channels = channels;
+        if let Some(plan) = &mut self.eval.ranking {
+            plan.channels = channels;
+        }
+    }
+
     /// Refuses settings any of the methods could not train or evaluate with, before any work.
     pub fn validate(&self) -> Result<()> {
         for (i, method) in self.methods.iter().enumerate() {
@@ -156,6 +166,7 @@ pub fn run_experiment(
     device: &Device,
     out: &Path,
 ) -> Result<Merged> {
+    check_channels(cfg, dataset)?;
     let settings = cfg.settings(dataset);
     claim_settings(out, &settings, false)?;
     let cells = cfg.cells();
@@ -174,6 +185,24 @@ pub fn run_experiment(
     }
     drop(claimed);
     write_merged(out, &settings)
+}
+
+/// Refuses tied channels on a dataset with colour images before any training: there is no
+/// grey image to move.
+fn check_channels(cfg: &ExperimentConfig, dataset: &Dataset) -> Result<()> {
+    let ranking = cfg.eval.ranking.as_ref().map(|r| r.channels);
+    let tied = [cfg.train.defense.attack.channels, cfg.eval.attack.channels]
+        .into_iter()
+        .chain(ranking)
+        .any(|c| c == AttackChannels::Tied);
+    match dataset.first_colour_image() {
+        Some(image) if tied => Err(Error::Config(format!(
+            "--attack-channels tied moves a grey image, but {image} of {} has colour; use \
+             --attack-channels independent",
+            dataset.name
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Trains and evaluates one claimed cell and writes its `report.json`.

@@ -3,7 +3,7 @@
 //! robrank's Fashion-MNIST protocol ("robrank's Fashion-MNIST protocol").
 //! The CLI only picks one and applies the user's overrides.
 
-use crate::config::{GtmTarget, PgdConfig, RankProfile};
+use crate::config::{AttackChannels, GtmTarget, PgdConfig, RankProfile};
 use crate::data::SyntheticConfig;
 use crate::pipeline::experiment::{EvalPlan, ExperimentConfig, StrengthPlan};
 use crate::pipeline::ranking::RankingPlan;
@@ -168,6 +168,7 @@ pub fn paper() -> ExperimentConfig {
             profile: RankProfile::Rob224,
             queries: crate::config::RANK_SUITE_QUERIES,
             gtm: GtmTarget::Nearest,
+            channels: AttackChannels::Independent,
         }),
         strength: StrengthPlan::default(),
     };
@@ -196,7 +197,8 @@ fn robrank_train_attack() -> PgdConfig {
 /// images), Adam lr 1e-3 with weight decay 1e-7, no warm-up, schedule or clipping, BatchNorm
 /// in training mode. Every defense trains against robrank's attack; the table's clustering
 /// attack is the Fashion-MNIST protocol's (eps 0.1 x10), so both protocols share that column;
-/// the ranking suite runs at rob28 on every test image, as robrank's evaluation.
+/// the ranking suite runs at rob28 on every test image, as robrank's evaluation. Every attack
+/// moves the grey image (tied channels), as robrank's one-channel network is attacked.
 pub fn robrank_fashion() -> ExperimentConfig {
     let mut t = TrainConfig::new(Arch::C2f2, Method::None);
     t.image_size = FASHION_SIZE;
@@ -223,12 +225,16 @@ pub fn robrank_fashion() -> ExperimentConfig {
         profile: RankProfile::Rob28,
         queries: 0,
         gtm: GtmTarget::Nearest,
+        channels: AttackChannels::Independent,
     });
-    ExperimentConfig {
+    let mut cfg = ExperimentConfig {
         dataset: "fashion-mnist".into(),
         methods: vec![Method::None, Method::Est, Method::Act],
         seeds: Vec::new(),
         train: t,
         eval,
-    }
+    };
+    // robrank's network takes one grey channel, so its attacks move the grey image.
+    cfg.set_attack_channels(AttackChannels::Tied);
+    cfg
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{GtmTarget, RankProfile};
+use crate::config::{AttackChannels, GtmTarget, RankProfile};
 use crate::engine::ops::elementwise::add;
 use crate::engine::ops::normalize::l2_normalize;
 use crate::engine::{Rng, Tensor};
@@ -34,6 +34,9 @@ pub struct RankingPlan {
     /// GTM's target: the stated one, or robrank's coded one (for comparing with its tables).
     #[serde(default, skip_serializing_if = "is_nearest")]
     pub gtm: GtmTarget,
+    /// What the suite's attacks may change in a grey image given as three equal channels.
+    #[serde(default, skip_serializing_if = "AttackChannels::is_independent")]
+    pub channels: AttackChannels,
 }
 
 fn is_nearest(gtm: &GtmTarget) -> bool {
@@ -49,7 +52,12 @@ pub fn run_ranking_suite(
     let (set, device) = (ctx.set, ctx.device);
     let start = Instant::now();
     let (eps, alpha, steps) = plan.profile.params();
-    let pgd = RankPgd { eps, alpha, steps };
+    let pgd = RankPgd {
+        eps,
+        alpha,
+        steps,
+        channels: plan.channels,
+    };
     let emb = embed_set(ctx, None)?;
     let db_rows = match emb.clean.as_slice() {
         [single] => single.clone(),

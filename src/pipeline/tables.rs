@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 
-use crate::config::AttackKind;
+use crate::config::{AttackChannels, AttackKind};
 use crate::pipeline::results::{
     has_threat_figures, AttackRow, EvalOutput, MethodReport, ObjectivesReport, RankingReport,
     SanityCheck, StrengthOutput, ThreatRead, TransferReport, METRIC_COLUMNS, TEMPLATE_COLUMNS,
@@ -38,11 +38,15 @@ fn eval_title(out: &EvalOutput) -> String {
     let (checkpoint, dataset) = (&out.checkpoint, &out.dataset);
     match &out.attack {
         Some(c) => format!(
-            "{checkpoint} on {dataset}: PGD-{} eps {:.1}/255 alpha {:.2}/255{}{}, {:.1} s",
+            "{checkpoint} on {dataset}: PGD-{} eps {:.1}/255 alpha {:.2}/255{}{}{}, {:.1} s",
             c.steps,
             c.eps * 255.0,
             c.alpha * 255.0,
             if c.random_start { ", random start" } else { "" },
+            match c.channels {
+                AttackChannels::Tied => ", channels tied",
+                AttackChannels::Independent => "",
+            },
             if c.restarts > 1 {
                 format!(", best of {} random restarts", c.restarts)
             } else {
@@ -299,10 +303,15 @@ pub fn ranking_markdown(label: &str, r: &RankingReport) -> String {
         eps: 0.0,
         alpha: 0.0,
         steps: 0,
+        channels: AttackChannels::Independent,
     });
+    let tied = match p.channels {
+        AttackChannels::Tied => ", channels tied",
+        AttackChannels::Independent => "",
+    };
     s += &format!(
-        "#### Ranking attacks: {label} ({}: eps {:.0}/255, alpha {:.0}/255, {} steps; {} queries \
-         against a database of {}; {:.1} s)\n\n",
+        "#### Ranking attacks: {label} ({}: eps {:.0}/255, alpha {:.0}/255, {} steps{tied}; {} \
+         queries against a database of {}; {:.1} s)\n\n",
         r.profile,
         p.eps * 255.0,
         p.alpha * 255.0,

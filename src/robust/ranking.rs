@@ -22,12 +22,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::GtmTarget;
+use crate::config::{AttackChannels, GtmTarget};
 use crate::engine::ops::attack::pgd_step;
 use crate::engine::ops::elementwise::clamp;
 use crate::engine::ops::matmul::gemm_raw;
 use crate::engine::tape::backward_with;
 use crate::engine::{no_grad, Device, EngineError, Result, Rng, Tensor};
+use crate::robust::attack::channels::{check_input, start_noise_host, step_direction};
 use crate::robust::attack::EmbedFn;
 
 /// One attack of the suite.
@@ -89,6 +90,9 @@ pub struct RankPgd {
     pub eps: f32,
     pub alpha: f32,
     pub steps: usize,
+    /// What the attack may change in a grey image given as three equal channels.
+    #[serde(default, skip_serializing_if = "AttackChannels::is_independent")]
+    pub channels: AttackChannels,
 }
 
 /// How a batch is perturbed: the attack itself, or uniform +-eps sign noise of the same size
@@ -304,8 +308,9 @@ pub fn attack_batch(
         db,
     };
     let x = batch.x.detach();
+    check_input(&x, pgd.channels)?;
     let x_adv = match perturbation {
-        Perturbation::Noise => sign_noise(&x, pgd.eps, rng)?,
+        Perturbation::Noise => sign_noise(&x, pgd.eps, pgd.channels, rng)?,
         Perturbation::Attack => descend(model, &x, pgd, &plan, rng)?,
     };
     let e = no_grad(|| model(&x_adv))?;
@@ -315,11 +320,12 @@ pub fn attack_batch(
     Ok((plan.scores(&host, &dist), loss))
 }
 
-/// x + eps * (uniform sign), clipped to [0, 1].
-fn sign_noise(x: &Tensor, eps: f32, rng: &mut Rng) -> Result<Tensor> {
-    let noise: Vec<f32> = (0..x.numel())
+/// x + eps * (uniform sign), clipped to [0, 1]; grey noise with tied channels.
+fn sign_noise(x: &Tensor, eps: f32, channels: AttackChannels, rng: &mut Rng) -> Result<Tensor> {
+    let mut noise: Vec<f32> = (0..x.numel())
         .map(|_| if rng.uniform() < 0.5 { -eps } else { eps })
         .collect();
+    start_noise_host(&mut noise, x.shape(), channels)?;
     let host: Vec<f32> = x.to_vec()?.iter().zip(&noise).map(|(a, n)| a + n).collect();
     clamp(&Tensor::from_vec(host, x.shape(), &x.device())?, 0.0, 1.0)
 }
@@ -355,7 +361,8 @@ fn descend(
         let g = grads.get(&var).ok_or_else(|| {
             EngineError::Autograd("the ranking attack's loss does not depend on the input".into())
         })?;
-        x_adv = pgd_step(&x_adv, g, x, pgd.alpha, pgd.eps)?;
+        let g = step_direction(g, pgd.channels)?;
+        x_adv = pgd_step(&x_adv, &g, x, pgd.alpha, pgd.eps)?;
     }
     Ok(x_adv)
 }

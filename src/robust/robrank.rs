@@ -19,6 +19,7 @@ use crate::engine::ops::normalize::l2_normalize;
 use crate::engine::ops::reduce::mean;
 use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
 
+use super::attack::channels::{check_input, step_direction};
 use super::attack::EmbedFn;
 
 const NORMALIZE_EPS: f32 = 1e-12;
@@ -101,6 +102,7 @@ pub fn descend(
     objective: impl Fn(&Tensor) -> Result<Tensor>,
 ) -> Result<Tensor> {
     let x0 = x0.detach();
+    check_input(&x0, cfg.channels)?;
     let alpha = if cfg.steps > 1 { cfg.alpha } else { cfg.eps };
     let mut x = x0.clone();
     // robrank's `state_for_saturate_stop`.
@@ -112,7 +114,7 @@ pub fn descend(
         let grads = value.backward()?;
         // An objective that does not reach the input has a zero gradient: nothing moves.
         let Some(g) = grads.get(&var) else { break };
-        let down = no_grad(|| scale(&g.detach(), -1.0))?;
+        let down = no_grad(|| scale(&step_direction(&g.detach(), cfg.channels)?, -1.0))?;
         x = pgd_step(&x, &down, &x0, alpha, cfg.eps)?;
         if stop_when_flat {
             if (last - v).abs() < HM_FLAT {

@@ -17,12 +17,14 @@
 //! together. N steps take N + 1 gradient evaluations (the start point is evaluated too).
 
 use crate::config::{
-    PgdConfig, APGD_INITIAL_STEP, APGD_MOMENTUM, APGD_P1, APGD_P_DECAY, APGD_P_MIN_GAP, APGD_RHO,
+    AttackChannels, PgdConfig, APGD_INITIAL_STEP, APGD_MOMENTUM, APGD_P1, APGD_P_DECAY,
+    APGD_P_MIN_GAP, APGD_RHO,
 };
 use crate::engine::ops::attack::pgd_step;
 use crate::engine::ops::elementwise::{add, axpby, mul, sign, zeros_like};
 use crate::engine::{no_grad, Result, Rng, Tensor};
 
+use super::channels::{check_input, step_direction};
 use super::goal::{
     clean_embeddings, input_gradient, per_image_objective, start_point, EmbedFn, Goal,
 };
@@ -68,10 +70,11 @@ fn evaluate(
     x_adv: &Tensor,
     clean: &[Tensor],
     goal: &Goal,
+    channels: AttackChannels,
 ) -> Result<(Vec<f32>, Tensor)> {
     let rows = x_adv.shape().first().copied().unwrap_or(0);
     let (at, g) = input_gradient(members, x_adv, clean, goal)?;
-    Ok((at.values(rows)?, g))
+    Ok((at.values(rows)?, step_direction(&g, channels)?))
 }
 
 /// Runs APGD for `cfg.steps` iterations from `start_point`; returns the best point per image
@@ -88,12 +91,13 @@ pub fn apgd(
         let value = per_image_objective(members, &x, &x, goal)?;
         return Ok((x, value));
     }
+    check_input(&x, cfg.channels)?;
     let rows = x.shape().first().copied().unwrap_or(0);
     let clean = clean_embeddings(members, &x, goal)?;
     let zero = zeros_like(&x)?;
     let project = |y: &Tensor| pgd_step(y, &zero, &x, 0.0, cfg.eps);
     let mut x_cur = no_grad(|| start_point(&x, cfg, rng))?;
-    let (mut f_cur, mut g_cur) = evaluate(members, &x_cur, &clean, goal)?;
+    let (mut f_cur, mut g_cur) = evaluate(members, &x_cur, &clean, goal, cfg.channels)?;
     let (mut best_x, mut best_f, mut best_g) = (x_cur.clone(), f_cur.clone(), g_cur.clone());
     let mut x_prev = x_cur.clone();
     let mut eta = vec![APGD_INITIAL_STEP * cfg.eps; rows];
@@ -113,7 +117,7 @@ pub fn apgd(
             project(&axpby(1.0, &blend, -(1.0 - a), &x_prev)?)
         })?;
         x_prev = std::mem::replace(&mut x_cur, next);
-        let (f_new, g_new) = evaluate(members, &x_cur, &clean, goal)?;
+        let (f_new, g_new) = evaluate(members, &x_cur, &clean, goal, cfg.channels)?;
         let improved: Vec<bool> = f_new.iter().zip(&best_f).map(|(n, b)| n > b).collect();
         if improved.iter().any(|&i| i) {
             best_x = no_grad(|| select(&improved, &x_cur, &best_x))?;

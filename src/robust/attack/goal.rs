@@ -8,6 +8,8 @@ use crate::engine::ops::elementwise::{add, clamp, mul, square, sub};
 use crate::engine::ops::reduce::{sum, sum_dim};
 use crate::engine::{no_grad, EngineError, Result, Rng, Tensor};
 
+use super::channels::start_noise;
+
 /// A differentiable embedding function x [B, 3, H, W] -> [B, D] (one ensemble member, in the
 /// BatchNorm mode the caller chose).
 pub type EmbedFn<'a> = &'a (dyn Fn(&Tensor) -> Result<Tensor> + 'a);
@@ -47,7 +49,8 @@ impl Goal<'_> {
 }
 
 /// The starting point: uniform in the eps-ball with `random_start`, else x + 0.001 N(0, 1),
-/// because the embedding-shift objective has exactly zero gradient at x itself.
+/// because the embedding-shift objective has exactly zero gradient at x itself; with tied
+/// channels the noise is grey too.
 pub fn start_point(x: &Tensor, cfg: &PgdConfig, rng: &mut Rng) -> Result<Tensor> {
     let device = x.device();
     let noise = if cfg.random_start {
@@ -55,6 +58,7 @@ pub fn start_point(x: &Tensor, cfg: &PgdConfig, rng: &mut Rng) -> Result<Tensor>
     } else {
         Tensor::randn(x.shape(), PGD_START_NOISE.min(cfg.eps), rng, &device)?
     };
+    let noise = start_noise(noise, cfg.channels)?;
     clamp(&add(x, &noise)?, 0.0, 1.0)
 }
 

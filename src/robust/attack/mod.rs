@@ -4,6 +4,7 @@
 //! chooses between them.
 
 pub mod apgd;
+pub mod channels;
 pub mod goal;
 pub mod pgd;
 pub mod restarts;

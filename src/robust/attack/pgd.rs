@@ -6,6 +6,7 @@ use crate::config::PgdConfig;
 use crate::engine::ops::attack::pgd_step;
 use crate::engine::{no_grad, Result, Rng, Tensor};
 
+use super::channels::{check_input, step_direction};
 use super::goal::{clean_embeddings, input_gradient, start_point, EmbedFn, Goal};
 
 /// `cfg.steps` PGD steps against the ensemble `members` from clean inputs `x` (RGB in [0, 1]);
@@ -18,10 +19,12 @@ pub fn pgd(
     rng: &mut Rng,
 ) -> Result<Tensor> {
     let x = x.detach();
+    check_input(&x, cfg.channels)?;
     let clean = clean_embeddings(members, &x, goal)?;
     let mut x_adv = no_grad(|| start_point(&x, cfg, rng))?;
     for _ in 0..cfg.steps {
         let (_, g) = input_gradient(members, &x_adv, &clean, goal)?;
+        let g = step_direction(&g, cfg.channels)?;
         x_adv = pgd_step(&x_adv, &g, &x, cfg.alpha, cfg.eps)?;
     }
     Ok(x_adv)
