@@ -177,12 +177,6 @@ impl AttackChannels {
     pub fn is_independent(&self) -> bool {
         *self == AttackChannels::Independent
     }
-    pub fn key(self) -> &'static str {
-        match self {
-            AttackChannels::Independent => "independent",
-            AttackChannels::Tied => "tied",
-        }
-    }
 }
 
 fn one() -> usize {

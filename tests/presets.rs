@@ -143,6 +143,20 @@ fn robrank_fashion_preset_is_robranks_protocol() {
     }
 }
 
+/// `experiment --preset robrank-fashion --dataset <dataset>` on the CPU backend, for the caller
+/// to add its flags to.
+fn robrank_experiment(dataset: &str) -> Process {
+    let mut command = Process::new(env!("CARGO_BIN_EXE_robust-dml"));
+    command.env("ROBUST_DML_DEVICE", "cpu").args([
+        "experiment",
+        "--preset",
+        "robrank-fashion",
+        "--dataset",
+        dataset,
+    ]);
+    command
+}
+
 /// The preset from the command line on the built-in Fashion-MNIST subset, cut to one training
 /// step and a few ranking queries: the undefended model trains with the triplet loss at 512-d,
 /// the ranking suite gives an ERS with tied channels, and the report names the loss and calls
@@ -155,15 +169,7 @@ fn robrank_fashion_runs_from_the_command_line() {
         std::env::temp_dir().join(format!("robust-dml-robrank-preset-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = dir.join("exp");
-    let output = Process::new(env!("CARGO_BIN_EXE_robust-dml"))
-        .env("ROBUST_DML_DEVICE", "cpu")
-        .args([
-            "experiment",
-            "--preset",
-            "robrank-fashion",
-            "--dataset",
-            "fashion-mnist-embedded",
-        ])
+    let output = robrank_experiment("fashion-mnist-embedded")
         .args(["--methods", "none", "--epochs", "1", "--max-steps", "1"])
         .args(["--test-samples", "40", "--ranking-queries", "4"])
         .args([
@@ -197,15 +203,7 @@ fn robrank_fashion_runs_from_the_command_line() {
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
     assert!(table.contains("| Triplet | clean |"), "{table}");
     assert!(!table.contains("PAL"), "{table}");
-    let colour = Process::new(env!("CARGO_BIN_EXE_robust-dml"))
-        .env("ROBUST_DML_DEVICE", "cpu")
-        .args([
-            "experiment",
-            "--preset",
-            "robrank-fashion",
-            "--dataset",
-            "synthetic",
-        ])
+    let colour = robrank_experiment("synthetic")
         .args(["--methods", "none", "--out"])
         .arg(dir.join("colour"))
         .output()

@@ -113,9 +113,9 @@ pub struct TrainArgs {
     pub train_eps: f32,
     #[arg(long, default_value_t = config::TRAIN_STEPS)]
     pub train_steps: usize,
-    /// What the training attack may change in a grey image given as three equal channels: each channel
-    /// on its own (independent) or the grey image (tied, as robrank attacks). Refused on colour
-    /// images.
+    /// What the training attack may change in a grey image given as three equal channels: each
+    /// channel on its own (independent) or the grey image (tied, as robrank attacks). Refused on
+    /// colour images.
     #[arg(long, value_enum, default_value_t = AttackChannels::Independent)]
     pub attack_channels: AttackChannels,
     #[arg(long, default_value_t = config::ENSEMBLE_SIZE)]
@@ -378,9 +378,10 @@ pub struct ExperimentArgs {
     /// rob224 above. robrank-fashion runs it on every test image unless this is given.
     #[arg(long)]
     pub ranking_queries: Option<usize>,
-    /// What every attack (training, evaluation, ranking) may change in a grey image given as three equal channels: each channel
-    /// on its own (independent) or the grey image (tied, as robrank attacks). Refused on colour
-    /// images. Default: the preset's (tied for robrank-fashion).
+    /// What every attack (training, evaluation, ranking) may change in a grey image given as
+    /// three equal channels: each channel on its own (independent) or the grey image (tied, as
+    /// robrank attacks). Refused on colour images. Default: the preset's (tied for
+    /// robrank-fashion).
     #[arg(long, value_enum)]
     pub attack_channels: Option<AttackChannels>,
     /// Test images (spread) attacked with every objective, worst per metric reported (0 = off;

@@ -137,7 +137,6 @@ impl Dataset {
         self.query_count.map(|n| &self.test[n..])
     }
 
-    /// One line for the log: sizes and skipped files.
     /// The first in-memory image whose channels differ (a colour image), as "train image 3".
     /// Image files are not decoded here; attacks with tied channels check their batches.
     pub fn first_colour_image(&self) -> Option<String> {
@@ -155,6 +154,7 @@ impl Dataset {
         None
     }
 
+    /// One line for the log: sizes and skipped files.
     pub fn summary(&self) -> String {
         let eval = match self.query_count {
             Some(q) => format!("query {} + gallery {}", q, self.test.len() - q),

@@ -34,6 +34,14 @@ pub fn eval_table(out: &EvalOutput, label: &str) -> String {
     s
 }
 
+/// The attack title's note on grey images: said only when the channels are tied.
+fn channels_note(channels: AttackChannels) -> &'static str {
+    match channels {
+        AttackChannels::Tied => ", channels tied",
+        AttackChannels::Independent => "",
+    }
+}
+
 fn eval_title(out: &EvalOutput) -> String {
     let (checkpoint, dataset) = (&out.checkpoint, &out.dataset);
     match &out.attack {
@@ -43,10 +51,7 @@ fn eval_title(out: &EvalOutput) -> String {
             c.eps * 255.0,
             c.alpha * 255.0,
             if c.random_start { ", random start" } else { "" },
-            match c.channels {
-                AttackChannels::Tied => ", channels tied",
-                AttackChannels::Independent => "",
-            },
+            channels_note(c.channels),
             if c.restarts > 1 {
                 format!(", best of {} random restarts", c.restarts)
             } else {
@@ -305,10 +310,7 @@ pub fn ranking_markdown(label: &str, r: &RankingReport) -> String {
         steps: 0,
         channels: AttackChannels::Independent,
     });
-    let tied = match p.channels {
-        AttackChannels::Tied => ", channels tied",
-        AttackChannels::Independent => "",
-    };
+    let tied = channels_note(p.channels);
     s += &format!(
         "#### Ranking attacks: {label} ({}: eps {:.0}/255, alpha {:.0}/255, {} steps{tied}; {} \
          queries against a database of {}; {:.1} s)\n\n",

@@ -24,11 +24,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AttackChannels, GtmTarget};
 use crate::engine::ops::attack::pgd_step;
-use crate::engine::ops::elementwise::clamp;
+use crate::engine::ops::elementwise::{add, clamp};
 use crate::engine::ops::matmul::gemm_raw;
 use crate::engine::tape::backward_with;
 use crate::engine::{no_grad, Device, EngineError, Result, Rng, Tensor};
-use crate::robust::attack::channels::{check_input, start_noise_host, step_direction};
+use crate::robust::attack::channels::{check_input, start_noise, step_direction};
 use crate::robust::attack::EmbedFn;
 
 /// One attack of the suite.
@@ -322,12 +322,11 @@ pub fn attack_batch(
 
 /// x + eps * (uniform sign), clipped to [0, 1]; grey noise with tied channels.
 fn sign_noise(x: &Tensor, eps: f32, channels: AttackChannels, rng: &mut Rng) -> Result<Tensor> {
-    let mut noise: Vec<f32> = (0..x.numel())
+    let noise: Vec<f32> = (0..x.numel())
         .map(|_| if rng.uniform() < 0.5 { -eps } else { eps })
         .collect();
-    start_noise_host(&mut noise, x.shape(), channels)?;
-    let host: Vec<f32> = x.to_vec()?.iter().zip(&noise).map(|(a, n)| a + n).collect();
-    clamp(&Tensor::from_vec(host, x.shape(), &x.device())?, 0.0, 1.0)
+    let noise = start_noise(Tensor::from_vec(noise, x.shape(), &x.device())?, channels)?;
+    no_grad(|| clamp(&add(x, &noise)?, 0.0, 1.0))
 }
 
 /// T steps of signed gradient descent on the attack's loss, from x itself.

@@ -66,25 +66,3 @@ pub fn start_noise(noise: Tensor, channels: AttackChannels) -> Result<Tensor> {
         }),
     }
 }
-
-/// [`start_noise`] on the host values of noise of an NCHW `shape`.
-pub fn start_noise_host(
-    noise: &mut [f32],
-    shape: &[usize],
-    channels: AttackChannels,
-) -> Result<()> {
-    if channels.is_independent() {
-        return Ok(());
-    }
-    let &[_, 3, h, w] = shape else {
-        return Err(refusal(format!(
-            "the input has shape {shape:?}, not [N, 3, H, W]"
-        )));
-    };
-    for image in noise.chunks_exact_mut(3 * h * w) {
-        let (first, rest) = image.split_at_mut(h * w);
-        rest[..h * w].copy_from_slice(first);
-        rest[h * w..].copy_from_slice(first);
-    }
-    Ok(())
-}
