@@ -337,6 +337,12 @@ fn bad_training_flags_are_named_before_any_work() {
         (&["--checkpoint-minutes", "nan"], "--checkpoint-minutes"),
         (&["--checkpoint-minutes", "-1"], "--checkpoint-minutes"),
         (&["--checkpoint-minutes", "inf"], "--checkpoint-minutes"),
+        (&["--attack-channels", "bogus"], "--attack-channels"),
+        // The synthetic data has colour: there is no grey image to tie the channels of.
+        (
+            &["--method", "at", "--attack-channels", "tied"],
+            "has colour; use --attack-channels independent",
+        ),
     ];
     for (extra, fragment) in cases {
         sb.refuses(&tiny_train("run", extra), fragment, Some("run"));
@@ -371,6 +377,20 @@ fn bad_attack_and_eval_flags_are_named() {
         (&["--alpha", "nan"][..], "--alpha"),
         (&["--alpha", "0"][..], "--alpha"),
         (&["--batch-size", "0"][..], "--batch-size"),
+        (&["--attack-channels", "bogus"][..], "--attack-channels"),
+        // The trained run's synthetic images have colour: no grey image to tie.
+        (&["--attack-channels", "tied"][..], "has colour"),
+        (
+            &[
+                "--suite",
+                "ranking",
+                "--queries",
+                "2",
+                "--attack-channels",
+                "tied",
+            ][..],
+            "has colour",
+        ),
     ] {
         sb.refuses(&attack(extra), fragment, None);
     }

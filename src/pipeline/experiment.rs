@@ -38,7 +38,7 @@ use crate::pipeline::tables::{
     failed_lines, objectives_markdown, ranking_markdown, ranking_tables, sanity_tables,
     strength_tables, table_markdown, threats_markdown, transfer_markdown,
 };
-use crate::pipeline::train::{LossKind, Run, TrainConfig, CHECKPOINT_FILE};
+use crate::pipeline::train::{refuse_tied_on_colour, LossKind, Run, TrainConfig, CHECKPOINT_FILE};
 use crate::robust::defense::Method;
 use crate::robust::ensemble::mean_embedding;
 
@@ -187,22 +187,14 @@ pub fn run_experiment(
     write_merged(out, &settings)
 }
 
-/// Refuses tied channels on a dataset with colour images before any training: there is no
-/// grey image to move.
+/// Refuses tied channels on a dataset with colour images before any training.
 fn check_channels(cfg: &ExperimentConfig, dataset: &Dataset) -> Result<()> {
     let ranking = cfg.eval.ranking.as_ref().map(|r| r.channels);
     let tied = [cfg.train.defense.attack.channels, cfg.eval.attack.channels]
         .into_iter()
         .chain(ranking)
         .any(|c| c == AttackChannels::Tied);
-    match dataset.first_colour_image() {
-        Some(image) if tied => Err(Error::Config(format!(
-            "--attack-channels tied moves a grey image, but {image} of {} has colour; use \
-             --attack-channels independent",
-            dataset.name
-        ))),
-        _ => Ok(()),
-    }
+    refuse_tied_on_colour(tied, dataset)
 }
 
 /// Trains and evaluates one claimed cell and writes its `report.json`.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::AttackChannels;
 use crate::data::loader::{BatchLoader, LoaderConfig};
 use crate::data::{Dataset, Sample};
 use crate::dml::loss::init_proxies;
@@ -214,6 +215,19 @@ pub fn claim_run_dir(out: &Path, overwrite: bool) -> Result<()> {
     Ok(())
 }
 
+/// Refuses tied attack channels (`tied`: some attack of the run ties them) on a dataset with
+/// colour images, before any work: there is no grey image to move.
+pub fn refuse_tied_on_colour(tied: bool, dataset: &Dataset) -> Result<()> {
+    match dataset.first_colour_image() {
+        Some(image) if tied => Err(Error::Config(format!(
+            "--attack-channels tied moves a grey image, but {image} of {} has colour; use \
+             --attack-channels independent",
+            dataset.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl Run {
     /// Fresh members (random or pretrained backbones, new heads and proxies).
     pub fn new(cfg: TrainConfig, dataset: &Dataset, device: &Device) -> Result<Run> {
@@ -230,6 +244,7 @@ impl Run {
             )));
         }
         cfg.check_memory(classes, dataset.train.len())?;
+        refuse_tied_on_colour(cfg.defense.attack.channels == AttackChannels::Tied, dataset)?;
         let mut rng = Rng::new(cfg.seed);
         // Algorithm 1's split for EAT; the whole set for one model and for the Table 3
         // ablations (members then differ only by their seeds).
