@@ -681,7 +681,7 @@ impl Run {
             };
             let bar = Progress::new(label, (total * batch) as u64, "img", quiet);
             let first_step = at.step.min(total);
-            bar.inc((first_step * batch) as u64);
+            bar.skip((first_step * batch) as u64);
             let first_loss = at.loss_bits.len() - at.step;
             let batches = loader.epoch_from(epoch as u64, first_step);
             for (step, batch) in (first_step..total).zip(batches) {
