@@ -45,6 +45,19 @@ pub enum Error {
         cause: String,
     },
     #[error(
+        "interrupted by {} at epoch {epoch}, step {step}: {saved}",
+        crate::pipeline::interrupt::signal_name(*signal)
+    )]
+    Interrupted {
+        signal: i32,
+        /// 1-based.
+        epoch: usize,
+        /// Steps of the epoch done.
+        step: usize,
+        /// Where that step's checkpoint is and how to go on.
+        saved: String,
+    },
+    #[error(
         "run directory {} is in use by {}; wait for it to finish or choose another --out",
         dir.display(),
         holder.map_or("another process".to_string(), |p| format!("process {p}"))

@@ -8,6 +8,11 @@ fn main() {
     let cli = robust_dml::cli::parse();
     if let Err(e) = robust_dml::cli::run(cli) {
         eprintln!("error: {e}");
-        std::process::exit(1);
+        // Stopped by a signal after saving: the shell's code for that signal (128 + its number).
+        let code = match e {
+            robust_dml::error::Error::Interrupted { signal, .. } => 128 + signal,
+            _ => 1,
+        };
+        std::process::exit(code);
     }
 }

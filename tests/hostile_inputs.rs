@@ -837,6 +837,56 @@ fn kill_9_between_mid_epoch_checkpoints_resumes_to_the_same_bits() {
     common::assert_same_tensors(&got, &want, "after the kills");
 }
 
+/// SIGTERM, then SIGINT, during training: each time the step under way ends, its checkpoint is
+/// written, the message says how to go on, and the exit code is 128 + the signal's number; the
+/// resumed run ends with the same tensors, to the bit, as a run never interrupted.
+#[cfg(unix)]
+#[test]
+fn sigterm_and_sigint_save_the_step_and_resume_to_the_same_bits() {
+    let sb = Sandbox::new("signals");
+    let flags = ["--epochs", "3", "--max-steps", "12", "--image-size", "32"];
+    sb.succeeds(&tiny_train("straight", &flags));
+    let ckpt = sb.path("run/checkpoint.safetensors");
+    let fresh = tiny_train("run", &flags);
+    let resume = ["train", "--resume", "--out", "run"];
+    // Each signal goes right after an epoch's checkpoint lands, so it reaches the next epoch,
+    // where only the signal writes a checkpoint (no --checkpoint-minutes inside these epochs).
+    for (round, (signal, code)) in [("TERM", 143), ("INT", 130)].into_iter().enumerate() {
+        let args = if round == 0 { &fresh[..] } else { &resume[..] };
+        let modified = || std::fs::metadata(&ckpt).and_then(|m| m.modified()).ok();
+        let before = modified();
+        let child = sb.spawn(args);
+        let start = Instant::now();
+        while modified() == before {
+            assert!(
+                start.elapsed() < Duration::from_secs(300),
+                "no checkpoint written"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "SIG{signal}: {err}");
+        assert!(err.contains(&format!("SIG{signal} at epoch")), "{err}");
+        assert!(err.contains("--resume"), "{err}");
+        let ck = Checkpoint::load(&ckpt).unwrap();
+        assert!(
+            ck.meta("epoch_progress").is_some(),
+            "SIG{signal}: not saved part-way"
+        );
+    }
+    sb.succeeds(&resume);
+    let got = Checkpoint::load(&ckpt).unwrap();
+    let want = Checkpoint::load(sb.path("straight/checkpoint.safetensors")).unwrap();
+    assert_eq!(got.meta("epochs_done"), Some("3"));
+    common::assert_same_tensors(&got, &want, "after SIGTERM and SIGINT");
+}
+
 /// A run killed part-way through its second epoch cannot be resumed with `--epochs 1`: that
 /// epoch has begun, so the message names it and the smallest count that continues it, and the
 /// run directory is left as it was. `--epochs 2` then finishes the run.

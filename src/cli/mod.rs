@@ -39,6 +39,7 @@ fn device() -> Result<Device> {
 
 pub fn run(cli: Cli) -> Result<()> {
     crate::engine::cpu::configure_threads()?;
+    crate::pipeline::interrupt::enable();
     crate::engine::cpu::in_pool(|| run_command(cli))
 }
 

@@ -8,6 +8,7 @@ pub mod embed;
 pub mod eval_plan;
 pub mod evaluate;
 pub mod experiment;
+pub mod interrupt;
 pub mod plots;
 pub mod presets;
 pub mod progress;

@@ -21,6 +21,7 @@ use crate::engine::optim::{AdamW, ParamGroup};
 use crate::engine::{Device, Rng, Tensor};
 use crate::error::{io_err, Error, Result};
 use crate::nn::{Checkpoint, EmbeddingNet, ForwardMode, LoadMode};
+use crate::pipeline::interrupt;
 use crate::pipeline::progress::Progress;
 use crate::pipeline::run_dir;
 pub use crate::pipeline::train_config::{
@@ -565,6 +566,8 @@ impl Run {
             self.log = read_log_file(&log_path, self.epochs_done);
         }
         self.write_log(&log_path)?;
+        // SIGTERM / SIGINT from here on: the step in progress ends and is saved (run_epoch).
+        let _deferred = interrupt::Deferred::begin();
         while self.epochs_done < self.cfg.epochs {
             let epoch = self.epochs_done;
             let Some(stats) = self.run_epoch(dataset, epoch, quiet, Some(&ckpt))? else {
@@ -710,13 +713,33 @@ impl Run {
                 bar.inc(batch.len() as u64);
                 bar.set_message(format!("loss {loss:.4}"));
                 steps_this_call += 1;
-                let Some(ckpt) = ckpt else { continue };
+                let signal = interrupt::take();
+                let interrupted = |saved: String| Error::Interrupted {
+                    signal: signal.unwrap_or_default(),
+                    epoch: epoch + 1,
+                    step: step + 1,
+                    saved,
+                };
+                let Some(ckpt) = ckpt else {
+                    if signal.is_some() {
+                        return Err(interrupted("stopped; this run has no checkpoint".into()));
+                    }
+                    continue;
+                };
                 let stop = (self.saves.stop_after_steps).is_some_and(|n| steps_this_call >= n);
                 let due = (self.saves.every).is_some_and(|every| last_save.elapsed() >= every);
-                if stop || due {
+                if stop || due || signal.is_some() {
                     at.seconds = seconds_before + start.elapsed().as_secs_f64();
                     self.save_progress(&at, ckpt)?;
                     last_save = Instant::now();
+                }
+                if signal.is_some() {
+                    bar.finish(&format!("interrupted at step {}; saved", step + 1));
+                    return Err(interrupted(format!(
+                        "that step's checkpoint is saved, {}. To go on from it, rerun `train` \
+                         with --resume, or rerun the same `experiment` command",
+                        ckpt.display()
+                    )));
                 }
                 if stop {
                     bar.finish(&format!("stopped at step {}; saved", step + 1));
