@@ -6,7 +6,9 @@
 //!
 //! Only while training ([`Deferred`]) and only once the program opted in ([`enable`]): outside
 //! training (evaluation, attacks) nothing could be saved, so the signals keep their default
-//! action there, and a library user's own signal handling is left alone.
+//! action there, and a library user's own signal handling is left alone. A signal the process
+//! was started ignoring stays ignored (a script's `robust-dml ... &` ignores the Ctrl-C meant
+//! for the script), as in most programs that handle Ctrl-C.
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -65,9 +67,11 @@ impl Drop for Deferred {
 #[cfg(unix)]
 mod os {
     use super::PENDING;
-    use std::sync::atomic::Ordering;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     const SIGNALS: [libc::c_int; 2] = [libc::SIGTERM, libc::SIGINT];
+    /// Which of [`SIGNALS`] [`install`] handles (not ignored when training began).
+    static HANDLED: [AtomicBool; 2] = [AtomicBool::new(false), AtomicBool::new(false)];
 
     /// Only async-signal-safe calls: an atomic swap, and for a second signal `signal` and
     /// `raise`.
@@ -81,19 +85,32 @@ mod os {
         }
     }
 
+    /// Handles each of [`SIGNALS`] that is not ignored; true when any is handled.
     pub(super) fn install() -> bool {
         let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        // SAFETY: the handler only touches an atomic (above).
-        SIGNALS
-            .iter()
-            .all(|&s| unsafe { libc::signal(s, handler) } != libc::SIG_ERR)
+        let mut any = false;
+        for (&s, handled) in SIGNALS.iter().zip(&HANDLED) {
+            // SAFETY: the handler only touches an atomic (above); an ignored signal is put
+            // back to ignored at once.
+            let previous = unsafe { libc::signal(s, handler) };
+            let ignored = previous == libc::SIG_IGN;
+            if ignored {
+                unsafe { libc::signal(s, libc::SIG_IGN) };
+            }
+            let ok = previous != libc::SIG_ERR && !ignored;
+            handled.store(ok, Ordering::SeqCst);
+            any |= ok;
+        }
+        any
     }
 
     pub(super) fn restore() {
-        for s in SIGNALS {
-            // SAFETY: restores the default action.
-            unsafe {
-                libc::signal(s, libc::SIG_DFL);
+        for (&s, handled) in SIGNALS.iter().zip(&HANDLED) {
+            if handled.swap(false, Ordering::SeqCst) {
+                // SAFETY: restores the default action.
+                unsafe {
+                    libc::signal(s, libc::SIG_DFL);
+                }
             }
         }
     }
