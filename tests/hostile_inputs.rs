@@ -795,7 +795,6 @@ fn kill_9_between_mid_epoch_checkpoints_resumes_to_the_same_bits() {
         "0.0002",
     ];
     let ckpt = sb.path("run/checkpoint.safetensors");
-    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
     let mut part_way = 0;
     for round in 0..12u64 {
         let before = modified(&ckpt);
@@ -805,14 +804,7 @@ fn kill_9_between_mid_epoch_checkpoints_resumes_to_the_same_bits() {
             &fresh[..]
         });
         // Kill soon after the next checkpoint lands (or the run ends).
-        let start = Instant::now();
-        while modified(&ckpt) == before && child.try_wait().unwrap().is_none() {
-            assert!(
-                start.elapsed() < Duration::from_secs(300),
-                "no checkpoint written"
-            );
-            std::thread::sleep(Duration::from_micros(300));
-        }
+        wait_for_write(&ckpt, before, &mut child);
         std::thread::sleep(Duration::from_millis(round % 4 * 7));
         child.kill().ok();
         child.wait().unwrap();
@@ -860,17 +852,9 @@ fn sigterm_and_sigint_save_the_step_and_resume_to_the_same_bits() {
     };
     for (round, (signal, code)) in [("TERM", 143), second].into_iter().enumerate() {
         let args = if round == 0 { &fresh[..] } else { &resume[..] };
-        let modified = || std::fs::metadata(&ckpt).and_then(|m| m.modified()).ok();
-        let before = modified();
-        let child = sb.spawn(args);
-        let start = Instant::now();
-        while modified() == before {
-            assert!(
-                start.elapsed() < Duration::from_secs(300),
-                "no checkpoint written"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let before = modified(&ckpt);
+        let mut child = sb.spawn(args);
+        wait_for_write(&ckpt, before, &mut child);
         // The shell's built-in kill: no procps needed.
         let sent = std::process::Command::new("sh")
             .args(["-c", &format!("kill -{signal} {}", child.id())])
@@ -893,6 +877,24 @@ fn sigterm_and_sigint_save_the_step_and_resume_to_the_same_bits() {
     let want = Checkpoint::load(sb.path("straight/checkpoint.safetensors")).unwrap();
     assert_eq!(got.meta("epochs_done"), Some("3"));
     common::assert_same_tensors(&got, &want, "after SIGTERM and SIGINT");
+}
+
+/// A file's modification time; None while it does not exist.
+fn modified(path: &Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// Waits until `path` is written anew (its modification time is no longer `before`) or
+/// `child` ends.
+fn wait_for_write(path: &Path, before: Option<std::time::SystemTime>, child: &mut Child) {
+    let start = Instant::now();
+    while modified(path) == before && child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint written"
+        );
+        std::thread::sleep(Duration::from_micros(300));
+    }
 }
 
 /// Whether this process ignores SIGINT (Linux: bit 2 of `SigIgn` in /proc/self/status).
